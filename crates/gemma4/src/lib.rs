@@ -1,1 +1,31 @@
-pub fn hello() {}
+//! A native Rust engine for Google's Gemma 4 models, exact to Hugging Face `transformers`'
+//! reference implementation (`transformers/models/gemma4/`, version 5.23.0).
+//!
+//! Layout: [`config`] parses checkpoints' `config.json`; [`weights`] memory-maps the
+//! safetensors; the text decoder is [`text_model`] built from [`decoder_layer`],
+//! [`attention`], [`mlp`], [`moe`], [`ple`], [`rope`] and [`norm`]; [`kv_cache`] and
+//! [`generation`] run it incrementally with [`sampling`]; [`tokenizer`] and [`chat`] turn
+//! text into ids; [`model`] ties a checkpoint directory together.
+
+pub mod attention;
+pub mod chat;
+pub mod config;
+pub mod decoder_layer;
+pub mod error;
+pub mod generation;
+pub mod kv_cache;
+pub mod linear;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod norm;
+pub mod npy;
+pub mod ple;
+pub mod rope;
+pub mod sampling;
+pub mod text_model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use model::{Gemma4, LoadOptions, Prompt};

@@ -1,0 +1,243 @@
+//! Self-attention of the text decoder (`Gemma4TextAttention`), one implementation for
+//! every layer type and size; the [`LayerSpec`] decides head dim, KV heads, `k_eq_v` and
+//! KV sharing.
+//!
+//! q = RoPE(q_norm(q_proj x)); k = RoPE(k_norm(k_proj x)); v = v_norm(v_proj x) where
+//! `v_norm` has no weight and, on full layers of `attention_k_eq_v` models, V is the raw
+//! k projection. Scores are `q·kᵀ` with scaling 1.0 (QK-norm replaces 1/√d), plus the
+//! additive mask, softmax in f32, cast back, times V. GQA: query head `h` reads KV head
+//! `h / (H / K)`.
+
+use candle_core::{DType, Tensor};
+
+use crate::config::LayerSpec;
+use crate::error::Result;
+use crate::linear::Linear;
+use crate::norm::RmsNorm;
+use crate::rope;
+use crate::weights::Weights;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    /// `None` on KV-shared layers (stale tensors in a checkpoint are ignored).
+    k_proj: Option<Linear>,
+    /// `None` on KV-shared layers and on `k_eq_v` full layers.
+    v_proj: Option<Linear>,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: Option<RmsNorm>,
+    v_norm: RmsNorm,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn new(
+        hidden: usize,
+        num_heads: usize,
+        spec: &LayerSpec,
+        eps: f64,
+        w: &Weights,
+    ) -> Result<Self> {
+        let (d, kv) = (spec.head_dim, spec.num_kv_heads);
+        let own_kv = matches!(spec.kv_source, crate::config::KvSource::Own);
+        Ok(Attention {
+            q_proj: Linear::new(hidden, num_heads * d, w, "q_proj")?,
+            k_proj: own_kv
+                .then(|| Linear::new(hidden, kv * d, w, "k_proj"))
+                .transpose()?,
+            v_proj: (own_kv && !spec.k_eq_v)
+                .then(|| Linear::new(hidden, kv * d, w, "v_proj"))
+                .transpose()?,
+            o_proj: Linear::new(num_heads * d, hidden, w, "o_proj")?,
+            q_norm: RmsNorm::new(d, eps, w, "q_norm")?,
+            k_norm: own_kv
+                .then(|| RmsNorm::new(d, eps, w, "k_norm"))
+                .transpose()?,
+            v_norm: RmsNorm::without_scale(eps),
+            num_heads,
+            num_kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    /// Queries `[H, S, D]` after q_norm and RoPE.
+    pub fn queries(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let s = x.dim(0)?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((s, self.num_heads, self.head_dim))?;
+        let q = self.q_norm.forward(&q)?.transpose(0, 1)?.contiguous()?;
+        rope::apply(&q, cos, sin)
+    }
+
+    /// This step's keys and values `[K, S, D]` (only for layers that own their KV).
+    pub fn keys_values(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (Some(k_proj), Some(k_norm)) = (&self.k_proj, &self.k_norm) else {
+            return Err(
+                candle_core::Error::Msg("KV-shared layer cannot compute keys".into()).into(),
+            );
+        };
+        let s = x.dim(0)?;
+        let shape = (s, self.num_kv_heads, self.head_dim);
+        let k_raw = k_proj.forward(x)?.reshape(shape)?;
+        let v_raw = match &self.v_proj {
+            Some(v) => v.forward(x)?.reshape(shape)?,
+            None => k_raw.clone(),
+        };
+        let k = k_norm.forward(&k_raw)?.transpose(0, 1)?.contiguous()?;
+        let k = rope::apply(&k, cos, sin)?;
+        let v = self.v_norm.forward(&v_raw)?.transpose(0, 1)?.contiguous()?;
+        Ok((k, v))
+    }
+
+    /// Attends queries `[H, S, D]` over keys/values `[K, T, D]` with an additive f32 mask
+    /// `[S, T]` (`None` = every key visible); returns `[S, hidden]`.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (h, s, d) = q.dims3()?;
+        let kv = self.num_kv_heads;
+        let g = h / kv;
+        let t = k.dim(1)?;
+        let dtype = q.dtype();
+        // Group the query heads of each KV head so one batched matmul serves them all.
+        let qg = q.reshape((kv, g * s, d))?;
+        let scores = qg.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let mut scores = scores.reshape((kv, g, s, t))?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = probs.reshape((kv, g * s, t))?.matmul(v)?; // [K, G·S, D]
+        let out = out
+            .reshape((h, s, d))?
+            .transpose(0, 1)?
+            .reshape((s, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive mask `[queries, keys]` for query positions `q_pos` over keys at absolute
+/// positions `k_start..k_start+t`: key j is visible to query i iff `j ≤ i` and, for
+/// sliding layers, `j > i − W` (exactly W keys including itself). Returns `None` when every
+/// key is visible (the common decode step).
+pub fn causal_mask(
+    q_pos: &[usize],
+    k_start: usize,
+    t: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    let visible = |i: usize, j: usize| j <= i && window.is_none_or(|w| j + w > i);
+    let all = q_pos
+        .iter()
+        .all(|&i| (k_start..k_start + t).all(|j| visible(i, j)));
+    if all {
+        return Ok(None);
+    }
+    let mut m = Vec::with_capacity(q_pos.len() * t);
+    for &i in q_pos {
+        for j in k_start..k_start + t {
+            m.push(if visible(i, j) {
+                0.0f32
+            } else {
+                f32::NEG_INFINITY
+            });
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (q_pos.len(), t), device)?))
+}
+
+/// Softmax-free check used by tests: the row-wise count of visible keys.
+#[cfg(test)]
+pub(crate) fn visible_counts(mask: &Tensor) -> Vec<usize> {
+    let rows: Vec<Vec<f32>> = mask.to_vec2().unwrap();
+    rows.iter()
+        .map(|r| r.iter().filter(|x| x.is_finite()).count())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn sliding_window_sees_exactly_w_keys() {
+        let q: Vec<usize> = (0..12).collect();
+        let m = causal_mask(&q, 0, 12, Some(4), &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(visible_counts(&m), [1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4]);
+        let rows: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        // Query 7 sees keys 4..=7.
+        assert!(rows[7][3].is_infinite() && rows[7][4] == 0.0 && rows[7][7] == 0.0);
+    }
+
+    #[test]
+    fn full_causal_and_decode_steps_need_no_mask() {
+        let m = causal_mask(&[0, 1, 2], 0, 3, None, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(visible_counts(&m), [1, 2, 3]);
+        // Decode: one query over the kept W-1 keys plus itself.
+        assert!(causal_mask(&[20], 17, 4, Some(4), &Device::Cpu)
+            .unwrap()
+            .is_none());
+        assert!(causal_mask(&[20], 0, 21, None, &Device::Cpu)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn attention_uses_unit_scaling_and_gqa_grouping() {
+        // Two query heads sharing one KV head, D = 2, two keys.
+        let dev = Device::Cpu;
+        let spec = LayerSpec {
+            layer_type: crate::config::LayerType::Full,
+            head_dim: 2,
+            num_kv_heads: 1,
+            intermediate_size: 1,
+            kv_source: crate::config::KvSource::Own,
+            k_eq_v: false,
+        };
+        let eye = |n: usize| Tensor::eye(n, DType::F32, &dev).unwrap();
+        let att = Attention {
+            q_proj: Linear::from_weight(eye(4)),
+            k_proj: None,
+            v_proj: None,
+            o_proj: Linear::from_weight(eye(4)),
+            q_norm: RmsNorm::without_scale(1e-6),
+            k_norm: None,
+            v_norm: RmsNorm::without_scale(1e-6),
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: spec.head_dim,
+        };
+        let q = Tensor::new(&[[[1.0f32, 0.0]], [[0.0, 2.0]]], &dev).unwrap(); // [H=2, S=1, D=2]
+        let k = Tensor::new(&[[[3.0f32, 0.0], [0.0, 1.0]]], &dev).unwrap(); // [K=1, T=2, D]
+        let v = Tensor::new(&[[[1.0f32, 0.0], [0.0, 1.0]]], &dev).unwrap();
+        let out: Vec<f32> = att
+            .attend(&q, &k, &v, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let p = |a: f32, b: f32| (a.exp() / (a.exp() + b.exp()), b.exp() / (a.exp() + b.exp()));
+        let (h0a, h0b) = p(3.0, 0.0); // head 0 scores: q·k = 3, 0 (no 1/sqrt(2))
+        let (h1a, h1b) = p(0.0, 2.0);
+        let want = [h0a, h0b, h1a, h1b];
+        for (a, b) in out.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{out:?} vs {want:?}");
+        }
+    }
+}

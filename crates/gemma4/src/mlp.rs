@@ -1,0 +1,32 @@
+//! The gated feed-forward block `down(gelu_tanh(gate(x)) · up(x))` (`Gemma4TextMLP`).
+//! Its width comes from the layer's [`crate::config::LayerSpec`], which already doubles it
+//! on KV-shared layers of `use_double_wide_mlp` models.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::linear::Linear;
+use crate::weights::Weights;
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(hidden: usize, intermediate: usize, w: &Weights) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::new(hidden, intermediate, w, "gate_proj")?,
+            up_proj: Linear::new(hidden, intermediate, w, "up_proj")?,
+            down_proj: Linear::new(intermediate, hidden, w, "down_proj")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`).
+        let h = (self.gate_proj.forward(x)?.gelu()? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+}

@@ -1,0 +1,277 @@
+//! Next-token selection with transformers' processors and warpers, in its order:
+//! repetition penalty (also under greedy decoding), then, when sampling, temperature →
+//! top-k → top-p → min-p on f32 logits, then a draw from a seeded RNG. Greedy decoding is
+//! the arg-max (first index among equal maxima, as `torch.argmax`).
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// `None` or 0 = greedy.
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: None,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: None,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_none_or(|t| t == 0.0)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |arg: &str, msg: &str| Err(Error::invalid_argument(arg, msg));
+        if self
+            .temperature
+            .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
+        {
+            return bad("temperature", "must be a finite number >= 0");
+        }
+        if self.top_k == Some(0) {
+            return bad("top-k", "must be at least 1");
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return bad("top-p", "must be in (0, 1]");
+        }
+        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return bad("min-p", "must be in [0, 1]");
+        }
+        if self
+            .repetition_penalty
+            .is_some_and(|p| !(p > 0.0 && p.is_finite()))
+        {
+            return bad("repetition-penalty", "must be a positive number");
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        Ok(Sampler {
+            rng: StdRng::seed_from_u64(params.seed),
+            params,
+        })
+    }
+
+    /// Picks the next token from `logits` given every token so far (`history`, prompt
+    /// included, for the repetition penalty).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let mut scores = logits.to_vec();
+        if let Some(p) = self.params.repetition_penalty {
+            apply_repetition_penalty(&mut scores, history, p as f32);
+        }
+        if self.params.is_greedy() {
+            return argmax(&scores);
+        }
+        let t = self.params.temperature.unwrap_or(1.0) as f32;
+        scores.iter_mut().for_each(|s| *s /= t);
+        if let Some(k) = self.params.top_k {
+            top_k(&mut scores, k);
+        }
+        if let Some(p) = self.params.top_p {
+            top_p(&mut scores, p as f32);
+        }
+        if let Some(p) = self.params.min_p {
+            min_p(&mut scores, p as f32);
+        }
+        let probs = softmax(&scores);
+        let r: f32 = self.rng.random();
+        let mut acc = 0.0f32;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if r < acc {
+                return i as u32;
+            }
+        }
+        // Rounding left r ≥ Σp: the last token with non-zero probability.
+        probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
+    }
+}
+
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|&v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+fn apply_repetition_penalty(scores: &mut [f32], history: &[u32], penalty: f32) {
+    let mut seen = vec![false; scores.len()];
+    for &id in history {
+        let i = id as usize;
+        if i < scores.len() && !seen[i] {
+            seen[i] = true;
+            scores[i] = if scores[i] < 0.0 {
+                scores[i] * penalty
+            } else {
+                scores[i] / penalty
+            };
+        }
+    }
+}
+
+/// Keeps every score ≥ the k-th largest (ties at the boundary survive, as the reference).
+fn top_k(scores: &mut [f32], k: usize) {
+    if k >= scores.len() {
+        return;
+    }
+    let mut sorted = scores.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let kth = sorted[k - 1];
+    scores
+        .iter_mut()
+        .filter(|s| **s < kth)
+        .for_each(|s| *s = f32::NEG_INFINITY);
+}
+
+/// Removes the low tail whose cumulative probability is ≤ 1 − p (at least one token kept).
+fn top_p(scores: &mut [f32], p: f32) {
+    let probs = softmax(scores);
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut cum = 0.0f32;
+    for (rank, &i) in order.iter().enumerate() {
+        cum += probs[i];
+        if cum <= 1.0 - p && rank + 1 < order.len() {
+            scores[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+fn min_p(scores: &mut [f32], p: f32) {
+    let probs = softmax(scores);
+    let top = probs.iter().cloned().fold(0.0f32, f32::max);
+    let best = argmax(scores) as usize;
+    for (i, s) in scores.iter_mut().enumerate() {
+        if probs[i] < p * top && i != best {
+            *s = f32::NEG_INFINITY;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_max_and_penalty_applies() {
+        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(s.sample(&[1.0, 3.0, 3.0, -1.0], &[]), 1);
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: Some(2.0),
+            ..Default::default()
+        })
+        .unwrap();
+        // 3.0 / 2 = 1.5 < 2.0: the penalised token loses.
+        assert_eq!(s.sample(&[1.0, 3.0, 2.0], &[1, 1]), 2);
+        let mut v = vec![-1.0f32, 2.0];
+        apply_repetition_penalty(&mut v, &[0, 1], 2.0);
+        assert_eq!(v, [-2.0, 1.0]);
+    }
+
+    #[test]
+    fn warpers_remove_the_right_tokens() {
+        let mut v = vec![1.0f32, 4.0, 3.0, 2.0];
+        top_k(&mut v, 2);
+        assert_eq!(v, [f32::NEG_INFINITY, 4.0, 3.0, f32::NEG_INFINITY]);
+        // probs of [ln .5, ln .3, ln .2]: top-p 0.7 keeps .5 and .3 (tail .2 ≤ .3).
+        let mut v = vec![0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        top_p(&mut v, 0.7);
+        assert!(v[0].is_finite() && v[1].is_finite() && v[2] == f32::NEG_INFINITY);
+        let mut v = vec![0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        min_p(&mut v, 0.5); // threshold 0.25
+        assert!(v[0].is_finite() && v[1].is_finite() && v[2] == f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_follows_distribution() {
+        let params = SamplingParams {
+            temperature: Some(1.0),
+            seed: 42,
+            ..Default::default()
+        };
+        let logits = [0.0f32, 1.0, 2.0];
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone()).unwrap();
+            (0..3000)
+                .map(|_| s.sample(&logits, &[]))
+                .collect::<Vec<_>>()
+        };
+        let a = draw(&params);
+        assert_eq!(a, draw(&params));
+        assert_ne!(
+            a,
+            draw(&SamplingParams {
+                seed: 43,
+                ..params.clone()
+            })
+        );
+        let frac2 = a.iter().filter(|&&t| t == 2).count() as f32 / a.len() as f32;
+        let want = 2f32.exp() / (1.0 + 1f32.exp() + 2f32.exp());
+        assert!((frac2 - want).abs() < 0.04, "{frac2} vs {want}");
+        // top-k 1 makes sampling deterministic.
+        let mut s = Sampler::new(SamplingParams {
+            top_k: Some(1),
+            ..params
+        })
+        .unwrap();
+        assert!((0..50).all(|_| s.sample(&logits, &[]) == 2));
+    }
+
+    #[test]
+    fn invalid_parameters_name_the_argument() {
+        let e = Sampler::new(SamplingParams {
+            top_p: Some(1.5),
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("top-p"));
+        let e = Sampler::new(SamplingParams {
+            temperature: Some(-1.0),
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("temperature"));
+    }
+}

@@ -1,0 +1,323 @@
+//! Checkpoint loading: Hugging Face safetensors, a single `model.safetensors` or shards
+//! listed in `model.safetensors.index.json`, memory-mapped. Tensors are materialised one at a
+//! time in the requested dtype with their shape checked; large row tables (the per-layer
+//! embedding) can instead stay on disk and be read row by row ([`RowTable`]).
+//!
+//! Every failure names the file and, where there is one, the tensor.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+struct TensorEntry {
+    file: usize,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    /// Byte range inside the mapped file.
+    start: usize,
+    end: usize,
+}
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: Arc<Mmap>,
+}
+
+/// Progress callback: bytes materialised so far and the total expected.
+pub type ProgressFn = Box<dyn Fn(u64, u64)>;
+
+/// All safetensors files of one checkpoint directory, memory-mapped.
+pub struct Checkpoint {
+    files: Vec<MappedFile>,
+    tensors: HashMap<String, TensorEntry>,
+    loaded_bytes: Cell<u64>,
+    total_bytes: Cell<u64>,
+    progress: Option<ProgressFn>,
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors` or every shard named by `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let shard_names: Vec<String> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index.clone(),
+                    source,
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::config(&index, "no `weight_map` object"))?;
+            let mut names: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    Error::config(&index, format!("`weight_map[{tensor}]` is not a file name"))
+                })?;
+                if !names.iter().any(|n| n == file) {
+                    names.push(file.to_string());
+                }
+            }
+            names.sort();
+            names
+        } else if single.exists() {
+            vec!["model.safetensors".to_string()]
+        } else {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json in this directory",
+                ),
+            ));
+        };
+
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for name in shard_names {
+            let path = dir.join(&name);
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the mapping is read-only; a checkpoint modified while it is loaded is
+            // outside what any loader can defend against (the same contract as safetensors).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let bad = |message: String| Error::Safetensors {
+                path: path.clone(),
+                message,
+            };
+            // `deserialize` validates the header and that every tensor lies inside the file,
+            // so a truncated or corrupt file fails here.
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+            let base = mmap.as_ptr() as usize;
+            let file_idx = files.len();
+            for (tname, view) in st.tensors() {
+                let data = view.data();
+                let start = data.as_ptr() as usize - base;
+                tensors.insert(
+                    tname,
+                    TensorEntry {
+                        file: file_idx,
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
+                );
+            }
+            drop(st);
+            files.push(MappedFile {
+                path,
+                mmap: Arc::new(mmap),
+            });
+        }
+        Ok(Checkpoint {
+            files,
+            tensors,
+            loaded_bytes: Cell::new(0),
+            total_bytes: Cell::new(0),
+            progress: None,
+        })
+    }
+
+    /// Reports progress while tensors are materialised; `total` is the expected byte count.
+    pub fn set_progress(&mut self, total: u64, f: ProgressFn) {
+        self.total_bytes.set(total);
+        self.progress = Some(f);
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Shape of a stored tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// Total bytes of the stored tensors whose name starts with `prefix`.
+    pub fn bytes_under(&self, prefix: &str) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, t)| (t.end - t.start) as u64)
+            .sum()
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            searched: self
+                .files
+                .iter()
+                .map(|f| f.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    fn check_shape(&self, name: &str, e: &TensorEntry, expected: &[usize]) -> Result<()> {
+        if e.shape != expected {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                path: self.files[e.file].path.clone(),
+                expected: expected.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn candle_dtype(&self, name: &str, e: &TensorEntry) -> Result<DType> {
+        match e.dtype {
+            StDtype::F32 => Ok(DType::F32),
+            StDtype::F16 => Ok(DType::F16),
+            StDtype::BF16 => Ok(DType::BF16),
+            other => Err(Error::UnsupportedDtype {
+                name: name.to_string(),
+                path: self.files[e.file].path.clone(),
+                dtype: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Loads tensor `name`, checking it has shape `expected`, converted to `dtype`.
+    pub fn load(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        self.check_shape(name, e, expected)?;
+        let src = self.candle_dtype(name, e)?;
+        let bytes = &self.files[e.file].mmap[e.start..e.end];
+        let t = Tensor::from_raw_buffer(bytes, src, &e.shape, device)?.to_dtype(dtype)?;
+        self.loaded_bytes
+            .set(self.loaded_bytes.get() + (e.end - e.start) as u64);
+        if let Some(p) = &self.progress {
+            p(self.loaded_bytes.get(), self.total_bytes.get());
+        }
+        Ok(t)
+    }
+
+    /// A 2-D table that stays memory-mapped; rows are converted on lookup.
+    pub fn row_table(&self, name: &str, expected: &[usize; 2]) -> Result<RowTable> {
+        let e = self.entry(name)?;
+        self.check_shape(name, e, expected)?;
+        let dtype = self.candle_dtype(name, e)?;
+        self.loaded_bytes
+            .set(self.loaded_bytes.get() + (e.end - e.start) as u64);
+        Ok(RowTable {
+            name: name.to_string(),
+            mmap: self.files[e.file].mmap.clone(),
+            start: e.start,
+            rows: expected[0],
+            cols: expected[1],
+            dtype,
+        })
+    }
+}
+
+/// A `[rows, cols]` embedding table read straight from the mapped file: only the rows that
+/// are looked up are ever touched (the E2B per-layer table is 4.7 GB).
+pub struct RowTable {
+    name: String,
+    mmap: Arc<Mmap>,
+    start: usize,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+}
+
+impl RowTable {
+    /// Rows `ids` as a `[ids.len(), cols]` tensor of `dtype`.
+    pub fn lookup(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
+        let esize = self.dtype.size_in_bytes();
+        let row_bytes = self.cols * esize;
+        let mut buf = Vec::with_capacity(ids.len() * row_bytes);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                return Err(Error::invalid_argument(
+                    "token id",
+                    format!("{id} is outside the {} rows of `{}`", self.rows, self.name),
+                ));
+            }
+            let off = self.start + id * row_bytes;
+            buf.extend_from_slice(&self.mmap[off..off + row_bytes]);
+        }
+        Ok(
+            Tensor::from_raw_buffer(&buf, self.dtype, &[ids.len(), self.cols], device)?
+                .to_dtype(dtype)?,
+        )
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+}
+
+/// A view of a checkpoint under a name prefix, in the style of candle's `VarBuilder`:
+/// modules take one and ask for their tensors by relative name.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(ckpt: &'a Checkpoint, prefix: &str, dtype: DType, device: &Device) -> Self {
+        Weights {
+            ckpt,
+            prefix: prefix.to_string(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// The same view one level deeper (`pp("layers").pp(3)` → `layers.3.`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let mut w = self.clone();
+        w.prefix = format!("{}{}.", self.prefix, name);
+        w
+    }
+
+    pub fn name(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(&self.name(name))
+    }
+
+    /// Tensor `name` with shape `shape`, in this view's dtype.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.ckpt
+            .load(&self.name(name), shape, self.dtype, &self.device)
+    }
+
+    /// Tensor `name` in f32 whatever the compute dtype (norm weights, scalars, router).
+    pub fn get_f32(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.ckpt
+            .load(&self.name(name), shape, DType::F32, &self.device)
+    }
+
+    pub fn row_table(&self, shape: [usize; 2], name: &str) -> Result<RowTable> {
+        self.ckpt.row_table(&self.name(name), &shape)
+    }
+}
