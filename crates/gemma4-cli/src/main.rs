@@ -1,1 +1,394 @@
-fn main() {}
+//! `gemma4`: run Gemma 4 checkpoints from the command line.
+//!
+//! - `gemma4 generate --model DIR --prompt TEXT` (or `--prompt-ids`, `--chat`): streams text
+//! - `gemma4 logits --model DIR --prompt-ids 2,.. --out FILE.npy`: f32 logits `[seq, vocab]`
+//! - `gemma4 info --model DIR`: sizes, layer plan and parameter counts
+//!
+//! The library does the work; this file only parses arguments and prints.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gemma4::chat::Message;
+use gemma4::config::{KvSource, ModelConfig};
+use gemma4::generation::{generate, GenerateOptions};
+use gemma4::model::ParameterCounts;
+use gemma4::sampling::SamplingParams;
+use gemma4::text_model::LogitsFor;
+use gemma4::tokenizer::StreamDecoder;
+use gemma4::weights::Checkpoint;
+use gemma4::{Gemma4, LoadOptions, Prompt};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "gemma4",
+    version,
+    about = "Run Google's Gemma 4 models, exact to the Hugging Face reference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+    /// Write the f32 logits of every prompt position to a .npy file ([seq, vocab]).
+    Logits(LogitsArgs),
+    /// Show a checkpoint's sizes, layer plan and parameter counts.
+    Info(InfoArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Compute dtype. f32 is exact to the reference; bf16/f16 halve memory.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct PromptArgs {
+    /// Raw text prompt (a BOS token is put in front if the tokenizer adds none).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Comma-separated token ids, used as they are.
+    #[arg(long, value_name = "IDS")]
+    prompt_ids: Option<String>,
+    /// A user message, rendered with the checkpoint's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Always pick the most likely token (overrides the checkpoint's sampling defaults).
+    #[arg(long)]
+    greedy: bool,
+    /// Sampling temperature (0 = greedy). Unset sampling flags take the checkpoint's
+    /// generation_config.json values.
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    min_p: Option<f64>,
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Output .npy file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Logits(a) => cmd_logits(a),
+        Command::Info(a) => cmd_info(a),
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<Gemma4> {
+    let progress: Option<gemma4::weights::ProgressFn> = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {msg}")
+                .expect("static template"),
+        );
+        Some(Box::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+            if done >= total {
+                bar.finish_and_clear();
+            }
+        }))
+    } else {
+        None
+    };
+    let opts = LoadOptions {
+        dtype: args.dtype.dtype(),
+        device: Device::Cpu,
+        progress,
+    };
+    Ok(Gemma4::load(&args.model, opts)?)
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--prompt-ids: `{t}` is not a token id"))
+        })
+        .collect()
+}
+
+fn prompt_of(p: &PromptArgs, system: Option<&str>) -> Result<Prompt> {
+    Ok(match (&p.prompt, &p.prompt_ids, &p.chat) {
+        (Some(t), _, _) => Prompt::Text(t.clone()),
+        (_, Some(ids), _) => Prompt::Ids(parse_ids(ids)?),
+        (_, _, Some(msg)) => {
+            let mut m = Vec::new();
+            if let Some(s) = system {
+                m.push(Message::new("system", s));
+            }
+            m.push(Message::new("user", msg));
+            Prompt::Chat(m)
+        }
+        _ => bail!("one of --prompt, --prompt-ids or --chat is required"),
+    })
+}
+
+fn sampling_of(a: &GenerateArgs, model: &Gemma4) -> SamplingParams {
+    let g = &model.generation_config;
+    let any_flag =
+        a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some() || a.min_p.is_some();
+    if a.greedy || (!any_flag && !g.do_sample) {
+        return SamplingParams {
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+            ..Default::default()
+        };
+    }
+    SamplingParams {
+        temperature: a.temperature.or(g.temperature).or(Some(1.0)),
+        top_k: a.top_k.or(g.top_k),
+        top_p: a.top_p.or(g.top_p),
+        min_p: a.min_p.or(g.min_p),
+        repetition_penalty: a.repetition_penalty.or(g.repetition_penalty),
+        seed: a.seed,
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let prompt = prompt_of(&a.prompt, a.system.as_deref())?;
+    let prompt_ids = model.prompt_ids(&prompt)?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: sampling_of(&a, &model),
+        stop_ids: model.stop_ids(),
+    };
+    let tok = model.tokenizer.as_ref();
+    let mut stream = StreamDecoder::new();
+    let mut stdout = std::io::stdout();
+    let out = generate(&model.text, &prompt_ids, &opts, |id| {
+        if a.json {
+            return Ok(());
+        }
+        match tok {
+            Some(t) => {
+                if let Some(piece) = stream.push(t, id)? {
+                    print!("{piece}");
+                }
+            }
+            None => print!("{id} "),
+        }
+        let _ = stdout.flush();
+        Ok(())
+    })?;
+    let text = match tok {
+        Some(t) => Some(t.decode(&out.generated_ids, true)?),
+        None => None,
+    };
+    if a.json {
+        let obj = json!({
+            "prompt_ids": out.prompt_ids,
+            "generated_ids": out.generated_ids,
+            "text": text,
+            "stop_reason": out.stop_reason.as_str(),
+            "prefill_tok_s": out.prefill_tok_s(),
+            "decode_tok_s": out.decode_tok_s(),
+            "prefill_secs": out.prefill_secs,
+            "decode_secs": out.decode_secs,
+        });
+        println!("{obj}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated, stop: {}; prefill {:.1} tok/s, decode {:.1} tok/s]",
+            out.prompt_ids.len(),
+            out.generated_ids.len(),
+            out.stop_reason.as_str(),
+            out.prefill_tok_s(),
+            out.decode_tok_s()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let ids = model.prompt_ids(&prompt_of(&a.prompt, None)?)?;
+    let logits = model
+        .text
+        .forward(&ids, &mut model.text.new_cache(), LogitsFor::All)?;
+    let (s, v) = logits.dims2()?;
+    let data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    gemma4::npy::write_f32(&a.out, &[s, v], &data)?;
+    eprintln!("wrote {} ([{s}, {v}] f32)", a.out.display());
+    Ok(())
+}
+
+fn cmd_info(a: InfoArgs) -> Result<()> {
+    let cfg = ModelConfig::from_file(&a.model.join("config.json"))?;
+    let ckpt = Checkpoint::open(&a.model)?;
+    let counts = ParameterCounts::of(&ckpt, cfg.architecture);
+    let t = &cfg.text;
+    let layers: Vec<_> = t
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            json!({
+                "layer": i,
+                "type": l.layer_type.as_str(),
+                "head_dim": l.head_dim,
+                "kv_heads": l.num_kv_heads,
+                "mlp_width": l.intermediate_size,
+                "k_eq_v": l.k_eq_v,
+                "kv_from": match l.kv_source { KvSource::Own => json!(i), KvSource::Shared { producer } => json!(producer) },
+            })
+        })
+        .collect();
+    let info = json!({
+        "model": a.model.display().to_string(),
+        "architecture": format!("{:?}", cfg.architecture),
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "num_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "sliding_window": t.sliding_window,
+        "max_position_embeddings": t.max_position_embeddings,
+        "final_logit_softcapping": t.final_logit_softcapping,
+        "per_layer_embedding_width": t.hidden_size_per_layer_input,
+        "num_kv_shared_layers": t.num_kv_shared_layers,
+        "moe": t.moe.as_ref().map(|m| json!({"experts": m.num_experts, "top_k": m.top_k, "width": m.intermediate_size})),
+        "has_vision": cfg.has_vision,
+        "has_audio": cfg.has_audio,
+        "parameters": {"text": counts.text, "vision": counts.vision, "audio": counts.audio, "other": counts.other, "total": counts.total()},
+        "layers": layers,
+    });
+    if a.json {
+        println!("{info}");
+        return Ok(());
+    }
+    print_info(&a.model, &cfg, &counts);
+    Ok(())
+}
+
+fn print_info(dir: &Path, cfg: &ModelConfig, c: &ParameterCounts) {
+    let t = &cfg.text;
+    println!("{}: {:?}", dir.display(), cfg.architecture);
+    println!(
+        "  hidden {}  layers {}  heads {}  vocab {}  window {}  context {}",
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.vocab_size,
+        t.sliding_window,
+        t.max_position_embeddings
+    );
+    if t.hidden_size_per_layer_input > 0 {
+        println!(
+            "  per-layer embeddings: {} per layer",
+            t.hidden_size_per_layer_input
+        );
+    }
+    if let Some(m) = &t.moe {
+        println!(
+            "  MoE: {} experts, top-{}, width {}",
+            m.num_experts, m.top_k, m.intermediate_size
+        );
+    }
+    println!(
+        "  parameters: text {}  vision {}  audio {}  other {}  total {}",
+        c.text,
+        c.vision,
+        c.audio,
+        c.other,
+        c.total()
+    );
+    println!("  layer  type     head_dim  kv_heads  mlp     kv");
+    for (i, l) in t.layers.iter().enumerate() {
+        let kv = match l.kv_source {
+            KvSource::Own if l.k_eq_v => "own (k=v)".to_string(),
+            KvSource::Own => "own".to_string(),
+            KvSource::Shared { producer } => format!("from {producer}"),
+        };
+        let ty = if l.layer_type == gemma4::config::LayerType::Full {
+            "full"
+        } else {
+            "sliding"
+        };
+        println!(
+            "  {i:>5}  {ty:<8} {:>8}  {:>8}  {:<6}  {kv}",
+            l.head_dim, l.num_kv_heads, l.intermediate_size
+        );
+    }
+}

@@ -179,9 +179,11 @@ impl ModelConfig {
             }
             "gemma4_text" => (Architecture::Gemma4Text, obj, false),
             "gemma4_unified_text" => (Architecture::Gemma4Text, obj, true),
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unsupported model_type `{other}` (expected gemma4, gemma4_text or gemma4_unified)"
-            )),
+            ))
+            }
         };
         let text =
             TextConfig::from_object(text_obj, unified).map_err(|m| format!("text_config: {m}"))?;

@@ -153,3 +153,40 @@ impl Gemma4 {
         Ok(ids)
     }
 }
+
+/// Parameters stored per tower, counted from the checkpoint's tensor shapes (nothing loaded).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParameterCounts {
+    pub text: u64,
+    pub vision: u64,
+    pub audio: u64,
+    pub other: u64,
+}
+
+impl ParameterCounts {
+    pub fn of(ckpt: &Checkpoint, arch: Architecture) -> Self {
+        let text = text_prefix(arch);
+        let mut c = ParameterCounts::default();
+        for name in ckpt.tensor_names() {
+            let n: u64 = ckpt
+                .shape(name)
+                .map(|s| s.iter().map(|&d| d as u64).product())
+                .unwrap_or(0);
+            let slot = if name.starts_with(text) {
+                &mut c.text
+            } else if name.starts_with("model.vision") || name.starts_with("model.embed_vision") {
+                &mut c.vision
+            } else if name.starts_with("model.audio") || name.starts_with("model.embed_audio") {
+                &mut c.audio
+            } else {
+                &mut c.other
+            };
+            *slot += n;
+        }
+        c
+    }
+
+    pub fn total(&self) -> u64 {
+        self.text + self.vision + self.audio + self.other
+    }
+}

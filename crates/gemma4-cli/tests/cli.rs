@@ -1,0 +1,170 @@
+//! The `gemma4` binary end to end on a committed fixture.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn gemma4(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn golden_case(name: &str, k: usize) -> (Vec<u64>, Vec<u64>) {
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(name).join("golden/prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let c = &g["cases"][k];
+    let ids = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    (ids(&c["prompt_ids"]), ids(&c["greedy_ids"]))
+}
+
+#[test]
+fn generate_json_reproduces_reference_greedy_ids() {
+    let (prompt, greedy) = golden_case("e2b_like", 0);
+    let prompt_arg = prompt
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let dir = fixture("e2b_like");
+    let n = greedy.len().to_string();
+    let out = gemma4(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &prompt_arg,
+        "--max-new-tokens",
+        &n,
+        "--greedy",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<u64> = v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    // The fixture's stop ids (1, 106, 50) may cut the reference continuation short.
+    let cut = greedy
+        .iter()
+        .position(|t| [1, 106, 50].contains(t))
+        .map_or(greedy.len(), |p| p + 1);
+    assert_eq!(got, greedy[..cut]);
+    assert_eq!(v["prompt_ids"].as_array().unwrap().len(), prompt.len());
+    for key in ["text", "prefill_tok_s", "decode_tok_s"] {
+        assert!(!v[key].is_null(), "missing {key}");
+    }
+}
+
+#[test]
+fn logits_writes_npy_matching_reference() {
+    let (prompt, _) = golden_case("moe", 1);
+    let prompt_arg = prompt
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let out_path =
+        std::env::temp_dir().join(format!("gemma4-cli-logits-{}.npy", std::process::id()));
+    let dir = fixture("moe");
+    let out = gemma4(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &prompt_arg,
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (shape, got) = gemma4::npy::read_f32(&out_path).unwrap();
+    let (wshape, want) = gemma4::npy::read_f32(&dir.join("golden/logits_1.npy")).unwrap();
+    assert_eq!(shape, wshape);
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d <= 1e-4, "{d}");
+    std::fs::remove_file(out_path).unwrap();
+}
+
+#[test]
+fn text_and_chat_prompts_run() {
+    let dir = fixture("text_only");
+    for args in [["--prompt", "Hello world"], ["--chat", "What is Rust?"]] {
+        let out = gemma4(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            args[0],
+            args[1],
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "1",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("generated"));
+    }
+}
+
+#[test]
+fn info_reports_layer_plan() {
+    let dir = fixture("e2b_like");
+    let out = gemma4(&["info", "--model", dir.to_str().unwrap(), "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["num_layers"], 7);
+    assert_eq!(v["layers"][6]["kv_from"], 2);
+    assert_eq!(v["layers"][5]["mlp_width"], 192);
+    assert!(v["parameters"]["text"].as_u64().unwrap() > 300_000);
+}
+
+#[test]
+fn bad_input_is_one_line_error_naming_it() {
+    let out = gemma4(&["generate", "--model", "/no/such/model", "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("/no/such/model"), "{err}");
+    let dir = fixture("e2b_like");
+    let out = gemma4(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "2,x",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`x` is not a token id"));
+}

@@ -1,0 +1,197 @@
+//! Bad checkpoints and bad prompts give errors that name the file, tensor or argument.
+
+use std::path::{Path, PathBuf};
+
+use gemma4::generation::{generate, GenerateOptions};
+use gemma4::sampling::SamplingParams;
+use gemma4::{Gemma4, LoadOptions, Prompt};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// A scratch copy of a fixture that a test may break.
+fn scratch(name: &str, tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("gemma4-bad-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    dst
+}
+
+fn load_err(dir: &Path) -> String {
+    let e = Gemma4::load(dir, LoadOptions::default())
+        .err()
+        .expect("loading must fail");
+    let msg = e.to_string();
+    assert!(!msg.contains('\n'), "one-line error expected: {msg}");
+    msg
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn missing_directory_and_bad_json() {
+    let msg = load_err(Path::new("/nonexistent/gemma4-model"));
+    assert!(msg.contains("/nonexistent/gemma4-model"), "{msg}");
+    let dir = scratch("e2b_like", "json");
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("config.json") && msg.contains("invalid JSON"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let dir = scratch("dense_keqv", "shard");
+    std::fs::remove_file(dir.join("model-00003-of-00005.safetensors")).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("model-00003-of-00005.safetensors"), "{msg}");
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors_are_named() {
+    let dir = scratch("e2b_like", "trunc");
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("not a valid safetensors"),
+        "{msg}"
+    );
+    std::fs::write(&p, b"garbage garbage garbage").unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("model.safetensors"), "{msg}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_file() {
+    let dir = scratch("e2b_like", "shape");
+    edit_config(&dir, |v| v["text_config"]["intermediate_size"] = 100.into());
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("layers.0.mlp.gate_proj.weight") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[100, 64]") && msg.contains("[96, 64]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = scratch("text_only", "missing");
+    edit_config(&dir, |v| v["hidden_size_per_layer_input"] = 16.into());
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("model.embed_tokens_per_layer.weight") && msg.contains("not found"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_config_value_is_named() {
+    let dir = scratch("moe", "cfg");
+    edit_config(&dir, |v| {
+        v["text_config"]["rope_parameters"]["full_attention"]["rope_type"] = "yarn".into()
+    });
+    let msg = load_err(&dir);
+    assert!(msg.contains("config.json") && msg.contains("yarn"), "{msg}");
+}
+
+#[test]
+fn prompts_beyond_context_or_vocabulary_are_errors() {
+    let model = Gemma4::load(&fixture("text_only"), LoadOptions::default()).unwrap();
+    let max = model.config.text.max_position_embeddings;
+    let opts = GenerateOptions {
+        max_new_tokens: 4,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let long = vec![5u32; max + 1];
+    let msg = generate(&model.text, &long, &opts, |_| Ok(()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("exceeds the model's context"), "{msg}");
+    let msg = model
+        .prompt_ids(&Prompt::Ids(vec![2, 100_000]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("100000") && msg.contains("vocabulary"),
+        "{msg}"
+    );
+    assert!(model.prompt_ids(&Prompt::Ids(vec![])).is_err());
+}
+
+#[test]
+fn generation_stops_at_context_end_and_on_stop_ids() {
+    let model = Gemma4::load(&fixture("text_only"), LoadOptions::default()).unwrap();
+    let max = model.config.text.max_position_embeddings;
+    let opts = GenerateOptions {
+        max_new_tokens: 50,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let prompt = vec![2u32; max - 3];
+    let out = generate(&model.text, &prompt, &opts, |_| Ok(())).unwrap();
+    assert_eq!(
+        out.generated_ids.len(),
+        4,
+        "3 cached steps left + the token from the last one"
+    );
+    assert_eq!(out.stop_reason, gemma4::generation::StopReason::ContextFull);
+
+    // Stop on the third greedy token of a known continuation.
+    let free = generate(&model.text, &[2, 300, 301, 302], &opts, |_| Ok(())).unwrap();
+    let stop = free.generated_ids[2];
+    let first = free.generated_ids.iter().position(|&t| t == stop).unwrap();
+    let opts = GenerateOptions {
+        stop_ids: vec![stop],
+        ..opts
+    };
+    let out = generate(&model.text, &[2, 300, 301, 302], &opts, |_| Ok(())).unwrap();
+    assert_eq!(out.generated_ids, free.generated_ids[..=first]);
+    assert_eq!(out.stop_reason, gemma4::generation::StopReason::StopToken);
+}
+
+#[test]
+fn text_prompts_start_with_bos_and_chat_uses_template() {
+    let model = Gemma4::load(&fixture("e2b_like"), LoadOptions::default()).unwrap();
+    let ids = model
+        .prompt_ids(&Prompt::Text("Hello world!".into()))
+        .unwrap();
+    assert_eq!(ids[0], 2);
+    assert_eq!(
+        &ids[1..],
+        model.tokenizer().unwrap().encode("Hello world!").unwrap()
+    );
+    let chat = model
+        .prompt_ids(&Prompt::Chat(vec![gemma4::chat::Message::new(
+            "user", "Hi",
+        )]))
+        .unwrap();
+    // <bos><|turn>user\n ... <turn|>\n<|turn>model\n
+    assert_eq!(&chat[..2], [2, 105]);
+    assert_eq!(&chat[chat.len() - 3..], [105, chat[chat.len() - 2], 107]);
+    assert!(model.stop_ids().contains(&106) && model.stop_ids().contains(&1));
+}
