@@ -169,3 +169,8 @@ fn moe_26b_like() {
 fn text_only_causal_lm_layout() {
     check_fixture("text_only");
 }
+
+#[test]
+fn unified_12b_like() {
+    check_fixture("unified");
+}
