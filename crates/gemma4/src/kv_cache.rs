@@ -118,3 +118,56 @@ impl KvCache {
         self.seq_len = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use candle_core::{DType, Device};
+
+    fn cfg() -> TextConfig {
+        let v = serde_json::json!({"model_type": "gemma4_text", "num_hidden_layers": 3, "sliding_window": 4,
+            "num_kv_shared_layers": 1, "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2, "global_head_dim": 2});
+        ModelConfig::from_value(&v).unwrap().text
+    }
+
+    fn kv(n: usize, start: usize) -> Tensor {
+        let data: Vec<f32> = (start..start + n).flat_map(|i| [i as f32, 0.0]).collect();
+        Tensor::from_vec(data, (1, n, 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn sliding_layers_keep_window_minus_one_full_layers_keep_all() {
+        let cfg = cfg();
+        let mut c = KvCache::new(&cfg);
+        assert_eq!(c.cached_len(2), None, "shared layer owns no cache");
+        // Prefill of 6 tokens: the step attends over all 6, then keeps W-1 = 3.
+        let (k_all, _) = c.append(0, &kv(6, 0), &kv(6, 0)).unwrap();
+        assert_eq!(k_all.dim(1).unwrap(), 6);
+        c.append(1, &kv(6, 0), &kv(6, 0)).unwrap();
+        c.advance(6);
+        assert_eq!((c.cached_len(0), c.cached_len(1)), (Some(3), Some(6)));
+        assert_eq!(c.kv_start(LayerType::Sliding), 3);
+        assert_eq!(c.kv_start(LayerType::Full), 0);
+        // Decode: 3 kept + 1 new = exactly the window; the oldest kept is position 3.
+        let (k_all, _) = c.append(0, &kv(1, 6), &kv(1, 6)).unwrap();
+        let firsts: Vec<f32> = k_all
+            .to_dtype(DType::F32)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(firsts, [3.0, 4.0, 5.0, 6.0]);
+        c.advance(1);
+        assert_eq!(c.cached_len(0), Some(3));
+        assert_eq!(c.kv_start(LayerType::Sliding), 4);
+        c.clear();
+        assert_eq!((c.seq_len(), c.cached_len(0)), (0, None));
+    }
+}
