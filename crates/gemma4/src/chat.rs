@@ -43,12 +43,7 @@ impl ChatTemplate {
         let mut eos = "<eos>".to_string();
         let mut source = None;
         if config.exists() {
-            let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json {
-                    path: config.clone(),
-                    source,
-                })?;
+            let v = crate::error::read_json(&config)?;
             if let Some(b) = v.get("bos_token").and_then(|b| b.as_str()) {
                 bos = b.to_string();
             }

@@ -148,11 +148,7 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
+        let value = crate::error::read_json(path)?;
         Self::from_value(&value).map_err(|m| Error::config(path, m))
     }
 
@@ -613,11 +609,7 @@ pub struct GenerationConfig {
 
 impl GenerationConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
+        let value = crate::error::read_json(path)?;
         let o = value
             .as_object()
             .ok_or_else(|| Error::config(path, "top level is not a JSON object"))?;

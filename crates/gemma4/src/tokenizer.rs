@@ -65,19 +65,19 @@ impl Tokenizer {
 
     /// Token ids of `text` as the reference's `tokenizer(text).input_ids`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| self.err(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        self.encode_with(text, true)
     }
 
     /// Token ids of `text` without the post-processor's special tokens (as
     /// `apply_chat_template(tokenize=True)`).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode(text, add_special_tokens)
             .map_err(|e| self.err(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -112,11 +112,7 @@ fn read_tokenizer_class(path: &Path) -> Result<Option<String>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.into(),
-        source,
-    })?;
+    let v = crate::error::read_json(path)?;
     Ok(v.get("tokenizer_class")
         .and_then(|c| c.as_str())
         .map(str::to_string))

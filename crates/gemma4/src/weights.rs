@@ -48,12 +48,7 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let shard_names: Vec<String> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json {
-                    path: index.clone(),
-                    source,
-                })?;
+            let v = crate::error::read_json(&index)?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
