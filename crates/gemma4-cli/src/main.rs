@@ -1,7 +1,9 @@
 //! `gemma4`: run Gemma 4 checkpoints from the command line.
 //!
-//! - `gemma4 generate --model DIR --prompt TEXT` (or `--prompt-ids`, `--chat`): streams text
+//! - `gemma4 generate --model DIR --prompt TEXT` (or `--prompt-ids`, `--chat`): streams text;
+//!   `--image PATH` / `--video PATH` go with `<|image|>` / `<|video|>` markers in the prompt
 //! - `gemma4 logits --model DIR --prompt-ids 2,.. --out FILE.npy`: f32 logits `[seq, vocab]`
+//! - `gemma4 embed-image --model DIR --image PATH --out FILE.npy`: an image's soft tokens
 //! - `gemma4 info --model DIR`: sizes, layer plan and parameter counts
 //!
 //! The library does the work; this file only parses arguments and prints.
@@ -14,8 +16,10 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gemma4::chat::Message;
 use gemma4::config::{KvSource, ModelConfig};
-use gemma4::generation::{generate, GenerateOptions};
-use gemma4::model::ParameterCounts;
+use gemma4::generation::{generate_from, GenerateOptions};
+use gemma4::image_processor::load_image;
+use gemma4::model::{Media, ParameterCounts};
+use gemma4::resize::ResizeKernel;
 use gemma4::sampling::SamplingParams;
 use gemma4::text_model::LogitsFor;
 use gemma4::tokenizer::StreamDecoder;
@@ -40,6 +44,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Write the f32 logits of every prompt position to a .npy file ([seq, vocab]).
     Logits(LogitsArgs),
+    /// Run images through the vision encoder and projector; write their soft tokens.
+    EmbedImage(EmbedImageArgs),
     /// Show a checkpoint's sizes, layer plan and parameter counts.
     Info(InfoArgs),
 }
@@ -86,11 +92,32 @@ struct PromptArgs {
 }
 
 #[derive(Args)]
+struct MediaArgs {
+    /// An image for the next `<|image|>` marker of the prompt (repeatable; `-` reads
+    /// standard input). PNG, JPEG, GIF, WebP or BMP.
+    #[arg(long, value_name = "PATH")]
+    image: Vec<PathBuf>,
+    /// A video for the next `<|video|>` marker (repeatable): an animated GIF or a directory
+    /// of frames.
+    #[arg(long, value_name = "PATH")]
+    video: Vec<PathBuf>,
+    /// Soft-token budget per image: 70, 140, 280, 560 or 1120 (default: the checkpoint's
+    /// processor config, 280 for released checkpoints).
+    #[arg(long, value_name = "N")]
+    image_tokens: Option<usize>,
+    /// Image resize to match: pillow (the reference's PIL processor) or torchvision.
+    #[arg(long, value_name = "KERNEL")]
+    resize: Option<ResizeKernel>,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     prompt: PromptArgs,
+    #[command(flatten)]
+    media: MediaArgs,
     /// System message for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
@@ -124,9 +151,25 @@ struct LogitsArgs {
     model: ModelArgs,
     #[command(flatten)]
     prompt: PromptArgs,
+    #[command(flatten)]
+    media: MediaArgs,
     /// Output .npy file.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct EmbedImageArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    media: MediaArgs,
+    /// Output .npy file: the soft tokens of all images, concatenated ([tokens, hidden]).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print a JSON summary (tokens per image, shape) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -148,6 +191,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Logits(a) => cmd_logits(a),
+        Command::EmbedImage(a) => cmd_embed_image(a),
         Command::Info(a) => cmd_info(a),
     }
 }
@@ -173,8 +217,34 @@ fn load(args: &ModelArgs) -> Result<Gemma4> {
         dtype: args.dtype.dtype(),
         device: Device::Cpu,
         progress,
+        vision: true,
     };
     Ok(Gemma4::load(&args.model, opts)?)
+}
+
+/// Applies the media flags to the model's processors and loads the files.
+fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
+    if let Some(n) = a.image_tokens {
+        model.image_processor.max_soft_tokens = n;
+        model
+            .image_processor
+            .validate()
+            .map_err(|m| anyhow::anyhow!("--image-tokens: {m}"))?;
+    }
+    if let Some(k) = a.resize {
+        model.image_processor.resize = k;
+    }
+    let images = a
+        .image
+        .iter()
+        .map(|p| load_image(p))
+        .collect::<gemma4::Result<Vec<_>>>()?;
+    let videos = a
+        .video
+        .iter()
+        .map(|p| gemma4::video::load_video(p))
+        .collect::<gemma4::Result<Vec<_>>>()?;
+    Ok(Media { images, videos })
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -226,9 +296,10 @@ fn sampling_of(a: &GenerateArgs, model: &Gemma4) -> SamplingParams {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&a.model)?;
+    let mut model = load(&a.model)?;
     let prompt = prompt_of(&a.prompt, a.system.as_deref())?;
-    let prompt_ids = model.prompt_ids(&prompt)?;
+    let media = media_of(&a.media, &mut model)?;
+    let input = model.prepare(&prompt, &media)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: sampling_of(&a, &model),
@@ -237,7 +308,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let tok = model.tokenizer.as_ref();
     let mut stream = StreamDecoder::new();
     let mut stdout = std::io::stdout();
-    let out = generate(&model.text, &prompt_ids, &opts, |id| {
+    let out = generate_from(&model.text, &input, &opts, |id| {
         if a.json {
             return Ok(());
         }
@@ -283,15 +354,63 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
-    let model = load(&a.model)?;
-    let ids = model.prompt_ids(&prompt_of(&a.prompt, None)?)?;
+    let mut model = load(&a.model)?;
+    let media = media_of(&a.media, &mut model)?;
+    let input = model.prepare(&prompt_of(&a.prompt, None)?, &media)?;
     let logits = model
         .text
-        .forward(&ids, &mut model.text.new_cache(), LogitsFor::All)?;
+        .forward_input(&input, &mut model.text.new_cache(), LogitsFor::All)?;
     let (s, v) = logits.dims2()?;
     let data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     gemma4::npy::write_f32(&a.out, &[s, v], &data)?;
     eprintln!("wrote {} ([{s}, {v}] f32)", a.out.display());
+    Ok(())
+}
+
+fn cmd_embed_image(a: EmbedImageArgs) -> Result<()> {
+    let mut model = load(&a.model)?;
+    let media = media_of(&a.media, &mut model)?;
+    if media.images.is_empty() {
+        bail!("--image is required");
+    }
+    let Some(enc) = model.vision.as_ref() else {
+        bail!(
+            "{}: this checkpoint has no vision encoder",
+            a.model.model.display()
+        );
+    };
+    let processed = model.process_images(&media.images)?;
+    let mut rows = Vec::new();
+    let mut per_image = Vec::new();
+    for (p, path) in processed.iter().zip(&a.media.image) {
+        let t = enc.embed(p)?.to_dtype(DType::F32)?;
+        per_image.push(json!({
+            "image": path.display().to_string(),
+            "resized": [p.height, p.width],
+            "soft_tokens": t.dim(0)?,
+        }));
+        rows.push(t);
+    }
+    let all = candle_core::Tensor::cat(&rows, 0)?;
+    let (n, h) = all.dims2()?;
+    gemma4::npy::write_f32(&a.out, &[n, h], &all.flatten_all()?.to_vec1()?)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"out": a.out.display().to_string(), "shape": [n, h], "images": per_image})
+        );
+    } else {
+        for i in &per_image {
+            eprintln!(
+                "{}: resized to {}x{}, {} soft tokens",
+                i["image"].as_str().unwrap_or(""),
+                i["resized"][0],
+                i["resized"][1],
+                i["soft_tokens"]
+            );
+        }
+        eprintln!("wrote {} ([{n}, {h}] f32)", a.out.display());
+    }
     Ok(())
 }
 
@@ -329,7 +448,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         "per_layer_embedding_width": t.hidden_size_per_layer_input,
         "num_kv_shared_layers": t.num_kv_shared_layers,
         "moe": t.moe.as_ref().map(|m| json!({"experts": m.num_experts, "top_k": m.top_k, "width": m.intermediate_size})),
-        "has_vision": cfg.has_vision,
+        "has_vision": cfg.vision.is_some(),
         "has_audio": cfg.has_audio,
         "parameters": {"text": counts.text, "vision": counts.vision, "audio": counts.audio, "other": counts.other, "total": counts.total()},
         "layers": layers,

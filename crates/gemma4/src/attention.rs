@@ -7,14 +7,18 @@
 //! k projection. Scores are `q·kᵀ` with scaling 1.0 (QK-norm replaces 1/√d), plus the
 //! additive mask, softmax in f32, cast back, times V. GQA: query head `h` reads KV head
 //! `h / (H / K)`.
+//!
+//! The vision tower's attention (`Gemma4VisionAttention`) is the same computation with
+//! clippable projections, 2-D RoPE and no mask; [`Attention::vision`] builds it, and the
+//! rotation is passed in by the caller.
 
 use candle_core::{DType, Tensor};
 
-use crate::config::LayerSpec;
+use crate::config::{Bidirectional, LayerSpec};
 use crate::error::Result;
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
-use crate::rope;
+use crate::vision_config::VisionConfig;
 use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -63,19 +67,43 @@ impl Attention {
         })
     }
 
-    /// Queries `[H, S, D]` after q_norm and RoPE.
-    pub fn queries(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// The vision tower's attention: MHA/GQA over `cfg`'s heads with clippable projections
+    /// named `{q,k,v,o}_proj.linear`.
+    pub fn vision(cfg: &VisionConfig, w: &Weights) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let clip = cfg.use_clipped_linears;
+        Ok(Attention {
+            q_proj: Linear::clippable(h, nh * d, w, "q_proj", clip)?,
+            k_proj: Some(Linear::clippable(h, kv * d, w, "k_proj", clip)?),
+            v_proj: Some(Linear::clippable(h, kv * d, w, "v_proj", clip)?),
+            o_proj: Linear::clippable(nh * d, h, w, "o_proj", clip)?,
+            q_norm: RmsNorm::new(d, cfg.rms_norm_eps, w, "q_norm")?,
+            k_norm: Some(RmsNorm::new(d, cfg.rms_norm_eps, w, "k_norm")?),
+            v_norm: RmsNorm::without_scale(cfg.rms_norm_eps),
+            num_heads: nh,
+            num_kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    /// Queries `[H, S, D]` after q_norm and the rotation `rot` (RoPE).
+    pub fn queries(&self, x: &Tensor, rot: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let s = x.dim(0)?;
         let q = self
             .q_proj
             .forward(x)?
             .reshape((s, self.num_heads, self.head_dim))?;
         let q = self.q_norm.forward(&q)?.transpose(0, 1)?.contiguous()?;
-        rope::apply(&q, cos, sin)
+        rot(&q)
     }
 
     /// This step's keys and values `[K, S, D]` (only for layers that own their KV).
-    pub fn keys_values(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn keys_values(
+        &self,
+        x: &Tensor,
+        rot: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let (Some(k_proj), Some(k_norm)) = (&self.k_proj, &self.k_norm) else {
             return Err(
                 candle_core::Error::Msg("KV-shared layer cannot compute keys".into()).into(),
@@ -89,7 +117,7 @@ impl Attention {
             None => k_raw.clone(),
         };
         let k = k_norm.forward(&k_raw)?.transpose(0, 1)?.contiguous()?;
-        let k = rope::apply(&k, cos, sin)?;
+        let k = rot(&k)?;
         let v = self.v_norm.forward(&v_raw)?.transpose(0, 1)?.contiguous()?;
         Ok((k, v))
     }
@@ -125,18 +153,54 @@ impl Attention {
     }
 }
 
+/// Image/video spans of a multimodal prompt for the bidirectional overlay: `blocks[i]` is
+/// the span id (≥ 0) of absolute position `start + i`, or −1 for text; positions outside
+/// the slice are text.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanOverlay<'a> {
+    pub blocks: &'a [i64],
+    pub start: usize,
+    pub mode: Bidirectional,
+}
+
+impl SpanOverlay<'_> {
+    fn block(&self, pos: usize) -> i64 {
+        pos.checked_sub(self.start)
+            .and_then(|i| self.blocks.get(i))
+            .copied()
+            .unwrap_or(-1)
+    }
+}
+
 /// Additive mask `[queries, keys]` for query positions `q_pos` over keys at absolute
 /// positions `k_start..k_start+t`: key j is visible to query i iff `j ≤ i` and, for
-/// sliding layers, `j > i − W` (exactly W keys including itself). Returns `None` when every
-/// key is visible (the common decode step).
+/// sliding layers, `j > i − W` (exactly W keys including itself). With a span overlay,
+/// tokens of the same image span also see each other, composed as [`Bidirectional`]
+/// describes. Returns `None` when every key is visible (the common decode step).
 pub fn causal_mask(
     q_pos: &[usize],
     k_start: usize,
     t: usize,
     window: Option<usize>,
+    overlay: Option<&SpanOverlay>,
     device: &candle_core::Device,
 ) -> Result<Option<Tensor>> {
-    let visible = |i: usize, j: usize| j <= i && window.is_none_or(|w| j + w > i);
+    let visible = |i: usize, j: usize| {
+        let causal = j <= i;
+        let in_window = window.is_none_or(|w| j + w > i);
+        let same_span = overlay.is_some_and(|o| {
+            let b = o.block(i);
+            b >= 0 && b == o.block(j)
+        });
+        match overlay.map(|o| o.mode) {
+            None | Some(Bidirectional::None) => causal && in_window,
+            // Gemma4Model: full layers stay causal; sliding = window ∧ (causal ∨ span).
+            Some(Bidirectional::Vision) if window.is_none() => causal,
+            Some(Bidirectional::Vision) => in_window && (causal || same_span),
+            // Gemma4UnifiedModel: every layer = its causal(+window) mask ∨ span.
+            Some(Bidirectional::VisionAllLayers) => (causal && in_window) || same_span,
+        }
+    };
     let all = q_pos
         .iter()
         .all(|&i| (k_start..k_start + t).all(|j| visible(i, j)));
@@ -173,7 +237,7 @@ mod tests {
     #[test]
     fn sliding_window_sees_exactly_w_keys() {
         let q: Vec<usize> = (0..12).collect();
-        let m = causal_mask(&q, 0, 12, Some(4), &Device::Cpu)
+        let m = causal_mask(&q, 0, 12, Some(4), None, &Device::Cpu)
             .unwrap()
             .unwrap();
         assert_eq!(visible_counts(&m), [1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4]);
@@ -184,17 +248,50 @@ mod tests {
 
     #[test]
     fn full_causal_and_decode_steps_need_no_mask() {
-        let m = causal_mask(&[0, 1, 2], 0, 3, None, &Device::Cpu)
+        let m = causal_mask(&[0, 1, 2], 0, 3, None, None, &Device::Cpu)
             .unwrap()
             .unwrap();
         assert_eq!(visible_counts(&m), [1, 2, 3]);
         // Decode: one query over the kept W-1 keys plus itself.
-        assert!(causal_mask(&[20], 17, 4, Some(4), &Device::Cpu)
+        assert!(causal_mask(&[20], 17, 4, Some(4), None, &Device::Cpu)
             .unwrap()
             .is_none());
-        assert!(causal_mask(&[20], 0, 21, None, &Device::Cpu)
+        assert!(causal_mask(&[20], 0, 21, None, None, &Device::Cpu)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn span_overlay_compositions_follow_the_two_model_classes() {
+        // Positions 0..8, an image span at 2..=6 (block 0), window 3.
+        let blocks = [-1i64, -1, 0, 0, 0, 0, 0, -1];
+        let q: Vec<usize> = (0..8).collect();
+        let rows = |mode, window| -> Vec<Vec<f32>> {
+            let o = SpanOverlay {
+                blocks: &blocks,
+                start: 0,
+                mode,
+            };
+            causal_mask(&q, 0, 8, window, Some(&o), &Device::Cpu)
+                .unwrap()
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        let sees = |r: &Vec<Vec<f32>>, i: usize, j: usize| r[i][j] == 0.0;
+        // Gemma4, sliding: image token 2 sees the future tokens 3..=6 of its span...
+        let g = rows(Bidirectional::Vision, Some(3));
+        assert!(sees(&g, 2, 6) && sees(&g, 2, 4));
+        // ...but token 6 no longer sees token 2 (window ∧ (causal ∨ span)), nor text after.
+        assert!(!sees(&g, 6, 2) && sees(&g, 6, 4) && !sees(&g, 5, 7));
+        // Gemma4, full layers: plain causal.
+        let f = rows(Bidirectional::Vision, None);
+        assert!(!sees(&f, 2, 3) && sees(&f, 6, 2));
+        // 12B: the span overrides the window and applies on full layers too.
+        let u = rows(Bidirectional::VisionAllLayers, Some(3));
+        assert!(sees(&u, 6, 2) && sees(&u, 2, 6) && !sees(&u, 7, 2));
+        let uf = rows(Bidirectional::VisionAllLayers, None);
+        assert!(sees(&uf, 2, 6) && !sees(&uf, 1, 2));
     }
 
     #[test]

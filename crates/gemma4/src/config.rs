@@ -15,6 +15,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::vision_config::{MultimodalTokens, VisionSpec};
 
 /// Attention type of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,10 +82,19 @@ pub struct LayerSpec {
 }
 
 /// Bidirectional attention over image/video spans (`use_bidirectional_attention`).
+///
+/// The two model classes compose it differently in their default (DynamicCache) path:
+/// `Gemma4Model` keeps full layers causal and gives sliding layers
+/// `window ∧ (causal ∨ same span)`; `Gemma4UnifiedModel` (12B) gives every layer
+/// `base ∨ same span`, where `base` is that layer's causal (and, for sliding layers,
+/// windowed) mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bidirectional {
     None,
+    /// `"vision"` in a `gemma4` checkpoint.
     Vision,
+    /// `"vision"` in a `gemma4_unified` checkpoint.
+    VisionAllLayers,
 }
 
 /// The text decoder configuration with every field the reference uses for computation.
@@ -140,8 +150,10 @@ pub enum Architecture {
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub text: TextConfig,
-    pub has_vision: bool,
+    /// The vision tower or the 12B's image embedder, when the checkpoint has one.
+    pub vision: Option<VisionSpec>,
     pub has_audio: bool,
+    pub mm_tokens: MultimodalTokens,
     /// End-of-sequence ids declared at the top level (`eos_token_id`), if any.
     pub eos_token_ids: Vec<u32>,
 }
@@ -184,11 +196,20 @@ impl ModelConfig {
         let text =
             TextConfig::from_object(text_obj, unified).map_err(|m| format!("text_config: {m}"))?;
         let present = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
+        let vision = match obj.get("vision_config") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(v)) if architecture != Architecture::Gemma4Text => Some(
+                VisionSpec::from_object(v, unified).map_err(|m| format!("vision_config: {m}"))?,
+            ),
+            Some(Value::Object(_)) => None,
+            Some(v) => return Err(format!("`vision_config` must be an object, found {v}")),
+        };
         Ok(ModelConfig {
             architecture,
             text,
-            has_vision: present("vision_config"),
+            vision,
             has_audio: present("audio_config"),
+            mm_tokens: MultimodalTokens::from_object(obj)?,
             eos_token_ids: ids(obj.get("eos_token_id"))
                 .map_err(|m| format!("eos_token_id: {m}"))?,
         })
@@ -270,8 +291,9 @@ impl TextConfig {
             ));
         }
         let bidirectional = match f.get("use_bidirectional_attention") {
-            None if unified => Bidirectional::Vision,
+            None if unified => Bidirectional::VisionAllLayers,
             None => Bidirectional::None,
+            Some(Value::String(s)) if s == "vision" && unified => Bidirectional::VisionAllLayers,
             Some(Value::String(s)) if s == "vision" => Bidirectional::Vision,
             Some(Value::String(s)) if s == "all" => {
                 return Err("`use_bidirectional_attention: \"all\"` (encoder mode) is not supported for generation".into())
@@ -655,7 +677,7 @@ mod tests {
     fn e2b_layer_plan_matches_reference() {
         let c = ModelConfig::from_value(&e2b_text()).unwrap();
         let t = &c.text;
-        assert!(c.has_vision && c.has_audio);
+        assert!(c.vision.is_some() && c.has_audio);
         assert_eq!(
             t.hidden_size_per_layer_input, 256,
             "absent key means the 256 default"
@@ -743,7 +765,7 @@ mod tests {
         assert_eq!(u.architecture, Architecture::Gemma4Unified);
         assert_eq!(u.text.hidden_size_per_layer_input, 0);
         assert_eq!(u.text.sliding_window, 1024);
-        assert_eq!(u.text.bidirectional, Bidirectional::Vision);
+        assert_eq!(u.text.bidirectional, Bidirectional::VisionAllLayers);
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum Error {
         max: usize,
     },
 
+    #[error("image {name}: {message}")]
+    Image { name: String, message: String },
+
     #[error("invalid argument `{arg}`: {message}")]
     InvalidArgument { arg: String, message: String },
 

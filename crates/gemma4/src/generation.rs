@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::text_model::{LogitsFor, TextModel};
+use crate::text_model::{LogitsFor, PromptInput, TextModel};
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -64,8 +64,26 @@ pub fn generate(
     model: &TextModel,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenerationOutput> {
+    generate_from(
+        model,
+        &PromptInput::text(prompt_ids.to_vec()),
+        opts,
+        on_token,
+    )
+}
+
+/// Generates from a prepared (possibly multimodal) prompt. The prefill sees the image
+/// spans; decode steps are causal, as the reference drops `mm_token_type_ids` after the
+/// first step.
+pub fn generate_from(
+    model: &TextModel,
+    prompt: &PromptInput,
+    opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenerationOutput> {
+    let prompt_ids = &prompt.ids[..];
     let max = model.config().max_position_embeddings;
     if prompt_ids.is_empty() {
         return Err(Error::invalid_argument("prompt", "is empty"));
@@ -83,7 +101,7 @@ pub fn generate(
     let mut generated = Vec::new();
 
     let t0 = Instant::now();
-    let mut logits = model.forward(prompt_ids, &mut cache, LogitsFor::Last)?;
+    let mut logits = model.forward_input(prompt, &mut cache, LogitsFor::Last)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let stop_reason = loop {

@@ -6,6 +6,11 @@
 //! [`attention`], [`mlp`], [`moe`], [`ple`], [`rope`] and [`norm`]; [`kv_cache`] and
 //! [`generation`] run it incrementally with [`sampling`]; [`tokenizer`] and [`chat`] turn
 //! text into ids; [`model`] ties a checkpoint directory together.
+//!
+//! Images and video: [`image_processor`] (with [`resize`]) and [`video`] turn files into
+//! patches, [`vision`] (the tower) or [`image_embedder`] (the 12B's) turn patches into soft
+//! tokens, [`multimodal_embedder`] projects them into the text width, and [`multimodal`]
+//! expands the prompt's markers and splices the soft tokens in.
 
 pub mod attention;
 pub mod chat;
@@ -13,18 +18,26 @@ pub mod config;
 pub mod decoder_layer;
 pub mod error;
 pub mod generation;
+pub mod image_embedder;
+pub mod image_processor;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod moe;
+pub mod multimodal;
+pub mod multimodal_embedder;
 pub mod norm;
 pub mod npy;
 pub mod ple;
+pub mod resize;
 pub mod rope;
 pub mod sampling;
 pub mod text_model;
 pub mod tokenizer;
+pub mod video;
+pub mod vision;
+pub mod vision_config;
 pub mod weights;
 
 pub use error::{Error, Result};

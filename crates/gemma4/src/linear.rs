@@ -1,15 +1,35 @@
-//! A bias-free linear layer, `y = x Wᵀ` with `W` stored `[out, in]` as in PyTorch. Every
+//! The linear layer, `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch. Every
 //! projection of the model goes through this one type, so faster kernels (quantized,
 //! SIMD) can later be swapped in behind the same interface.
+//!
+//! It also covers `Gemma4ClippableLinear` (vision and audio towers): with
+//! `use_clipped_linears` the input is clamped to `[input_min, input_max]` and the output to
+//! `[output_min, output_max]`, bounds read from the checkpoint's 0-d buffers (±∞ = off).
 
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::text_model::round_to;
 use crate::weights::Weights;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Clip {
+    input: (f64, f64),
+    output: (f64, f64),
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
+    bias: Option<Tensor>,
+    clip: Option<Clip>,
+}
+
+fn clamp(x: Tensor, (lo, hi): (f64, f64)) -> Result<Tensor> {
+    Ok(match (lo.is_finite(), hi.is_finite()) {
+        (false, false) => x,
+        _ => x.clamp(lo, hi)?,
+    })
 }
 
 impl Linear {
@@ -17,11 +37,52 @@ impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, w: &Weights, name: &str) -> Result<Self> {
         Ok(Linear {
             weight: w.get(&[out_dim, in_dim], &format!("{name}.weight"))?,
+            bias: None,
+            clip: None,
         })
     }
 
+    /// Loads `{name}.weight` and `{name}.bias`.
+    pub fn with_bias(in_dim: usize, out_dim: usize, w: &Weights, name: &str) -> Result<Self> {
+        let mut l = Self::new(in_dim, out_dim, w, name)?;
+        l.bias = Some(w.get(&[out_dim], &format!("{name}.bias"))?);
+        Ok(l)
+    }
+
+    /// A `Gemma4ClippableLinear`: `{name}.linear.weight`, plus the four bounds
+    /// `{name}.{input,output}_{min,max}` when `clipped`. Bounds are rounded to the compute
+    /// dtype, as the reference casts its buffers with the model.
+    pub fn clippable(
+        in_dim: usize,
+        out_dim: usize,
+        w: &Weights,
+        name: &str,
+        clipped: bool,
+    ) -> Result<Self> {
+        let mut l = Self::new(in_dim, out_dim, w, &format!("{name}.linear"))?;
+        if clipped {
+            let bound = |b: &str| -> Result<f64> {
+                let v = w.get_f32(&[], &format!("{name}.{b}"))?.to_scalar::<f32>()? as f64;
+                Ok(if v.is_finite() {
+                    round_to(w.dtype, v)
+                } else {
+                    v
+                })
+            };
+            l.clip = Some(Clip {
+                input: (bound("input_min")?, bound("input_max")?),
+                output: (bound("output_min")?, bound("output_max")?),
+            });
+        }
+        Ok(l)
+    }
+
     pub fn from_weight(weight: Tensor) -> Self {
-        Linear { weight }
+        Linear {
+            weight,
+            bias: None,
+            clip: None,
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -30,10 +91,21 @@ impl Linear {
 
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match &self.clip {
+            Some(c) => clamp(x.clone(), c.input)?,
+            None => x.clone(),
+        };
         let w = self.weight.t()?;
-        Ok(match x.rank() {
+        let mut y = match x.rank() {
             2 => x.matmul(&w)?,
             _ => x.broadcast_matmul(&w)?,
-        })
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        match &self.clip {
+            Some(c) => clamp(y, c.output),
+            None => Ok(y),
+        }
     }
 }

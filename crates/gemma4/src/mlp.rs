@@ -24,6 +24,15 @@ impl Mlp {
         })
     }
 
+    /// From already-built projections (the vision tower's clippable ones).
+    pub fn from_parts(gate_proj: Linear, up_proj: Linear, down_proj: Linear) -> Self {
+        Mlp {
+            gate_proj,
+            up_proj,
+            down_proj,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`).
         let h = (self.gate_proj.forward(x)?.gelu()? * self.up_proj.forward(x)?)?;

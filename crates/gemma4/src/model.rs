@@ -1,6 +1,7 @@
-//! A Gemma 4 checkpoint directory loaded for text generation: config, generation config,
-//! tokenizer, chat template and the text decoder. The thin top level that the CLI uses;
-//! every piece is also usable on its own.
+//! A Gemma 4 checkpoint directory loaded for generation: config, generation config,
+//! tokenizer, chat template, processor settings, the text decoder and (when the checkpoint
+//! has one) the image encoder. The thin top level that the CLI uses; every piece is also
+//! usable on its own.
 
 use std::path::{Path, PathBuf};
 
@@ -9,8 +10,14 @@ use candle_core::{DType, Device};
 use crate::chat::{ChatTemplate, Message};
 use crate::config::{Architecture, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
-use crate::text_model::TextModel;
+use crate::image_processor::{
+    process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, Rescale, RgbImage,
+};
+use crate::multimodal::{build_input, expand_prompt, MarkerStrings, VisionEncoder};
+use crate::resize::ResizeKernel;
+use crate::text_model::{PromptInput, TextModel};
 use crate::tokenizer::Tokenizer;
+use crate::video::{process_video, ProcessedVideo, Video, VideoProcessorConfig};
 use crate::weights::{Checkpoint, ProgressFn, Weights};
 
 /// How to load a checkpoint.
@@ -19,6 +26,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Called with (bytes loaded, bytes expected) while weights are read.
     pub progress: Option<ProgressFn>,
+    /// Load the image encoder when the checkpoint has one.
+    pub vision: bool,
 }
 
 impl Default for LoadOptions {
@@ -27,8 +36,16 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             progress: None,
+            vision: true,
         }
     }
+}
+
+/// Images and videos that go with a prompt, in the order of their markers.
+#[derive(Debug, Clone, Default)]
+pub struct Media {
+    pub images: Vec<RgbImage>,
+    pub videos: Vec<Video>,
 }
 
 /// A prompt as a user gives it.
@@ -58,6 +75,10 @@ pub struct Gemma4 {
     pub text: TextModel,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: ChatTemplate,
+    pub vision: Option<VisionEncoder>,
+    /// Image processor settings (`processor_config.json`), adjustable before use.
+    pub image_processor: ImageProcessorConfig,
+    pub video_processor: VideoProcessorConfig,
 }
 
 impl Gemma4 {
@@ -90,6 +111,17 @@ impl Gemma4 {
         }
         let w = Weights::new(&ckpt, prefix, opts.dtype, &opts.device);
         let text = TextModel::new(&config.text, &w)?;
+        let vision = match (&config.vision, opts.vision) {
+            (Some(spec), true) => Some(VisionEncoder::load(
+                spec,
+                config.text.hidden_size,
+                &ckpt,
+                opts.dtype,
+                &opts.device,
+            )?),
+            _ => None,
+        };
+        let (image_processor, video_processor) = processor_configs(dir, &config)?;
         Ok(Gemma4 {
             dir: dir.to_path_buf(),
             config,
@@ -97,7 +129,91 @@ impl Gemma4 {
             text,
             tokenizer,
             chat_template,
+            vision,
+            image_processor,
+            video_processor,
         })
+    }
+
+    /// Resizes and patchifies images for this checkpoint's encoder.
+    pub fn process_images(&self, images: &[RgbImage]) -> Result<Vec<ProcessedImage>> {
+        images
+            .iter()
+            .map(|i| process_image(i, &self.image_processor))
+            .collect()
+    }
+
+    pub fn process_videos(&self, videos: &[Video]) -> Result<Vec<ProcessedVideo>> {
+        videos
+            .iter()
+            .map(|v| process_video(v, &self.video_processor))
+            .collect()
+    }
+
+    /// Token strings of the image/video markers, from the config's ids.
+    pub fn markers(&self) -> Result<MarkerStrings> {
+        let tok = self.tokenizer()?;
+        let t = &self.config.mm_tokens;
+        let s = |id: u32, what: &str| {
+            tok.id_to_token(id).ok_or_else(|| {
+                Error::invalid_argument(
+                    "config.json",
+                    format!("{what} token id {id} is not in the tokenizer"),
+                )
+            })
+        };
+        Ok(MarkerStrings {
+            image: s(t.image, "image")?,
+            video: s(t.video, "video")?,
+            boi: s(t.boi, "begin-of-image")?,
+            eoi: s(t.eoi, "end-of-image")?,
+        })
+    }
+
+    /// A prompt with its images and videos, ready for the decoder: markers expanded,
+    /// tokenized, soft tokens spliced in.
+    pub fn prepare(&self, prompt: &Prompt, media: &Media) -> Result<PromptInput> {
+        let has_media = !media.images.is_empty() || !media.videos.is_empty();
+        if has_media && self.vision.is_none() {
+            return Err(Error::invalid_argument(
+                "--image",
+                if self.config.vision.is_some() {
+                    "the vision encoder was not loaded"
+                } else {
+                    "this checkpoint has no vision encoder"
+                },
+            ));
+        }
+        // Text-only checkpoints may not have the marker tokens at all.
+        let markers = match (has_media, self.markers()) {
+            (true, m) => Some(m?),
+            (false, m) => m.ok(),
+        };
+        let images = self.process_images(&media.images)?;
+        let videos = self.process_videos(&media.videos)?;
+        let expand = |text: &str| -> Result<String> {
+            match &markers {
+                Some(m) => expand_prompt(text, m, &images, &videos),
+                None => Ok(text.to_string()),
+            }
+        };
+        let ids = match prompt {
+            Prompt::Ids(_) => self.prompt_ids(prompt)?,
+            Prompt::Text(text) => self.prompt_ids(&Prompt::Text(expand(text)?))?,
+            Prompt::Chat(messages) => {
+                let rendered = self.chat_template.render(messages, true)?;
+                let ids = self.tokenizer()?.encode_raw(&expand(&rendered)?)?;
+                self.prompt_ids(&Prompt::Ids(ids))?
+            }
+        };
+        build_input(
+            &self.text,
+            self.vision.as_ref(),
+            &self.config.mm_tokens,
+            ids,
+            &images,
+            &videos,
+        )
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -152,6 +268,63 @@ impl Gemma4 {
         }
         Ok(ids)
     }
+}
+
+/// Image and video processor settings: the checkpoint's `processor_config.json` (or the
+/// older `preprocessor_config.json` / `video_preprocessor_config.json`) over the
+/// reference's defaults. The towers' images default to the PIL processor's resize and
+/// rescale; the 12B's image processor and every video processor exist only with the
+/// torchvision backend, so they use its resize and rounding.
+fn processor_configs(
+    dir: &Path,
+    config: &ModelConfig,
+) -> Result<(ImageProcessorConfig, VideoProcessorConfig)> {
+    let layout = match config.vision {
+        Some(crate::vision_config::VisionSpec::Unified(_)) => PatchLayout::Merged,
+        _ => PatchLayout::Tower,
+    };
+    let mut image = ImageProcessorConfig::new(layout);
+    if layout == PatchLayout::Merged {
+        image.resize = ResizeKernel::Torchvision;
+        image.rescale = Rescale::F32Mul;
+    }
+    let mut video = VideoProcessorConfig::new(layout);
+    if let Some(v) = &config.vision {
+        for c in [&mut image, &mut video.frame] {
+            c.patch_size = v.patch_size();
+            c.pooling_kernel_size = v.pooling_kernel_size();
+        }
+    }
+    let read = |name: &str| -> Result<Option<serde_json::Value>> {
+        let p = dir.join(name);
+        p.exists().then(|| crate::error::read_json(&p)).transpose()
+    };
+    let combined = read("processor_config.json")?;
+    let image_section = match &combined {
+        Some(c) if c.get("image_processor").is_some() => c.get("image_processor").cloned(),
+        _ => read("preprocessor_config.json")?,
+    };
+    let video_section = match &combined {
+        Some(c) if c.get("video_processor").is_some() => c.get("video_processor").cloned(),
+        _ => read("video_preprocessor_config.json")?,
+    };
+    if let Some(s) = image_section {
+        image.update_from(&s).map_err(|m| {
+            Error::config(
+                dir.join("processor_config.json"),
+                format!("image_processor: {m}"),
+            )
+        })?;
+    }
+    if let Some(s) = video_section {
+        video.update_from(&s).map_err(|m| {
+            Error::config(
+                dir.join("processor_config.json"),
+                format!("video_processor: {m}"),
+            )
+        })?;
+    }
+    Ok((image, video))
 }
 
 /// Parameters stored per tower, counted from the checkpoint's tensor shapes (nothing loaded).

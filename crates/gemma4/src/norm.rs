@@ -1,6 +1,10 @@
 //! RMSNorm as `Gemma4RMSNorm`: computed in f32, `x · (mean(x²) + eps)^-½ · w` (plain `w`,
 //! not Gemma 1–3's `1 + w`), cast back to the input dtype at the very end. The
 //! `with_scale=False` variant (v_norm, router norm) has no weight at all.
+//!
+//! [`LayerNorm`] is `torch.nn.LayerNorm` (the 12B's image embedder): centred first, then
+//! scaled by `(var + eps)^-½` — two passes in f32, not `E[x²] − E[x]²`, which loses
+//! precision on inputs far from zero mean such as [0, 1] pixels.
 
 use candle_core::{DType, Tensor, D};
 
@@ -44,6 +48,41 @@ impl RmsNorm {
     }
 }
 
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `{name}.weight` and `{name}.bias` of shape `[dim]` (kept in f32).
+    pub fn new(dim: usize, eps: f64, w: &Weights, name: &str) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get_f32(&[dim], &format!("{name}.weight"))?,
+            bias: w.get_f32(&[dim], &format!("{name}.bias"))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let xc = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+        let rstd = xc
+            .sqr()?
+            .mean_keepdim(D::Minus1)?
+            .affine(1.0, self.eps)?
+            .sqrt()?
+            .recip()?;
+        let y = xc
+            .broadcast_mul(&rstd)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +108,29 @@ mod tests {
         let want = [0.5 * r, -2.0 * r, 6.0 * r, -0.5 * r];
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_centres_and_scales() {
+        let x = Tensor::new(&[[1000.5f32, 1001.5, 999.5, 1000.5]], &Device::Cpu).unwrap();
+        let n = LayerNorm {
+            weight: Tensor::new(&[1.0f32, 2.0, 1.0, 1.0], &Device::Cpu).unwrap(),
+            bias: Tensor::new(&[0.0f32, 0.0, 0.0, 0.5], &Device::Cpu).unwrap(),
+            eps: 0.0,
+        };
+        let y: Vec<f32> = n
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Centred: [0, 1, -1, 0], variance 0.5.
+        let r = 1.0 / 0.5f32.sqrt();
+        let want = [0.0, 2.0 * r, -r, 0.5];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{y:?}");
         }
     }
 

@@ -1,5 +1,6 @@
-//! Minimal `.npy` (NumPy format 1.0) reading and writing of little-endian f32 arrays: the
-//! format the golden fixtures and `gemma4 logits --out` use.
+//! Minimal `.npy` (NumPy format 1.0) reading and writing of little-endian C-order arrays
+//! (f32 written; f32, u8 and i64 read): the format the golden fixtures and
+//! `gemma4 logits --out` use.
 
 use std::io::Write;
 use std::path::Path;
@@ -32,6 +33,30 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
 
 /// Reads a C-order little-endian f32 `.npy` file: `(shape, data)`.
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let (shape, body) = read_raw(path, "'<f4'", 4)?;
+    let data = body
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((shape, data))
+}
+
+/// Reads a C-order u8 `.npy` file.
+pub fn read_u8(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
+    read_raw(path, "'|u1'", 1)
+}
+
+/// Reads a C-order little-endian i64 `.npy` file.
+pub fn read_i64(path: &Path) -> Result<(Vec<usize>, Vec<i64>)> {
+    let (shape, body) = read_raw(path, "'<i8'", 8)?;
+    let data = body
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok((shape, data))
+}
+
+fn read_raw(path: &Path, descr: &str, width: usize) -> Result<(Vec<usize>, Vec<u8>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |m: &str| Error::invalid_argument(path.display().to_string(), m.to_string());
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
@@ -51,8 +76,8 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
             .ok_or_else(|| bad("truncated header"))?,
     )
     .map_err(|_| bad("header is not UTF-8"))?;
-    if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
-        return Err(bad("only C-order little-endian f32 arrays are supported"));
+    if !header.contains(descr) || header.contains("'fortran_order': True") {
+        return Err(bad(&format!("expected a C-order {descr} array")));
     }
     let open = header.find("'shape': (").ok_or_else(|| bad("no shape"))? + 10;
     let close = open + header[open..].find(')').ok_or_else(|| bad("bad shape"))?;
@@ -64,14 +89,10 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         .collect::<Result<_>>()?;
     let n: usize = shape.iter().product();
     let body = &bytes[hstart + hlen..];
-    if body.len() != n * 4 {
+    if body.len() != n * width {
         return Err(bad("data length does not match the shape"));
     }
-    let data = body
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok((shape, data))
+    Ok((shape, body.to_vec()))
 }
 
 #[cfg(test)]

@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::causal_mask;
-use crate::config::{KvSource, LayerType, TextConfig};
+use crate::attention::{causal_mask, SpanOverlay};
+use crate::config::{Bidirectional, KvSource, LayerType, TextConfig};
 use crate::decoder_layer::DecoderLayer;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::norm::RmsNorm;
 use crate::ple::PerLayerEmbeddings;
-use crate::rope::Rope;
+use crate::rope::{self, Rope};
 use crate::weights::Weights;
 
 /// `x` rounded to `dtype`, as the reference casts scalar buffers (`embed_scale`) to the
@@ -37,6 +37,29 @@ pub enum LogitsFor {
     /// Only the last position: `[1, vocab]`. KV-shared layers then run on the last
     /// position only (they write no cache, so nothing else is needed there).
     Last,
+}
+
+/// A prompt ready for the decoder: its ids and, for multimodal prompts, the input
+/// embeddings with the soft tokens spliced in, the ids the per-layer embeddings read, and
+/// the image spans for the bidirectional overlay.
+#[derive(Debug, Clone)]
+pub struct PromptInput {
+    pub ids: Vec<u32>,
+    pub embeds: Option<Tensor>,
+    pub ple_ids: Vec<u32>,
+    pub spans: Option<Vec<i64>>,
+}
+
+impl PromptInput {
+    /// A text-only prompt.
+    pub fn text(ids: Vec<u32>) -> Self {
+        PromptInput {
+            ple_ids: ids.clone(),
+            ids,
+            embeds: None,
+            spans: None,
+        }
+    }
 }
 
 pub struct TextModel {
@@ -134,15 +157,33 @@ impl TextModel {
     /// Runs `ids` through the model after what `cache` holds and returns f32 logits.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
         let h0 = self.embed(ids)?;
-        self.forward_embeds(&h0, ids, cache, which)
+        self.forward_embeds(&h0, ids, None, cache, which)
+    }
+
+    /// Runs a prepared prompt (text or multimodal) after what `cache` holds.
+    pub fn forward_input(
+        &self,
+        input: &PromptInput,
+        cache: &mut KvCache,
+        which: LogitsFor,
+    ) -> Result<Tensor> {
+        match &input.embeds {
+            None => self.forward(&input.ids, cache, which),
+            Some(h0) => {
+                self.forward_embeds(h0, &input.ple_ids, input.spans.as_deref(), cache, which)
+            }
+        }
     }
 
     /// Like [`Self::forward`] from input embeddings `h0` `[S, hidden]`; `ple_ids` are the ids
-    /// the per-layer embeddings read (multimodal placeholders replaced by the pad id).
+    /// the per-layer embeddings read (multimodal placeholders replaced by the pad id);
+    /// `spans` marks image/video spans for the bidirectional overlay (see
+    /// [`crate::attention::SpanOverlay`]), ignored when the config has none.
     pub fn forward_embeds(
         &self,
         h0: &Tensor,
         ple_ids: &[u32],
+        spans: Option<&[i64]>,
         cache: &mut KvCache,
         which: LogitsFor,
     ) -> Result<Tensor> {
@@ -159,6 +200,14 @@ impl TextModel {
             });
         }
         let positions: Vec<usize> = (past..past + s).collect();
+        let overlay = match (spans, self.cfg.bidirectional) {
+            (Some(blocks), mode) if mode != Bidirectional::None => Some(SpanOverlay {
+                blocks,
+                start: past,
+                mode,
+            }),
+            _ => None,
+        };
         let mut ple = match &self.ple {
             Some(p) => Some(p.forward(ple_ids, h0)?),
             None => None,
@@ -176,6 +225,7 @@ impl TextModel {
                     k_start,
                     past + s - k_start,
                     window,
+                    overlay.as_ref(),
                     &self.device,
                 )?,
             );
@@ -201,6 +251,7 @@ impl TextModel {
                         k_start,
                         past + s - k_start,
                         window,
+                        overlay.as_ref(),
                         &self.device,
                     )?;
                 }
@@ -208,10 +259,11 @@ impl TextModel {
             let spec = &self.cfg.layers[i];
             let (cos, sin) = &rope_tables[&spec.layer_type];
             let x = layer.input_norm(&h)?;
-            let q = layer.attn.queries(&x, cos, sin)?;
+            let rot = |t: &Tensor| rope::apply(t, cos, sin);
+            let q = layer.attn.queries(&x, &rot)?;
             let (k, v) = match spec.kv_source {
                 KvSource::Own => {
-                    let (k, v) = layer.attn.keys_values(&x, cos, sin)?;
+                    let (k, v) = layer.attn.keys_values(&x, &rot)?;
                     let kv = cache.append(i, &k, &v)?;
                     // The last own layer of each type before the sharing point is the producer.
                     shared.insert(spec.layer_type, kv.clone());

@@ -1,0 +1,328 @@
+//! Multimodal prompts: placeholder expansion (`Gemma4Processor`), the image encoder of a
+//! checkpoint (tower + projector, or the 12B's embedder + projector), and the splice of
+//! soft tokens into the prompt embeddings (`Gemma4Model.forward`).
+//!
+//! Expansion, as the processor: the k-th `<|image|>` in the text becomes
+//! `<|image>` + n×`<|image|>` + `<image|>` (n = that image's soft tokens); the k-th
+//! `<|video|>` becomes, per sampled frame, `mm:ss <|image>` + n×`<|video|>` + `<image|>`,
+//! frames joined by a space. Newlines around a marker come from the chat template, not
+//! from the expansion. Then: placeholder ids are embedded as the pad token, soft tokens
+//! overwrite them in reading order, the per-layer embeddings read the pad id there, and
+//! each contiguous run of image or video placeholders is one span for the bidirectional
+//! attention overlay.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::image_embedder::ImageEmbedder;
+use crate::image_processor::{PatchLayout, ProcessedImage};
+use crate::multimodal_embedder::MultimodalEmbedder;
+use crate::text_model::{PromptInput, TextModel};
+use crate::video::{timestamp, ProcessedVideo};
+use crate::vision::VisionTower;
+use crate::vision_config::{MultimodalTokens, VisionSpec};
+use crate::weights::{Checkpoint, Weights};
+
+/// The image encoder of a checkpoint.
+pub enum VisionEncoder {
+    /// `model.vision_tower.` + `model.embed_vision.`
+    Tower {
+        tower: VisionTower,
+        projector: MultimodalEmbedder,
+    },
+    /// 12B: `model.vision_embedder.` + `model.embed_vision.`
+    Unified {
+        embedder: ImageEmbedder,
+        projector: MultimodalEmbedder,
+    },
+}
+
+impl VisionEncoder {
+    pub fn load(
+        spec: &VisionSpec,
+        text_hidden: usize,
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let proj_w = Weights::new(ckpt, "model.embed_vision.", dtype, device);
+        Ok(match spec {
+            VisionSpec::Tower(c) => VisionEncoder::Tower {
+                tower: VisionTower::new(
+                    c,
+                    &Weights::new(ckpt, "model.vision_tower.", dtype, device),
+                )?,
+                projector: MultimodalEmbedder::new(
+                    c.hidden_size,
+                    text_hidden,
+                    c.rms_norm_eps,
+                    &proj_w,
+                )?,
+            },
+            VisionSpec::Unified(c) => VisionEncoder::Unified {
+                embedder: ImageEmbedder::new(
+                    c,
+                    &Weights::new(ckpt, "model.vision_embedder.", dtype, device),
+                )?,
+                projector: MultimodalEmbedder::new(
+                    c.output_proj_dims,
+                    text_hidden,
+                    c.rms_norm_eps,
+                    &proj_w,
+                )?,
+            },
+        })
+    }
+
+    /// The patch layout the image processor must produce for this encoder.
+    pub fn layout(&self) -> PatchLayout {
+        match self {
+            VisionEncoder::Tower { .. } => PatchLayout::Tower,
+            VisionEncoder::Unified { .. } => PatchLayout::Merged,
+        }
+    }
+
+    /// The encoder's output before the projector (`Gemma4VisionModel`'s soft tokens, or the
+    /// 12B embedder's `last_hidden_state`).
+    pub fn encode(&self, img: &ProcessedImage) -> Result<Tensor> {
+        match self {
+            VisionEncoder::Tower { tower, .. } => tower.forward(img),
+            VisionEncoder::Unified { embedder, .. } => embedder.forward(img),
+        }
+    }
+
+    /// Soft tokens in the text width `[num_soft_tokens, text_hidden]`.
+    pub fn embed(&self, img: &ProcessedImage) -> Result<Tensor> {
+        let x = self.encode(img)?;
+        match self {
+            VisionEncoder::Tower { projector, .. } | VisionEncoder::Unified { projector, .. } => {
+                projector.forward(&x)
+            }
+        }
+    }
+}
+
+/// Token strings of the multimodal control tokens, looked up from their config ids.
+#[derive(Debug, Clone)]
+pub struct MarkerStrings {
+    pub image: String,
+    pub video: String,
+    pub boi: String,
+    pub eoi: String,
+}
+
+/// Expands every image and video marker of `text` as the reference processor does.
+pub fn expand_prompt(
+    text: &str,
+    m: &MarkerStrings,
+    images: &[ProcessedImage],
+    videos: &[ProcessedVideo],
+) -> Result<String> {
+    let n_img = text.matches(m.image.as_str()).count();
+    let n_vid = text.matches(m.video.as_str()).count();
+    if n_img != images.len() {
+        return Err(Error::invalid_argument(
+            "--image",
+            format!(
+                "the prompt has {n_img} {} marker(s) but {} image(s) were given",
+                m.image,
+                images.len()
+            ),
+        ));
+    }
+    if n_vid != videos.len() {
+        return Err(Error::invalid_argument(
+            "--video",
+            format!(
+                "the prompt has {n_vid} {} marker(s) but {} video(s) were given",
+                m.video,
+                videos.len()
+            ),
+        ));
+    }
+    let (mut out, mut rest) = (String::with_capacity(text.len()), text);
+    let (mut imgs, mut vids) = (images.iter(), videos.iter());
+    loop {
+        let next_img = rest.find(m.image.as_str());
+        let next_vid = rest.find(m.video.as_str());
+        let (at, is_img) = match (next_img, next_vid) {
+            (None, None) => break,
+            (Some(i), None) => (i, true),
+            (None, Some(v)) => (v, false),
+            (Some(i), Some(v)) => (i.min(v), i < v),
+        };
+        out.push_str(&rest[..at]);
+        if is_img {
+            let img = imgs.next().expect("counted above");
+            out.push_str(&m.boi);
+            out.push_str(&m.image.repeat(img.num_soft_tokens));
+            out.push_str(&m.eoi);
+            rest = &rest[at + m.image.len()..];
+        } else {
+            let vid = vids.next().expect("counted above");
+            let n = vid.soft_tokens_per_frame();
+            let frames: Vec<String> = vid
+                .timestamps
+                .iter()
+                .map(|&t| format!("{} {}{}{}", timestamp(t), m.boi, m.video.repeat(n), m.eoi))
+                .collect();
+            out.push_str(&frames.join(" "));
+            rest = &rest[at + m.video.len()..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Span id of every position: runs of image or video placeholders get 0, 1, …; text −1
+/// (`get_block_sequence_ids_for_mask`).
+pub fn span_ids(ids: &[u32], tokens: &MultimodalTokens) -> Vec<i64> {
+    let mut next = 0;
+    let mut prev = false;
+    ids.iter()
+        .map(|&id| {
+            let v = id == tokens.image || id == tokens.video;
+            let out = if v {
+                if !prev {
+                    next += 1;
+                }
+                next - 1
+            } else {
+                -1
+            };
+            prev = v;
+            out
+        })
+        .collect()
+}
+
+/// Builds the decoder input of an expanded prompt: embeds the ids (placeholders as the pad
+/// token), writes each image's and each video frame's soft tokens over its placeholders,
+/// and records the ids the per-layer embeddings read and the image spans.
+pub fn build_input(
+    text: &TextModel,
+    encoder: Option<&VisionEncoder>,
+    tokens: &MultimodalTokens,
+    ids: Vec<u32>,
+    images: &[ProcessedImage],
+    videos: &[ProcessedVideo],
+) -> Result<PromptInput> {
+    let pad = text.config().pad_token_id;
+    let is_mm = |id: u32| id == tokens.image || id == tokens.video || id == tokens.audio;
+    if !ids.iter().any(|&i| is_mm(i)) {
+        return Ok(PromptInput::text(ids));
+    }
+    let ple_ids: Vec<u32> = ids
+        .iter()
+        .map(|&i| if is_mm(i) { pad } else { i })
+        .collect();
+    let mut h0 = text.embed(&ple_ids)?;
+    for (kind, id, feats) in [
+        ("image", tokens.image, images.iter().collect::<Vec<_>>()),
+        (
+            "video",
+            tokens.video,
+            videos.iter().flat_map(|v| v.frames.iter()).collect(),
+        ),
+    ] {
+        let slots: Vec<u32> = (0..ids.len() as u32)
+            .filter(|&p| ids[p as usize] == id)
+            .collect();
+        if slots.is_empty() && feats.is_empty() {
+            continue;
+        }
+        let encoder = encoder.ok_or_else(|| {
+            Error::invalid_argument(kind, "this checkpoint has no vision encoder")
+        })?;
+        let rows = feats
+            .iter()
+            .map(|f| encoder.embed(f))
+            .collect::<Result<Vec<_>>>()?;
+        let n: usize = rows
+            .iter()
+            .map(|r| r.dim(0))
+            .sum::<candle_core::Result<_>>()?;
+        if n != slots.len() {
+            return Err(Error::invalid_argument(
+                kind,
+                format!(
+                    "{} {kind} placeholder token(s) in the prompt but the {kind} input(s) give {n} soft tokens",
+                    slots.len()
+                ),
+            ));
+        }
+        if n == 0 {
+            continue;
+        }
+        // Gather from [h0; soft] so the spliced rows are the soft tokens bit for bit.
+        let soft = Tensor::cat(&rows, 0)?.to_dtype(h0.dtype())?;
+        let s = ids.len() as u32;
+        let mut gather: Vec<u32> = (0..s).collect();
+        for (k, &p) in slots.iter().enumerate() {
+            gather[p as usize] = s + k as u32;
+        }
+        let idx = Tensor::new(gather.as_slice(), h0.device())?;
+        h0 = Tensor::cat(&[&h0, &soft], 0)?.index_select(&idx, 0)?;
+    }
+    let spans = span_ids(&ids, tokens);
+    Ok(PromptInput {
+        ids,
+        embeds: Some(h0),
+        ple_ids,
+        spans: Some(spans),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn markers() -> MarkerStrings {
+        MarkerStrings {
+            image: "<I>".into(),
+            video: "<V>".into(),
+            boi: "[".into(),
+            eoi: "]".into(),
+        }
+    }
+
+    fn img(n: usize) -> ProcessedImage {
+        ProcessedImage {
+            pixel_values: vec![],
+            positions: vec![],
+            patch_dim: 0,
+            num_soft_tokens: n,
+            height: 0,
+            width: 0,
+        }
+    }
+
+    #[test]
+    fn expansion_matches_the_processor_and_counts_markers() {
+        let v = ProcessedVideo {
+            frames: vec![img(2), img(2)],
+            timestamps: vec![0.0, 61.0],
+        };
+        let out = expand_prompt("a<I>b<V>c<I>", &markers(), &[img(3), img(1)], &[v]).unwrap();
+        assert_eq!(out, "a[<I><I><I>]b00:00 [<V><V>] 01:01 [<V><V>]c[<I>]");
+        let err = expand_prompt("<I><I>", &markers(), &[img(1)], &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("2 <I> marker(s) but 1 image(s)"),
+            "{err}"
+        );
+        assert!(expand_prompt("none", &markers(), &[img(1)], &[]).is_err());
+    }
+
+    #[test]
+    fn spans_are_runs_of_placeholders() {
+        let t = MultimodalTokens {
+            image: 9,
+            video: 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            span_ids(&[1, 9, 9, 2, 9, 8, 8, 3], &t),
+            vec![-1, 0, 0, -1, 1, 1, 1, -1]
+        );
+    }
+}
