@@ -168,3 +168,93 @@ fn bad_input_is_one_line_error_naming_it() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`x` is not a token id"));
 }
+
+#[test]
+fn generate_with_images_reproduces_reference_greedy_ids() {
+    let dir = fixture("vision_large");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden/prompts.json")).unwrap())
+            .unwrap();
+    let case = &g["cases"][2];
+    let images = fixture("images");
+    let out = gemma4(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        case["text"].as_str().unwrap(),
+        "--image",
+        images.join("portrait.jpg").to_str().unwrap(),
+        "--image",
+        images.join("alpha.png").to_str().unwrap(),
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["generated_ids"], case["greedy_ids"]);
+    assert_eq!(v["prompt_ids"], case["input_ids"]);
+}
+
+#[test]
+fn embed_image_writes_soft_tokens_and_bad_images_fail_cleanly() {
+    let dir = fixture("vision_small");
+    let out_path = std::env::temp_dir().join(format!("gemma4-embed-{}.npy", std::process::id()));
+    let img = fixture("images").join("landscape.png");
+    let out = gemma4(&[
+        "embed-image",
+        "--model",
+        dir.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (shape, data) = gemma4::npy::read_f32(&out_path).unwrap();
+    assert_eq!(shape[1], 64);
+    assert_eq!(
+        v["images"][0]["soft_tokens"].as_u64().unwrap() as usize,
+        shape[0]
+    );
+    // Same values as the reference's image features for this image (prompt 1).
+    let (_, want) = gemma4::npy::read_f32(&dir.join("golden/image_features_1.npy")).unwrap();
+    let d = data
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-4, "{d}");
+    std::fs::remove_file(&out_path).ok();
+
+    let bad = std::env::temp_dir().join(format!("gemma4-bad-{}.png", std::process::id()));
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let out = gemma4(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "<|image|>",
+        "--image",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(bad.to_str().unwrap()) && err.lines().count() == 1,
+        "{err}"
+    );
+    std::fs::remove_file(&bad).ok();
+}
