@@ -235,14 +235,15 @@ fn ids(v: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
     }
 }
 
-/// Typed field access with the reference's defaults and errors naming the field.
-struct Fields<'a>(&'a Map<String, Value>);
+/// Typed field access with the reference's defaults and errors naming the field (used by
+/// every config section: text, vision, processors).
+pub(crate) struct Fields<'a>(pub(crate) &'a Map<String, Value>);
 
 impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
-    fn usize(&self, key: &str, default: usize) -> std::result::Result<usize, String> {
+    pub(crate) fn usize(&self, key: &str, default: usize) -> std::result::Result<usize, String> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => v
@@ -251,10 +252,10 @@ impl Fields<'_> {
                 .ok_or_else(|| format!("`{key}` must be a non-negative integer, found {v}")),
         }
     }
-    fn opt_usize(&self, key: &str) -> std::result::Result<Option<usize>, String> {
+    pub(crate) fn opt_usize(&self, key: &str) -> std::result::Result<Option<usize>, String> {
         self.get(key).map(|_| self.usize(key, 0)).transpose()
     }
-    fn f64(&self, key: &str, default: f64) -> std::result::Result<f64, String> {
+    pub(crate) fn f64(&self, key: &str, default: f64) -> std::result::Result<f64, String> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => v
@@ -262,7 +263,7 @@ impl Fields<'_> {
                 .ok_or_else(|| format!("`{key}` must be a number, found {v}")),
         }
     }
-    fn bool(&self, key: &str, default: bool) -> std::result::Result<bool, String> {
+    pub(crate) fn bool(&self, key: &str, default: bool) -> std::result::Result<bool, String> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => v

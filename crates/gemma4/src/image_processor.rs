@@ -19,6 +19,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::config::Fields;
 use crate::error::{Error, Result};
 use crate::resize::{resize, ResizeKernel};
 
@@ -264,21 +265,12 @@ impl ImageProcessorConfig {
     /// Reads `patch_size`, `max_soft_tokens`, `pooling_kernel_size` and `do_resize` from a
     /// processor section (`image_processor` / `video_processor`).
     pub fn update_from(&mut self, section: &Value) -> std::result::Result<(), String> {
-        let get = |k: &str| section.get(k).filter(|v| !v.is_null());
-        let num = |k: &str, d: usize| -> std::result::Result<usize, String> {
-            get(k).map_or(Ok(d), |v| {
-                v.as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| format!("`{k}` must be a positive integer, found {v}"))
-            })
-        };
-        self.patch_size = num("patch_size", self.patch_size)?;
-        self.max_soft_tokens = num("max_soft_tokens", self.max_soft_tokens)?;
-        self.pooling_kernel_size = num("pooling_kernel_size", self.pooling_kernel_size)?;
-        if let Some(v) = get("do_resize") {
-            self.do_resize = v.as_bool().ok_or("`do_resize` must be true or false")?;
-        }
-        if let Some(r) = get("resample").and_then(Value::as_u64) {
+        let f = Fields(section.as_object().ok_or("the section is not an object")?);
+        self.patch_size = f.usize("patch_size", self.patch_size)?;
+        self.max_soft_tokens = f.usize("max_soft_tokens", self.max_soft_tokens)?;
+        self.pooling_kernel_size = f.usize("pooling_kernel_size", self.pooling_kernel_size)?;
+        self.do_resize = f.bool("do_resize", self.do_resize)?;
+        if let Some(r) = f.get("resample").and_then(Value::as_u64) {
             if r != 3 {
                 return Err(format!(
                     "`resample` {r} is not supported (Gemma 4 uses 3, bicubic)"

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use image::AnimationDecoder;
 
+use crate::config::Fields;
 use crate::error::{Error, Result};
 use crate::image_processor::{
     decode_image, from_dynamic, process_image, ImageProcessorConfig, PatchLayout, ProcessedImage,
@@ -50,12 +51,10 @@ impl VideoProcessorConfig {
 
     pub fn update_from(&mut self, section: &serde_json::Value) -> std::result::Result<(), String> {
         self.frame.update_from(section)?;
-        if let Some(v) = section.get("num_frames").filter(|v| !v.is_null()) {
-            self.num_frames = v
-                .as_u64()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("`num_frames` must be a positive integer, found {v}"))?
-                as usize;
+        let f = Fields(section.as_object().ok_or("the section is not an object")?);
+        self.num_frames = f.usize("num_frames", self.num_frames)?;
+        if self.num_frames == 0 {
+            return Err("`num_frames` must be a positive integer, found 0".into());
         }
         Ok(())
     }

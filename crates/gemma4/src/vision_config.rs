@@ -4,6 +4,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::config::Fields;
+
 /// `Gemma4VisionConfig`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VisionConfig {
@@ -82,38 +84,11 @@ impl Default for MultimodalTokens {
 
 type R<T> = std::result::Result<T, String>;
 
-fn num(o: &Map<String, Value>, k: &str, d: usize) -> R<usize> {
-    match o.get(k).filter(|v| !v.is_null()) {
-        None => Ok(d),
-        Some(v) => v
-            .as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| format!("`{k}` must be a non-negative integer, found {v}")),
-    }
-}
-
-fn float(o: &Map<String, Value>, k: &str, d: f64) -> R<f64> {
-    match o.get(k).filter(|v| !v.is_null()) {
-        None => Ok(d),
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| format!("`{k}` must be a number, found {v}")),
-    }
-}
-
-fn flag(o: &Map<String, Value>, k: &str, d: bool) -> R<bool> {
-    match o.get(k).filter(|v| !v.is_null()) {
-        None => Ok(d),
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| format!("`{k}` must be true or false, found {v}")),
-    }
-}
-
 impl MultimodalTokens {
     pub fn from_object(o: &Map<String, Value>) -> R<Self> {
         let d = MultimodalTokens::default();
-        let id = |k: &str, d: u32| num(o, k, d as usize).map(|x| x as u32);
+        let f = Fields(o);
+        let id = |k: &str, d: u32| f.usize(k, d as usize).map(|x| x as u32);
         Ok(MultimodalTokens {
             boi: id("boi_token_id", d.boi)?,
             eoi: id("eoi_token_id", d.eoi)?,
@@ -130,15 +105,19 @@ impl MultimodalTokens {
 impl VisionSpec {
     /// Parses `vision_config`; `unified` selects the 12B's embedder config.
     pub fn from_object(o: &Map<String, Value>, unified: bool) -> R<Self> {
+        let f = Fields(o);
+        let num = |k: &str, d: usize| f.usize(k, d);
+        let float = |k: &str, d: f64| f.f64(k, d);
+        let flag = |k: &str, d: bool| f.bool(k, d);
         if unified {
-            let mm_embed_dim = num(o, "mm_embed_dim", 3840)?;
+            let mm_embed_dim = num("mm_embed_dim", 3840)?;
             let c = UnifiedVisionConfig {
-                patch_size: num(o, "patch_size", 16)?,
-                pooling_kernel_size: num(o, "pooling_kernel_size", 3)?,
+                patch_size: num("patch_size", 16)?,
+                pooling_kernel_size: num("pooling_kernel_size", 3)?,
                 mm_embed_dim,
-                mm_posemb_size: num(o, "mm_posemb_size", 1120)?,
-                rms_norm_eps: float(o, "rms_norm_eps", 1e-6)?,
-                output_proj_dims: num(o, "output_proj_dims", 3840)?,
+                mm_posemb_size: num("mm_posemb_size", 1120)?,
+                rms_norm_eps: float("rms_norm_eps", 1e-6)?,
+                output_proj_dims: num("output_proj_dims", 3840)?,
             };
             if c.output_proj_dims != c.mm_embed_dim {
                 return Err(format!(
@@ -158,12 +137,12 @@ impl VisionSpec {
         if !matches!(act, "gelu_pytorch_tanh" | "gelu_new") {
             return Err(format!("unsupported `hidden_activation` `{act}`"));
         }
-        if flag(o, "attention_bias", false)? {
+        if flag("attention_bias", false)? {
             return Err("`attention_bias: true` is not supported in the vision tower".into());
         }
         let (mut theta, mut rope_type) = (100.0, "default".to_string());
         if let Some(rp) = o.get("rope_parameters").and_then(Value::as_object) {
-            theta = float(rp, "rope_theta", theta)?;
+            theta = Fields(rp).f64("rope_theta", theta)?;
             if let Some(t) = rp.get("rope_type").and_then(Value::as_str) {
                 rope_type = t.to_string();
             }
@@ -173,22 +152,22 @@ impl VisionSpec {
                 "vision `rope_type` `{rope_type}` is not supported (the tower uses axial RoPE)"
             ));
         }
-        let hidden_size = num(o, "hidden_size", 768)?;
-        let num_attention_heads = num(o, "num_attention_heads", 12)?;
+        let hidden_size = num("hidden_size", 768)?;
+        let num_attention_heads = num("num_attention_heads", 12)?;
         let c = VisionConfig {
             hidden_size,
-            intermediate_size: num(o, "intermediate_size", 3072)?,
-            num_hidden_layers: num(o, "num_hidden_layers", 16)?,
+            intermediate_size: num("intermediate_size", 3072)?,
+            num_hidden_layers: num("num_hidden_layers", 16)?,
             num_attention_heads,
-            num_key_value_heads: num(o, "num_key_value_heads", 12)?,
-            head_dim: num(o, "head_dim", 64)?,
-            rms_norm_eps: float(o, "rms_norm_eps", 1e-6)?,
+            num_key_value_heads: num("num_key_value_heads", 12)?,
+            head_dim: num("head_dim", 64)?,
+            rms_norm_eps: float("rms_norm_eps", 1e-6)?,
             rope_theta: theta,
-            pooling_kernel_size: num(o, "pooling_kernel_size", 3)?,
-            patch_size: num(o, "patch_size", 16)?,
-            position_embedding_size: num(o, "position_embedding_size", 10240)?,
-            use_clipped_linears: flag(o, "use_clipped_linears", false)?,
-            standardize: flag(o, "standardize", false)?,
+            pooling_kernel_size: num("pooling_kernel_size", 3)?,
+            patch_size: num("patch_size", 16)?,
+            position_embedding_size: num("position_embedding_size", 10240)?,
+            use_clipped_linears: flag("use_clipped_linears", false)?,
+            standardize: flag("standardize", false)?,
         };
         if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
             return Err(format!(
