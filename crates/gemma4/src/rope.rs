@@ -45,6 +45,11 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// From explicit inverse frequencies (the vision tower's axial RoPE, one per axis).
+    pub fn from_inv_freq(inv_freq: Vec<f32>) -> Self {
+        Rope { inv_freq }
+    }
+
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq
     }

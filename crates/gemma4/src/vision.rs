@@ -21,7 +21,7 @@ use crate::image_processor::ProcessedImage;
 use crate::linear::Linear;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
-use crate::rope;
+use crate::rope::{self, Rope};
 use crate::vision_config::VisionConfig;
 use crate::weights::Weights;
 
@@ -78,7 +78,8 @@ pub struct VisionTower {
     layers: Vec<VisionLayer>,
     /// f32 `std_bias`, `std_scale` of the large tower.
     standardize: Option<(Tensor, Tensor)>,
-    inv_freq: Vec<f32>,
+    /// `D/4` frequencies, shared by both axes.
+    rope: Rope,
     dtype: DType,
     device: Device,
 }
@@ -98,9 +99,11 @@ impl VisionTower {
         };
         // `1 / θ^(2i / (D/2))` for i < D/4, in f32 as the reference computes it.
         let spatial = cfg.head_dim / 2;
-        let inv_freq = (0..spatial / 2)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / spatial as f32))
-            .collect();
+        let rope = Rope::from_inv_freq(
+            (0..spatial / 2)
+                .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / spatial as f32))
+                .collect(),
+        );
         Ok(VisionTower {
             input_proj: Linear::new(3 * p * p, h, &pe, "input_proj")?,
             position_table: pe.get(
@@ -109,7 +112,7 @@ impl VisionTower {
             )?,
             layers,
             standardize,
-            inv_freq,
+            rope,
             dtype: w.dtype,
             device: w.device.clone(),
             cfg: cfg.clone(),
@@ -118,22 +121,6 @@ impl VisionTower {
 
     pub fn config(&self) -> &VisionConfig {
         &self.cfg
-    }
-
-    /// cos and sin `[N, D/4]` of one axis.
-    fn axis_tables(&self, coords: &[usize]) -> Result<(Tensor, Tensor)> {
-        let n = self.inv_freq.len();
-        let (mut c, mut s) = (Vec::with_capacity(coords.len() * n), Vec::new());
-        for &p in coords {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                c.push(a.cos());
-                s.push(a.sin());
-            }
-        }
-        let c = Tensor::from_vec(c, (coords.len(), n), &self.device)?.to_dtype(self.dtype)?;
-        let s = Tensor::from_vec(s, (coords.len(), n), &self.device)?.to_dtype(self.dtype)?;
-        Ok((c, s))
     }
 
     /// The tower's soft tokens `[num_soft_tokens, hidden]` for one image (before the
@@ -182,8 +169,8 @@ impl VisionTower {
             + self.position_table.get(1)?.index_select(&idx(&ys)?, 0)?)?;
         let mut h = (self.input_proj.forward(&pixels)? + pos)?;
 
-        let (cos_x, sin_x) = self.axis_tables(&xs)?;
-        let (cos_y, sin_y) = self.axis_tables(&ys)?;
+        let (cos_x, sin_x) = self.rope.cos_sin(&xs, self.dtype, &self.device)?;
+        let (cos_y, sin_y) = self.rope.cos_sin(&ys, self.dtype, &self.device)?;
         let half = self.cfg.head_dim / 2;
         let rot = |t: &Tensor| -> Result<Tensor> {
             let a = rope::apply(&t.narrow(2, 0, half)?, &cos_x, &sin_x)?;
