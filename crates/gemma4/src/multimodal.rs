@@ -196,6 +196,19 @@ pub fn span_ids(ids: &[u32], tokens: &MultimodalTokens) -> Vec<i64> {
         .collect()
 }
 
+/// `h0` `[S, hidden]` with row `slots[k]` replaced by row k of `soft`. A gather from
+/// `[h0; soft]`, so the spliced rows are the soft tokens bit for bit.
+pub fn splice(h0: &Tensor, slots: &[u32], soft: &Tensor) -> Result<Tensor> {
+    let s = h0.dim(0)? as u32;
+    let mut gather: Vec<u32> = (0..s).collect();
+    for (k, &p) in slots.iter().enumerate() {
+        gather[p as usize] = s + k as u32;
+    }
+    let idx = Tensor::new(gather.as_slice(), h0.device())?;
+    let soft = soft.to_dtype(h0.dtype())?;
+    Ok(Tensor::cat(&[h0, &soft], 0)?.index_select(&idx, 0)?)
+}
+
 /// Builds the decoder input of an expanded prompt: embeds the ids (placeholders as the pad
 /// token), writes each image's and each video frame's soft tokens over its placeholders,
 /// and records the ids the per-layer embeddings read and the image spans.
@@ -254,15 +267,7 @@ pub fn build_input(
         if n == 0 {
             continue;
         }
-        // Gather from [h0; soft] so the spliced rows are the soft tokens bit for bit.
-        let soft = Tensor::cat(&rows, 0)?.to_dtype(h0.dtype())?;
-        let s = ids.len() as u32;
-        let mut gather: Vec<u32> = (0..s).collect();
-        for (k, &p) in slots.iter().enumerate() {
-            gather[p as usize] = s + k as u32;
-        }
-        let idx = Tensor::new(gather.as_slice(), h0.device())?;
-        h0 = Tensor::cat(&[&h0, &soft], 0)?.index_select(&idx, 0)?;
+        h0 = splice(&h0, &slots, &Tensor::cat(&rows, 0)?)?;
     }
     let spans = span_ids(&ids, tokens);
     Ok(PromptInput {

@@ -17,6 +17,7 @@ use gemma4::image_processor::{
     RgbImage,
 };
 use gemma4::model::Media;
+use gemma4::multimodal::splice;
 use gemma4::npy;
 use gemma4::resize::{resize, ResizeKernel};
 use gemma4::sampling::SamplingParams;
@@ -293,26 +294,12 @@ fn check_model(name: &str) {
             let gf = candle_core::Tensor::from_vec(gf, (fs[0], fs[1]), &candle_core::Device::Cpu)
                 .unwrap();
             let t = &model.config.mm_tokens;
-            let s = input.ids.len() as u32;
-            let mut gather: Vec<u32> = (0..s).collect();
-            let mut j = 0;
-            for (p, &id) in input.ids.iter().enumerate() {
-                if id == t.image || id == t.video {
-                    gather[p] = s + j;
-                    j += 1;
-                }
-            }
-            assert_eq!(j as usize, fs[0]);
-            let idx =
-                candle_core::Tensor::new(gather.as_slice(), &candle_core::Device::Cpu).unwrap();
+            let slots: Vec<u32> = (0..input.ids.len() as u32)
+                .filter(|&p| [t.image, t.video].contains(&input.ids[p as usize]))
+                .collect();
+            assert_eq!(slots.len(), fs[0]);
             let mut spliced = input.clone();
-            let h0 = input.embeds.clone().unwrap();
-            spliced.embeds = Some(
-                candle_core::Tensor::cat(&[&h0, &gf], 0)
-                    .unwrap()
-                    .index_select(&idx, 0)
-                    .unwrap(),
-            );
+            spliced.embeds = Some(splice(input.embeds.as_ref().unwrap(), &slots, &gf).unwrap());
             let got = rows(
                 &tm.forward_input(&spliced, &mut tm.new_cache(), LogitsFor::All)
                     .unwrap(),
