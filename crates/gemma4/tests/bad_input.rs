@@ -1,16 +1,14 @@
 //! Bad checkpoints and bad prompts give errors that name the file, tensor or argument.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use gemma4::generation::{generate, GenerateOptions};
 use gemma4::sampling::SamplingParams;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use common::fixture;
 
 /// A scratch copy of a fixture that a test may break.
 fn scratch(name: &str, tag: &str) -> PathBuf {

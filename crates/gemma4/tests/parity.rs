@@ -3,7 +3,9 @@
 //! (ids and every step's logits), cached decode against a full forward, tokenizer and chat
 //! template. Tolerance: 1e-4 max-abs in f32, as the project standard.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use gemma4::chat::Message;
 use gemma4::generation::{generate, GenerateOptions, StopReason};
@@ -13,37 +15,10 @@ use gemma4::text_model::LogitsFor;
 use gemma4::{Gemma4, LoadOptions};
 use serde_json::Value;
 
-const TOL: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use common::{fixture, ids, json, max_abs, rows, TOL};
 
 fn golden(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("golden/prompts.json")).unwrap())
-        .unwrap()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn rows(t: &candle_core::Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
+    json(&dir.join("golden/prompts.json"))
 }
 
 fn check_fixture(name: &str) {

@@ -9,7 +9,9 @@
 //!   logits, cached greedy decoding (ids and each step's logits) for prompts with zero,
 //!   one and two images and a video. Tolerance 1e-4 max-abs in f32.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use gemma4::generation::{generate_from, GenerateOptions};
 use gemma4::image_processor::{
@@ -26,33 +28,14 @@ use gemma4::video::{load_video, process_video};
 use gemma4::{Gemma4, LoadOptions, Prompt};
 use serde_json::Value;
 
-const TOL: f32 = 1e-4;
+use common::{fixture, ids, json, max_abs, rows, TOL};
+
 /// Logits of prompts with images or video. The decoder path itself is held to `TOL`
 /// (checked by splicing the reference's own image features in); with our features the
 /// vision tower's f32 round-off (features agree to ~1e-5: different summation orders in
 /// the tower's matmuls, pooling and the reference's SDPA kernel) is amplified by the
 /// random-weight decoder at image positions to at most ~1.5e-4 on these fixtures.
 const MM_TOL: f32 = 3e-4;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn rows(t: &candle_core::Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
 
 fn u8_golden(p: &Path) -> (Vec<usize>, Vec<u8>) {
     npy::read_u8(p).unwrap()
@@ -73,7 +56,7 @@ fn byte_diff(a: &[u8], b: &[u8]) -> (u8, f64) {
 
 #[test]
 fn decoders_match_pillow() {
-    let dir = fixtures().join("images");
+    let dir = fixture("images");
     for (file, lossy) in [
         ("landscape.png", false),
         ("portrait.jpg", true),
@@ -104,7 +87,7 @@ fn decoders_match_pillow() {
 
 #[test]
 fn resize_and_budgets_match_the_reference_processor() {
-    let dir = fixtures().join("images");
+    let dir = fixture("images");
     let g = json(&dir.join("golden/cases.json"));
     let mut exact_cases = 0;
     for case in g["cases"].as_array().unwrap() {
@@ -176,7 +159,7 @@ fn resize_and_budgets_match_the_reference_processor() {
 
 #[test]
 fn animated_gif_frames_match_pillow() {
-    let dir = fixtures().join("images");
+    let dir = fixture("images");
     let v = load_video(&dir.join("clip.gif")).unwrap();
     let (shape, want) = u8_golden(&dir.join("golden/decoded_clip_frames.npy"));
     assert_eq!(shape[0], v.frames.len());
@@ -201,20 +184,15 @@ fn media_for(case: &Value, images_dir: &Path) -> Media {
 }
 
 fn check_model(name: &str) {
-    let dir = fixtures().join(name);
-    let images_dir = fixtures().join("images");
+    let dir = fixture(name);
+    let images_dir = fixture("images");
     let g = json(&dir.join("golden/prompts.json"));
     let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
     let enc = model.vision.as_ref().expect("vision encoder");
     let vocab = model.text.config().vocab_size;
     for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let media = media_for(case, &images_dir);
-        let want_ids: Vec<u32> = case["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want_ids = ids(&case["input_ids"]);
         let text = case["text"].as_str().unwrap();
         let input = model
             .prepare(&Prompt::Text(text.to_string()), &media)
@@ -312,12 +290,7 @@ fn check_model(name: &str) {
         }
 
         // Cached greedy decoding.
-        let want_greedy: Vec<u32> = case["greedy_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want_greedy = ids(&case["greedy_ids"]);
         let (_, steps) = npy::read_f32(&dir.join(format!("golden/step_logits_{k}.npy"))).unwrap();
         let mut cache = tm.new_cache();
         let mut logits = tm
@@ -359,7 +332,7 @@ fn unified_12b_embedder_model_matches_reference() {
 
 #[test]
 fn bad_images_give_clear_errors() {
-    let dir = fixtures().join("images");
+    let dir = fixture("images");
     let png = std::fs::read(dir.join("landscape.png")).unwrap();
     let e = decode_image(&png[..png.len() / 2], "cut.png")
         .unwrap_err()
@@ -396,9 +369,9 @@ fn bad_images_give_clear_errors() {
 
 #[test]
 fn marker_count_mismatch_is_an_error() {
-    let dir = fixtures().join("vision_small");
+    let dir = fixture("vision_small");
     let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
-    let img = load_image(&fixtures().join("images/tiny.png")).unwrap();
+    let img = load_image(&fixture("images/tiny.png")).unwrap();
     let two = Prompt::Text("<|image|> and <|image|>".into());
     let media = Media {
         images: vec![img.clone()],
