@@ -196,7 +196,9 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn load(args: &ModelArgs) -> Result<Gemma4> {
+/// Loads the checkpoint; the image encoder only when the command has images or videos, so
+/// text prompts never read the vision weights.
+fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
     let progress: Option<gemma4::weights::ProgressFn> = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -217,7 +219,7 @@ fn load(args: &ModelArgs) -> Result<Gemma4> {
         dtype: args.dtype.dtype(),
         device: Device::Cpu,
         progress,
-        vision: true,
+        vision: !media.image.is_empty() || !media.video.is_empty(),
     };
     Ok(Gemma4::load(&args.model, opts)?)
 }
@@ -296,7 +298,7 @@ fn sampling_of(a: &GenerateArgs, model: &Gemma4) -> SamplingParams {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let mut model = load(&a.model)?;
+    let mut model = load(&a.model, &a.media)?;
     let prompt = prompt_of(&a.prompt, a.system.as_deref())?;
     let media = media_of(&a.media, &mut model)?;
     let input = model.prepare(&prompt, &media)?;
@@ -354,7 +356,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
-    let mut model = load(&a.model)?;
+    let mut model = load(&a.model, &a.media)?;
     let media = media_of(&a.media, &mut model)?;
     let input = model.prepare(&prompt_of(&a.prompt, None)?, &media)?;
     let logits = model
@@ -368,7 +370,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn cmd_embed_image(a: EmbedImageArgs) -> Result<()> {
-    let mut model = load(&a.model)?;
+    let mut model = load(&a.model, &a.media)?;
     let media = media_of(&a.media, &mut model)?;
     if media.images.is_empty() {
         bail!("--image is required");

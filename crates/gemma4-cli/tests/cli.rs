@@ -258,3 +258,52 @@ fn embed_image_writes_soft_tokens_and_bad_images_fail_cleanly() {
     );
     std::fs::remove_file(&bad).ok();
 }
+
+#[test]
+fn text_prompts_do_not_read_the_vision_weights() {
+    // A copy of a vision checkpoint whose vision config no longer fits its tensors.
+    let src = fixture("vision_small");
+    let dir = std::env::temp_dir().join(format!("gemma4-novision-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["vision_config"]["hidden_size"] = 40.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let d = dir.to_str().unwrap();
+    let text = gemma4(&[
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let img = fixture("images").join("tiny.png");
+    let with_image = gemma4(&[
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "<|image|>",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(with_image.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&with_image.stderr);
+    assert!(err.contains("model.vision_tower."), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
