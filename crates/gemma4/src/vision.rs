@@ -181,29 +181,16 @@ impl VisionTower {
             h = layer.forward(&h, &rot)?;
         }
 
-        // k×k average pooling in f32, soft tokens in row-major order of the pooled grid.
+        // k×k average pooling in f32 as the reference's one-hot matmul: soft token
+        // `x/k + (W/k)·(y/k)` (row-major over the pooled grid) averages its k² patches.
         let hf = h.to_dtype(DType::F32)?;
-        let (gw, gh) = (pw / k, ph / k);
-        let mut groups: Vec<Vec<u32>> = vec![Vec::with_capacity(k * k); gw * gh];
+        let groups = (pw / k) * (ph / k);
+        let mut weights = vec![0f32; groups * n];
         for (i, (&x, &y)) in xs.iter().zip(&ys).enumerate() {
-            groups[x / k + gw * (y / k)].push(i as u32);
+            weights[(x / k + (pw / k) * (y / k)) * n + i] = 1.0 / (k * k) as f32;
         }
-        let w = 1.0 / (k * k) as f32;
-        let rows = groups
-            .iter()
-            .map(|g| {
-                let mut acc: Option<Tensor> = None;
-                for &i in g {
-                    let r = hf.get(i as usize)?.affine(w as f64, 0.0)?;
-                    acc = Some(match acc {
-                        None => r,
-                        Some(a) => (a + r)?,
-                    });
-                }
-                acc.ok_or_else(|| Error::invalid_argument("image", "empty pooling group"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let pooled = Tensor::stack(&rows, 0)?.to_dtype(self.dtype)?;
+        let weights = Tensor::from_vec(weights, (groups, n), &self.device)?;
+        let pooled = weights.matmul(&hf)?.to_dtype(self.dtype)?;
         let root = (self.cfg.hidden_size as f64).sqrt() as f32;
         let mut soft = pooled
             .to_dtype(DType::F32)?
