@@ -222,7 +222,7 @@ pub fn build_input(
 ) -> Result<PromptInput> {
     let pad = text.config().pad_token_id;
     let is_mm = |id: u32| id == tokens.image || id == tokens.video || id == tokens.audio;
-    if !ids.iter().any(|&i| is_mm(i)) {
+    if !ids.iter().any(|&i| is_mm(i)) && images.is_empty() && videos.is_empty() {
         return Ok(PromptInput::text(ids));
     }
     let ple_ids: Vec<u32> = ids
@@ -244,17 +244,8 @@ pub fn build_input(
         if slots.is_empty() && feats.is_empty() {
             continue;
         }
-        let encoder = encoder.ok_or_else(|| {
-            Error::invalid_argument(kind, "this checkpoint has no vision encoder")
-        })?;
-        let rows = feats
-            .iter()
-            .map(|f| encoder.embed(f))
-            .collect::<Result<Vec<_>>>()?;
-        let n: usize = rows
-            .iter()
-            .map(|r| r.dim(0))
-            .sum::<candle_core::Result<_>>()?;
+        // Counts are known before encoding: check them first.
+        let n: usize = feats.iter().map(|f| f.num_soft_tokens).sum();
         if n != slots.len() {
             return Err(Error::invalid_argument(
                 kind,
@@ -264,9 +255,13 @@ pub fn build_input(
                 ),
             ));
         }
-        if n == 0 {
-            continue;
-        }
+        let encoder = encoder.ok_or_else(|| {
+            Error::invalid_argument(kind, "this checkpoint has no vision encoder")
+        })?;
+        let rows = feats
+            .iter()
+            .map(|f| encoder.embed(f))
+            .collect::<Result<Vec<_>>>()?;
         h0 = splice(&h0, &slots, &Tensor::cat(&rows, 0)?)?;
     }
     let spans = span_ids(&ids, tokens);

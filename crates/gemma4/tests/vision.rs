@@ -381,6 +381,12 @@ fn marker_count_mismatch_is_an_error() {
     assert!(e.contains("2 <|image|> marker(s) but 1 image(s)"), "{e}");
     let none = Prompt::Text("no marker".into());
     assert!(model.prepare(&none, &media).is_err());
+    // Raw ids without placeholders: the image is not silently dropped.
+    let e = model
+        .prepare(&Prompt::Ids(vec![2, 300, 301]), &media)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("0 image placeholder token(s)"), "{e}");
     let e = model
         .prepare(&Prompt::Text("<|image|>".into()), &Media::default())
         .unwrap_err()
