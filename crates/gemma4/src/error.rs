@@ -62,6 +62,9 @@ pub enum Error {
     #[error("image {name}: {message}")]
     Image { name: String, message: String },
 
+    #[error("audio {name}: {message}")]
+    Audio { name: String, message: String },
+
     #[error("invalid argument `{arg}`: {message}")]
     InvalidArgument { arg: String, message: String },
 

@@ -13,6 +13,11 @@
 //! expands the prompt's markers and splices the soft tokens in.
 
 pub mod attention;
+pub mod audio;
+pub mod audio_attention;
+pub mod audio_config;
+pub mod audio_features;
+pub mod audio_tower;
 pub mod chat;
 pub mod config;
 pub mod decoder_layer;
@@ -29,6 +34,7 @@ pub mod multimodal;
 pub mod multimodal_embedder;
 pub mod norm;
 pub mod npy;
+pub mod resample;
 pub mod ple;
 pub mod resize;
 pub mod rope;

@@ -51,7 +51,7 @@ impl RmsNorm {
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     eps: f64,
 }
 
@@ -60,7 +60,16 @@ impl LayerNorm {
     pub fn new(dim: usize, eps: f64, w: &Weights, name: &str) -> Result<Self> {
         Ok(LayerNorm {
             weight: w.get_f32(&[dim], &format!("{name}.weight"))?,
-            bias: w.get_f32(&[dim], &format!("{name}.bias"))?,
+            bias: Some(w.get_f32(&[dim], &format!("{name}.bias"))?),
+            eps,
+        })
+    }
+
+    /// `nn.LayerNorm(bias=False)`: loads `{name}.weight` only.
+    pub fn without_bias(dim: usize, eps: f64, w: &Weights, name: &str) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get_f32(&[dim], &format!("{name}.weight"))?,
+            bias: None,
             eps,
         })
     }
@@ -75,10 +84,10 @@ impl LayerNorm {
             .affine(1.0, self.eps)?
             .sqrt()?
             .recip()?;
-        let y = xc
-            .broadcast_mul(&rstd)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?;
+        let mut y = xc.broadcast_mul(&rstd)?.broadcast_mul(&self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
         Ok(y.to_dtype(dtype)?)
     }
 }
@@ -116,7 +125,7 @@ mod tests {
         let x = Tensor::new(&[[1000.5f32, 1001.5, 999.5, 1000.5]], &Device::Cpu).unwrap();
         let n = LayerNorm {
             weight: Tensor::new(&[1.0f32, 2.0, 1.0, 1.0], &Device::Cpu).unwrap(),
-            bias: Tensor::new(&[0.0f32, 0.0, 0.0, 0.5], &Device::Cpu).unwrap(),
+            bias: Some(Tensor::new(&[0.0f32, 0.0, 0.0, 0.5], &Device::Cpu).unwrap()),
             eps: 0.0,
         };
         let y: Vec<f32> = n
