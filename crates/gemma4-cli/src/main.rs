@@ -451,7 +451,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         "num_kv_shared_layers": t.num_kv_shared_layers,
         "moe": t.moe.as_ref().map(|m| json!({"experts": m.num_experts, "top_k": m.top_k, "width": m.intermediate_size})),
         "has_vision": cfg.vision.is_some(),
-        "has_audio": cfg.has_audio,
+        "has_audio": cfg.audio.is_some(),
         "parameters": {"text": counts.text, "vision": counts.vision, "audio": counts.audio, "other": counts.other, "total": counts.total()},
         "layers": layers,
     });

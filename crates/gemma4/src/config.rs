@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::vision_config::{MultimodalTokens, VisionSpec};
+use crate::audio_config::AudioSpec;
 
 /// Attention type of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -152,7 +153,8 @@ pub struct ModelConfig {
     pub text: TextConfig,
     /// The vision tower or the 12B's image embedder, when the checkpoint has one.
     pub vision: Option<VisionSpec>,
-    pub has_audio: bool,
+    /// The conformer audio tower or the 12B's audio embedder, when the checkpoint has one.
+    pub audio: Option<AudioSpec>,
     pub mm_tokens: MultimodalTokens,
     /// End-of-sequence ids declared at the top level (`eos_token_id`), if any.
     pub eos_token_ids: Vec<u32>,
@@ -195,7 +197,6 @@ impl ModelConfig {
         };
         let text =
             TextConfig::from_object(text_obj, unified).map_err(|m| format!("text_config: {m}"))?;
-        let present = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
         let vision = match obj.get("vision_config") {
             None | Some(Value::Null) => None,
             Some(Value::Object(v)) if architecture != Architecture::Gemma4Text => Some(
@@ -204,11 +205,19 @@ impl ModelConfig {
             Some(Value::Object(_)) => None,
             Some(v) => return Err(format!("`vision_config` must be an object, found {v}")),
         };
+        let audio = match obj.get("audio_config") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(a)) if architecture != Architecture::Gemma4Text => Some(
+                AudioSpec::from_object(a, unified).map_err(|m| format!("audio_config: {m}"))?,
+            ),
+            Some(Value::Object(_)) => None,
+            Some(v) => return Err(format!("`audio_config` must be an object, found {v}")),
+        };
         Ok(ModelConfig {
             architecture,
             text,
             vision,
-            has_audio: present("audio_config"),
+            audio,
             mm_tokens: MultimodalTokens::from_object(obj)?,
             eos_token_ids: ids(obj.get("eos_token_id"))
                 .map_err(|m| format!("eos_token_id: {m}"))?,
@@ -678,7 +687,7 @@ mod tests {
     fn e2b_layer_plan_matches_reference() {
         let c = ModelConfig::from_value(&e2b_text()).unwrap();
         let t = &c.text;
-        assert!(c.vision.is_some() && c.has_audio);
+        assert!(c.vision.is_some() && c.audio.is_some());
         assert_eq!(
             t.hidden_size_per_layer_input, 256,
             "absent key means the 256 default"

@@ -11,11 +11,17 @@
 //! patches, [`vision`] (the tower) or [`image_embedder`] (the 12B's) turn patches into soft
 //! tokens, [`multimodal_embedder`] projects them into the text width, and [`multimodal`]
 //! expands the prompt's markers and splices the soft tokens in.
+//!
+//! Audio: [`audio`] decodes files (with [`resample`]), [`audio_features`] makes the
+//! log-mel features (or the 12B's raw frames), [`audio_tower`] (with [`audio_attention`])
+//! is the conformer, and [`audio_encoder`] ties a checkpoint's tower or embedder to
+//! `embed_audio`.
 
 pub mod attention;
 pub mod audio;
 pub mod audio_attention;
 pub mod audio_config;
+pub mod audio_encoder;
 pub mod audio_features;
 pub mod audio_tower;
 pub mod chat;

@@ -1,19 +1,23 @@
 //! A Gemma 4 checkpoint directory loaded for generation: config, generation config,
 //! tokenizer, chat template, processor settings, the text decoder and (when the checkpoint
-//! has one) the image encoder. The thin top level that the CLI uses; every piece is also
+//! has them) the image and audio encoders. The thin top level that the CLI uses; every piece is also
 //! usable on its own.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use crate::audio::Audio;
+use crate::audio_config::AudioSpec;
+use crate::audio_encoder::AudioEncoder;
+use crate::audio_features::{AudioFeatureExtractor, AudioFeatures};
 use crate::chat::{ChatTemplate, Message};
 use crate::config::{Architecture, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::image_processor::{
     process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, Rescale, RgbImage,
 };
-use crate::multimodal::{build_input, expand_prompt, MarkerStrings, VisionEncoder};
+use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
 use crate::resize::ResizeKernel;
 use crate::text_model::{PromptInput, TextModel};
 use crate::tokenizer::Tokenizer;
@@ -28,6 +32,8 @@ pub struct LoadOptions {
     pub progress: Option<ProgressFn>,
     /// Load the image encoder when the checkpoint has one.
     pub vision: bool,
+    /// Load the audio encoder when the checkpoint has one.
+    pub audio: bool,
 }
 
 impl Default for LoadOptions {
@@ -37,15 +43,17 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             progress: None,
             vision: true,
+            audio: true,
         }
     }
 }
 
-/// Images and videos that go with a prompt, in the order of their markers.
+/// Images, videos and audio clips that go with a prompt, in the order of their markers.
 #[derive(Debug, Clone, Default)]
 pub struct Media {
     pub images: Vec<RgbImage>,
     pub videos: Vec<Video>,
+    pub audio: Vec<Audio>,
 }
 
 /// A prompt as a user gives it.
@@ -76,13 +84,17 @@ pub struct Gemma4 {
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: ChatTemplate,
     pub vision: Option<VisionEncoder>,
+    pub audio: Option<AudioEncoder>,
+    /// Audio feature extractor settings (`processor_config.json`'s `feature_extractor`).
+    pub audio_features: AudioFeatureExtractor,
     /// Image processor settings (`processor_config.json`), adjustable before use.
     pub image_processor: ImageProcessorConfig,
     pub video_processor: VideoProcessorConfig,
 }
 
 impl Gemma4 {
-    /// Loads the text side of checkpoint `dir` (vision and audio weights are not read).
+    /// Loads checkpoint `dir`: the text decoder, and the image and audio encoders when the
+    /// checkpoint has them and `opts` asks for them.
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::io(
@@ -121,7 +133,17 @@ impl Gemma4 {
             )?),
             _ => None,
         };
-        let (image_processor, video_processor) = processor_configs(dir, &config)?;
+        let audio = match (&config.audio, opts.audio) {
+            (Some(spec), true) => Some(AudioEncoder::load(
+                spec,
+                config.text.hidden_size,
+                &ckpt,
+                opts.dtype,
+                &opts.device,
+            )?),
+            _ => None,
+        };
+        let (image_processor, video_processor, audio_features) = processor_configs(dir, &config)?;
         Ok(Gemma4 {
             dir: dir.to_path_buf(),
             config,
@@ -130,6 +152,8 @@ impl Gemma4 {
             tokenizer,
             chat_template,
             vision,
+            audio,
+            audio_features,
             image_processor,
             video_processor,
         })
@@ -150,7 +174,23 @@ impl Gemma4 {
             .collect()
     }
 
-    /// Token strings of the image/video markers, from the config's ids.
+    /// Features of audio clips for this checkpoint's encoder (resampled as needed).
+    pub fn process_audio(&self, clips: &[Audio]) -> Result<Vec<AudioFeatures>> {
+        clips.iter().map(|a| self.audio_features.extract(a)).collect()
+    }
+
+    /// `(kept, total)` seconds when the feature extractor will cut `clip` short (the
+    /// conformer checkpoints keep the first 30 s, as the reference); `None` otherwise.
+    pub fn audio_truncation(&self, clip: &Audio) -> Option<(f64, f64)> {
+        let AudioFeatureExtractor::Mel(c) = &self.audio_features else {
+            return None;
+        };
+        let total = clip.duration_s();
+        let kept = c.max_samples() as f64 / c.sampling_rate as f64;
+        (total > kept).then_some((kept, total))
+    }
+
+    /// Token strings of the multimodal markers, from the config's ids.
     pub fn markers(&self) -> Result<MarkerStrings> {
         let tok = self.tokenizer()?;
         let t = &self.config.mm_tokens;
@@ -165,35 +205,46 @@ impl Gemma4 {
         Ok(MarkerStrings {
             image: s(t.image, "image")?,
             video: s(t.video, "video")?,
+            audio: s(t.audio, "audio")?,
             boi: s(t.boi, "begin-of-image")?,
             eoi: s(t.eoi, "end-of-image")?,
+            boa: s(t.boa, "begin-of-audio")?,
+            eoa: s(t.eoa, "end-of-audio")?,
         })
     }
 
-    /// A prompt with its images and videos, ready for the decoder: markers expanded,
-    /// tokenized, soft tokens spliced in.
+    /// A prompt with its images, videos and audio, ready for the decoder: markers
+    /// expanded, tokenized, soft tokens spliced in.
     pub fn prepare(&self, prompt: &Prompt, media: &Media) -> Result<PromptInput> {
-        let has_media = !media.images.is_empty() || !media.videos.is_empty();
-        if has_media && self.vision.is_none() {
-            return Err(Error::invalid_argument(
-                "--image",
-                if self.config.vision.is_some() {
-                    "the vision encoder was not loaded"
-                } else {
-                    "this checkpoint has no vision encoder"
+        let missing = |arg: &str, loaded: bool, present: bool, what: &str| {
+            Error::invalid_argument(
+                arg,
+                match (present, loaded) {
+                    (true, false) => format!("the {what} encoder was not loaded"),
+                    _ => format!("this checkpoint has no {what} encoder"),
                 },
-            ));
-        }
-        // Text-only checkpoints may not have the marker tokens at all.
-        let markers = match (has_media, self.markers()) {
-            (true, m) => Some(m?),
-            (false, m) => m.ok(),
+            )
         };
-        let images = self.process_images(&media.images)?;
-        let videos = self.process_videos(&media.videos)?;
+        if (!media.images.is_empty() || !media.videos.is_empty()) && self.vision.is_none() {
+            let arg = if media.images.is_empty() { "--video" } else { "--image" };
+            return Err(missing(arg, false, self.config.vision.is_some(), "vision"));
+        }
+        if !media.audio.is_empty() && self.audio.is_none() {
+            return Err(missing("--audio", false, self.config.audio.is_some(), "audio"));
+        }
+        let processed = ProcessedMedia {
+            images: self.process_images(&media.images)?,
+            videos: self.process_videos(&media.videos)?,
+            audio: self.process_audio(&media.audio)?,
+        };
+        // Text-only checkpoints may not have the marker tokens at all.
+        let markers = match (processed.is_empty(), self.markers()) {
+            (false, m) => Some(m?),
+            (true, m) => m.ok(),
+        };
         let expand = |text: &str| -> Result<String> {
             match &markers {
-                Some(m) => expand_prompt(text, m, &images, &videos),
+                Some(m) => expand_prompt(text, m, &processed),
                 None => Ok(text.to_string()),
             }
         };
@@ -209,10 +260,10 @@ impl Gemma4 {
         build_input(
             &self.text,
             self.vision.as_ref(),
+            self.audio.as_ref(),
             &self.config.mm_tokens,
             ids,
-            &images,
-            &videos,
+            &processed,
         )
     }
 
@@ -270,15 +321,15 @@ impl Gemma4 {
     }
 }
 
-/// Image and video processor settings: the checkpoint's `processor_config.json` (or the
-/// older `preprocessor_config.json` / `video_preprocessor_config.json`) over the
+/// Image, video and audio processor settings: the checkpoint's `processor_config.json` (or
+/// the older `preprocessor_config.json` / `video_preprocessor_config.json`) over the
 /// reference's defaults. The towers' images default to the PIL processor's resize and
 /// rescale; the 12B's image processor and every video processor exist only with the
 /// torchvision backend, so they use its resize and rounding.
 fn processor_configs(
     dir: &Path,
     config: &ModelConfig,
-) -> Result<(ImageProcessorConfig, VideoProcessorConfig)> {
+) -> Result<(ImageProcessorConfig, VideoProcessorConfig, AudioFeatureExtractor)> {
     let layout = match config.vision {
         Some(crate::vision_config::VisionSpec::Unified(_)) => PatchLayout::Merged,
         _ => PatchLayout::Tower,
@@ -308,6 +359,25 @@ fn processor_configs(
         Some(c) if c.get("video_processor").is_some() => c.get("video_processor").cloned(),
         _ => read("video_preprocessor_config.json")?,
     };
+    let mut audio = match &config.audio {
+        Some(AudioSpec::Unified(c)) => AudioFeatureExtractor::Frames {
+            sampling_rate: 16_000,
+            samples_per_token: c.audio_embed_dim,
+        },
+        _ => AudioFeatureExtractor::mel(),
+    };
+    let audio_section = match &combined {
+        Some(c) if c.get("feature_extractor").is_some() => c.get("feature_extractor").cloned(),
+        _ => read("preprocessor_config.json")?.filter(|v| v.get("feature_extractor_type").is_some()),
+    };
+    if let Some(s) = audio_section {
+        audio.update_from(&s).map_err(|m| {
+            Error::config(
+                dir.join("processor_config.json"),
+                format!("feature_extractor: {m}"),
+            )
+        })?;
+    }
     if let Some(s) = image_section {
         image.update_from(&s).map_err(|m| {
             Error::config(
@@ -324,7 +394,7 @@ fn processor_configs(
             )
         })?;
     }
-    Ok((image, video))
+    Ok((image, video, audio))
 }
 
 /// Parameters stored per tower, counted from the checkpoint's tensor shapes (nothing loaded).

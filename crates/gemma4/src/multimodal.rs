@@ -1,18 +1,23 @@
 //! Multimodal prompts: placeholder expansion (`Gemma4Processor`), the image encoder of a
 //! checkpoint (tower + projector, or the 12B's embedder + projector), and the splice of
-//! soft tokens into the prompt embeddings (`Gemma4Model.forward`).
+//! soft tokens into the prompt embeddings (`Gemma4Model.forward`). The audio encoder is
+//! [`crate::audio_encoder`].
 //!
 //! Expansion, as the processor: the k-th `<|image|>` in the text becomes
 //! `<|image>` + n×`<|image|>` + `<image|>` (n = that image's soft tokens); the k-th
 //! `<|video|>` becomes, per sampled frame, `mm:ss <|image>` + n×`<|video|>` + `<image|>`,
-//! frames joined by a space. Newlines around a marker come from the chat template, not
-//! from the expansion. Then: placeholder ids are embedded as the pad token, soft tokens
+//! frames joined by a space; the k-th `<|audio|>` becomes `<|audio>` + n×`<|audio|>` +
+//! `<audio|>` (n = that clip's valid frames after the tower's 4× subsampling, or its
+//! 640-sample frames on the 12B). Newlines around a marker come from the chat template,
+//! not from the expansion. Then: placeholder ids are embedded as the pad token, soft tokens
 //! overwrite them in reading order, the per-layer embeddings read the pad id there, and
 //! each contiguous run of image or video placeholders is one span for the bidirectional
-//! attention overlay.
+//! attention overlay (audio placeholders stay causal, as in the reference).
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::audio_encoder::AudioEncoder;
+use crate::audio_features::AudioFeatures;
 use crate::error::{Error, Result};
 use crate::image_embedder::ImageEmbedder;
 use crate::image_processor::{PatchLayout, ProcessedImage};
@@ -107,67 +112,84 @@ impl VisionEncoder {
 pub struct MarkerStrings {
     pub image: String,
     pub video: String,
+    pub audio: String,
     pub boi: String,
     pub eoi: String,
+    pub boa: String,
+    pub eoa: String,
 }
 
-/// Expands every image and video marker of `text` as the reference processor does.
-pub fn expand_prompt(
-    text: &str,
-    m: &MarkerStrings,
-    images: &[ProcessedImage],
-    videos: &[ProcessedVideo],
-) -> Result<String> {
-    let n_img = text.matches(m.image.as_str()).count();
-    let n_vid = text.matches(m.video.as_str()).count();
-    if n_img != images.len() {
-        return Err(Error::invalid_argument(
-            "--image",
-            format!(
-                "the prompt has {n_img} {} marker(s) but {} image(s) were given",
-                m.image,
-                images.len()
-            ),
-        ));
+/// Images, videos and audio clips of a prompt, processed for their encoders, in the order
+/// of their markers.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessedMedia {
+    pub images: Vec<ProcessedImage>,
+    pub videos: Vec<ProcessedVideo>,
+    pub audio: Vec<AudioFeatures>,
+}
+
+impl ProcessedMedia {
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty() && self.videos.is_empty() && self.audio.is_empty()
     }
-    if n_vid != videos.len() {
-        return Err(Error::invalid_argument(
-            "--video",
-            format!(
-                "the prompt has {n_vid} {} marker(s) but {} video(s) were given",
-                m.video,
-                videos.len()
-            ),
-        ));
+}
+
+/// Expands every image, video and audio marker of `text` as the reference processor does.
+pub fn expand_prompt(text: &str, m: &MarkerStrings, media: &ProcessedMedia) -> Result<String> {
+    for (marker, n, arg, what) in [
+        (&m.image, media.images.len(), "--image", "image(s)"),
+        (&m.video, media.videos.len(), "--video", "video(s)"),
+        (&m.audio, media.audio.len(), "--audio", "audio clip(s)"),
+    ] {
+        let found = text.matches(marker.as_str()).count();
+        if found != n {
+            return Err(Error::invalid_argument(
+                arg,
+                format!("the prompt has {found} {marker} marker(s) but {n} {what} were given"),
+            ));
+        }
     }
     let (mut out, mut rest) = (String::with_capacity(text.len()), text);
-    let (mut imgs, mut vids) = (images.iter(), videos.iter());
+    let (mut imgs, mut vids, mut clips) = (
+        media.images.iter(),
+        media.videos.iter(),
+        media.audio.iter(),
+    );
     loop {
-        let next_img = rest.find(m.image.as_str());
-        let next_vid = rest.find(m.video.as_str());
-        let (at, is_img) = match (next_img, next_vid) {
-            (None, None) => break,
-            (Some(i), None) => (i, true),
-            (None, Some(v)) => (v, false),
-            (Some(i), Some(v)) => (i.min(v), i < v),
-        };
+        // The earliest marker next; a marker is never a prefix of another.
+        let next = [&m.image, &m.video, &m.audio]
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, mk)| rest.find(mk.as_str()).map(|at| (at, k)))
+            .min();
+        let Some((at, kind)) = next else { break };
         out.push_str(&rest[..at]);
-        if is_img {
-            let img = imgs.next().expect("counted above");
-            out.push_str(&m.boi);
-            out.push_str(&m.image.repeat(img.num_soft_tokens));
-            out.push_str(&m.eoi);
-            rest = &rest[at + m.image.len()..];
-        } else {
-            let vid = vids.next().expect("counted above");
-            let n = vid.soft_tokens_per_frame();
-            let frames: Vec<String> = vid
-                .timestamps
-                .iter()
-                .map(|&t| format!("{} {}{}{}", timestamp(t), m.boi, m.video.repeat(n), m.eoi))
-                .collect();
-            out.push_str(&frames.join(" "));
-            rest = &rest[at + m.video.len()..];
+        match kind {
+            0 => {
+                let img = imgs.next().expect("counted above");
+                out.push_str(&m.boi);
+                out.push_str(&m.image.repeat(img.num_soft_tokens));
+                out.push_str(&m.eoi);
+                rest = &rest[at + m.image.len()..];
+            }
+            1 => {
+                let vid = vids.next().expect("counted above");
+                let n = vid.soft_tokens_per_frame();
+                let frames: Vec<String> = vid
+                    .timestamps
+                    .iter()
+                    .map(|&t| format!("{} {}{}{}", timestamp(t), m.boi, m.video.repeat(n), m.eoi))
+                    .collect();
+                out.push_str(&frames.join(" "));
+                rest = &rest[at + m.video.len()..];
+            }
+            _ => {
+                let clip = clips.next().expect("counted above");
+                out.push_str(&m.boa);
+                out.push_str(&m.audio.repeat(clip.num_soft_tokens));
+                out.push_str(&m.eoa);
+                rest = &rest[at + m.audio.len()..];
+            }
         }
     }
     out.push_str(rest);
@@ -209,20 +231,54 @@ pub fn splice(h0: &Tensor, slots: &[u32], soft: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[h0, &soft], 0)?.index_select(&idx, 0)?)
 }
 
+/// Rows `slots` of `h0` replaced by the soft tokens `encode` gives for `inputs`, after
+/// checking that the placeholders and the inputs' soft-token counts agree.
+fn splice_kind<T>(
+    h0: Tensor,
+    ids: &[u32],
+    (kind, id): (&str, u32),
+    inputs: &[&T],
+    count: impl Fn(&T) -> usize,
+    encode: impl Fn(&T) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let slots: Vec<u32> = (0..ids.len() as u32)
+        .filter(|&p| ids[p as usize] == id)
+        .collect();
+    if slots.is_empty() && inputs.is_empty() {
+        return Ok(h0);
+    }
+    // Counts are known before encoding: check them first.
+    let n: usize = inputs.iter().map(|f| count(f)).sum();
+    if n != slots.len() {
+        return Err(Error::invalid_argument(
+            kind,
+            format!(
+                "{} {kind} placeholder token(s) in the prompt but the {kind} input(s) give {n} soft tokens",
+                slots.len()
+            ),
+        ));
+    }
+    let rows = inputs
+        .iter()
+        .map(|f| encode(f))
+        .collect::<Result<Vec<_>>>()?;
+    splice(&h0, &slots, &Tensor::cat(&rows, 0)?)
+}
+
 /// Builds the decoder input of an expanded prompt: embeds the ids (placeholders as the pad
-/// token), writes each image's and each video frame's soft tokens over its placeholders,
-/// and records the ids the per-layer embeddings read and the image spans.
+/// token), writes each image's, video frame's and audio clip's soft tokens over its
+/// placeholders, and records the ids the per-layer embeddings read and the image spans.
 pub fn build_input(
     text: &TextModel,
-    encoder: Option<&VisionEncoder>,
+    vision: Option<&VisionEncoder>,
+    audio: Option<&AudioEncoder>,
     tokens: &MultimodalTokens,
     ids: Vec<u32>,
-    images: &[ProcessedImage],
-    videos: &[ProcessedVideo],
+    media: &ProcessedMedia,
 ) -> Result<PromptInput> {
     let pad = text.config().pad_token_id;
     let is_mm = |id: u32| id == tokens.image || id == tokens.video || id == tokens.audio;
-    if !ids.iter().any(|&i| is_mm(i)) && images.is_empty() && videos.is_empty() {
+    if !ids.iter().any(|&i| is_mm(i)) && media.is_empty() {
         return Ok(PromptInput::text(ids));
     }
     let ple_ids: Vec<u32> = ids
@@ -230,40 +286,22 @@ pub fn build_input(
         .map(|&i| if is_mm(i) { pad } else { i })
         .collect();
     let mut h0 = text.embed(&ple_ids)?;
-    for (kind, id, feats) in [
-        ("image", tokens.image, images.iter().collect::<Vec<_>>()),
-        (
-            "video",
-            tokens.video,
-            videos.iter().flat_map(|v| v.frames.iter()).collect(),
-        ),
+    let no_encoder = |kind: &str, what: &str| {
+        Error::invalid_argument(kind, format!("this checkpoint has no {what} encoder"))
+    };
+    let frames: Vec<&ProcessedImage> = media.videos.iter().flat_map(|v| v.frames.iter()).collect();
+    for (kind, id, inputs) in [
+        ("image", tokens.image, media.images.iter().collect::<Vec<_>>()),
+        ("video", tokens.video, frames),
     ] {
-        let slots: Vec<u32> = (0..ids.len() as u32)
-            .filter(|&p| ids[p as usize] == id)
-            .collect();
-        if slots.is_empty() && feats.is_empty() {
-            continue;
-        }
-        // Counts are known before encoding: check them first.
-        let n: usize = feats.iter().map(|f| f.num_soft_tokens).sum();
-        if n != slots.len() {
-            return Err(Error::invalid_argument(
-                kind,
-                format!(
-                    "{} {kind} placeholder token(s) in the prompt but the {kind} input(s) give {n} soft tokens",
-                    slots.len()
-                ),
-            ));
-        }
-        let encoder = encoder.ok_or_else(|| {
-            Error::invalid_argument(kind, "this checkpoint has no vision encoder")
+        h0 = splice_kind(h0, &ids, (kind, id), &inputs, |f| f.num_soft_tokens, |f| {
+            vision.ok_or_else(|| no_encoder(kind, "vision"))?.embed(f)
         })?;
-        let rows = feats
-            .iter()
-            .map(|f| encoder.embed(f))
-            .collect::<Result<Vec<_>>>()?;
-        h0 = splice(&h0, &slots, &Tensor::cat(&rows, 0)?)?;
     }
+    let clips: Vec<&AudioFeatures> = media.audio.iter().collect();
+    h0 = splice_kind(h0, &ids, ("audio", tokens.audio), &clips, |f| f.num_soft_tokens, |f| {
+        audio.ok_or_else(|| no_encoder("audio", "audio"))?.embed(f)
+    })?;
     let spans = span_ids(&ids, tokens);
     Ok(PromptInput {
         ids,
@@ -281,8 +319,11 @@ mod tests {
         MarkerStrings {
             image: "<I>".into(),
             video: "<V>".into(),
+            audio: "<A>".into(),
             boi: "[".into(),
             eoi: "]".into(),
+            boa: "{".into(),
+            eoa: "}".into(),
         }
     }
 
@@ -303,14 +344,41 @@ mod tests {
             frames: vec![img(2), img(2)],
             timestamps: vec![0.0, 61.0],
         };
-        let out = expand_prompt("a<I>b<V>c<I>", &markers(), &[img(3), img(1)], &[v]).unwrap();
-        assert_eq!(out, "a[<I><I><I>]b00:00 [<V><V>] 01:01 [<V><V>]c[<I>]");
-        let err = expand_prompt("<I><I>", &markers(), &[img(1)], &[]).unwrap_err();
+        let clip = |n: usize| AudioFeatures {
+            features: vec![],
+            num_frames: 0,
+            dim: 0,
+            mask: vec![],
+            num_soft_tokens: n,
+            truncated_samples: 0,
+        };
+        let media = |images, videos, audio| ProcessedMedia {
+            images,
+            videos,
+            audio,
+        };
+        let out = expand_prompt(
+            "a<I>b<V>c<A><I>d<A>",
+            &markers(),
+            &media(vec![img(3), img(1)], vec![v], vec![clip(2), clip(1)]),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "a[<I><I><I>]b00:00 [<V><V>] 01:01 [<V><V>]c{<A><A>}[<I>]d{<A>}"
+        );
+        let err = expand_prompt("<I><I>", &markers(), &media(vec![img(1)], vec![], vec![])).unwrap_err();
         assert!(
             err.to_string().contains("2 <I> marker(s) but 1 image(s)"),
             "{err}"
         );
-        assert!(expand_prompt("none", &markers(), &[img(1)], &[]).is_err());
+        let err = expand_prompt("<A>", &markers(), &media(vec![], vec![], vec![clip(1), clip(1)]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("--audio") && err.to_string().contains("1 <A> marker(s) but 2 audio clip(s)"),
+            "{err}"
+        );
+        assert!(expand_prompt("none", &markers(), &media(vec![img(1)], vec![], vec![])).is_err());
     }
 
     #[test]

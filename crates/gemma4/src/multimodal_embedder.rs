@@ -25,6 +25,10 @@ impl MultimodalEmbedder {
         })
     }
 
+    pub fn device(&self) -> &candle_core::Device {
+        self.projection.weight().device()
+    }
+
     /// `[N, in_dim]` soft tokens → `[N, text_hidden]`, in the weights' dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(self.projection.weight().dtype())?;

@@ -15,11 +15,19 @@ use gemma4::audio::{load_audio, Audio};
 use gemma4::audio_config::{AudioConfig, AudioSpec};
 use gemma4::audio_features::AudioFeatureExtractor;
 use gemma4::audio_tower::AudioTower;
+use gemma4::generation::{generate_from, GenerateOptions};
+use gemma4::image_processor::load_image;
+use gemma4::model::Media;
 use gemma4::npy;
+use gemma4::sampling::SamplingParams;
+use gemma4::text_model::LogitsFor;
 use gemma4::weights::{Checkpoint, Weights};
+use gemma4::{Gemma4, LoadOptions, Prompt};
 
 use candle_core::{DType, Device};
-use common::{fixture, json, max_abs, rows, TOL};
+use common::{fixture, ids, json, max_abs, rows, TOL};
+use serde_json::Value;
+
 
 const CLIPS: [&str; 8] = [
     "hello_16k.wav",
@@ -163,3 +171,105 @@ fn tower_with_right_context_matches_reference() {
     }
 }
 
+
+/// A prompt's clips as the reference's model saw them: its 16 kHz waveform for resampled
+/// clips (the resampler is checked on its own above), the decoded file otherwise.
+fn clips_for(case: &Value) -> Vec<Audio> {
+    let dir = fixture("audio");
+    case["audio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let name = f.as_str().unwrap();
+            let wave = dir.join(format!("golden/wave16k_{}.npy", stem(name)));
+            if wave.exists() {
+                Audio::new(npy::read_f32(&wave).unwrap().1, 16_000).unwrap()
+            } else {
+                load_audio(&dir.join(name)).unwrap()
+            }
+        })
+        .collect()
+}
+
+fn check_model(name: &str) {
+    let dir = fixture(name);
+    let g = json(&dir.join("golden/prompts.json"));
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let enc = model.audio.as_ref().expect("audio encoder");
+    let tm = &model.text;
+    let vocab = tm.config().vocab_size;
+    for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let images = case["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| load_image(&fixture("images").join(f.as_str().unwrap())).unwrap())
+            .collect();
+        let media = Media {
+            images,
+            videos: vec![],
+            audio: clips_for(case),
+        };
+        let want_ids = ids(&case["input_ids"]);
+        let input = model
+            .prepare(&Prompt::Text(case["text"].as_str().unwrap().to_string()), &media)
+            .unwrap();
+        assert_eq!(input.ids, want_ids, "{name} case {k}: expanded prompt ids");
+
+        // Each clip: soft-token count, tower output, embedded soft tokens.
+        let feats = model.process_audio(&media.audio).unwrap();
+        for (c, f) in feats.iter().enumerate() {
+            assert_eq!(
+                f.num_soft_tokens as u64,
+                case["soft_tokens"][c].as_u64().unwrap(),
+                "{name} case {k} clip {c}: soft tokens"
+            );
+            let tp = dir.join(format!("golden/audio_tower_{k}_{c}.npy"));
+            if tp.exists() {
+                let (_, want) = npy::read_f32(&tp).unwrap();
+                let d = max_abs(&rows(&enc.encode(f).unwrap()), &want);
+                assert!(d <= TOL, "{name} case {k} clip {c}: tower output differs by {d}");
+            }
+            let (_, want) =
+                npy::read_f32(&dir.join(format!("golden/audio_embedded_{k}_{c}.npy"))).unwrap();
+            let d = max_abs(&rows(&enc.embed(f).unwrap()), &want);
+            assert!(d <= TOL, "{name} case {k} clip {c}: embedded soft tokens differ by {d}");
+        }
+
+        // Full-sequence logits, each cached step's logits and the greedy ids (with the
+        // image of case 2 too, these fixtures stay within the project tolerance).
+        let tol = TOL;
+        let (_, want) = npy::read_f32(&dir.join(format!("golden/logits_{k}.npy"))).unwrap();
+        let got = rows(&tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All).unwrap());
+        let d = max_abs(&got, &want);
+        eprintln!("{name} case {k}: logits max-abs {d:.2e}");
+        assert!(d <= tol, "{name} case {k}: logits differ by {d}");
+        let want_greedy = ids(&case["greedy_ids"]);
+        let (_, steps) = npy::read_f32(&dir.join(format!("golden/step_logits_{k}.npy"))).unwrap();
+        let mut cache = tm.new_cache();
+        let mut logits = tm.forward_input(&input, &mut cache, LogitsFor::Last).unwrap();
+        for (t, &id) in want_greedy.iter().enumerate() {
+            let d = max_abs(&rows(&logits), &steps[t * vocab..(t + 1) * vocab]);
+            assert!(d <= tol, "{name} case {k} step {t}: logits differ by {d}");
+            logits = tm.forward(&[id], &mut cache, LogitsFor::Last).unwrap();
+        }
+        let opts = GenerateOptions {
+            max_new_tokens: want_greedy.len(),
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+        };
+        let out = generate_from(tm, &input, &opts, |_| Ok(())).unwrap();
+        assert_eq!(out.generated_ids, want_greedy, "{name} case {k}: greedy ids");
+    }
+}
+
+#[test]
+fn conformer_model_matches_reference() {
+    check_model("audio_small");
+}
+
+#[test]
+fn unified_12b_audio_model_matches_reference() {
+    check_model("audio_unified");
+}

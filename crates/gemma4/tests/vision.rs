@@ -180,7 +180,7 @@ fn media_for(case: &Value, images_dir: &Path) -> Media {
         .as_str()
         .map(|f| vec![load_video(&images_dir.join(f)).unwrap()])
         .unwrap_or_default();
-    Media { images, videos }
+    Media { images, videos, audio: vec![] }
 }
 
 fn check_model(name: &str) {
@@ -376,6 +376,7 @@ fn marker_count_mismatch_is_an_error() {
     let media = Media {
         images: vec![img.clone()],
         videos: vec![],
+        audio: vec![],
     };
     let e = model.prepare(&two, &media).unwrap_err().to_string();
     assert!(e.contains("2 <|image|> marker(s) but 1 image(s)"), "{e}");
