@@ -1,9 +1,11 @@
 //! `gemma4`: run Gemma 4 checkpoints from the command line.
 //!
 //! - `gemma4 generate --model DIR --prompt TEXT` (or `--prompt-ids`, `--chat`): streams text;
-//!   `--image PATH` / `--video PATH` go with `<|image|>` / `<|video|>` markers in the prompt
+//!   `--image PATH` / `--video PATH` / `--audio PATH` go with `<|image|>` / `<|video|>` /
+//!   `<|audio|>` markers in the prompt
 //! - `gemma4 logits --model DIR --prompt-ids 2,.. --out FILE.npy`: f32 logits `[seq, vocab]`
 //! - `gemma4 embed-image --model DIR --image PATH --out FILE.npy`: an image's soft tokens
+//! - `gemma4 embed-audio --model DIR --audio PATH --out FILE.npy`: a clip's soft tokens
 //! - `gemma4 info --model DIR`: sizes, layer plan and parameter counts
 //!
 //! The library does the work; this file only parses arguments and prints.
@@ -17,6 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use gemma4::chat::Message;
 use gemma4::config::{KvSource, ModelConfig};
 use gemma4::generation::{generate_from, GenerateOptions};
+use gemma4::audio::load_audio;
 use gemma4::image_processor::load_image;
 use gemma4::model::{Media, ParameterCounts};
 use gemma4::resize::ResizeKernel;
@@ -26,6 +29,8 @@ use gemma4::tokenizer::StreamDecoder;
 use gemma4::weights::Checkpoint;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 use serde_json::json;
+
+mod embed;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +51,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Run images through the vision encoder and projector; write their soft tokens.
     EmbedImage(EmbedImageArgs),
+    /// Run audio clips through the audio encoder and projector; write their soft tokens.
+    EmbedAudio(EmbedAudioArgs),
     /// Show a checkpoint's sizes, layer plan and parameter counts.
     Info(InfoArgs),
 }
@@ -108,6 +115,10 @@ struct MediaArgs {
     /// Image resize to match: pillow (the reference's PIL processor) or torchvision.
     #[arg(long, value_name = "KERNEL")]
     resize: Option<ResizeKernel>,
+    /// An audio clip for the next `<|audio|>` marker (repeatable; `-` reads standard
+    /// input). WAV, FLAC, MP3 or Ogg Vorbis, any rate and channel count.
+    #[arg(long, value_name = "PATH")]
+    audio: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -173,6 +184,24 @@ struct EmbedImageArgs {
 }
 
 #[derive(Args)]
+struct EmbedAudioArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    media: MediaArgs,
+    /// Output .npy file: the soft tokens of all clips, concatenated ([tokens, width]).
+    #[arg(long)]
+    out: PathBuf,
+    /// Write the encoder's output before `embed_audio` (the tower's soft tokens, or the
+    /// 12B's raw frames) instead of the text-width soft tokens.
+    #[arg(long)]
+    before_projection: bool,
+    /// Print a JSON summary (tokens per clip, shape) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     #[arg(long)]
     model: PathBuf,
@@ -191,13 +220,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Logits(a) => cmd_logits(a),
-        Command::EmbedImage(a) => cmd_embed_image(a),
+        Command::EmbedImage(a) => embed::cmd_embed_image(a),
+        Command::EmbedAudio(a) => embed::cmd_embed_audio(a),
         Command::Info(a) => cmd_info(a),
     }
 }
 
-/// Loads the checkpoint; the image encoder only when the command has images or videos, so
-/// text prompts never read the vision weights.
+/// Loads the checkpoint; the image and audio encoders only when the command has images,
+/// videos or clips, so text prompts never read their weights.
 fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
     let progress: Option<gemma4::weights::ProgressFn> = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
@@ -220,12 +250,23 @@ fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
         device: Device::Cpu,
         progress,
         vision: !media.image.is_empty() || !media.video.is_empty(),
+        audio: !media.audio.is_empty(),
     };
     Ok(Gemma4::load(&args.model, opts)?)
 }
 
 /// Applies the media flags to the model's processors and loads the files.
 fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
+    let stdin_uses = a
+        .image
+        .iter()
+        .chain(&a.video)
+        .chain(&a.audio)
+        .filter(|p| p.as_os_str() == "-")
+        .count();
+    if stdin_uses > 1 {
+        bail!("standard input (`-`) can be given for only one --image, --video or --audio");
+    }
     if let Some(n) = a.image_tokens {
         model.image_processor.max_soft_tokens = n;
         model
@@ -246,7 +287,24 @@ fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
         .iter()
         .map(|p| gemma4::video::load_video(p))
         .collect::<gemma4::Result<Vec<_>>>()?;
-    Ok(Media { images, videos })
+    let audio = a
+        .audio
+        .iter()
+        .map(|p| load_audio(p))
+        .collect::<gemma4::Result<Vec<_>>>()?;
+    for (clip, path) in audio.iter().zip(&a.audio) {
+        if let Some((kept, total)) = model.audio_truncation(clip) {
+            eprintln!(
+                "warning: {}: {total:.1} s long; the model reads its first {kept:.0} s (the reference's limit)",
+                path.display()
+            );
+        }
+    }
+    Ok(Media {
+        images,
+        videos,
+        audio,
+    })
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -366,53 +424,6 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     gemma4::npy::write_f32(&a.out, &[s, v], &data)?;
     eprintln!("wrote {} ([{s}, {v}] f32)", a.out.display());
-    Ok(())
-}
-
-fn cmd_embed_image(a: EmbedImageArgs) -> Result<()> {
-    let mut model = load(&a.model, &a.media)?;
-    let media = media_of(&a.media, &mut model)?;
-    if media.images.is_empty() {
-        bail!("--image is required");
-    }
-    let Some(enc) = model.vision.as_ref() else {
-        bail!(
-            "{}: this checkpoint has no vision encoder",
-            a.model.model.display()
-        );
-    };
-    let processed = model.process_images(&media.images)?;
-    let mut rows = Vec::new();
-    let mut per_image = Vec::new();
-    for (p, path) in processed.iter().zip(&a.media.image) {
-        let t = enc.embed(p)?.to_dtype(DType::F32)?;
-        per_image.push(json!({
-            "image": path.display().to_string(),
-            "resized": [p.height, p.width],
-            "soft_tokens": t.dim(0)?,
-        }));
-        rows.push(t);
-    }
-    let all = candle_core::Tensor::cat(&rows, 0)?;
-    let (n, h) = all.dims2()?;
-    gemma4::npy::write_f32(&a.out, &[n, h], &all.flatten_all()?.to_vec1()?)?;
-    if a.json {
-        println!(
-            "{}",
-            json!({"out": a.out.display().to_string(), "shape": [n, h], "images": per_image})
-        );
-    } else {
-        for i in &per_image {
-            eprintln!(
-                "{}: resized to {}x{}, {} soft tokens",
-                i["image"].as_str().unwrap_or(""),
-                i["resized"][0],
-                i["resized"][1],
-                i["soft_tokens"]
-            );
-        }
-        eprintln!("wrote {} ([{n}, {h}] f32)", a.out.display());
-    }
     Ok(())
 }
 

@@ -307,3 +307,120 @@ fn text_prompts_do_not_read_the_vision_weights() {
     assert!(err.contains("model.vision_tower."), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn read_npy_max_diff(path: &Path, golden: &Path) -> (Vec<usize>, f32) {
+    let (shape, data) = gemma4::npy::read_f32(path).unwrap();
+    let (_, want) = gemma4::npy::read_f32(golden).unwrap();
+    assert_eq!(data.len(), want.len());
+    let d = data
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    (shape, d)
+}
+
+#[test]
+fn generate_with_audio_files_reproduces_reference_greedy_ids() {
+    let audio = fixture("audio");
+    // (fixture, case, clips): one 16 kHz clip; two clips resampled from 44.1 and 8 kHz.
+    for (name, k, clips) in [
+        ("audio_small", 0, vec!["hello_16k.wav"]),
+        ("audio_small", 1, vec!["stereo_44k_s24.wav", "numbers_8k_u8.wav"]),
+        ("audio_unified", 1, vec!["stereo_44k_s24.wav", "numbers_8k_u8.wav"]),
+    ] {
+        let dir = fixture(name);
+        let g: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("golden/prompts.json")).unwrap(),
+        )
+        .unwrap();
+        let case = &g["cases"][k];
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            dir.to_str().unwrap().into(),
+            "--prompt".into(),
+            case["text"].as_str().unwrap().into(),
+            "--greedy".into(),
+            "--max-new-tokens".into(),
+            "8".into(),
+            "--json".into(),
+        ];
+        for c in clips {
+            args.push("--audio".into());
+            args.push(audio.join(c).to_str().unwrap().into());
+        }
+        let out = gemma4(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["prompt_ids"], case["input_ids"], "{name} case {k}");
+        assert_eq!(v["generated_ids"], case["greedy_ids"], "{name} case {k}");
+    }
+}
+
+#[test]
+fn embed_audio_writes_soft_tokens_and_bad_audio_fails_cleanly() {
+    let dir = fixture("audio_small");
+    let d = dir.to_str().unwrap();
+    let clip = fixture("audio").join("hello_16k.wav");
+    let out_path = std::env::temp_dir().join(format!("gemma4-embed-audio-{}.npy", std::process::id()));
+    for (flag, golden, width) in [
+        (None, "audio_embedded_0_0.npy", 64),
+        (Some("--before-projection"), "audio_tower_0_0.npy", 48),
+    ] {
+        let mut args = vec![
+            "embed-audio",
+            "--model",
+            d,
+            "--audio",
+            clip.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend(flag);
+        let out = gemma4(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (shape, diff) = read_npy_max_diff(&out_path, &dir.join("golden").join(golden));
+        assert_eq!(shape, vec![40, width]);
+        assert_eq!(v["audio"][0]["soft_tokens"], 40);
+        assert!(diff < 1e-4, "{golden}: {diff}");
+    }
+    std::fs::remove_file(&out_path).ok();
+
+    // A truncated WAV, a marker/clip mismatch, and audio for a checkpoint without a tower.
+    let bytes = std::fs::read(&clip).unwrap();
+    let bad = std::env::temp_dir().join(format!("gemma4-bad-{}.wav", std::process::id()));
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let b = bad.to_str().unwrap();
+    let c = clip.to_str().unwrap();
+    let vision_only = fixture("vision_small");
+    for (args, needle) in [
+        (vec!["--model", d, "--prompt", "<|audio|>", "--audio", b], b.to_string()),
+        (
+            vec!["--model", d, "--prompt", "<|audio|> <|audio|>", "--audio", c],
+            "2 <|audio|> marker(s) but 1 audio clip(s)".to_string(),
+        ),
+        (
+            vec!["--model", vision_only.to_str().unwrap(), "--prompt", "<|audio|>", "--audio", c],
+            "no audio encoder".to_string(),
+        ),
+    ] {
+        let mut full = vec!["generate"];
+        full.extend(args);
+        let out = gemma4(&full);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&needle) && err.lines().count() == 1, "{err}");
+    }
+    std::fs::remove_file(&bad).ok();
+}

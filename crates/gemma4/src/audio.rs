@@ -249,6 +249,20 @@ mod tests {
     }
 
     #[test]
+    fn unsupported_codecs_and_corrupt_data_are_errors() {
+        // A WAV whose format tag is GSM 6.10 (0x31), which no decoder here reads.
+        let mut gsm = wav_i16(&[0; 320], 1, 8000);
+        gsm[20..22].copy_from_slice(&0x31u16.to_le_bytes());
+        let e = decode_audio(&gsm, "phone.wav").unwrap_err().to_string();
+        assert!(e.contains("phone.wav") && e.contains("unsupported"), "{e}");
+        // A FLAC stream marker followed by garbage.
+        let mut flac = b"fLaC".to_vec();
+        flac.extend((0..200u32).map(|i| (i * 37 % 251) as u8));
+        let e = decode_audio(&flac, "x.flac").unwrap_err().to_string();
+        assert!(e.contains("x.flac"), "{e}");
+    }
+
+    #[test]
     fn mono_mix_is_the_f32_mean() {
         let x = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6];
         assert_eq!(mix_to_mono(&x, 3), vec![(0.1f32 + 0.2 + 0.3) / 3.0, (0.4f32 + 0.5 + 0.6) / 3.0]);
