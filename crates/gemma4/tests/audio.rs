@@ -106,6 +106,24 @@ fn extractor_matches_the_reference_on_its_waveforms() {
     }
 }
 
+/// The extractor's optional steps (pre-emphasis in both flavours, input scaling, FFT
+/// overdrive, frequency range, floor, per-bin normalisation), read from a config section.
+#[test]
+fn extractor_options_match_the_reference() {
+    let dir = fixture("audio");
+    let variants = json(&dir.join("golden/variants.json"));
+    let audio = load_audio(&dir.join("hello_16k.wav")).unwrap();
+    for (tag, section) in variants.as_object().unwrap() {
+        let mut ex = AudioFeatureExtractor::mel();
+        ex.update_from(section).unwrap();
+        let (shape, want) = npy::read_f32(&dir.join(format!("golden/features_variant_{tag}.npy"))).unwrap();
+        let f = ex.extract(&audio).unwrap();
+        assert_eq!(vec![f.num_frames, f.dim], shape, "{tag}");
+        let d = max_abs(&f.features, &want);
+        assert!(d < TOL, "{tag}: features differ by {d}");
+    }
+}
+
 /// Features straight from the files: decode, mix, resample, extract.
 #[test]
 fn features_from_files_match_the_reference() {
