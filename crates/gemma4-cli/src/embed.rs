@@ -59,7 +59,6 @@ pub(crate) fn cmd_embed_image(a: EmbedImageArgs) -> Result<()> {
     Ok(())
 }
 
-
 pub(crate) fn cmd_embed_audio(a: EmbedAudioArgs) -> Result<()> {
     if a.media.audio.is_empty() {
         bail!("--audio is required");

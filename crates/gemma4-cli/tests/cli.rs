@@ -326,8 +326,16 @@ fn generate_with_audio_files_reproduces_reference_greedy_ids() {
     // (fixture, case, clips): one 16 kHz clip; two clips resampled from 44.1 and 8 kHz.
     for (name, k, clips) in [
         ("audio_small", 0, vec!["hello_16k.wav"]),
-        ("audio_small", 1, vec!["stereo_44k_s24.wav", "numbers_8k_u8.wav"]),
-        ("audio_unified", 1, vec!["stereo_44k_s24.wav", "numbers_8k_u8.wav"]),
+        (
+            "audio_small",
+            1,
+            vec!["stereo_44k_s24.wav", "numbers_8k_u8.wav"],
+        ),
+        (
+            "audio_unified",
+            1,
+            vec!["stereo_44k_s24.wav", "numbers_8k_u8.wav"],
+        ),
     ] {
         let dir = fixture(name);
         let g: serde_json::Value = serde_json::from_str(
@@ -367,7 +375,8 @@ fn embed_audio_writes_soft_tokens_and_bad_audio_fails_cleanly() {
     let dir = fixture("audio_small");
     let d = dir.to_str().unwrap();
     let clip = fixture("audio").join("hello_16k.wav");
-    let out_path = std::env::temp_dir().join(format!("gemma4-embed-audio-{}.npy", std::process::id()));
+    let out_path =
+        std::env::temp_dir().join(format!("gemma4-embed-audio-{}.npy", std::process::id()));
     for (flag, golden, width) in [
         (None, "audio_embedded_0_0.npy", 64),
         (Some("--before-projection"), "audio_tower_0_0.npy", 48),
@@ -405,13 +414,30 @@ fn embed_audio_writes_soft_tokens_and_bad_audio_fails_cleanly() {
     let c = clip.to_str().unwrap();
     let vision_only = fixture("vision_small");
     for (args, needle) in [
-        (vec!["--model", d, "--prompt", "<|audio|>", "--audio", b], b.to_string()),
         (
-            vec!["--model", d, "--prompt", "<|audio|> <|audio|>", "--audio", c],
+            vec!["--model", d, "--prompt", "<|audio|>", "--audio", b],
+            b.to_string(),
+        ),
+        (
+            vec![
+                "--model",
+                d,
+                "--prompt",
+                "<|audio|> <|audio|>",
+                "--audio",
+                c,
+            ],
             "2 <|audio|> marker(s) but 1 audio clip(s)".to_string(),
         ),
         (
-            vec!["--model", vision_only.to_str().unwrap(), "--prompt", "<|audio|>", "--audio", c],
+            vec![
+                "--model",
+                vision_only.to_str().unwrap(),
+                "--prompt",
+                "<|audio|>",
+                "--audio",
+                c,
+            ],
             "no audio encoder".to_string(),
         ),
     ] {

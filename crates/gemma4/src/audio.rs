@@ -46,8 +46,12 @@ impl Audio {
     }
 
     /// Interleaved samples of `channels` channels, averaged into one as the reference does.
-    pub fn from_interleaved(interleaved: &[f32], channels: usize, sample_rate: u32) -> Result<Self> {
-        if channels == 0 || interleaved.len() % channels != 0 {
+    pub fn from_interleaved(
+        interleaved: &[f32],
+        channels: usize,
+        sample_rate: u32,
+    ) -> Result<Self> {
+        if channels == 0 || !interleaved.len().is_multiple_of(channels) {
             return Err(Error::invalid_argument(
                 "channels",
                 format!(
@@ -164,7 +168,10 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
         interleaved.extend_from_slice(&chunk);
     }
     if channels == 0 || rate == 0 {
-        return Err(audio_error(name, "the file declares no channels or no sample rate"));
+        return Err(audio_error(
+            name,
+            "the file declares no channels or no sample rate",
+        ));
     }
     let frames = interleaved.len() / channels;
     if frames == 0 {
@@ -180,7 +187,8 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
             ));
         }
     }
-    Audio::from_interleaved(&interleaved, channels, rate).map_err(|e| audio_error(name, e.to_string()))
+    Audio::from_interleaved(&interleaved, channels, rate)
+        .map_err(|e| audio_error(name, e.to_string()))
 }
 
 /// Reads and decodes an audio file; `-` reads standard input.
@@ -239,7 +247,10 @@ mod tests {
         let good = wav_i16(&[1; 400], 1, 16000);
         for (bytes, what) in [
             (vec![], "empty"),
-            (b"definitely not audio, just some text bytes".to_vec(), "supported"),
+            (
+                b"definitely not audio, just some text bytes".to_vec(),
+                "supported",
+            ),
             (good[..good.len() - 101].to_vec(), "truncated"),
             (wav_i16(&[], 1, 16000), "no audio samples"),
         ] {
@@ -265,7 +276,10 @@ mod tests {
     #[test]
     fn mono_mix_is_the_f32_mean() {
         let x = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6];
-        assert_eq!(mix_to_mono(&x, 3), vec![(0.1f32 + 0.2 + 0.3) / 3.0, (0.4f32 + 0.5 + 0.6) / 3.0]);
+        assert_eq!(
+            mix_to_mono(&x, 3),
+            vec![(0.1f32 + 0.2 + 0.3) / 3.0, (0.4f32 + 0.5 + 0.6) / 3.0]
+        );
         assert!(Audio::from_interleaved(&x, 4, 16000).is_err());
         assert!(Audio::new(vec![f32::NAN], 16000).is_err());
     }

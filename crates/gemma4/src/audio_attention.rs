@@ -29,7 +29,8 @@ use crate::weights::Weights;
 /// Sinusoidal relative position embeddings `[P + 1, hidden]`, positions `P, P−1, …, 0`,
 /// `[sin…, cos…]` with `hidden/2` timescales from 1 to 10⁴.
 pub fn relative_positions(cfg: &AudioConfig, device: &Device) -> Result<Tensor> {
-    let context = cfg.attention_chunk_size + cfg.attention_context_left - 1 + cfg.attention_context_right;
+    let context =
+        cfg.attention_chunk_size + cfg.attention_context_left - 1 + cfg.attention_context_right;
     let p = context / 2;
     let n = cfg.hidden_size / 2;
     let inc = (10_000f64).ln() / (n.max(2) - 1) as f64;
@@ -79,7 +80,8 @@ impl AudioAttention {
                 (if x > 20.0 { x } else { x.exp().ln_1p() }) as f32
             })
             .collect();
-        let context = cfg.attention_chunk_size + cfg.attention_context_left - 1 + cfg.attention_context_right;
+        let context =
+            cfg.attention_chunk_size + cfg.attention_context_left - 1 + cfg.attention_context_right;
         Ok(AudioAttention {
             q_proj: lin("q_proj")?,
             k_proj: lin("k_proj")?,
@@ -112,7 +114,10 @@ impl AudioAttention {
         let (t, _) = x.dims2()?;
         let (h, dh) = (self.heads, self.head_dim);
         let heads = |y: Tensor| -> Result<Tensor> {
-            Ok(y.to_dtype(DType::F32)?.reshape((t, h, dh))?.transpose(0, 1)?.contiguous()?)
+            Ok(y.to_dtype(DType::F32)?
+                .reshape((t, h, dh))?
+                .transpose(0, 1)?
+                .contiguous()?)
         };
         let q = heads(
             self.q_proj
@@ -123,7 +128,12 @@ impl AudioAttention {
                 .broadcast_mul(&self.per_dim_scale)?
                 .reshape((t, h * dh))?,
         )?;
-        let k = heads(self.k_proj.forward(x)?.to_dtype(DType::F32)?.affine(self.k_scale as f32 as f64, 0.0)?)?;
+        let k = heads(
+            self.k_proj
+                .forward(x)?
+                .to_dtype(DType::F32)?
+                .affine(self.k_scale as f32 as f64, 0.0)?,
+        )?;
         let v = heads(self.v_proj.forward(x)?)?;
         // R: [P + 1, h, dh] → [h, dh, P + 1]; bd[h, t, i] = q_t · R[i].
         let r = self
@@ -173,7 +183,10 @@ impl AudioAttention {
         let probs = candle_nn::ops::softmax_last_dim(&allowed.where_cond(&capped, &invalid)?)?;
         let values = Tensor::stack(&values, 2)?; // [h, t, w, dh]
         let out = probs.unsqueeze(3)?.broadcast_mul(&values)?.sum(2)?; // [h, t, dh]
-        let out = out.transpose(0, 1)?.reshape((t, h * dh))?.to_dtype(x.dtype())?;
+        let out = out
+            .transpose(0, 1)?
+            .reshape((t, h * dh))?
+            .to_dtype(x.dtype())?;
         self.post.forward(&out)
     }
 }

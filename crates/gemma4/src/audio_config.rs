@@ -90,9 +90,14 @@ impl AudioSpec {
             return Ok(AudioSpec::Unified(c));
         }
         let d = AudioConfig::default();
-        let act = o.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = o
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
         if act != "silu" && act != "swish" {
-            return Err(format!("unsupported `hidden_act` `{act}` (the audio tower uses silu)"));
+            return Err(format!(
+                "unsupported `hidden_act` `{act}` (the audio tower uses silu)"
+            ));
         }
         let channels = match f.get("subsampling_conv_channels") {
             None => d.subsampling_conv_channels,
@@ -100,7 +105,11 @@ impl AudioSpec {
                 let c = |v: &Value| v.as_u64().filter(|&x| x > 0).map(|x| x as usize);
                 match (c(&a[0]), c(&a[1])) {
                     (Some(x), Some(y)) => [x, y],
-                    _ => return Err("`subsampling_conv_channels` must be two positive integers".into()),
+                    _ => {
+                        return Err(
+                            "`subsampling_conv_channels` must be two positive integers".into()
+                        )
+                    }
                 }
             }
             Some(v) => {
@@ -118,7 +127,8 @@ impl AudioSpec {
             residual_weight: f.f64("residual_weight", d.residual_weight)?,
             attention_chunk_size: f.usize("attention_chunk_size", d.attention_chunk_size)?,
             attention_context_left: f.usize("attention_context_left", d.attention_context_left)?,
-            attention_context_right: f.usize("attention_context_right", d.attention_context_right)?,
+            attention_context_right: f
+                .usize("attention_context_right", d.attention_context_right)?,
             attention_logit_cap: f.f64("attention_logit_cap", d.attention_logit_cap)?,
             attention_invalid_logits_value: f.f64(
                 "attention_invalid_logits_value",
@@ -129,7 +139,7 @@ impl AudioSpec {
             gradient_clipping: f.f64("gradient_clipping", d.gradient_clipping)?,
             output_proj_dims: f.usize("output_proj_dims", d.output_proj_dims)?,
         };
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(format!(
                 "`hidden_size` {} is not a multiple of {} attention heads",
                 c.hidden_size, c.num_attention_heads
@@ -159,19 +169,28 @@ mod tests {
         else {
             panic!("tower expected")
         };
-        assert_eq!((c.head_dim(), c.proj_input_dim(), c.attention_context_left), (16, 1024, 13));
+        assert_eq!(
+            (c.head_dim(), c.proj_input_dim(), c.attention_context_left),
+            (16, 1024, 13)
+        );
         for bad in [
             serde_json::json!({"hidden_act": "gelu"}),
             serde_json::json!({"hidden_size": 30, "num_attention_heads": 4}),
             serde_json::json!({"subsampling_conv_channels": [128]}),
             serde_json::json!({"attention_context_left": 1}),
         ] {
-            assert!(AudioSpec::from_object(bad.as_object().unwrap(), false).is_err(), "{bad}");
+            assert!(
+                AudioSpec::from_object(bad.as_object().unwrap(), false).is_err(),
+                "{bad}"
+            );
         }
         let u = serde_json::json!({"audio_embed_dim": 320});
         assert_eq!(
             AudioSpec::from_object(u.as_object().unwrap(), true).unwrap(),
-            AudioSpec::Unified(UnifiedAudioConfig { audio_embed_dim: 320, rms_norm_eps: 1e-6 })
+            AudioSpec::Unified(UnifiedAudioConfig {
+                audio_embed_dim: 320,
+                rms_norm_eps: 1e-6
+            })
         );
     }
 }

@@ -18,7 +18,7 @@ use crate::weights::{Checkpoint, Weights};
 pub enum AudioEncoder {
     /// `model.audio_tower.` + `model.embed_audio.`
     Tower {
-        tower: AudioTower,
+        tower: Box<AudioTower>,
         projector: MultimodalEmbedder,
     },
     /// 12B: `model.embed_audio.` over raw sample frames.
@@ -39,12 +39,25 @@ impl AudioEncoder {
         let proj_w = Weights::new(ckpt, "model.embed_audio.", dtype, device);
         Ok(match spec {
             AudioSpec::Tower(c) => AudioEncoder::Tower {
-                tower: AudioTower::new(c, &Weights::new(ckpt, "model.audio_tower.", dtype, device))?,
-                projector: MultimodalEmbedder::new(c.output_proj_dims, text_hidden, c.rms_norm_eps, &proj_w)?,
+                tower: Box::new(AudioTower::new(
+                    c,
+                    &Weights::new(ckpt, "model.audio_tower.", dtype, device),
+                )?),
+                projector: MultimodalEmbedder::new(
+                    c.output_proj_dims,
+                    text_hidden,
+                    c.rms_norm_eps,
+                    &proj_w,
+                )?,
             },
             AudioSpec::Unified(c) => AudioEncoder::Unified {
                 frame: c.audio_embed_dim,
-                projector: MultimodalEmbedder::new(c.audio_embed_dim, text_hidden, c.rms_norm_eps, &proj_w)?,
+                projector: MultimodalEmbedder::new(
+                    c.audio_embed_dim,
+                    text_hidden,
+                    c.rms_norm_eps,
+                    &proj_w,
+                )?,
             },
         })
     }
@@ -77,7 +90,9 @@ impl AudioEncoder {
                 }
                 let device = projector.device();
                 let x = Tensor::from_slice(&f.features, (f.num_frames, f.dim), device)?;
-                let keep: Vec<u32> = (0..f.num_frames as u32).filter(|&i| f.mask[i as usize]).collect();
+                let keep: Vec<u32> = (0..f.num_frames as u32)
+                    .filter(|&i| f.mask[i as usize])
+                    .collect();
                 Ok(x.index_select(&Tensor::new(keep.as_slice(), device)?, 0)?)
             }
         }

@@ -172,7 +172,9 @@ impl AudioFeatureExtractor {
                 c.input_scale_factor = f.f64("input_scale_factor", c.input_scale_factor)?;
                 c.mel_floor = f.f64("mel_floor", c.mel_floor)?;
                 if f.f64("dither", 0.0)? != 0.0 {
-                    return Err("`dither` adds random noise to the features; only 0.0 is supported".into());
+                    return Err(
+                        "`dither` adds random noise to the features; only 0.0 is supported".into(),
+                    );
                 }
                 let bins = |k: &str| -> std::result::Result<Option<Vec<f64>>, String> {
                     match f.get(k) {
@@ -187,18 +189,26 @@ impl AudioFeatureExtractor {
                 };
                 c.per_bin_mean = bins("per_bin_mean")?;
                 c.per_bin_stddev = bins("per_bin_stddev")?;
-                for (k, v) in [("per_bin_mean", &c.per_bin_mean), ("per_bin_stddev", &c.per_bin_stddev)] {
+                for (k, v) in [
+                    ("per_bin_mean", &c.per_bin_mean),
+                    ("per_bin_stddev", &c.per_bin_stddev),
+                ] {
                     if v.as_ref().is_some_and(|v| v.len() != c.feature_size) {
-                        return Err(format!("`{k}` must have `feature_size` ({}) values", c.feature_size));
+                        return Err(format!(
+                            "`{k}` must have `feature_size` ({}) values",
+                            c.feature_size
+                        ));
                     }
                 }
                 if c.frame_length() < 2 || c.hop_length() == 0 || c.feature_size == 0 {
-                    return Err("frame length, hop length and `feature_size` must be positive".into());
+                    return Err(
+                        "frame length, hop length and `feature_size` must be positive".into(),
+                    );
                 }
                 if c.pad_to_multiple_of == 0 || c.max_length == 0 {
                     return Err("`max_length` must be positive".into());
                 }
-                if !(c.min_frequency < c.max_frequency) {
+                if c.min_frequency.partial_cmp(&c.max_frequency) != Some(std::cmp::Ordering::Less) {
                     return Err("`min_frequency` must be below `max_frequency`".into());
                 }
             }
@@ -243,7 +253,13 @@ fn frames(x: &[f32], per_token: usize) -> Result<AudioFeatures> {
 }
 
 /// `mel_filter_bank(..., norm=None, mel_scale="htk")`: `[num_bins][num_mels]` in f64.
-pub fn mel_filter_bank(num_bins: usize, num_mels: usize, f_min: f64, f_max: f64, rate: u32) -> Vec<Vec<f64>> {
+pub fn mel_filter_bank(
+    num_bins: usize,
+    num_mels: usize,
+    f_min: f64,
+    f_max: f64,
+    rate: u32,
+) -> Vec<Vec<f64>> {
     let to_mel = |f: f64| 2595.0 * (1.0 + f / 700.0).log10();
     let to_hz = |m: f64| 700.0 * (10f64.powf(m / 2595.0) - 1.0);
     let linspace = |a: f64, b: f64, n: usize| -> Vec<f64> {
@@ -310,7 +326,11 @@ impl<'a> MelExtractor<'a> {
         let scale = c.input_scale_factor as f32;
         let mut wave = vec![0.0f32; pad_left + padded_len];
         for (d, &s) in wave[pad_left..].iter_mut().zip(real) {
-            *d = if c.input_scale_factor != 1.0 { s * scale } else { s };
+            *d = if c.input_scale_factor != 1.0 {
+                s * scale
+            } else {
+                s
+            };
         }
         let unfold = frame + 1;
         if wave.len() < unfold {
@@ -397,17 +417,28 @@ mod tests {
         let ex = AudioFeatureExtractor::mel();
         // 1 s: 16000 samples (a multiple of 128, so no padding) → (16000 + 160 − 321) / 160
         // + 1 = 99 frames, all valid → 50 → 25 soft tokens.
-        let f = ex.extract(&Audio::new(vec![0.1; 16_000], 16_000).unwrap()).unwrap();
+        let f = ex
+            .extract(&Audio::new(vec![0.1; 16_000], 16_000).unwrap())
+            .unwrap();
         assert_eq!(f.num_frames, 99);
         assert_eq!(f.mask.iter().filter(|&&m| m).count(), 99);
         assert_eq!(f.num_soft_tokens, 25);
         // 30 s + 1 sample is truncated to 30 s: 750 soft tokens, the reference's cap.
-        let f = ex.extract(&Audio::new(vec![0.0; 480_001], 16_000).unwrap()).unwrap();
+        let f = ex
+            .extract(&Audio::new(vec![0.0; 480_001], 16_000).unwrap())
+            .unwrap();
         assert_eq!((f.num_soft_tokens, f.truncated_samples), (750, 1));
-        assert!(ex.extract(&Audio::new(vec![0.0; 100], 16_000).unwrap()).is_err());
+        assert!(ex
+            .extract(&Audio::new(vec![0.0; 100], 16_000).unwrap())
+            .is_err());
         let fr = AudioFeatureExtractor::frames();
-        let f = fr.extract(&Audio::new(vec![0.5; 1281], 16_000).unwrap()).unwrap();
-        assert_eq!((f.num_frames, f.num_soft_tokens, f.features.len()), (3, 3, 1920));
+        let f = fr
+            .extract(&Audio::new(vec![0.5; 1281], 16_000).unwrap())
+            .unwrap();
+        assert_eq!(
+            (f.num_frames, f.num_soft_tokens, f.features.len()),
+            (3, 3, 1920)
+        );
         assert_eq!(f.features[1281], 0.0);
     }
 

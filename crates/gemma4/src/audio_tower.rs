@@ -58,7 +58,9 @@ impl SubsampleLayer {
     /// `x` `[1, C, T, F]`, `mask` over T.
     fn forward(&self, x: &Tensor, mask: &[bool]) -> Result<Tensor> {
         let m = Tensor::from_vec(
-            mask.iter().map(|&b| if b { 1f32 } else { 0f32 }).collect::<Vec<_>>(),
+            mask.iter()
+                .map(|&b| if b { 1f32 } else { 0f32 })
+                .collect::<Vec<_>>(),
             (1, 1, mask.len(), 1),
             x.device(),
         )?
@@ -94,7 +96,9 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.pre_layer_norm.forward(&clip(x, self.clip)?)?;
-        let y = self.ffw_layer_2.forward(&self.ffw_layer_1.forward(&y)?.silu()?)?;
+        let y = self
+            .ffw_layer_2
+            .forward(&self.ffw_layer_1.forward(&y)?.silu()?)?;
         let y = self.post_layer_norm.forward(&clip(&y, self.clip)?)?;
         Ok((y.affine(self.residual_weight, 0.0)? + x)?)
     }
@@ -112,11 +116,17 @@ struct LightConv {
 
 impl LightConv {
     fn new(cfg: &AudioConfig, w: &Weights) -> Result<Self> {
-        let (h, c, k) = (cfg.hidden_size, cfg.use_clipped_linears, cfg.conv_kernel_size);
+        let (h, c, k) = (
+            cfg.hidden_size,
+            cfg.use_clipped_linears,
+            cfg.conv_kernel_size,
+        );
         Ok(LightConv {
             pre_layer_norm: RmsNorm::new(h, cfg.rms_norm_eps, w, "pre_layer_norm")?,
             linear_start: Linear::clippable(h, 2 * h, w, "linear_start", c)?,
-            kernel: w.get(&[h, 1, k], "depthwise_conv1d.weight")?.reshape((h, k))?,
+            kernel: w
+                .get(&[h, 1, k], "depthwise_conv1d.weight")?
+                .reshape((h, k))?,
             conv_norm: RmsNorm::new(h, cfg.rms_norm_eps, w, "conv_norm")?,
             linear_end: Linear::clippable(h, h, w, "linear_end", c)?,
             clip: cfg.gradient_clipping,
@@ -125,7 +135,9 @@ impl LightConv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (t, h) = x.dims2()?;
-        let y = self.linear_start.forward(&self.pre_layer_norm.forward(x)?)?;
+        let y = self
+            .linear_start
+            .forward(&self.pre_layer_norm.forward(x)?)?;
         // GLU over the last dimension: first half · sigmoid(second half).
         let y = (y.narrow(1, 0, h)? * candle_nn::ops::sigmoid(&y.narrow(1, h, h)?)?)?;
         // Causal depthwise conv: out[t] = Σ_j kernel[:, j] · y[t − (K−1) + j].
@@ -203,11 +215,21 @@ impl AudioTower {
             cfg: cfg.clone(),
             layer0: SubsampleLayer::new(1, c0, cfg.rms_norm_eps, &s.pp("layer0"))?,
             layer1: SubsampleLayer::new(c0, c1, cfg.rms_norm_eps, &s.pp("layer1"))?,
-            input_proj_linear: Linear::new(cfg.proj_input_dim(), cfg.hidden_size, &s, "input_proj_linear")?,
+            input_proj_linear: Linear::new(
+                cfg.proj_input_dim(),
+                cfg.hidden_size,
+                &s,
+                "input_proj_linear",
+            )?,
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| ConformerLayer::new(cfg, &w.pp("layers").pp(i)))
                 .collect::<Result<_>>()?,
-            output_proj: Linear::with_bias(cfg.hidden_size, cfg.output_proj_dims, w, "output_proj")?,
+            output_proj: Linear::with_bias(
+                cfg.hidden_size,
+                cfg.output_proj_dims,
+                w,
+                "output_proj",
+            )?,
         })
     }
 
@@ -220,7 +242,8 @@ impl AudioTower {
     pub fn forward_all(&self, f: &AudioFeatures) -> Result<(Tensor, Vec<bool>)> {
         let device = self.output_proj.weight().device();
         let dtype = self.output_proj.weight().dtype();
-        let x = Tensor::from_slice(&f.features, (1, 1, f.num_frames, f.dim), device)?.to_dtype(dtype)?;
+        let x = Tensor::from_slice(&f.features, (1, 1, f.num_frames, f.dim), device)?
+            .to_dtype(dtype)?;
         let x = self.layer0.forward(&x, &f.mask)?;
         let mask = every_other(&f.mask);
         let x = self.layer1.forward(&x, &mask)?;
@@ -250,7 +273,9 @@ impl AudioTower {
     /// The soft tokens of the valid frames `[num_soft_tokens, output_proj_dims]`.
     pub fn forward(&self, f: &AudioFeatures) -> Result<Tensor> {
         let (x, mask) = self.forward_all(f)?;
-        let keep: Vec<u32> = (0..mask.len() as u32).filter(|&i| mask[i as usize]).collect();
+        let keep: Vec<u32> = (0..mask.len() as u32)
+            .filter(|&i| mask[i as usize])
+            .collect();
         let idx = Tensor::new(keep.as_slice(), x.device())?;
         Ok(x.index_select(&idx, 0)?)
     }

@@ -14,9 +14,9 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::audio_config::AudioSpec;
 use crate::error::{Error, Result};
 use crate::vision_config::{MultimodalTokens, VisionSpec};
-use crate::audio_config::AudioSpec;
 
 /// Attention type of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -207,9 +207,9 @@ impl ModelConfig {
         };
         let audio = match obj.get("audio_config") {
             None | Some(Value::Null) => None,
-            Some(Value::Object(a)) if architecture != Architecture::Gemma4Text => Some(
-                AudioSpec::from_object(a, unified).map_err(|m| format!("audio_config: {m}"))?,
-            ),
+            Some(Value::Object(a)) if architecture != Architecture::Gemma4Text => {
+                Some(AudioSpec::from_object(a, unified).map_err(|m| format!("audio_config: {m}"))?)
+            }
             Some(Value::Object(_)) => None,
             Some(v) => return Err(format!("`audio_config` must be an object, found {v}")),
         };

@@ -176,7 +176,10 @@ impl Gemma4 {
 
     /// Features of audio clips for this checkpoint's encoder (resampled as needed).
     pub fn process_audio(&self, clips: &[Audio]) -> Result<Vec<AudioFeatures>> {
-        clips.iter().map(|a| self.audio_features.extract(a)).collect()
+        clips
+            .iter()
+            .map(|a| self.audio_features.extract(a))
+            .collect()
     }
 
     /// `(kept, total)` seconds when the feature extractor will cut `clip` short (the
@@ -226,11 +229,20 @@ impl Gemma4 {
             )
         };
         if (!media.images.is_empty() || !media.videos.is_empty()) && self.vision.is_none() {
-            let arg = if media.images.is_empty() { "--video" } else { "--image" };
+            let arg = if media.images.is_empty() {
+                "--video"
+            } else {
+                "--image"
+            };
             return Err(missing(arg, false, self.config.vision.is_some(), "vision"));
         }
         if !media.audio.is_empty() && self.audio.is_none() {
-            return Err(missing("--audio", false, self.config.audio.is_some(), "audio"));
+            return Err(missing(
+                "--audio",
+                false,
+                self.config.audio.is_some(),
+                "audio",
+            ));
         }
         let processed = ProcessedMedia {
             images: self.process_images(&media.images)?,
@@ -329,7 +341,11 @@ impl Gemma4 {
 fn processor_configs(
     dir: &Path,
     config: &ModelConfig,
-) -> Result<(ImageProcessorConfig, VideoProcessorConfig, AudioFeatureExtractor)> {
+) -> Result<(
+    ImageProcessorConfig,
+    VideoProcessorConfig,
+    AudioFeatureExtractor,
+)> {
     let layout = match config.vision {
         Some(crate::vision_config::VisionSpec::Unified(_)) => PatchLayout::Merged,
         _ => PatchLayout::Tower,
@@ -368,7 +384,9 @@ fn processor_configs(
     };
     let audio_section = match &combined {
         Some(c) if c.get("feature_extractor").is_some() => c.get("feature_extractor").cloned(),
-        _ => read("preprocessor_config.json")?.filter(|v| v.get("feature_extractor_type").is_some()),
+        _ => {
+            read("preprocessor_config.json")?.filter(|v| v.get("feature_extractor_type").is_some())
+        }
     };
     if let Some(s) = audio_section {
         audio.update_from(&s).map_err(|m| {

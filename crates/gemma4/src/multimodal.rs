@@ -150,11 +150,8 @@ pub fn expand_prompt(text: &str, m: &MarkerStrings, media: &ProcessedMedia) -> R
         }
     }
     let (mut out, mut rest) = (String::with_capacity(text.len()), text);
-    let (mut imgs, mut vids, mut clips) = (
-        media.images.iter(),
-        media.videos.iter(),
-        media.audio.iter(),
-    );
+    let (mut imgs, mut vids, mut clips) =
+        (media.images.iter(), media.videos.iter(), media.audio.iter());
     loop {
         // The earliest marker next; a marker is never a prefix of another.
         let next = [&m.image, &m.video, &m.audio]
@@ -291,17 +288,31 @@ pub fn build_input(
     };
     let frames: Vec<&ProcessedImage> = media.videos.iter().flat_map(|v| v.frames.iter()).collect();
     for (kind, id, inputs) in [
-        ("image", tokens.image, media.images.iter().collect::<Vec<_>>()),
+        (
+            "image",
+            tokens.image,
+            media.images.iter().collect::<Vec<_>>(),
+        ),
         ("video", tokens.video, frames),
     ] {
-        h0 = splice_kind(h0, &ids, (kind, id), &inputs, |f| f.num_soft_tokens, |f| {
-            vision.ok_or_else(|| no_encoder(kind, "vision"))?.embed(f)
-        })?;
+        h0 = splice_kind(
+            h0,
+            &ids,
+            (kind, id),
+            &inputs,
+            |f| f.num_soft_tokens,
+            |f| vision.ok_or_else(|| no_encoder(kind, "vision"))?.embed(f),
+        )?;
     }
     let clips: Vec<&AudioFeatures> = media.audio.iter().collect();
-    h0 = splice_kind(h0, &ids, ("audio", tokens.audio), &clips, |f| f.num_soft_tokens, |f| {
-        audio.ok_or_else(|| no_encoder("audio", "audio"))?.embed(f)
-    })?;
+    h0 = splice_kind(
+        h0,
+        &ids,
+        ("audio", tokens.audio),
+        &clips,
+        |f| f.num_soft_tokens,
+        |f| audio.ok_or_else(|| no_encoder("audio", "audio"))?.embed(f),
+    )?;
     let spans = span_ids(&ids, tokens);
     Ok(PromptInput {
         ids,
@@ -367,15 +378,23 @@ mod tests {
             out,
             "a[<I><I><I>]b00:00 [<V><V>] 01:01 [<V><V>]c{<A><A>}[<I>]d{<A>}"
         );
-        let err = expand_prompt("<I><I>", &markers(), &media(vec![img(1)], vec![], vec![])).unwrap_err();
+        let err =
+            expand_prompt("<I><I>", &markers(), &media(vec![img(1)], vec![], vec![])).unwrap_err();
         assert!(
             err.to_string().contains("2 <I> marker(s) but 1 image(s)"),
             "{err}"
         );
-        let err = expand_prompt("<A>", &markers(), &media(vec![], vec![], vec![clip(1), clip(1)]))
-            .unwrap_err();
+        let err = expand_prompt(
+            "<A>",
+            &markers(),
+            &media(vec![], vec![], vec![clip(1), clip(1)]),
+        )
+        .unwrap_err();
         assert!(
-            err.to_string().contains("--audio") && err.to_string().contains("1 <A> marker(s) but 2 audio clip(s)"),
+            err.to_string().contains("--audio")
+                && err
+                    .to_string()
+                    .contains("1 <A> marker(s) but 2 audio clip(s)"),
             "{err}"
         );
         assert!(expand_prompt("none", &markers(), &media(vec![img(1)], vec![], vec![])).is_err());

@@ -143,7 +143,9 @@ mod tests {
 
     #[test]
     fn odd_rates_are_cheap_and_sane() {
-        let x: Vec<f32> = (0..44_101).map(|i| ((i % 100) as f32 / 100.0) - 0.5).collect();
+        let x: Vec<f32> = (0..44_101)
+            .map(|i| ((i % 100) as f32 / 100.0) - 0.5)
+            .collect();
         let y = resample(&x, 44_101, 16_000).unwrap();
         assert_eq!(y.len(), 16_000);
         assert!(y.iter().all(|v| v.is_finite() && v.abs() < 1.0));

@@ -28,7 +28,6 @@ use candle_core::{DType, Device};
 use common::{fixture, ids, json, max_abs, rows, TOL};
 use serde_json::Value;
 
-
 const CLIPS: [&str; 8] = [
     "hello_16k.wav",
     "stereo_44k_s24.wav",
@@ -61,19 +60,39 @@ fn lossless_decoding_matches_libsndfile() {
         if m["lossy"].as_bool().unwrap() {
             continue; // checked through the features below
         }
-        assert_eq!(a.samples.len() as u64, m["frames"].as_u64().unwrap(), "{name}");
-        assert_eq!(&a.samples[..head.len()], head.as_slice(), "{name}: first samples");
+        assert_eq!(
+            a.samples.len() as u64,
+            m["frames"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            &a.samples[..head.len()],
+            head.as_slice(),
+            "{name}: first samples"
+        );
         let sum: f64 = a.samples.iter().map(|&x| x as f64).sum();
-        assert!((sum - m["mono_sum"].as_f64().unwrap()).abs() < 1e-6, "{name}: sum {sum}");
+        assert!(
+            (sum - m["mono_sum"].as_f64().unwrap()).abs() < 1e-6,
+            "{name}: sum {sum}"
+        );
     }
 }
 
 #[test]
 fn resampler_matches_torchaudio() {
     let dir = fixture("audio");
-    for name in ["stereo_44k_s24.wav", "numbers_8k_u8.wav", "float_22k.wav", "speech_48k.flac"] {
-        let (_, want) = npy::read_f32(&dir.join(format!("golden/wave16k_{}.npy", stem(name)))).unwrap();
-        let got = load_audio(&dir.join(name)).unwrap().resampled(16_000).unwrap();
+    for name in [
+        "stereo_44k_s24.wav",
+        "numbers_8k_u8.wav",
+        "float_22k.wav",
+        "speech_48k.flac",
+    ] {
+        let (_, want) =
+            npy::read_f32(&dir.join(format!("golden/wave16k_{}.npy", stem(name)))).unwrap();
+        let got = load_audio(&dir.join(name))
+            .unwrap()
+            .resampled(16_000)
+            .unwrap();
         assert_eq!(got.samples.len(), want.len(), "{name}");
         let d = max_abs(&got.samples, &want);
         assert!(d < 1e-6, "{name}: resampled waveform differs by {d}");
@@ -96,11 +115,16 @@ fn extractor_matches_the_reference_on_its_waveforms() {
         } else {
             continue; // lossy at another rate: only end to end below
         };
-        let (shape, want) = npy::read_f32(&dir.join(format!("golden/features_{}.npy", stem(name)))).unwrap();
+        let (shape, want) =
+            npy::read_f32(&dir.join(format!("golden/features_{}.npy", stem(name)))).unwrap();
         let (_, mask) = npy::read_u8(&dir.join(format!("golden/mask_{}.npy", stem(name)))).unwrap();
         let f = ex.extract(&audio).unwrap();
         assert_eq!(vec![f.num_frames, f.dim], shape, "{name}");
-        assert_eq!(f.mask, mask.iter().map(|&m| m != 0).collect::<Vec<_>>(), "{name}");
+        assert_eq!(
+            f.mask,
+            mask.iter().map(|&m| m != 0).collect::<Vec<_>>(),
+            "{name}"
+        );
         let d = max_abs(&f.features, &want);
         assert!(d < TOL, "{name}: features differ by {d}");
     }
@@ -116,7 +140,8 @@ fn extractor_options_match_the_reference() {
     for (tag, section) in variants.as_object().unwrap() {
         let mut ex = AudioFeatureExtractor::mel();
         ex.update_from(section).unwrap();
-        let (shape, want) = npy::read_f32(&dir.join(format!("golden/features_variant_{tag}.npy"))).unwrap();
+        let (shape, want) =
+            npy::read_f32(&dir.join(format!("golden/features_variant_{tag}.npy"))).unwrap();
         let f = ex.extract(&audio).unwrap();
         assert_eq!(vec![f.num_frames, f.dim], shape, "{tag}");
         let d = max_abs(&f.features, &want);
@@ -132,7 +157,8 @@ fn features_from_files_match_the_reference() {
     let ex = AudioFeatureExtractor::mel();
     for name in CLIPS {
         let m = &meta["clips"][name];
-        let (_, want) = npy::read_f32(&dir.join(format!("golden/features_{}.npy", stem(name)))).unwrap();
+        let (_, want) =
+            npy::read_f32(&dir.join(format!("golden/features_{}.npy", stem(name)))).unwrap();
         let f = ex.extract(&load_audio(&dir.join(name)).unwrap()).unwrap();
         let d = max_abs(&f.features, &want);
         // Raised tolerances, with their reasons:
@@ -155,8 +181,13 @@ fn features_from_files_match_the_reference() {
 
 fn tower_from(dir: &std::path::Path, prefix: &str) -> (AudioConfig, AudioTower) {
     let cfg = json(&dir.join("config.json"));
-    let obj = if prefix.is_empty() { &cfg } else { &cfg["audio_config"] };
-    let AudioSpec::Tower(c) = AudioSpec::from_object(obj.as_object().unwrap(), false).unwrap() else {
+    let obj = if prefix.is_empty() {
+        &cfg
+    } else {
+        &cfg["audio_config"]
+    };
+    let AudioSpec::Tower(c) = AudioSpec::from_object(obj.as_object().unwrap(), false).unwrap()
+    else {
         panic!("tower config expected")
     };
     let ckpt = Checkpoint::open(dir).unwrap();
@@ -174,7 +205,8 @@ fn tower_with_right_context_matches_reference() {
         let audio = if clip == "hello_16k" {
             load_audio(&fixture("audio").join("hello_16k.wav")).unwrap()
         } else {
-            let (_, w) = npy::read_f32(&fixture("audio").join("golden/wave16k_float_22k.npy")).unwrap();
+            let (_, w) =
+                npy::read_f32(&fixture("audio").join("golden/wave16k_float_22k.npy")).unwrap();
             Audio::new(w, 16_000).unwrap()
         };
         let f = ex.extract(&audio).unwrap();
@@ -188,7 +220,6 @@ fn tower_with_right_context_matches_reference() {
         assert!(d < TOL, "{clip}: tower output differs by {d}");
     }
 }
-
 
 /// A prompt's clips as the reference's model saw them: its 16 kHz waveform for resampled
 /// clips (the resampler is checked on its own above), the decoded file otherwise.
@@ -231,7 +262,10 @@ fn check_model(name: &str) {
         };
         let want_ids = ids(&case["input_ids"]);
         let input = model
-            .prepare(&Prompt::Text(case["text"].as_str().unwrap().to_string()), &media)
+            .prepare(
+                &Prompt::Text(case["text"].as_str().unwrap().to_string()),
+                &media,
+            )
             .unwrap();
         assert_eq!(input.ids, want_ids, "{name} case {k}: expanded prompt ids");
 
@@ -247,26 +281,37 @@ fn check_model(name: &str) {
             if tp.exists() {
                 let (_, want) = npy::read_f32(&tp).unwrap();
                 let d = max_abs(&rows(&enc.encode(f).unwrap()), &want);
-                assert!(d <= TOL, "{name} case {k} clip {c}: tower output differs by {d}");
+                assert!(
+                    d <= TOL,
+                    "{name} case {k} clip {c}: tower output differs by {d}"
+                );
             }
             let (_, want) =
                 npy::read_f32(&dir.join(format!("golden/audio_embedded_{k}_{c}.npy"))).unwrap();
             let d = max_abs(&rows(&enc.embed(f).unwrap()), &want);
-            assert!(d <= TOL, "{name} case {k} clip {c}: embedded soft tokens differ by {d}");
+            assert!(
+                d <= TOL,
+                "{name} case {k} clip {c}: embedded soft tokens differ by {d}"
+            );
         }
 
         // Full-sequence logits, each cached step's logits and the greedy ids (with the
         // image of case 2 too, these fixtures stay within the project tolerance).
         let tol = TOL;
         let (_, want) = npy::read_f32(&dir.join(format!("golden/logits_{k}.npy"))).unwrap();
-        let got = rows(&tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All).unwrap());
+        let got = rows(
+            &tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All)
+                .unwrap(),
+        );
         let d = max_abs(&got, &want);
         eprintln!("{name} case {k}: logits max-abs {d:.2e}");
         assert!(d <= tol, "{name} case {k}: logits differ by {d}");
         let want_greedy = ids(&case["greedy_ids"]);
         let (_, steps) = npy::read_f32(&dir.join(format!("golden/step_logits_{k}.npy"))).unwrap();
         let mut cache = tm.new_cache();
-        let mut logits = tm.forward_input(&input, &mut cache, LogitsFor::Last).unwrap();
+        let mut logits = tm
+            .forward_input(&input, &mut cache, LogitsFor::Last)
+            .unwrap();
         for (t, &id) in want_greedy.iter().enumerate() {
             let d = max_abs(&rows(&logits), &steps[t * vocab..(t + 1) * vocab]);
             assert!(d <= tol, "{name} case {k} step {t}: logits differ by {d}");
@@ -278,7 +323,10 @@ fn check_model(name: &str) {
             stop_ids: vec![],
         };
         let out = generate_from(tm, &input, &opts, |_| Ok(())).unwrap();
-        assert_eq!(out.generated_ids, want_greedy, "{name} case {k}: greedy ids");
+        assert_eq!(
+            out.generated_ids, want_greedy,
+            "{name} case {k}: greedy ids"
+        );
     }
 }
 

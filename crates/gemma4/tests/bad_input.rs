@@ -199,7 +199,9 @@ fn bad_audio_inputs_and_configs_are_named() {
     use gemma4::audio::{load_audio, Audio};
     use gemma4::model::Media;
     // A missing file names the path.
-    let e = load_audio(Path::new("/nonexistent/clip.wav")).unwrap_err().to_string();
+    let e = load_audio(Path::new("/nonexistent/clip.wav"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent/clip.wav"), "{e}");
 
     let model = Gemma4::load(&fixture("audio_small"), LoadOptions::default()).unwrap();
@@ -216,16 +218,25 @@ fn bad_audio_inputs_and_configs_are_named() {
     // Raw ids with audio placeholders that do not match the clip's soft tokens.
     let t = &model.config.mm_tokens;
     let e = model
-        .prepare(&Prompt::Ids(vec![2, t.boa, t.audio, t.audio, t.eoa]), &media(16_000))
+        .prepare(
+            &Prompt::Ids(vec![2, t.boa, t.audio, t.audio, t.eoa]),
+            &media(16_000),
+        )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("2 audio placeholder token(s)") && e.contains("25 soft tokens"), "{e}");
+    assert!(
+        e.contains("2 audio placeholder token(s)") && e.contains("25 soft tokens"),
+        "{e}"
+    );
 
     // An unknown activation and a tower that does not fit its tensors.
     let dir = scratch("audio_small", "audio-act");
     edit_config(&dir, |v| v["audio_config"]["hidden_act"] = "relu".into());
     let e = load_err(&dir);
-    assert!(e.contains("audio_config") && e.contains("hidden_act"), "{e}");
+    assert!(
+        e.contains("audio_config") && e.contains("hidden_act"),
+        "{e}"
+    );
     edit_config(&dir, |v| {
         v["audio_config"]["hidden_act"] = "silu".into();
         v["audio_config"]["hidden_size"] = 64.into();
@@ -235,10 +246,14 @@ fn bad_audio_inputs_and_configs_are_named() {
     // A bad feature-extractor setting names the file and section.
     edit_config(&dir, |v| v["audio_config"]["hidden_size"] = 32.into());
     let p = dir.join("processor_config.json");
-    let mut pc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut pc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     pc["feature_extractor"]["per_bin_mean"] = serde_json::json!([0.0, 1.0]);
     std::fs::write(&p, pc.to_string()).unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("processor_config.json") && e.contains("per_bin_mean"), "{e}");
+    assert!(
+        e.contains("processor_config.json") && e.contains("per_bin_mean"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

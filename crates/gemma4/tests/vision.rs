@@ -180,7 +180,11 @@ fn media_for(case: &Value, images_dir: &Path) -> Media {
         .as_str()
         .map(|f| vec![load_video(&images_dir.join(f)).unwrap()])
         .unwrap_or_default();
-    Media { images, videos, audio: vec![] }
+    Media {
+        images,
+        videos,
+        audio: vec![],
+    }
 }
 
 fn check_model(name: &str) {
