@@ -463,6 +463,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         "moe": t.moe.as_ref().map(|m| json!({"experts": m.num_experts, "top_k": m.top_k, "width": m.intermediate_size})),
         "has_vision": cfg.vision.is_some(),
         "has_audio": cfg.audio.is_some(),
+        "audio": audio_summary(&cfg).map(|(kind, detail)| json!({"encoder": kind, "detail": detail})),
         "parameters": {"text": counts.text, "vision": counts.vision, "audio": counts.audio, "other": counts.other, "total": counts.total()},
         "layers": layers,
     });
@@ -472,6 +473,30 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     }
     print_info(&a.model, &cfg, &counts);
     Ok(())
+}
+
+/// (kind, one-line description) of the checkpoint's audio encoder.
+fn audio_summary(cfg: &ModelConfig) -> Option<(&'static str, String)> {
+    use gemma4::audio_config::AudioSpec;
+    Some(match cfg.audio.as_ref()? {
+        AudioSpec::Tower(a) => (
+            "conformer",
+            format!(
+                "{} layers, width {}, {} heads, chunks of {} frames with {} left / {} right context, output {}",
+                a.num_hidden_layers,
+                a.hidden_size,
+                a.num_attention_heads,
+                a.attention_chunk_size,
+                a.attention_context_left,
+                a.attention_context_right,
+                a.output_proj_dims
+            ),
+        ),
+        AudioSpec::Unified(a) => (
+            "frames",
+            format!("raw frames of {} samples, no tower", a.audio_embed_dim),
+        ),
+    })
 }
 
 fn print_info(dir: &Path, cfg: &ModelConfig, c: &ParameterCounts) {
@@ -497,6 +522,9 @@ fn print_info(dir: &Path, cfg: &ModelConfig, c: &ParameterCounts) {
             "  MoE: {} experts, top-{}, width {}",
             m.num_experts, m.top_k, m.intermediate_size
         );
+    }
+    if let Some((kind, detail)) = audio_summary(cfg) {
+        println!("  audio ({kind}): {detail}");
     }
     println!(
         "  parameters: text {}  vision {}  audio {}  other {}  total {}",

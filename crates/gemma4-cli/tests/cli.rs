@@ -450,3 +450,61 @@ fn embed_audio_writes_soft_tokens_and_bad_audio_fails_cleanly() {
     }
     std::fs::remove_file(&bad).ok();
 }
+
+#[test]
+fn audio_from_stdin_and_logits_with_audio() {
+    use std::io::Write as _;
+    let dir = fixture("audio_small");
+    let clip = std::fs::read(fixture("audio").join("hello_16k.wav")).unwrap();
+    let out_path =
+        std::env::temp_dir().join(format!("gemma4-stdin-audio-{}.npy", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args([
+            "embed-audio",
+            "--model",
+            dir.to_str().unwrap(),
+            "--audio",
+            "-",
+            "--out",
+            out_path.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&clip).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (shape, diff) = read_npy_max_diff(&out_path, &dir.join("golden/audio_embedded_0_0.npy"));
+    assert_eq!(shape, vec![40, 64]);
+    assert!(diff < 1e-4, "{diff}");
+
+    // `logits` takes --audio too: the reference's logits of prompt 0.
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden/prompts.json")).unwrap())
+            .unwrap();
+    let out = gemma4(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        g["cases"][0]["text"].as_str().unwrap(),
+        "--audio",
+        fixture("audio").join("hello_16k.wav").to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (shape, diff) = read_npy_max_diff(&out_path, &dir.join("golden/logits_0.npy"));
+    assert_eq!(shape, vec![71, 512]);
+    assert!(diff < 1e-4, "{diff}");
+    std::fs::remove_file(&out_path).ok();
+}
