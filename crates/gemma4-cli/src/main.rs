@@ -119,6 +119,10 @@ struct MediaArgs {
     /// input). WAV, FLAC, MP3 or Ogg Vorbis, any rate and channel count.
     #[arg(long, value_name = "PATH")]
     audio: Vec<PathBuf>,
+    /// Resampling of clips not at 16 kHz: torchaudio (exact to the reference's
+    /// torchaudio backend) or soxr (its soundfile backend; needs the `soxr` build feature).
+    #[arg(long, value_name = "KIND")]
+    resample: Option<gemma4::resample::Resampler>,
 }
 
 #[derive(Args)]
@@ -276,6 +280,9 @@ fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
     }
     if let Some(k) = a.resize {
         model.image_processor.resize = k;
+    }
+    if let Some(r) = a.resample {
+        model.resampler = r;
     }
     let images = a
         .image

@@ -18,7 +18,7 @@ use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
 
 use crate::error::{Error, Result};
-use crate::resample::resample;
+use crate::resample::{resample_with, Resampler};
 
 /// A mono clip: f32 samples in [-1, 1] at `sample_rate` Hz.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,13 +67,17 @@ impl Audio {
         self.samples.len() as f64 / self.sample_rate as f64
     }
 
-    /// This clip at `rate` Hz (unchanged when it already is).
+    /// This clip at `rate` Hz (unchanged when it already is), with the default resampler.
     pub fn resampled(&self, rate: u32) -> Result<Audio> {
+        self.resampled_with(rate, Resampler::default())
+    }
+
+    pub fn resampled_with(&self, rate: u32, which: Resampler) -> Result<Audio> {
         if rate == self.sample_rate {
             return Ok(self.clone());
         }
         Ok(Audio {
-            samples: resample(&self.samples, self.sample_rate, rate)?,
+            samples: resample_with(&self.samples, self.sample_rate, rate, which)?,
             sample_rate: rate,
         })
     }

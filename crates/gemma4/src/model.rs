@@ -18,6 +18,7 @@ use crate::image_processor::{
     process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, Rescale, RgbImage,
 };
 use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
+use crate::resample::Resampler;
 use crate::resize::ResizeKernel;
 use crate::text_model::{PromptInput, TextModel};
 use crate::tokenizer::Tokenizer;
@@ -87,6 +88,8 @@ pub struct Gemma4 {
     pub audio: Option<AudioEncoder>,
     /// Audio feature extractor settings (`processor_config.json`'s `feature_extractor`).
     pub audio_features: AudioFeatureExtractor,
+    /// How clips at another rate are brought to the extractor's.
+    pub resampler: Resampler,
     /// Image processor settings (`processor_config.json`), adjustable before use.
     pub image_processor: ImageProcessorConfig,
     pub video_processor: VideoProcessorConfig,
@@ -154,6 +157,7 @@ impl Gemma4 {
             vision,
             audio,
             audio_features,
+            resampler: Resampler::default(),
             image_processor,
             video_processor,
         })

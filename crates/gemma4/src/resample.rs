@@ -1,6 +1,11 @@
-//! Band-limited resampling as `torchaudio.functional.resample` with its defaults
-//! (`sinc_interp_hann`, `lowpass_filter_width=6`, `rolloff=0.99`): the reference's
-//! `load_audio(..., backend="torchaudio")` path.
+//! Resampling to the feature extractor's rate, as two of the reference's `load_audio`
+//! backends do (they disagree with each other, see the README):
+//!
+//! - [`Resampler::Torchaudio`] (default, pure Rust): `torchaudio.functional.resample` with
+//!   its defaults (`sinc_interp_hann`, `lowpass_filter_width=6`, `rolloff=0.99`), the
+//!   `backend="torchaudio"` path, reproduced exactly (below).
+//! - [`Resampler::Soxr`] (cargo feature `soxr`): libsoxr's `soxr_hq`, the
+//!   `backend="soundfile"` path (librosa's), output padded or cut to `⌈n · new / orig⌉`.
 //!
 //! With `g = gcd(orig, new)`, `o = orig/g`, `n = new/g`, output sample `m·n + j` is
 //! `Σ_k K[j][k] · x[m·o + k − w]` where `w = ⌈6·o / (0.99·min(o, n))⌉` and
@@ -65,7 +70,91 @@ fn phase(j: usize, o: usize, n: usize, width: usize, base: f64) -> Phase {
     }
 }
 
-/// `x` at `orig` Hz → `new` Hz.
+/// Which resampling to reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resampler {
+    #[default]
+    Torchaudio,
+    Soxr,
+}
+
+impl std::str::FromStr for Resampler {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "torchaudio" => Ok(Resampler::Torchaudio),
+            "soxr" | "soxr_hq" => Ok(Resampler::Soxr),
+            other => Err(format!(
+                "unknown resampler `{other}` (expected torchaudio or soxr)"
+            )),
+        }
+    }
+}
+
+/// `x` at `orig` Hz → `new` Hz with `which`.
+pub fn resample_with(x: &[f32], orig: u32, new: u32, which: Resampler) -> Result<Vec<f32>> {
+    match which {
+        Resampler::Torchaudio => resample(x, orig, new),
+        Resampler::Soxr => soxr_hq(x, orig, new),
+    }
+}
+
+#[cfg(not(feature = "soxr"))]
+fn soxr_hq(_: &[f32], _: u32, _: u32) -> Result<Vec<f32>> {
+    Err(Error::invalid_argument(
+        "resampler",
+        "soxr needs a build with the `soxr` cargo feature",
+    ))
+}
+
+/// libsoxr's one-shot `soxr_hq` (20-bit quality, linear phase), mono f32.
+#[cfg(feature = "soxr")]
+fn soxr_hq(x: &[f32], orig: u32, new: u32) -> Result<Vec<f32>> {
+    use soxr_sys as s;
+    if orig == new {
+        return Ok(x.to_vec());
+    }
+    // librosa/transformers: ceil(n · new / orig) samples, padded or cut.
+    let want = (x.len() as f64 * new as f64 / orig as f64).ceil() as usize;
+    let mut out = vec![0.0f32; want + 64];
+    let (mut idone, mut odone) = (0usize, 0usize);
+    // SAFETY: the buffers outlive the call and their lengths are passed alongside.
+    let err = unsafe {
+        let io = s::soxr_io_spec(
+            s::soxr_datatype_t_SOXR_FLOAT32_I,
+            s::soxr_datatype_t_SOXR_FLOAT32_I,
+        );
+        let q = s::soxr_quality_spec(s::SOXR_20_BITQ as _, 0);
+        let rt = s::soxr_runtime_spec(1);
+        s::soxr_oneshot(
+            orig as f64,
+            new as f64,
+            1,
+            x.as_ptr() as s::soxr_in_t,
+            x.len(),
+            &mut idone,
+            out.as_mut_ptr() as s::soxr_out_t,
+            out.len(),
+            &mut odone,
+            &io,
+            &q,
+            &rt,
+        )
+    };
+    if !err.is_null() {
+        // SAFETY: libsoxr returns a static NUL-terminated message.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy();
+        return Err(Error::invalid_argument(
+            "resampler",
+            format!("libsoxr: {msg}"),
+        ));
+    }
+    out.truncate(odone.min(want));
+    out.resize(want, 0.0);
+    Ok(out)
+}
+
+/// `x` at `orig` Hz → `new` Hz, as `torchaudio.functional.resample`.
 pub fn resample(x: &[f32], orig: u32, new: u32) -> Result<Vec<f32>> {
     if orig == 0 || new == 0 {
         return Err(Error::invalid_argument(
