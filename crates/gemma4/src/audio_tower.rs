@@ -43,6 +43,8 @@ fn every_other(mask: &[bool]) -> Vec<bool> {
 }
 
 struct SubsampleLayer {
+    /// f32: candle's CPU convolution has no bf16 matmul; f32 accumulation then rounding
+    /// is what the reference's bf16 convolution computes too.
     conv: Tensor,
     norm: LayerNorm,
 }
@@ -50,7 +52,7 @@ struct SubsampleLayer {
 impl SubsampleLayer {
     fn new(cin: usize, cout: usize, eps: f64, w: &Weights) -> Result<Self> {
         Ok(SubsampleLayer {
-            conv: w.get(&[cout, cin, 3, 3], "conv.weight")?,
+            conv: w.get_f32(&[cout, cin, 3, 3], "conv.weight")?,
             norm: LayerNorm::without_bias(cout, eps, w, "norm")?,
         })
     }
@@ -65,7 +67,11 @@ impl SubsampleLayer {
             x.device(),
         )?
         .to_dtype(x.dtype())?;
-        let x = x.broadcast_mul(&m)?.conv2d(&self.conv, 1, 2, 1, 1)?;
+        let x = x
+            .broadcast_mul(&m)?
+            .to_dtype(DType::F32)?
+            .conv2d(&self.conv, 1, 2, 1, 1)?
+            .to_dtype(x.dtype())?;
         let x = self.norm.forward(&x.permute((0, 2, 3, 1))?)?.relu()?;
         Ok(x.permute((0, 3, 1, 2))?.contiguous()?)
     }
