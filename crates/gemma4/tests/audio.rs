@@ -397,3 +397,60 @@ fn soxr_resampler_needs_its_feature() {
     assert!(e.contains("soxr") && e.contains("feature"), "{e}");
     assert_eq!(a.resampled_with(8_000, Resampler::Soxr).unwrap(), a);
 }
+
+/// bf16 compute, bounded relative to the reference's own bf16 run (as the text decoder's
+/// bf16 test in tests/parity.rs): the embedded soft tokens and the logits of prompt 0 may
+/// drift from the f32 golden at most 1.5× as far as transformers' bf16 does.
+#[test]
+fn bf16_audio_is_as_accurate_as_reference_bf16() {
+    for name in ["audio_small", "audio_unified"] {
+        let dir = fixture(name);
+        let g = json(&dir.join("golden/prompts.json"));
+        let case = &g["cases"][0];
+        let opts = LoadOptions {
+            dtype: DType::BF16,
+            ..Default::default()
+        };
+        let model = Gemma4::load(&dir, opts).unwrap();
+        let media = Media {
+            audio: clips_for(case),
+            ..Default::default()
+        };
+        let f = model.process_audio(&media.audio).unwrap();
+        let enc = model.audio.as_ref().unwrap();
+        let soft = rows(&enc.embed(&f[0]).unwrap().to_dtype(DType::F32).unwrap());
+        let (_, f32_soft) = npy::read_f32(&dir.join("golden/audio_embedded_0_0.npy")).unwrap();
+        let (_, bf16_soft) =
+            npy::read_f32(&dir.join("golden/audio_embedded_bf16_0_0.npy")).unwrap();
+        let (d_ours, d_ref) = (max_abs(&soft, &f32_soft), max_abs(&bf16_soft, &f32_soft));
+        eprintln!(
+            "{name}: soft tokens vs f32, ours bf16 {d_ours:.3e}, transformers bf16 {d_ref:.3e}"
+        );
+        assert!(
+            d_ours <= 1.5 * d_ref,
+            "{name}: bf16 soft-token drift {d_ours} vs {d_ref}"
+        );
+
+        let input = model
+            .prepare(
+                &Prompt::Text(case["text"].as_str().unwrap().to_string()),
+                &media,
+            )
+            .unwrap();
+        let tm = &model.text;
+        let got = rows(
+            &tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        );
+        let (_, f32_ref) = npy::read_f32(&dir.join("golden/logits_0.npy")).unwrap();
+        let (_, bf16_ref) = npy::read_f32(&dir.join("golden/logits_bf16_0.npy")).unwrap();
+        let (d_ours, d_ref) = (max_abs(&got, &f32_ref), max_abs(&bf16_ref, &f32_ref));
+        eprintln!("{name}: logits vs f32, ours bf16 {d_ours:.3e}, transformers bf16 {d_ref:.3e}");
+        assert!(
+            d_ours <= 1.5 * d_ref,
+            "{name}: bf16 logit drift {d_ours} vs {d_ref}"
+        );
+    }
+}
