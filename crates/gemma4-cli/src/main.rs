@@ -30,6 +30,7 @@ use gemma4::weights::Checkpoint;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 use serde_json::json;
 
+mod bench;
 mod embed;
 
 #[derive(Parser)]
@@ -41,6 +42,9 @@ mod embed;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for the matrix kernels (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -55,9 +59,11 @@ enum Command {
     EmbedAudio(EmbedAudioArgs),
     /// Show a checkpoint's sizes, layer plan and parameter counts.
     Info(InfoArgs),
+    /// Measure load time, prefill and decode tokens/s (median of several runs) and peak RSS.
+    Bench(BenchArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum DtypeArg {
     F32,
     Bf16,
@@ -206,6 +212,27 @@ struct EmbedAudioArgs {
 }
 
 #[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens (a fixed pseudo-random prompt).
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens generated per run (greedy, no stop).
+    #[arg(long, default_value_t = 32)]
+    gen: usize,
+    /// Measured runs; the medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Unmeasured runs first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     #[arg(long)]
     model: PathBuf,
@@ -214,7 +241,17 @@ struct InfoArgs {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            std::process::exit(1);
+        }
+        // Read by candle's kernels and rayon's pool when they first start; nothing has run
+        // yet, and this is the only thread.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -227,6 +264,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::EmbedImage(a) => embed::cmd_embed_image(a),
         Command::EmbedAudio(a) => embed::cmd_embed_audio(a),
         Command::Info(a) => cmd_info(a),
+        Command::Bench(a) => bench::cmd_bench(a),
     }
 }
 

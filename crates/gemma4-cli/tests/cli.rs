@@ -508,3 +508,52 @@ fn audio_from_stdin_and_logits_with_audio() {
     assert!(diff < 1e-4, "{diff}");
     std::fs::remove_file(&out_path).ok();
 }
+
+#[test]
+fn bench_reports_medians_threads_and_rss_as_json() {
+    let dir = fixture("e2b_like");
+    let out = gemma4(&[
+        "--threads",
+        "1",
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-len",
+        "20",
+        "--gen",
+        "4",
+        "--runs",
+        "3",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["prompt_len"], 20);
+    assert_eq!(v["decode_tok_s_runs"].as_array().unwrap().len(), 3);
+    for k in ["load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {}", v[k]);
+    }
+    // The median is one of the runs.
+    let runs: Vec<f64> = v["decode_tok_s_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(runs.contains(&v["decode_tok_s"].as_f64().unwrap()));
+    // A context longer than the model allows is refused.
+    let out = gemma4(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-len",
+        "100000",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context"));
+}

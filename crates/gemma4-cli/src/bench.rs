@@ -1,0 +1,182 @@
+//! `gemma4 bench`: load time, prefill and decode throughput (median of several runs after
+//! warm-up) and peak RSS for a checkpoint's text decoder, on a deterministic random prompt.
+//! Greedy decoding with no stop ids, so every run does the same work.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use gemma4::text_model::LogitsFor;
+use gemma4::{Gemma4, LoadOptions};
+use serde_json::json;
+
+use crate::BenchArgs;
+
+/// Peak resident set size of this process in bytes (`VmHWM`), where the OS reports it.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A fixed pseudo-random prompt of `n` ids in `[3, vocab)` (no pad/eos/bos).
+fn prompt_ids(n: usize, vocab: usize, bos: u32) -> Vec<u32> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut ids = vec![bos];
+    while ids.len() < n {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ids.push(3 + (state % (vocab as u64 - 3)) as u32);
+    }
+    ids.truncate(n);
+    ids
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Run {
+    prefill_s: f64,
+    decode_s: f64,
+}
+
+fn one_run(model: &Gemma4, prompt: &[u32], gen: usize) -> Result<Run> {
+    let tm = &model.text;
+    let mut cache = tm.new_cache();
+    let t = Instant::now();
+    let logits = tm.forward(prompt, &mut cache, LogitsFor::Last)?;
+    let mut next = gemma4::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+    let prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..gen {
+        let logits = tm.forward(&[next], &mut cache, LogitsFor::Last)?;
+        next = gemma4::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(Run {
+        prefill_s,
+        decode_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.prompt_len == 0 || a.gen == 0 || a.runs == 0 {
+        bail!("--prompt-len, --gen and --runs must be at least 1");
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let t = Instant::now();
+    let model = Gemma4::load(
+        &a.model.model,
+        LoadOptions {
+            dtype: a.model.dtype.dtype(),
+            vision: false,
+            audio: false,
+            ..Default::default()
+        },
+    )?;
+    let load_s = t.elapsed().as_secs_f64();
+    let cfg = model.text.config();
+    let ctx = a.prompt_len + a.gen;
+    if ctx > cfg.max_position_embeddings {
+        bail!(
+            "--prompt-len {} + --gen {} exceeds the model's context of {}",
+            a.prompt_len,
+            a.gen,
+            cfg.max_position_embeddings
+        );
+    }
+    let prompt = prompt_ids(a.prompt_len, cfg.vocab_size, cfg.bos_token_id);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.json;
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new((a.warmup + a.runs) as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("bench {bar:30} run {pos}/{len} {msg}")
+                .expect("static template"),
+        );
+        b
+    });
+    let mut runs = Vec::new();
+    for i in 0..a.warmup + a.runs {
+        let r = one_run(&model, &prompt, a.gen)?;
+        if let Some(b) = &bar {
+            b.set_message(format!(
+                "prefill {:.1} tok/s, decode {:.2} tok/s",
+                a.prompt_len as f64 / r.prefill_s,
+                a.gen as f64 / r.decode_s
+            ));
+            b.inc(1);
+        }
+        if i >= a.warmup {
+            runs.push(r);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let prefill: Vec<f64> = runs
+        .iter()
+        .map(|r| a.prompt_len as f64 / r.prefill_s)
+        .collect();
+    let decode: Vec<f64> = runs.iter().map(|r| a.gen as f64 / r.decode_s).collect();
+    let (p, d) = (median(prefill.clone()), median(decode.clone()));
+    let rss = peak_rss_bytes();
+    let dtype = format!("{:?}", a.model.dtype).to_lowercase();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": a.model.model.display().to_string(),
+                "dtype": dtype,
+                "threads": threads,
+                "prompt_len": a.prompt_len,
+                "gen": a.gen,
+                "runs": a.runs,
+                "warmup": a.warmup,
+                "load_s": load_s,
+                "prefill_tok_s": p,
+                "decode_tok_s": d,
+                "prefill_tok_s_runs": prefill,
+                "decode_tok_s_runs": decode,
+                "peak_rss_bytes": rss,
+            })
+        );
+    } else {
+        println!(
+            "{}: {dtype}, {threads} threads, prompt {} + {} generated, median of {} runs after {} warm-up",
+            a.model.model.display(),
+            a.prompt_len,
+            a.gen,
+            a.runs,
+            a.warmup
+        );
+        println!("  load     {load_s:.2} s");
+        println!("  prefill  {p:.1} tok/s");
+        println!("  decode   {d:.2} tok/s");
+        if let Some(b) = rss {
+            println!("  peak RSS {:.2} GiB", b as f64 / (1u64 << 30) as f64);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_is_deterministic_and_in_range() {
+        let a = prompt_ids(50, 512, 2);
+        assert_eq!(a, prompt_ids(50, 512, 2));
+        assert_eq!(a[0], 2);
+        assert!(a[1..].iter().all(|&i| (3..512).contains(&i)));
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
