@@ -33,6 +33,38 @@ fn prompt_ids(n: usize, vocab: usize, bos: u32) -> Vec<u32> {
     ids
 }
 
+/// Read bandwidth of this machine in bytes/s: `threads` threads summing a 1 GiB buffer
+/// (16 independent lanes each, so the sum vectorises), median of 5 passes.
+pub(crate) fn read_bandwidth(threads: usize) -> f64 {
+    const N: usize = 1 << 28;
+    let buf = vec![1.0f32; N];
+    let chunk = N.div_ceil(threads.max(1));
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        for block in c.chunks_exact(16) {
+                            for (a, &x) in acc.iter_mut().zip(block) {
+                                *a += x;
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(sum);
+        rates.push((N * 4) as f64 / t.elapsed().as_secs_f64());
+    }
+    median(rates)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -82,6 +114,13 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         },
     )?;
     let load_s = t.elapsed().as_secs_f64();
+    // Bytes a decode step streams: every text weight once, except the per-layer-embedding
+    // table (one row per token), at the compute dtype.
+    let ckpt = gemma4::weights::Checkpoint::open(&a.model.model)?;
+    let counts = gemma4::model::ParameterCounts::of(&ckpt, model.config.architecture);
+    let streamed =
+        (counts.text - counts.per_layer_table) * a.model.dtype.dtype().size_in_bytes() as u64;
+    drop(ckpt);
     let cfg = model.text.config();
     let ctx = a.prompt_len + a.gen;
     if ctx > cfg.max_position_embeddings {
@@ -127,6 +166,9 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     let decode: Vec<f64> = runs.iter().map(|r| a.gen as f64 / r.decode_s).collect();
     let (p, d) = (median(prefill.clone()), median(decode.clone()));
     let rss = peak_rss_bytes();
+    let bandwidth = read_bandwidth(threads);
+    // Decode can at best run at bandwidth / bytes per token.
+    let bound = bandwidth / streamed as f64;
     let dtype = format!("{:?}", a.model.dtype).to_lowercase();
     if a.json {
         println!(
@@ -145,6 +187,10 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
                 "prefill_tok_s_runs": prefill,
                 "decode_tok_s_runs": decode,
                 "peak_rss_bytes": rss,
+                "streamed_bytes_per_token": streamed,
+                "read_bandwidth_bytes_s": bandwidth,
+                "decode_bound_tok_s": bound,
+                "decode_fraction_of_bound": d / bound,
             })
         );
     } else {
@@ -158,7 +204,12 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         );
         println!("  load     {load_s:.2} s");
         println!("  prefill  {p:.1} tok/s");
-        println!("  decode   {d:.2} tok/s");
+        println!(
+            "  decode   {d:.2} tok/s ({:.0}% of the bandwidth bound {bound:.2} tok/s: {:.2} GB per token at {:.1} GB/s)",
+            100.0 * d / bound,
+            streamed as f64 / 1e9,
+            bandwidth / 1e9
+        );
         if let Some(b) = rss {
             println!("  peak RSS {:.2} GiB", b as f64 / (1u64 << 30) as f64);
         }

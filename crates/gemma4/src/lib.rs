@@ -28,6 +28,7 @@ pub mod chat;
 pub mod config;
 pub mod decoder_layer;
 pub mod error;
+pub mod gemv;
 pub mod generation;
 pub mod image_embedder;
 pub mod image_processor;

@@ -6,9 +6,11 @@
 //! `use_clipped_linears` the input is clamped to `[input_min, input_max]` and the output to
 //! `[output_min, output_max]`, bounds read from the checkpoint's 0-d buffers (±∞ = off).
 
-use candle_core::Tensor;
+use candle_core::{DType, Storage, Tensor, D};
+use half::bf16;
 
 use crate::error::Result;
+use crate::gemv::gemv_bf16;
 use crate::text_model::round_to;
 use crate::weights::Weights;
 
@@ -89,16 +91,50 @@ impl Linear {
         &self.weight
     }
 
+    /// One row of input with bf16 weights on the CPU (decoding): [`gemv_bf16`] instead of
+    /// candle's matmul. `None` when the fast path does not apply.
+    fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let w = &self.weight;
+        if w.dtype() != DType::BF16 || !w.device().is_cpu() || x.dtype() != DType::BF16 {
+            return Ok(None);
+        }
+        let n = x.dim(D::Minus1)?;
+        if x.elem_count() != n {
+            return Ok(None);
+        }
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
+        if !layout.is_contiguous() {
+            return Ok(None);
+        }
+        let start = layout.start_offset();
+        let weights = &cpu.as_slice::<bf16>()?[start..start + w.elem_count()];
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let y = gemv_bf16(weights, &xs);
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank ≥ 1") = w.dim(0)?;
+        Ok(Some(
+            Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?,
+        ))
+    }
+
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.clip {
             Some(c) => clamp(x.clone(), c.input)?,
             None => x.clone(),
         };
-        let w = self.weight.t()?;
-        let mut y = match x.rank() {
-            2 => x.matmul(&w)?,
-            _ => x.broadcast_matmul(&w)?,
+        let mut y = match self.gemv(&x)? {
+            Some(y) => y,
+            None => {
+                let w = self.weight.t()?;
+                match x.rank() {
+                    2 => x.matmul(&w)?,
+                    _ => x.broadcast_matmul(&w)?,
+                }
+            }
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

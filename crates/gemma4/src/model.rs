@@ -423,6 +423,8 @@ fn processor_configs(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParameterCounts {
     pub text: u64,
+    /// Of `text`: the per-layer-embedding table, of which decoding reads one row per token.
+    pub per_layer_table: u64,
     pub vision: u64,
     pub audio: u64,
     pub other: u64,
@@ -447,6 +449,9 @@ impl ParameterCounts {
                 &mut c.other
             };
             *slot += n;
+            if name.starts_with(text) && name.ends_with("embed_tokens_per_layer.weight") {
+                c.per_layer_table += n;
+            }
         }
         c
     }

@@ -286,7 +286,9 @@ impl TextModel {
             h = h.narrow(0, h.dim(0)? - 1, 1)?;
         }
         let h = self.norm.forward(&h)?;
-        let mut logits = h.matmul(&self.embed_tokens.t()?)?;
+        // The tied LM head through `Linear`, so decoding gets its matrix–vector kernel.
+        let mut logits =
+            crate::linear::Linear::from_weight(self.embed_tokens.clone()).forward(&h)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = (logits / cap)?.tanh()?.affine(cap, 0.0)?;
         }
