@@ -1,5 +1,5 @@
-//! Matrix–vector products for decoding one token with bf16 weights: `y = W x`, `W` bf16
-//! `[m, n]` row-major (a `Linear` weight), `x` and `y` f32. Batch-1 decode streams every
+//! Matrix–vector products for decoding one token: `y = W x`, `W` bf16 or f32 `[m, n]`
+//! row-major (a `Linear` weight), `x` and `y` f32. Batch-1 decode streams every
 //! weight once per token, so this is a memory-bandwidth problem: each row is read once,
 //! widened to f32 in registers (bf16 is the top half of an f32) and accumulated in f32, as
 //! torch's bf16 linear does before rounding its output. Rows are split across the rayon
@@ -15,36 +15,43 @@ use rayon::prelude::*;
 /// Rows per parallel task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
-/// `y[o] = Σ_i w[o·n + i] · x[i]` for `o < w.len() / n`.
-pub fn gemv_bf16(w: &[bf16], x: &[f32]) -> Vec<f32> {
+/// Rows of `w` (each `x.len()` long) dotted with `x`, in parallel, with `dot`.
+fn gemv<T: Sync>(w: &[T], x: &[f32], dot: impl Fn(&[T], &[f32]) -> f32 + Sync) -> Vec<f32> {
     let n = x.len();
     assert!(
         n > 0 && w.len() % n == 0,
         "weight length is not a multiple of the input length"
     );
-    let m = w.len() / n;
-    let mut y = vec![0f32; m];
-    let simd = avx2_available();
+    let mut y = vec![0f32; w.len() / n];
     y.par_chunks_mut(ROWS_PER_TASK)
         .enumerate()
         .for_each(|(c, ys)| {
             for (r, out) in ys.iter_mut().enumerate() {
                 let o = c * ROWS_PER_TASK + r;
-                let row = &w[o * n..(o + 1) * n];
-                *out = if simd {
-                    // SAFETY: `avx2_available` checked the CPU features.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        dot_bf16_avx2(row, x)
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    dot_bf16_plain(row, x)
-                } else {
-                    dot_bf16_plain(row, x)
-                };
+                *out = dot(&w[o * n..(o + 1) * n], x);
             }
         });
     y
+}
+
+/// `y[o] = Σ_i w[o·n + i] · x[i]` for `o < w.len() / n`, bf16 weights.
+pub fn gemv_bf16(w: &[bf16], x: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return gemv(w, x, |r, x| unsafe { dot_bf16_avx2(r, x) });
+    }
+    gemv(w, x, dot_bf16_plain)
+}
+
+/// The same with f32 weights.
+pub fn gemv_f32(w: &[f32], x: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return gemv(w, x, |r, x| unsafe { dot_f32_avx2(r, x) });
+    }
+    gemv(w, x, dot_f32_plain)
 }
 
 fn avx2_available() -> bool {
@@ -74,6 +81,59 @@ pub fn dot_bf16_plain(w: &[bf16], x: &[f32]) -> f32 {
         s += a.to_f32() * b;
     }
     s
+}
+
+pub fn dot_f32_plain(w: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut wc = w.chunks_exact(8);
+    let mut xc = x.chunks_exact(8);
+    for (a, b) in (&mut wc).zip(&mut xc) {
+        for k in 0..8 {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in wc.remainder().iter().zip(xc.remainder()) {
+        s += a * b;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 8 * k)),
+                _mm256_loadu_ps(xp.add(i + 8 * k)),
+                *a,
+            );
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(wp.add(i)),
+            _mm256_loadu_ps(xp.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    let mut total: f32 = lanes.iter().sum();
+    while i < n {
+        total += w[i] * x[i];
+        i += 1;
+    }
+    total
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -140,6 +200,16 @@ mod tests {
                 );
                 let plain = dot_bf16_plain(&w[o * n..(o + 1) * n], &x);
                 assert!((y[o] - plain).abs() < 1e-4, "simd vs plain");
+            }
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let yf = gemv_f32(&wf, &x);
+            for o in 0..m {
+                assert!(
+                    (yf[o] - y[o]).abs() < 1e-4,
+                    "f32 vs bf16 weights, same values"
+                );
+                let plain = dot_f32_plain(&wf[o * n..(o + 1) * n], &x);
+                assert!((yf[o] - plain).abs() < 1e-4, "f32 simd vs plain");
             }
         }
     }

@@ -10,7 +10,7 @@ use candle_core::{DType, Storage, Tensor, D};
 use half::bf16;
 
 use crate::error::Result;
-use crate::gemv::gemv_bf16;
+use crate::gemv::{gemv_bf16, gemv_f32};
 use crate::text_model::round_to;
 use crate::weights::Weights;
 
@@ -91,11 +91,14 @@ impl Linear {
         &self.weight
     }
 
-    /// One row of input with bf16 weights on the CPU (decoding): [`gemv_bf16`] instead of
-    /// candle's matmul. `None` when the fast path does not apply.
+    /// One row of input with bf16 or f32 weights on the CPU (decoding): the matrix–vector
+    /// kernels of [`crate::gemv`] instead of candle's matmul. `None` when they do not apply.
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let w = &self.weight;
-        if w.dtype() != DType::BF16 || !w.device().is_cpu() || x.dtype() != DType::BF16 {
+        if !matches!(w.dtype(), DType::BF16 | DType::F32)
+            || !w.device().is_cpu()
+            || x.dtype() != w.dtype()
+        {
             return Ok(None);
         }
         let n = x.dim(D::Minus1)?;
@@ -109,10 +112,12 @@ impl Linear {
         if !layout.is_contiguous() {
             return Ok(None);
         }
-        let start = layout.start_offset();
-        let weights = &cpu.as_slice::<bf16>()?[start..start + w.elem_count()];
+        let range = layout.start_offset()..layout.start_offset() + w.elem_count();
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = gemv_bf16(weights, &xs);
+        let y = match w.dtype() {
+            DType::BF16 => gemv_bf16(&cpu.as_slice::<bf16>()?[range], &xs),
+            _ => gemv_f32(&cpu.as_slice::<f32>()?[range], &xs),
+        };
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank ≥ 1") = w.dim(0)?;
         Ok(Some(
