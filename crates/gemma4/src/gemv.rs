@@ -19,7 +19,7 @@ const ROWS_PER_TASK: usize = 64;
 fn gemv<T: Sync>(w: &[T], x: &[f32], dot: impl Fn(&[T], &[f32]) -> f32 + Sync) -> Vec<f32> {
     let n = x.len();
     assert!(
-        n > 0 && w.len() % n == 0,
+        n > 0 && w.len().is_multiple_of(n),
         "weight length is not a multiple of the input length"
     );
     let mut y = vec![0f32; w.len() / n];

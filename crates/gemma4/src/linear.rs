@@ -102,7 +102,8 @@ impl Linear {
             return Ok(None);
         }
         let n = x.dim(D::Minus1)?;
-        if x.elem_count() != n {
+        // One row only, and a matching width (a mismatch is left to matmul's shape error).
+        if x.elem_count() != n || w.rank() != 2 || w.dim(1)? != n {
             return Ok(None);
         }
         let (storage, layout) = w.storage_and_layout();
