@@ -197,16 +197,10 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
 
 /// Reads and decodes an audio file; `-` reads standard input.
 pub fn load_audio(path: &Path) -> Result<Audio> {
-    let name = path.display().to_string();
-    let bytes = if name == "-" {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
-            .map_err(|e| Error::io(path, e))?;
-        b
-    } else {
-        std::fs::read(path).map_err(|e| Error::io(path, e))?
-    };
-    decode_audio(&bytes, &name)
+    decode_audio(
+        &crate::error::read_input(path)?,
+        &path.display().to_string(),
+    )
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use serde_json::Value;
 use crate::audio::Audio;
 use crate::config::Fields;
 use crate::error::{Error, Result};
+use crate::resample::Resampler;
 
 /// `Gemma4AudioFeatureExtractor`'s settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,9 +217,15 @@ impl AudioFeatureExtractor {
         Ok(())
     }
 
-    /// Features of a clip (resampled to the extractor's rate first when needed).
+    /// Features of a clip (resampled to the extractor's rate first when needed, with the
+    /// default resampler).
     pub fn extract(&self, audio: &Audio) -> Result<AudioFeatures> {
-        let audio = audio.resampled(self.sampling_rate())?;
+        self.extract_with(audio, Resampler::default())
+    }
+
+    /// Features of a clip, resampled with `resampler` when its rate differs.
+    pub fn extract_with(&self, audio: &Audio, resampler: Resampler) -> Result<AudioFeatures> {
+        let audio = audio.resampled_with(self.sampling_rate(), resampler)?;
         match self {
             AudioFeatureExtractor::Mel(c) => MelExtractor::new(c).extract(&audio.samples),
             AudioFeatureExtractor::Frames {

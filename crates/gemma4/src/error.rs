@@ -72,6 +72,18 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// The bytes of a media file; `-` reads standard input. Errors name the path.
+pub(crate) fn read_input(path: &std::path::Path) -> Result<Vec<u8>> {
+    if path.as_os_str() == "-" {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(b)
+    } else {
+        std::fs::read(path).map_err(|e| Error::io(path, e))
+    }
+}
+
 /// Reads and parses a JSON file; errors name the file.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

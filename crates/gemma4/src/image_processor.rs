@@ -149,16 +149,10 @@ pub(crate) fn from_dynamic(img: image::DynamicImage, name: &str) -> Result<RgbIm
 
 /// Reads and decodes an image file; `-` reads standard input.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let name = path.display().to_string();
-    let bytes = if name == "-" {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
-            .map_err(|e| Error::io(path, e))?;
-        b
-    } else {
-        std::fs::read(path).map_err(|e| Error::io(path, e))?
-    };
-    decode_image(&bytes, &name)
+    decode_image(
+        &crate::error::read_input(path)?,
+        &path.display().to_string(),
+    )
 }
 
 /// The reference's `get_aspect_ratio_preserving_size`: the largest size with sides that

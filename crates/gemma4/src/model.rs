@@ -182,7 +182,7 @@ impl Gemma4 {
     pub fn process_audio(&self, clips: &[Audio]) -> Result<Vec<AudioFeatures>> {
         clips
             .iter()
-            .map(|a| self.audio_features.extract(a))
+            .map(|a| self.audio_features.extract_with(a, self.resampler))
             .collect()
     }
 
@@ -379,6 +379,10 @@ fn processor_configs(
         Some(c) if c.get("video_processor").is_some() => c.get("video_processor").cloned(),
         _ => read("video_preprocessor_config.json")?,
     };
+    let section_error = |section: &'static str| {
+        let path = dir.join("processor_config.json");
+        move |m: String| Error::config(path, format!("{section}: {m}"))
+    };
     let mut audio = match &config.audio {
         Some(AudioSpec::Unified(c)) => AudioFeatureExtractor::Frames {
             sampling_rate: 16_000,
@@ -393,28 +397,19 @@ fn processor_configs(
         }
     };
     if let Some(s) = audio_section {
-        audio.update_from(&s).map_err(|m| {
-            Error::config(
-                dir.join("processor_config.json"),
-                format!("feature_extractor: {m}"),
-            )
-        })?;
+        audio
+            .update_from(&s)
+            .map_err(section_error("feature_extractor"))?;
     }
     if let Some(s) = image_section {
-        image.update_from(&s).map_err(|m| {
-            Error::config(
-                dir.join("processor_config.json"),
-                format!("image_processor: {m}"),
-            )
-        })?;
+        image
+            .update_from(&s)
+            .map_err(section_error("image_processor"))?;
     }
     if let Some(s) = video_section {
-        video.update_from(&s).map_err(|m| {
-            Error::config(
-                dir.join("processor_config.json"),
-                format!("video_processor: {m}"),
-            )
-        })?;
+        video
+            .update_from(&s)
+            .map_err(section_error("video_processor"))?;
     }
     Ok((image, video, audio))
 }

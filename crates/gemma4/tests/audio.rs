@@ -454,3 +454,16 @@ fn bf16_audio_is_as_accurate_as_reference_bf16() {
         );
     }
 }
+
+/// The model's `resampler` setting (`--resample`) is what `process_audio` uses.
+#[cfg(not(feature = "soxr"))]
+#[test]
+fn process_audio_uses_the_models_resampler() {
+    use gemma4::resample::Resampler;
+    let mut model = Gemma4::load(&fixture("audio_small"), LoadOptions::default()).unwrap();
+    let clip = load_audio(&fixture("audio").join("numbers_8k_u8.wav")).unwrap();
+    assert!(model.process_audio(std::slice::from_ref(&clip)).is_ok());
+    model.resampler = Resampler::Soxr;
+    let e = model.process_audio(&[clip]).unwrap_err().to_string();
+    assert!(e.contains("soxr"), "{e}");
+}
