@@ -110,17 +110,15 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
             dtype: a.model.dtype.dtype(),
             vision: false,
             audio: false,
+            quant: a.model.quant,
             ..Default::default()
         },
     )?;
     let load_s = t.elapsed().as_secs_f64();
-    // Bytes a decode step streams: every text weight once, except the per-layer-embedding
-    // table (one row per token), at the compute dtype.
-    let ckpt = gemma4::weights::Checkpoint::open(&a.model.model)?;
-    let counts = gemma4::model::ParameterCounts::of(&ckpt, model.config.architecture);
-    let streamed =
-        (counts.text - counts.per_layer_table) * a.model.dtype.dtype().size_in_bytes() as u64;
-    drop(ckpt);
+    // Bytes a decode step streams: every text weight once as it is held in memory (the
+    // per-layer-embedding table, one row per token, excluded). For MoE models this counts
+    // every expert, so the bound is a lower one.
+    let streamed = model.text_bytes;
     let cfg = model.text.config();
     let ctx = a.prompt_len + a.gen;
     if ctx > cfg.max_position_embeddings {
@@ -169,7 +167,10 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     let bandwidth = read_bandwidth(threads);
     // Decode can at best run at bandwidth / bytes per token.
     let bound = bandwidth / streamed as f64;
-    let dtype = format!("{:?}", a.model.dtype).to_lowercase();
+    let dtype = match a.model.quant {
+        Some(q) => q.to_string(),
+        None => format!("{:?}", a.model.dtype).to_lowercase(),
+    };
     if a.json {
         println!(
             "{}",

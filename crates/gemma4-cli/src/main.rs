@@ -22,6 +22,7 @@ use gemma4::config::{KvSource, ModelConfig};
 use gemma4::generation::{generate_from, GenerateOptions};
 use gemma4::image_processor::load_image;
 use gemma4::model::{Media, ParameterCounts};
+use gemma4::quant::QuantType;
 use gemma4::resize::ResizeKernel;
 use gemma4::sampling::SamplingParams;
 use gemma4::text_model::LogitsFor;
@@ -88,6 +89,11 @@ struct ModelArgs {
     /// Compute dtype. f32 is exact to the reference; bf16/f16 halve memory.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Quantize the text decoder at load time: q8_0, q4_k, q6_k or q4_0 (projections in
+    /// that format, the tied embedding in q8_0/q6_k; norms and the image/audio towers
+    /// keep --dtype).
+    #[arg(long, value_name = "FORMAT")]
+    quant: Option<QuantType>,
 }
 
 #[derive(Args)]
@@ -293,6 +299,7 @@ fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
         progress,
         vision: !media.image.is_empty() || !media.video.is_empty(),
         audio: !media.audio.is_empty(),
+        quant: args.quant,
     };
     Ok(Gemma4::load(&args.model, opts)?)
 }

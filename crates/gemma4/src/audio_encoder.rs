@@ -89,11 +89,11 @@ impl AudioEncoder {
                     ));
                 }
                 let device = projector.device();
-                let x = Tensor::from_slice(&f.features, (f.num_frames, f.dim), device)?;
+                let x = Tensor::from_slice(&f.features, (f.num_frames, f.dim), &device)?;
                 let keep: Vec<u32> = (0..f.num_frames as u32)
                     .filter(|&i| f.mask[i as usize])
                     .collect();
-                Ok(x.index_select(&Tensor::new(keep.as_slice(), device)?, 0)?)
+                Ok(x.index_select(&Tensor::new(keep.as_slice(), &device)?, 0)?)
             }
         }
     }

@@ -246,9 +246,9 @@ impl AudioTower {
     /// Every output frame `[T/4, output_proj_dims]` with its mask (the reference's
     /// `last_hidden_state` and `attention_mask`).
     pub fn forward_all(&self, f: &AudioFeatures) -> Result<(Tensor, Vec<bool>)> {
-        let device = self.output_proj.weight().device();
-        let dtype = self.output_proj.weight().dtype();
-        let x = Tensor::from_slice(&f.features, (1, 1, f.num_frames, f.dim), device)?
+        let device = self.output_proj.device();
+        let dtype = self.output_proj.dtype();
+        let x = Tensor::from_slice(&f.features, (1, 1, f.num_frames, f.dim), &device)?
             .to_dtype(dtype)?;
         let x = self.layer0.forward(&x, &f.mask)?;
         let mask = every_other(&f.mask);
@@ -269,7 +269,7 @@ impl AudioTower {
         let mut x = self
             .input_proj_linear
             .forward(&x.permute((0, 2, 3, 1))?.reshape((t, fr * c))?)?;
-        let pos = relative_positions(&self.cfg, device)?.to_dtype(dtype)?;
+        let pos = relative_positions(&self.cfg, &device)?.to_dtype(dtype)?;
         for layer in &self.layers {
             x = layer.forward(&x, &pos, &mask)?;
         }

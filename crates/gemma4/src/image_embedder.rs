@@ -84,7 +84,7 @@ impl ImageEmbedder {
                 ),
             ));
         }
-        let dtype = self.patch_dense.weight().dtype();
+        let dtype = self.patch_dense.dtype();
         let x = Tensor::from_slice(&img.pixel_values, (n, img.patch_dim), &self.device)?
             .to_dtype(dtype)?;
         let h = self.patch_ln1.forward(&x)?;

@@ -42,6 +42,7 @@ pub mod multimodal_embedder;
 pub mod norm;
 pub mod npy;
 pub mod ple;
+pub mod quant;
 pub mod resample;
 pub mod resize;
 pub mod rope;

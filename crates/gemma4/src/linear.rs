@@ -1,12 +1,16 @@
 //! The linear layer, `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch. Every
-//! projection of the model goes through this one type, so faster kernels (quantized,
-//! SIMD) can later be swapped in behind the same interface.
+//! projection of the model goes through this one type, which picks the kernel: candle's
+//! matmul for batches, the matrix–vector kernels of [`crate::gemv`] for one row of bf16/f32
+//! weights, and candle's block-quantized kernels for [`crate::quant`] weights.
 //!
 //! It also covers `Gemma4ClippableLinear` (vision and audio towers): with
 //! `use_clipped_linears` the input is clamped to `[input_min, input_max]` and the output to
 //! `[output_min, output_max]`, bounds read from the checkpoint's 0-d buffers (±∞ = off).
 
-use candle_core::{DType, Storage, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Storage, Tensor, D};
 use half::bf16;
 
 use crate::error::Result;
@@ -20,9 +24,41 @@ struct Clip {
     output: (f64, f64),
 }
 
+/// A projection's `[out, in]` weight: a tensor at the compute dtype, or block-quantized.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl LinearWeight {
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            LinearWeight::Dense(t) => t.dims(),
+            LinearWeight::Quantized(q) => q.shape().dims(),
+        }
+    }
+
+    /// Bytes the weight occupies (what decoding streams per token).
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// Rows `ids` as a `[ids.len(), in]` tensor of `dtype` (a tied embedding table).
+    pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        Ok(match self {
+            LinearWeight::Dense(t) => t.index_select(ids, 0)?.to_dtype(dtype)?,
+            LinearWeight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     clip: Option<Clip>,
 }
@@ -36,9 +72,10 @@ fn clamp(x: Tensor, (lo, hi): (f64, f64)) -> Result<Tensor> {
 
 impl Linear {
     /// Loads `{name}.weight` with shape `[out_dim, in_dim]`.
+    /// The weight is block-quantized when the view `w` carries a quantization scheme.
     pub fn new(in_dim: usize, out_dim: usize, w: &Weights, name: &str) -> Result<Self> {
         Ok(Linear {
-            weight: w.get(&[out_dim, in_dim], &format!("{name}.weight"))?,
+            weight: w.matrix(out_dim, in_dim, &format!("{name}.weight"))?,
             bias: None,
             clip: None,
         })
@@ -80,6 +117,10 @@ impl Linear {
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
+        Self::from_linear_weight(LinearWeight::Dense(weight))
+    }
+
+    pub fn from_linear_weight(weight: LinearWeight) -> Self {
         Linear {
             weight,
             bias: None,
@@ -87,14 +128,31 @@ impl Linear {
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &LinearWeight {
         &self.weight
+    }
+
+    /// The dense weight's dtype, or f32 for quantized weights (their kernels compute in f32).
+    pub fn dtype(&self) -> DType {
+        match &self.weight {
+            LinearWeight::Dense(t) => t.dtype(),
+            LinearWeight::Quantized(_) => DType::F32,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.weight {
+            LinearWeight::Dense(t) => t.device().clone(),
+            LinearWeight::Quantized(q) => q.device(),
+        }
     }
 
     /// One row of input with bf16 or f32 weights on the CPU (decoding): the matrix–vector
     /// kernels of [`crate::gemv`] instead of candle's matmul. `None` when they do not apply.
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let w = &self.weight;
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Ok(None);
+        };
         if !matches!(w.dtype(), DType::BF16 | DType::F32)
             || !w.device().is_cpu()
             || x.dtype() != w.dtype()
@@ -132,14 +190,25 @@ impl Linear {
             Some(c) => clamp(x.clone(), c.input)?,
             None => x.clone(),
         };
-        let mut y = match self.gemv(&x)? {
-            Some(y) => y,
-            None => {
-                let w = self.weight.t()?;
+        let mut y = match (&self.weight, self.gemv(&x)?) {
+            (_, Some(y)) => y,
+            (LinearWeight::Dense(w), None) => {
+                let w = w.t()?;
                 match x.rank() {
                     2 => x.matmul(&w)?,
                     _ => x.broadcast_matmul(&w)?,
                 }
+            }
+            (LinearWeight::Quantized(q), None) => {
+                // The kernels take f32 rows (at least 2-D) and quantize them on the fly.
+                let xf = x.to_dtype(DType::F32)?.contiguous()?;
+                let y = match xf.rank() {
+                    1 => QMatMul::QTensor(q.clone())
+                        .forward(&xf.unsqueeze(0)?)?
+                        .squeeze(0)?,
+                    _ => QMatMul::QTensor(q.clone()).forward(&xf)?,
+                };
+                y.to_dtype(x.dtype())?
             }
         };
         if let Some(b) = &self.bias {

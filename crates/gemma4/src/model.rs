@@ -18,6 +18,7 @@ use crate::image_processor::{
     process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, Rescale, RgbImage,
 };
 use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
+use crate::quant::QuantType;
 use crate::resample::Resampler;
 use crate::resize::ResizeKernel;
 use crate::text_model::{PromptInput, TextModel};
@@ -35,6 +36,9 @@ pub struct LoadOptions {
     pub vision: bool,
     /// Load the audio encoder when the checkpoint has one.
     pub audio: bool,
+    /// Block-quantize the text decoder's projections and tied embedding at load time
+    /// (see [`crate::quant`]); the towers keep `dtype`.
+    pub quant: Option<QuantType>,
 }
 
 impl Default for LoadOptions {
@@ -45,6 +49,7 @@ impl Default for LoadOptions {
             progress: None,
             vision: true,
             audio: true,
+            quant: None,
         }
     }
 }
@@ -82,6 +87,10 @@ pub struct Gemma4 {
     pub config: ModelConfig,
     pub generation_config: GenerationConfig,
     pub text: TextModel,
+    /// Bytes the text decoder's weights occupy in memory (quantized where they are; the
+    /// per-layer-embedding table, which stays on disk, excluded): what one decoding step
+    /// streams, for a dense model.
+    pub text_bytes: u64,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: ChatTemplate,
     pub vision: Option<VisionEncoder>,
@@ -124,8 +133,9 @@ impl Gemma4 {
             let total = ckpt.bytes_under(prefix);
             ckpt.set_progress(total, p);
         }
-        let w = Weights::new(&ckpt, prefix, opts.dtype, &opts.device);
+        let w = Weights::new(&ckpt, prefix, opts.dtype, &opts.device).with_quant(opts.quant);
         let text = TextModel::new(&config.text, &w)?;
+        let text_bytes = ckpt.resident_bytes();
         let vision = match (&config.vision, opts.vision) {
             (Some(spec), true) => Some(VisionEncoder::load(
                 spec,
@@ -152,6 +162,7 @@ impl Gemma4 {
             config,
             generation_config,
             text,
+            text_bytes,
             tokenizer,
             chat_template,
             vision,

@@ -34,7 +34,8 @@ impl Router {
             .get_f32(&[cfg.num_experts], "per_expert_scale")?
             .to_vec1::<f32>()?;
         Ok(Router {
-            proj: Linear::new(hidden, cfg.num_experts, w, "proj")?,
+            // Routing decisions are discrete: the router stays at the compute dtype.
+            proj: Linear::new(hidden, cfg.num_experts, &w.with_quant(None), "proj")?,
             scale: w.get(&[hidden], "scale")?,
             per_expert_scale,
             norm: RmsNorm::without_scale(eps),
@@ -70,17 +71,24 @@ impl Router {
 
 #[derive(Debug, Clone)]
 pub struct Experts {
-    gate_up: Tensor,
-    down: Tensor,
+    /// Per expert: the fused `[2I, H]` gate/up projection and the `[H, I]` down projection.
+    gate_up: Vec<Linear>,
+    down: Vec<Linear>,
     width: usize,
 }
 
 impl Experts {
     pub fn new(hidden: usize, cfg: &MoeConfig, w: &Weights) -> Result<Self> {
         let (e, i) = (cfg.num_experts, cfg.intermediate_size);
+        let per_expert = |out: usize, inp: usize, name: &str| -> Result<Vec<Linear>> {
+            Ok(w.stacked_matrices(e, out, inp, name)?
+                .into_iter()
+                .map(Linear::from_linear_weight)
+                .collect())
+        };
         Ok(Experts {
-            gate_up: w.get(&[e, 2 * i, hidden], "gate_up_proj")?,
-            down: w.get(&[e, hidden, i], "down_proj")?,
+            gate_up: per_expert(2 * i, hidden, "gate_up_proj")?,
+            down: per_expert(hidden, i, "down_proj")?,
             width: i,
         })
     }
@@ -88,7 +96,7 @@ impl Experts {
     /// Weighted sum of the routed experts for every row of `x` `[S, H]`.
     pub fn forward(&self, x: &Tensor, routes: &Routes) -> Result<Tensor> {
         let (s, hdim) = x.dims2()?;
-        let n_experts = self.gate_up.dim(0)?;
+        let n_experts = self.gate_up.len();
         // Group (token, weight) pairs by expert so each expert runs one matmul.
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); n_experts];
         for (tok, r) in routes.iter().enumerate() {
@@ -104,10 +112,10 @@ impl Experts {
             }
             let idx = Tensor::new(toks.as_slice(), x.device())?;
             let xs = x.index_select(&idx, 0)?;
-            let gu = xs.matmul(&self.gate_up.get(e)?.t()?)?;
+            let gu = self.gate_up[e].forward(&xs)?;
             let h =
                 (gu.narrow(1, 0, self.width)?.gelu()? * gu.narrow(1, self.width, self.width)?)?;
-            let y = h.matmul(&self.down.get(e)?.t()?)?.to_dtype(DType::F32)?;
+            let y = self.down[e].forward(&h)?.to_dtype(DType::F32)?;
             let wt = Tensor::new(wts.as_slice(), x.device())?.unsqueeze(1)?;
             out = out.index_add(&idx, &y.broadcast_mul(&wt)?, 0)?;
         }

@@ -25,13 +25,13 @@ impl MultimodalEmbedder {
         })
     }
 
-    pub fn device(&self) -> &candle_core::Device {
-        self.projection.weight().device()
+    pub fn device(&self) -> candle_core::Device {
+        self.projection.device()
     }
 
     /// `[N, in_dim]` soft tokens → `[N, text_hidden]`, in the weights' dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(self.projection.weight().dtype())?;
+        let x = x.to_dtype(self.projection.dtype())?;
         self.projection.forward(&self.norm.forward(&x)?)
     }
 }

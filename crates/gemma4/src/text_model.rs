@@ -13,6 +13,7 @@ use crate::config::{Bidirectional, KvSource, LayerType, TextConfig};
 use crate::decoder_layer::DecoderLayer;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
+use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::ple::PerLayerEmbeddings;
 use crate::rope::{self, Rope};
@@ -64,7 +65,8 @@ impl PromptInput {
 
 pub struct TextModel {
     cfg: TextConfig,
-    embed_tokens: Tensor,
+    /// The tied embedding table, which is also the LM head.
+    embed_tokens: Linear,
     embed_scale: f64,
     ple: Option<PerLayerEmbeddings>,
     layers: Vec<DecoderLayer>,
@@ -83,7 +85,11 @@ impl TextModel {
                 "untied LM heads are not used by Gemma 4 and are not supported",
             ));
         }
-        let embed_tokens = w.get(&[cfg.vocab_size, cfg.hidden_size], "embed_tokens.weight")?;
+        let embed_tokens = Linear::from_linear_weight(w.embedding_matrix(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            "embed_tokens.weight",
+        )?);
         let ple = if cfg.hidden_size_per_layer_input > 0 {
             Some(PerLayerEmbeddings::new(
                 cfg.vocab_size_per_layer_input,
@@ -150,7 +156,8 @@ impl TextModel {
         let idx = Tensor::new(ids, &self.device)?;
         Ok(self
             .embed_tokens
-            .index_select(&idx, 0)?
+            .weight()
+            .rows(&idx, self.dtype)?
             .affine(self.embed_scale, 0.0)?)
     }
 
@@ -286,9 +293,7 @@ impl TextModel {
             h = h.narrow(0, h.dim(0)? - 1, 1)?;
         }
         let h = self.norm.forward(&h)?;
-        // The tied LM head through `Linear`, so decoding gets its matrix–vector kernel.
-        let mut logits =
-            crate::linear::Linear::from_weight(self.embed_tokens.clone()).forward(&h)?;
+        let mut logits = self.embed_tokens.forward(&h)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = (logits / cap)?.tanh()?.affine(cap, 0.0)?;
         }

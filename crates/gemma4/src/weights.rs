@@ -15,6 +15,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::linear::LinearWeight;
+use crate::quant::{self, QuantType};
 
 struct TensorEntry {
     file: usize,
@@ -39,6 +41,7 @@ pub struct Checkpoint {
     tensors: HashMap<String, TensorEntry>,
     loaded_bytes: Cell<u64>,
     total_bytes: Cell<u64>,
+    resident_bytes: Cell<u64>,
     progress: Option<ProgressFn>,
 }
 
@@ -118,6 +121,7 @@ impl Checkpoint {
             tensors,
             loaded_bytes: Cell::new(0),
             total_bytes: Cell::new(0),
+            resident_bytes: Cell::new(0),
             progress: None,
         })
     }
@@ -130,6 +134,17 @@ impl Checkpoint {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// Bytes of the tensors handed out through [`Weights`] so far, in the form they are
+    /// kept (after dtype conversion or quantization; row tables that stay on disk excluded).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes.get()
+    }
+
+    fn note_resident(&self, bytes: usize) {
+        self.resident_bytes
+            .set(self.resident_bytes.get() + bytes as u64);
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
@@ -273,6 +288,8 @@ pub struct Weights<'a> {
     prefix: String,
     pub dtype: DType,
     pub device: Device,
+    /// Projections loaded through [`Self::matrix`] are block-quantized to this scheme.
+    pub quant: Option<QuantType>,
 }
 
 impl<'a> Weights<'a> {
@@ -282,7 +299,15 @@ impl<'a> Weights<'a> {
             prefix: prefix.to_string(),
             dtype,
             device: device.clone(),
+            quant: None,
         }
+    }
+
+    /// The same view, quantizing projections to `quant` (`None`: keep the compute dtype).
+    pub fn with_quant(&self, quant: Option<QuantType>) -> Self {
+        let mut w = self.clone();
+        w.quant = quant;
+        w
     }
 
     /// The same view one level deeper (`pp("layers").pp(3)` → `layers.3.`).
@@ -302,14 +327,95 @@ impl<'a> Weights<'a> {
 
     /// Tensor `name` with shape `shape`, in this view's dtype.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let t = self
+            .ckpt
+            .load(&self.name(name), shape, self.dtype, &self.device)?;
         self.ckpt
-            .load(&self.name(name), shape, self.dtype, &self.device)
+            .note_resident(t.elem_count() * self.dtype.size_in_bytes());
+        Ok(t)
     }
 
     /// Tensor `name` in f32 whatever the compute dtype (norm weights, scalars, router).
     pub fn get_f32(&self, shape: &[usize], name: &str) -> Result<Tensor> {
-        self.ckpt
-            .load(&self.name(name), shape, DType::F32, &self.device)
+        let t = self
+            .ckpt
+            .load(&self.name(name), shape, DType::F32, &self.device)?;
+        self.ckpt.note_resident(t.elem_count() * 4);
+        Ok(t)
+    }
+
+    /// A projection weight `[out, in]`: quantized under this view's scheme when its rows fit
+    /// the format's blocks (see [`QuantType::for_matrix`]), else at the compute dtype.
+    pub fn matrix(&self, out_dim: usize, in_dim: usize, name: &str) -> Result<LinearWeight> {
+        self.matrix_as(
+            self.quant.and_then(|q| q.for_matrix(in_dim)),
+            out_dim,
+            in_dim,
+            name,
+        )
+    }
+
+    /// The tied embedding / LM head `[vocab, hidden]`, quantized to the scheme's
+    /// [`QuantType::embedding_type`].
+    pub fn embedding_matrix(
+        &self,
+        vocab: usize,
+        hidden: usize,
+        name: &str,
+    ) -> Result<LinearWeight> {
+        let q = self
+            .quant
+            .and_then(|q| q.embedding_type().for_matrix(hidden));
+        self.matrix_as(q, vocab, hidden, name)
+    }
+
+    /// `n` projections stored as one `[n, out, in]` tensor (MoE experts), split per matrix.
+    pub fn stacked_matrices(
+        &self,
+        n: usize,
+        out_dim: usize,
+        in_dim: usize,
+        name: &str,
+    ) -> Result<Vec<LinearWeight>> {
+        let q = self.quant.and_then(|q| q.for_matrix(in_dim));
+        let dtype = if q.is_some() { DType::F32 } else { self.dtype };
+        let t = self
+            .ckpt
+            .load(&self.name(name), &[n, out_dim, in_dim], dtype, &self.device)?;
+        (0..n)
+            .map(|e| {
+                let m = t.get(e)?;
+                let lw = match q {
+                    None => LinearWeight::Dense(m),
+                    Some(q) => LinearWeight::Quantized(Arc::new(quant::quantize(&m, q)?)),
+                };
+                self.ckpt.note_resident(lw.size_in_bytes());
+                Ok(lw)
+            })
+            .collect()
+    }
+
+    fn matrix_as(
+        &self,
+        q: Option<QuantType>,
+        out_dim: usize,
+        in_dim: usize,
+        name: &str,
+    ) -> Result<LinearWeight> {
+        match q {
+            None => Ok(LinearWeight::Dense(self.get(&[out_dim, in_dim], name)?)),
+            Some(q) => {
+                let t = self.ckpt.load(
+                    &self.name(name),
+                    &[out_dim, in_dim],
+                    DType::F32,
+                    &Device::Cpu,
+                )?;
+                let qt = quant::quantize(&t, q)?;
+                self.ckpt.note_resident(qt.storage_size_in_bytes());
+                Ok(LinearWeight::Quantized(Arc::new(qt)))
+            }
+        }
     }
 
     pub fn row_table(&self, shape: [usize; 2], name: &str) -> Result<RowTable> {

@@ -146,6 +146,11 @@ fn text_only_causal_lm_layout() {
 }
 
 #[test]
+fn kquant_widths_256() {
+    check_fixture("kquant");
+}
+
+#[test]
 fn unified_12b_like() {
     check_fixture("unified");
 }

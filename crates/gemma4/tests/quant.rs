@@ -1,0 +1,160 @@
+//! Block-quantized weights (`--quant`) against the f32 reference goldens of the committed
+//! fixtures. Quantization changes the numbers by design, so the checks are the ones users
+//! judge a format by: max-abs logit difference to f32 and top-1 agreement, teacher-forced
+//! over every prompt position and every step of the reference's greedy continuation.
+
+mod common;
+
+use gemma4::npy;
+use gemma4::quant::QuantType;
+use gemma4::text_model::LogitsFor;
+use gemma4::{Gemma4, LoadOptions};
+
+use common::{fixture, ids, json, max_abs, rows};
+
+struct Agreement {
+    max_abs: f32,
+    top1: usize,
+    positions: usize,
+}
+
+/// Logits of the quantized model over each prompt + greedy continuation, against the f32
+/// golden rows at the same positions.
+fn agreement(name: &str, q: Option<QuantType>) -> Agreement {
+    let dir = fixture(name);
+    let g = json(&dir.join("golden/prompts.json"));
+    let opts = LoadOptions {
+        quant: q,
+        ..Default::default()
+    };
+    let model = Gemma4::load(&dir, opts).unwrap();
+    let tm = &model.text;
+    let vocab = tm.config().vocab_size;
+    let mut a = Agreement {
+        max_abs: 0.0,
+        top1: 0,
+        positions: 0,
+    };
+    for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let greedy = ids(&case["greedy_ids"]);
+        let (_, mut want) = npy::read_f32(&dir.join(format!("golden/logits_{k}.npy"))).unwrap();
+        let (_, steps) = npy::read_f32(&dir.join(format!("golden/step_logits_{k}.npy"))).unwrap();
+        // The last prompt row is the first step's; the other steps follow it.
+        want.extend_from_slice(&steps[vocab..]);
+        let mut all = prompt.clone();
+        all.extend(&greedy[..greedy.len() - 1]);
+        let got = rows(
+            &tm.forward(&all, &mut tm.new_cache(), LogitsFor::All)
+                .unwrap(),
+        );
+        assert_eq!(got.len(), want.len(), "{name} case {k}");
+        a.max_abs = a.max_abs.max(max_abs(&got, &want));
+        for (x, y) in got.chunks(vocab).zip(want.chunks(vocab)) {
+            a.positions += 1;
+            if gemma4::sampling::argmax(x) == gemma4::sampling::argmax(y) {
+                a.top1 += 1;
+            }
+        }
+    }
+    a
+}
+
+/// The trained fixture (`kquant`: peaked logits like a real checkpoint's, widths that fill
+/// every format's blocks): per format, top-1 agreement with f32 over all 92 positions and
+/// the max-abs logit difference, printed as the README's table rows. Bounds sit above the
+/// measured values (README): Q8_0 must agree on ≥ 99% of positions, as the issue asks.
+#[test]
+fn trained_fixture_agreement_per_format() {
+    for (q, min_top1, max_abs_bound) in [
+        (QuantType::Q8_0, 0.99, 0.5),
+        (QuantType::Q6K, 0.99, 1.0),
+        (QuantType::Q4K, 0.97, 3.0),
+        (QuantType::Q4_0, 0.97, 3.0),
+    ] {
+        let a = agreement("kquant", Some(q));
+        let frac = a.top1 as f64 / a.positions as f64;
+        eprintln!(
+            "| {q} | {:.3} | {:.1}% ({}/{}) |",
+            a.max_abs,
+            100.0 * frac,
+            a.top1,
+            a.positions
+        );
+        assert!(
+            frac >= min_top1,
+            "{q}: top-1 agreement {frac:.3} < {min_top1}"
+        );
+        assert!(
+            a.max_abs <= max_abs_bound,
+            "{q}: max-abs {} > {max_abs_bound}",
+            a.max_abs
+        );
+    }
+}
+
+/// The random-weight fixtures cover the other architectures (MoE experts quantized per
+/// expert, k_eq_v, the 12B layout). Their near-flat logits amplify any rounding (the
+/// reference's own bf16 run drifts 0.3–3.0 from f32 and flips up to 5 of 27 top-1 ids), so
+/// the bound is like the bf16 test's: on prompt 0, Q8_0 may lose at most 2 more top-1
+/// positions than transformers' bf16 and drift at most 2.5× as far (not 1.5×: these
+/// checkpoints are stored in bf16, so the reference's bf16 run keeps its weights exact and
+/// rounds only activations, while Q8_0 also rounds every weight; 2.14× measured on
+/// `unified`). (4-bit
+/// formats are judged on the trained fixture only: here they flip most top-1 ids.)
+#[test]
+fn random_fixtures_drift_like_reference_bf16() {
+    for name in ["e2b_like", "moe", "dense_keqv", "unified"] {
+        let dir = fixture(name);
+        let g = json(&dir.join("golden/prompts.json"));
+        let prompt = ids(&g["cases"][0]["prompt_ids"]);
+        let (_, f32_ref) = npy::read_f32(&dir.join("golden/logits_0.npy")).unwrap();
+        let (_, bf16_ref) = npy::read_f32(&dir.join("golden/logits_bf16_0.npy")).unwrap();
+        let vocab = f32_ref.len() / prompt.len();
+        let top1 = |x: &[f32]| {
+            x.chunks(vocab)
+                .zip(f32_ref.chunks(vocab))
+                .filter(|(a, b)| gemma4::sampling::argmax(a) == gemma4::sampling::argmax(b))
+                .count()
+        };
+        let d_ref = max_abs(&bf16_ref, &f32_ref);
+        for q in [QuantType::Q8_0] {
+            let model = Gemma4::load(
+                &dir,
+                LoadOptions {
+                    quant: Some(q),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let tm = &model.text;
+            let got = rows(
+                &tm.forward(&prompt, &mut tm.new_cache(), LogitsFor::All)
+                    .unwrap(),
+            );
+            let d = max_abs(&got, &f32_ref);
+            eprintln!(
+                "{name} {q}: max-abs {d:.3} (top-1 {}), transformers bf16 {d_ref:.3} (top-1 {}) of {}",
+                top1(&got),
+                top1(&bf16_ref),
+                prompt.len()
+            );
+            assert!(
+                d <= 2.5 * d_ref,
+                "{name} {q}: drift {d} vs reference bf16's {d_ref}"
+            );
+            assert!(
+                top1(&got) + 2 >= top1(&bf16_ref),
+                "{name} {q}: top-1 agreement"
+            );
+        }
+    }
+}
+
+/// Control for the measure above: unquantized f32 agrees everywhere.
+#[test]
+fn unquantized_control_agrees_everywhere() {
+    let a = agreement("kquant", None);
+    assert!(a.max_abs <= common::TOL, "{}", a.max_abs);
+    assert_eq!(a.top1, a.positions);
+}
