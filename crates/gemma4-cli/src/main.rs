@@ -60,6 +60,9 @@ enum Command {
     EmbedAudio(EmbedAudioArgs),
     /// Show a checkpoint's sizes, layer plan and parameter counts.
     Info(InfoArgs),
+    /// Write a checkpoint with the text decoder block-quantized (model.gguf plus the
+    /// source's config and tokenizer files), which loads without re-quantizing.
+    Quantize(QuantizeArgs),
     /// Measure load time, prefill and decode tokens/s (median of several runs) and peak RSS.
     Bench(BenchArgs),
 }
@@ -239,6 +242,22 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct QuantizeArgs {
+    /// Source checkpoint directory (safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// q8_0, q4_k, q6_k or q4_0.
+    #[arg(long, value_name = "FORMAT")]
+    quant: QuantType,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     #[arg(long)]
     model: PathBuf,
@@ -270,29 +289,82 @@ fn run(cli: Cli) -> Result<()> {
         Command::EmbedImage(a) => embed::cmd_embed_image(a),
         Command::EmbedAudio(a) => embed::cmd_embed_audio(a),
         Command::Info(a) => cmd_info(a),
+        Command::Quantize(a) => cmd_quantize(a),
         Command::Bench(a) => bench::cmd_bench(a),
     }
+}
+
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    let report = gemma4::quantize::quantize_checkpoint(
+        &a.model,
+        &a.out,
+        a.quant,
+        load_progress("quantizing"),
+    )?;
+    let size = |b: u64| match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+    };
+    if a.json {
+        let quantized: serde_json::Map<String, serde_json::Value> = report
+            .quantized
+            .iter()
+            .map(|(q, n)| (q.to_string(), json!(n)))
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "out": a.out.join("model.gguf").display().to_string(),
+                "quant": a.quant.to_string(),
+                "tensors": report.tensors,
+                "quantized": quantized,
+                "bytes_in": report.bytes_in,
+                "bytes_out": report.bytes_out,
+            })
+        );
+    } else {
+        let q: Vec<String> = report
+            .quantized
+            .iter()
+            .map(|(q, n)| format!("{n} in {q}"))
+            .collect();
+        println!(
+            "wrote {}: {} tensors ({}; the rest as stored), {} -> {}",
+            a.out.join("model.gguf").display(),
+            report.tensors,
+            q.join(", "),
+            size(report.bytes_in),
+            size(report.bytes_out)
+        );
+    }
+    Ok(())
+}
+
+/// A byte progress bar on a TTY, nothing when stderr is piped.
+fn load_progress(what: &'static str) -> Option<gemma4::weights::ProgressFn> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{bytes}}/{{total_bytes}} {{msg}}"
+        ))
+        .expect("static template"),
+    );
+    Some(Box::new(move |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    }))
 }
 
 /// Loads the checkpoint; the image and audio encoders only when the command has images,
 /// videos or clips, so text prompts never read their weights.
 fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
-    let progress: Option<gemma4::weights::ProgressFn> = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {msg}")
-                .expect("static template"),
-        );
-        Some(Box::new(move |done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-            if done >= total {
-                bar.finish_and_clear();
-            }
-        }))
-    } else {
-        None
-    };
+    let progress = load_progress("loading");
     let opts = LoadOptions {
         dtype: args.dtype.dtype(),
         device: Device::Cpu,

@@ -557,3 +557,56 @@ fn bench_reports_medians_threads_and_rss_as_json() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("context"));
 }
+
+/// `quantize` writes a checkpoint that `generate` loads as it is and that reproduces
+/// `--quant` at load time token for token; its summary is available as JSON.
+#[test]
+fn quantize_round_trips_through_generate() {
+    let src = fixture("kquant");
+    let out = std::env::temp_dir().join(format!("gemma4-cli-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = gemma4(&[
+        "quantize",
+        "--model",
+        src.to_str().unwrap(),
+        "--quant",
+        "q4_k",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["quantized"]["q4_k"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["bytes_out"].as_u64() < v["bytes_in"].as_u64(), "{v}");
+    let gen = |model: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "What is the capital",
+            "--max-new-tokens",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        let o = gemma4(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(gen(&out, &[]), gen(&src, &["--quant", "q4_k"]));
+    // An unknown format is refused naming the argument's choices.
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        src.to_str().unwrap(),
+        "--quant",
+        "q3_k",
+        "--prompt",
+        "a",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("q3_k") && err.contains("q8_0"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 /// A weight format for the text decoder's projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QuantType {
     /// 8-bit, blocks of 32 with an f16 scale (8.5 bits per weight).
     Q8_0,

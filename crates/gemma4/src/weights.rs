@@ -1,26 +1,29 @@
 //! Checkpoint loading: Hugging Face safetensors, a single `model.safetensors` or shards
-//! listed in `model.safetensors.index.json`, memory-mapped. Tensors are materialised one at a
+//! listed in `model.safetensors.index.json`, or a `model.gguf` written by `gemma4 quantize`
+//! (the same tensor names, projections block-quantized), memory-mapped. Tensors are materialised one at a
 //! time in the requested dtype with their shape checked; large row tables (the per-layer
 //! embedding) can instead stay on disk and be read row by row ([`RowTable`]).
 //!
 //! Every failure names the file and, where there is one, the tensor.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::gguf::{self, StoredType};
 use crate::linear::LinearWeight;
 use crate::quant::{self, QuantType};
 
 struct TensorEntry {
     file: usize,
-    dtype: StDtype,
+    dtype: StoredType,
     shape: Vec<usize>,
     /// Byte range inside the mapped file.
     start: usize,
@@ -43,11 +46,18 @@ pub struct Checkpoint {
     total_bytes: Cell<u64>,
     resident_bytes: Cell<u64>,
     progress: Option<ProgressFn>,
+    /// When set, every projection quantized while loading is kept here by tensor name
+    /// (`gemma4 quantize` writes them out).
+    recorded: RefCell<Option<HashMap<String, Vec<Arc<QTensor>>>>>,
 }
 
 impl Checkpoint {
     /// Opens `dir/model.safetensors` or every shard named by `dir/model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
+        let gguf = dir.join("model.gguf");
+        if gguf.exists() {
+            return Self::open_gguf(&gguf);
+        }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let shard_names: Vec<String> = if index.exists() {
@@ -74,7 +84,7 @@ impl Checkpoint {
                 dir,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "no model.safetensors or model.safetensors.index.json in this directory",
+                    "no model.safetensors, model.safetensors.index.json or model.gguf in this directory",
                 ),
             ));
         };
@@ -99,11 +109,23 @@ impl Checkpoint {
             for (tname, view) in st.tensors() {
                 let data = view.data();
                 let start = data.as_ptr() as usize - base;
+                let dtype = match view.dtype() {
+                    StDtype::F32 => StoredType::Dense(DType::F32),
+                    StDtype::F16 => StoredType::Dense(DType::F16),
+                    StDtype::BF16 => StoredType::Dense(DType::BF16),
+                    other => {
+                        return Err(Error::UnsupportedDtype {
+                            name: tname,
+                            path: path.clone(),
+                            dtype: format!("{other:?}"),
+                        })
+                    }
+                };
                 tensors.insert(
                     tname,
                     TensorEntry {
                         file: file_idx,
-                        dtype: view.dtype(),
+                        dtype,
                         shape: view.shape().to_vec(),
                         start,
                         end: start + data.len(),
@@ -116,14 +138,76 @@ impl Checkpoint {
                 mmap: Arc::new(mmap),
             });
         }
-        Ok(Checkpoint {
+        Ok(Self::from_parts(files, tensors))
+    }
+
+    fn from_parts(files: Vec<MappedFile>, tensors: HashMap<String, TensorEntry>) -> Self {
+        Checkpoint {
             files,
             tensors,
             loaded_bytes: Cell::new(0),
             total_bytes: Cell::new(0),
             resident_bytes: Cell::new(0),
             progress: None,
-        })
+            recorded: RefCell::new(None),
+        }
+    }
+
+    /// A single GGUF file with Hugging Face tensor names.
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: as for safetensors above.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let header = gguf::read_header(path, mmap.len() as u64)?;
+        let tensors = header
+            .tensors
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    name,
+                    TensorEntry {
+                        file: 0,
+                        dtype: t.ty,
+                        shape: t.shape,
+                        start: t.start,
+                        end: t.end,
+                    },
+                )
+            })
+            .collect();
+        let files = vec![MappedFile {
+            path: path.to_path_buf(),
+            mmap: Arc::new(mmap),
+        }];
+        Ok(Self::from_parts(files, tensors))
+    }
+
+    /// Starts keeping every projection quantized from now on (see [`Self::take_recorded`]).
+    pub fn record_quantized(&self) {
+        *self.recorded.borrow_mut() = Some(HashMap::new());
+    }
+
+    /// The projections quantized since [`Self::record_quantized`], by tensor name (MoE
+    /// expert stacks as one entry per expert).
+    pub fn take_recorded(&self) -> HashMap<String, Vec<Arc<QTensor>>> {
+        self.recorded.borrow_mut().take().unwrap_or_default()
+    }
+
+    fn record(&self, name: &str, q: &Arc<QTensor>) {
+        if let Some(map) = self.recorded.borrow_mut().as_mut() {
+            map.entry(name.to_string()).or_default().push(q.clone());
+        }
+    }
+
+    /// How tensor `name` is stored.
+    pub fn stored_type(&self, name: &str) -> Option<StoredType> {
+        self.tensors.get(name).map(|t| t.dtype)
+    }
+
+    /// The stored bytes of tensor `name`.
+    pub fn raw_bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        Ok(&self.files[e.file].mmap[e.start..e.end])
     }
 
     /// Reports progress while tensors are materialised; `total` is the expected byte count.
@@ -189,17 +273,38 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn candle_dtype(&self, name: &str, e: &TensorEntry) -> Result<DType> {
-        match e.dtype {
-            StDtype::F32 => Ok(DType::F32),
-            StDtype::F16 => Ok(DType::F16),
-            StDtype::BF16 => Ok(DType::BF16),
-            other => Err(Error::UnsupportedDtype {
-                name: name.to_string(),
-                path: self.files[e.file].path.clone(),
-                dtype: format!("{other:?}"),
-            }),
+    fn note_loaded(&self, bytes: usize) {
+        self.loaded_bytes
+            .set(self.loaded_bytes.get() + bytes as u64);
+        if let Some(p) = &self.progress {
+            p(self.loaded_bytes.get(), self.total_bytes.get());
         }
+    }
+
+    /// Tensor `name` as stored when it is block-quantized (checked against `expected`),
+    /// `None` when it is stored dense.
+    pub fn load_quantized(&self, name: &str, expected: &[usize]) -> Result<Option<QTensor>> {
+        let e = self.entry(name)?;
+        let StoredType::Quant(q) = e.dtype else {
+            return Ok(None);
+        };
+        self.check_shape(name, e, expected)?;
+        let cols = *e.shape.last().unwrap_or(&0);
+        let rows = e.shape.iter().product::<usize>() / cols.max(1);
+        let bytes = &self.files[e.file].mmap[e.start..e.end];
+        let t = quant::from_bytes(
+            std::borrow::Cow::Borrowed(bytes),
+            q,
+            rows,
+            cols,
+            &Device::Cpu,
+        )
+        .map_err(|err| Error::Safetensors {
+            path: self.files[e.file].path.clone(),
+            message: format!("tensor `{name}`: {err}"),
+        })?;
+        self.note_loaded(e.end - e.start);
+        Ok(Some(t))
     }
 
     /// Loads tensor `name`, checking it has shape `expected`, converted to `dtype`.
@@ -212,14 +317,20 @@ impl Checkpoint {
     ) -> Result<Tensor> {
         let e = self.entry(name)?;
         self.check_shape(name, e, expected)?;
-        let src = self.candle_dtype(name, e)?;
-        let bytes = &self.files[e.file].mmap[e.start..e.end];
-        let t = Tensor::from_raw_buffer(bytes, src, &e.shape, device)?.to_dtype(dtype)?;
-        self.loaded_bytes
-            .set(self.loaded_bytes.get() + (e.end - e.start) as u64);
-        if let Some(p) = &self.progress {
-            p(self.loaded_bytes.get(), self.total_bytes.get());
-        }
+        let t = match e.dtype {
+            StoredType::Dense(src) => {
+                let bytes = &self.files[e.file].mmap[e.start..e.end];
+                let t = Tensor::from_raw_buffer(bytes, src, &e.shape, device)?.to_dtype(dtype)?;
+                self.note_loaded(e.end - e.start);
+                t
+            }
+            StoredType::Quant(_) => self
+                .load_quantized(name, expected)?
+                .expect("checked quantized")
+                .dequantize(device)?
+                .reshape(expected)?
+                .to_dtype(dtype)?,
+        };
         Ok(t)
     }
 
@@ -227,7 +338,13 @@ impl Checkpoint {
     pub fn row_table(&self, name: &str, expected: &[usize; 2]) -> Result<RowTable> {
         let e = self.entry(name)?;
         self.check_shape(name, e, expected)?;
-        let dtype = self.candle_dtype(name, e)?;
+        let StoredType::Dense(dtype) = e.dtype else {
+            return Err(Error::UnsupportedDtype {
+                name: name.to_string(),
+                path: self.files[e.file].path.clone(),
+                dtype: format!("{:?} (a row table must be stored dense)", e.dtype),
+            });
+        };
         self.loaded_bytes
             .set(self.loaded_bytes.get() + (e.end - e.start) as u64);
         Ok(RowTable {
@@ -377,17 +494,36 @@ impl<'a> Weights<'a> {
         in_dim: usize,
         name: &str,
     ) -> Result<Vec<LinearWeight>> {
+        let full = self.name(name);
+        if let Some(stored) = self.ckpt.load_quantized(&full, &[n, out_dim, in_dim])? {
+            // Already quantized (a `gemma4 quantize` output): split the stack per expert.
+            let bytes = stored.data()?;
+            let per = bytes.len() / n;
+            let q = QuantType::from_ggml(stored.dtype()).expect("stored quant type");
+            return (0..n)
+                .map(|e| {
+                    let part = std::borrow::Cow::Borrowed(&bytes[e * per..(e + 1) * per]);
+                    let qt = Arc::new(quant::from_bytes(part, q, out_dim, in_dim, &Device::Cpu)?);
+                    self.ckpt.note_resident(qt.storage_size_in_bytes());
+                    Ok(LinearWeight::Quantized(qt))
+                })
+                .collect();
+        }
         let q = self.quant.and_then(|q| q.for_matrix(in_dim));
         let dtype = if q.is_some() { DType::F32 } else { self.dtype };
         let t = self
             .ckpt
-            .load(&self.name(name), &[n, out_dim, in_dim], dtype, &self.device)?;
+            .load(&full, &[n, out_dim, in_dim], dtype, &self.device)?;
         (0..n)
             .map(|e| {
                 let m = t.get(e)?;
                 let lw = match q {
                     None => LinearWeight::Dense(m),
-                    Some(q) => LinearWeight::Quantized(Arc::new(quant::quantize(&m, q)?)),
+                    Some(q) => {
+                        let qt = Arc::new(quant::quantize(&m, q)?);
+                        self.ckpt.record(&full, &qt);
+                        LinearWeight::Quantized(qt)
+                    }
                 };
                 self.ckpt.note_resident(lw.size_in_bytes());
                 Ok(lw)
@@ -402,18 +538,22 @@ impl<'a> Weights<'a> {
         in_dim: usize,
         name: &str,
     ) -> Result<LinearWeight> {
+        let full = self.name(name);
+        if let Some(stored) = self.ckpt.load_quantized(&full, &[out_dim, in_dim])? {
+            // Stored quantized: used as it is, whatever the scheme asked.
+            self.ckpt.note_resident(stored.storage_size_in_bytes());
+            return Ok(LinearWeight::Quantized(Arc::new(stored)));
+        }
         match q {
             None => Ok(LinearWeight::Dense(self.get(&[out_dim, in_dim], name)?)),
             Some(q) => {
-                let t = self.ckpt.load(
-                    &self.name(name),
-                    &[out_dim, in_dim],
-                    DType::F32,
-                    &Device::Cpu,
-                )?;
-                let qt = quant::quantize(&t, q)?;
+                let t = self
+                    .ckpt
+                    .load(&full, &[out_dim, in_dim], DType::F32, &Device::Cpu)?;
+                let qt = Arc::new(quant::quantize(&t, q)?);
                 self.ckpt.note_resident(qt.storage_size_in_bytes());
-                Ok(LinearWeight::Quantized(Arc::new(qt)))
+                self.ckpt.record(&full, &qt);
+                Ok(LinearWeight::Quantized(qt))
             }
         }
     }

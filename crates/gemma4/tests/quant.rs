@@ -158,3 +158,75 @@ fn unquantized_control_agrees_everywhere() {
     assert!(a.max_abs <= common::TOL, "{}", a.max_abs);
     assert_eq!(a.top1, a.positions);
 }
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("gemma4-quant-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// `gemma4 quantize` round trip: the written checkpoint loads without re-quantizing and
+/// computes exactly what quantizing at load time computes (same bytes, same kernels), for
+/// every format on the trained fixture and for the MoE experts' stacked tensors.
+#[test]
+fn quantized_checkpoints_round_trip() {
+    use gemma4::quantize::quantize_checkpoint;
+    let cases = QuantType::ALL
+        .iter()
+        .map(|&q| ("kquant", q))
+        .chain([("moe", QuantType::Q8_0)]);
+    for (name, q) in cases {
+        let src = fixture(name);
+        let out = temp_dir(&format!("{name}-{q}"));
+        let report = quantize_checkpoint(&src, &out, q, None).unwrap();
+        assert!(report.quantized.values().sum::<usize>() > 0, "{name} {q}");
+        assert!(report.bytes_out < report.bytes_in, "{name} {q}");
+        let stored = Gemma4::load(&out, LoadOptions::default()).unwrap();
+        let at_load = Gemma4::load(
+            &src,
+            LoadOptions {
+                quant: Some(q),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(stored.text_bytes, at_load.text_bytes, "{name} {q}");
+        let g = json(&src.join("golden/prompts.json"));
+        for case in g["cases"].as_array().unwrap() {
+            let prompt = ids(&case["prompt_ids"]);
+            let run = |m: &Gemma4| {
+                rows(
+                    &m.text
+                        .forward(&prompt, &mut m.text.new_cache(), LogitsFor::All)
+                        .unwrap(),
+                )
+            };
+            assert_eq!(run(&stored), run(&at_load), "{name} {q}: logits");
+        }
+        // Quantizing a quantized checkpoint is refused with a message naming it.
+        let err = quantize_checkpoint(&out, &temp_dir("again"), q, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already a quantized checkpoint"), "{err}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+/// A truncated `model.gguf` is an error naming the file, not a crash.
+#[test]
+fn truncated_gguf_is_an_error_naming_it() {
+    let out = temp_dir("trunc");
+    gemma4::quantize::quantize_checkpoint(&fixture("kquant"), &out, QuantType::Q8_0, None).unwrap();
+    let path = out.join("model.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Gemma4::load(&out, LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
