@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """Side-by-side throughput on one checkpoint and one machine: `gemma4 bench` in each
-format, and transformers in bf16 (the reference, from scripts/fixtures/requirements.txt).
+format, llama.cpp (`llama-bench`) on GGUF files made from the same checkpoint by its own
+converter and quantizer, and transformers in bf16 (the reference, from
+scripts/fixtures/requirements.txt).
 
-    python benches/bench.py --model /tmp/gemma4-e2b-text            # make it with make_checkpoint.py
-    python benches/bench.py --model DIR --engines gemma4-f32 transformers-bf16 --runs 5
+    python benches/make_checkpoint.py --size e2b --out /tmp/gemma4-e2b-text
+    python benches/bench.py --model /tmp/gemma4-e2b-text
+    python benches/bench.py --model DIR --engines gemma4-q8_0 llamacpp-q8_0 --runs 5
 
-Every engine gets the same pseudo-random prompt length, number of generated tokens
-(greedy, no stop), thread count, warm-up run and number of measured runs; the table shows
-medians. Each engine runs in its own process, so peak RSS is its own. The llama.cpp rows
-of issue 5 are not wired in yet.
+llama.cpp comes from the `llama-cpp-python==0.3.36` source distribution on PyPI (its
+`vendor/llama.cpp`), built once into --llama-dir with cmake/ninja from PyPI; the checkpoint
+gets a realistic tokenizer first (make_tokenizer.py), then `convert_hf_to_gguf.py --outtype
+bf16` and `llama-quantize` to Q8_0 and Q4_K_M. Every engine gets the same prompt length,
+number of generated tokens, thread count and number of measured runs after a warm-up; the
+table shows medians. Each engine runs in its own process, so peak RSS is its own.
 """
 from __future__ import annotations
 
@@ -25,13 +30,28 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "gemma4"
 
 
-def run_gemma4(model: Path, dtype: str, a) -> dict:
+QUANTS = {"q8_0", "q4_0", "q4_k", "q6_k"}
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+# llama.cpp's file types for the formats compared (Q4_K_M: Q4_K with some Q6_K tensors).
+LLAMA_FORMATS = {"bf16": None, "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0", "q6_k": "Q6_K"}
+
+
+def run_gemma4(model: Path, fmt: str, a) -> dict:
+    flag = ["--dtype", fmt]
+    if fmt in QUANTS:
+        # Quantized once with `gemma4 quantize`, as a user would, so load time and peak RSS
+        # are those of the quantized checkpoint (not of quantizing at load).
+        qdir = a.llama_dir / f"{model.name}-gemma4-{fmt}"
+        if not (qdir / "model.gguf").exists():
+            subprocess.run([str(BIN), "quantize", "--model", str(model), "--quant", fmt, "--out", str(qdir)],
+                           check=True)
+        model, flag = qdir, []
     out = subprocess.run(
-        [str(BIN), "--threads", str(a.threads), "bench", "--model", str(model), "--dtype", dtype,
+        [str(BIN), "--threads", str(a.threads), "bench", "--model", str(model), *flag,
          "--prompt-len", str(a.prompt_len), "--gen", str(a.gen), "--runs", str(a.runs), "--json"],
         check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
-    return {"engine": "gemma4", "format": dtype, "prefill_tok_s": r["prefill_tok_s"],
+    return {"engine": "gemma4", "format": fmt, "prefill_tok_s": r["prefill_tok_s"],
             "decode_tok_s": r["decode_tok_s"], "peak_rss_bytes": r["peak_rss_bytes"],
             "load_s": r["load_s"], "decode_fraction_of_bound": r["decode_fraction_of_bound"],
             "read_bandwidth_bytes_s": r["read_bandwidth_bytes_s"]}
@@ -85,14 +105,97 @@ def run_transformers(model: Path, a) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def llama_cpp_tree(a) -> Path:
+    """The vendored llama.cpp of the pinned llama-cpp-python sdist, built (once)."""
+    src = a.llama_dir / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    if not (src / "build" / "bin" / "llama-bench").exists():
+        a.llama_dir.mkdir(parents=True, exist_ok=True)
+        if not src.exists():
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                            "--no-binary=llama-cpp-python", LLAMA_CPP, "-d", str(a.llama_dir)], check=True)
+            subprocess.run(["tar", "xzf", str(next(a.llama_dir.glob("llama_cpp_python-*.tar.gz"))),
+                            "-C", str(a.llama_dir)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake", "ninja", "gguf", "sentencepiece"],
+                       check=True)
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        subprocess.run(["cmake", "-B", "build", "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                       cwd=src, env=env, check=True)
+        subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count()), "--target", "llama-bench",
+                        "llama-quantize"], cwd=src, env=env, check=True)
+    return src
+
+
+def llama_gguf(model: Path, fmt: str, a) -> Path:
+    """`model` converted by llama.cpp's own tools to `fmt`, cached in --llama-dir."""
+    src = llama_cpp_tree(a)
+    bf16 = a.llama_dir / f"{model.name}-bf16.gguf"
+    if not bf16.exists():
+        if not (model / "tokenizer.json").exists():
+            subprocess.run([sys.executable, str(ROOT / "benches" / "make_tokenizer.py"), "--out", str(model)],
+                           check=True)
+        env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", "bf16",
+                        "--outfile", str(bf16)], env=env, check=True)
+    if LLAMA_FORMATS[fmt] is None:
+        return bf16
+    out = a.llama_dir / f"{model.name}-{fmt}.gguf"
+    if not out.exists():
+        subprocess.run([str(src / "build" / "bin" / "llama-quantize"), str(bf16), str(out), LLAMA_FORMATS[fmt],
+                        str(a.threads)], check=True)
+    return out
+
+
+def rss_child(cmd: list[str]) -> None:
+    """Runs in a subprocess: runs `cmd`, passes its stdout through, then prints its peak RSS."""
+    import resource
+
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print(out)
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+
+
+def run_llama_cpp(model: Path, fmt: str, a) -> dict:
+    gguf = llama_gguf(model, fmt, a)
+    bench = llama_cpp_tree(a) / "build" / "bin" / "llama-bench"
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(bench), "-m", str(gguf), "-p", str(a.prompt_len),
+         "-n", str(a.gen), "-t", str(a.threads), "-r", str(a.runs), "-o", "json"],
+        check=True, capture_output=True, text=True).stdout.strip().splitlines()
+    rss = json.loads(out[-1])["peak_rss_bytes"]
+    tests = json.loads("\n".join(out[:-1]))
+    # llama-bench warms up before its repetitions; samples_ts are the per-run speeds.
+    pre = next(t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+    dec = next(t for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+    return {"engine": "llama.cpp", "format": fmt, "prefill_tok_s": statistics.median(pre["samples_ts"]),
+            "decode_tok_s": statistics.median(dec["samples_ts"]), "peak_rss_bytes": rss,
+            "file_bytes": gguf.stat().st_size}
+
+
+def counterpart(r: dict, rows: list[dict]) -> dict | None:
+    """Our row in the same format as `r` (Q4_K_M is compared with our q4_k)."""
+    fmt = {"q4_k_m": "q4_k"}.get(r["format"], r["format"])
+    same = [x for x in rows if x["engine"] == "gemma4" and x["format"] == fmt]
+    if same:
+        return same[0]
+    return max((x for x in rows if x["engine"] == "gemma4"), key=lambda x: x["decode_tok_s"], default=None)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, model, p, g, r, t = sys.argv
         transformers_child(model, int(p), int(g), int(r), int(t))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--rss-child":
+        rss_child(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--engines", nargs="*", default=["gemma4-f32", "gemma4-bf16", "transformers-bf16"])
+    ap.add_argument("--engines", nargs="*", default=[
+        "gemma4-bf16", "llamacpp-bf16", "gemma4-q8_0", "llamacpp-q8_0", "gemma4-q4_k", "llamacpp-q4_k_m",
+        "gemma4-f32", "transformers-bf16"])
+    ap.add_argument("--llama-dir", type=Path, default=Path("/tmp/gemma4-llamacpp"),
+                    help="where llama.cpp is built and the GGUF files are kept")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
@@ -103,17 +206,26 @@ def main() -> None:
     rows = []
     for e in a.engines:
         print(f"running {e} ...", file=sys.stderr)
-        rows.append(run_gemma4(a.model, e.split("-", 1)[1], a) if e.startswith("gemma4-")
-                    else run_transformers(a.model, a))
-    ours = max((r for r in rows if r["engine"] == "gemma4"), key=lambda r: r["decode_tok_s"], default=None)
+        engine, fmt = e.split("-", 1)
+        if engine == "gemma4":
+            rows.append(run_gemma4(a.model, fmt, a))
+        elif engine == "llamacpp":
+            rows.append(run_llama_cpp(a.model, fmt, a))
+        else:
+            rows.append(run_transformers(a.model, a))
     print(f"\n{a.model.name}: prompt {a.prompt_len}, {a.gen} generated, {a.threads} threads, "
           f"median of {a.runs} runs after 1 warm-up")
-    print(f"{'engine':<13} {'format':<7} {'prefill tok/s':>13} {'decode tok/s':>12} {'peak RSS':>9} "
-          f"{'our decode ×':>12}")
+    print("| engine | format | prefill tok/s | decode tok/s | peak RSS | our prefill × | our decode × |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = ours["decode_tok_s"] / r["decode_tok_s"] if ours else float("nan")
-        print(f"{r['engine']:<13} {r['format']:<7} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} "
-              f"{r['peak_rss_bytes'] / 2**30:>7.2f} G {ratio:>11.2f}×")
+        ours = counterpart(r, rows)
+        if r["engine"] == "gemma4" or ours is None:
+            ratios = "| – | –"
+        else:
+            ratios = (f"| {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}× ({ours['format']}) "
+                      f"| {ours['decode_tok_s'] / r['decode_tok_s']:.2f}×")
+        print(f"| {r['engine']} | {r['format']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} "
+              f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB {ratios} |")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
 
