@@ -213,6 +213,8 @@ def main() -> None:
             rows.append(run_llama_cpp(a.model, fmt, a))
         else:
             rows.append(run_transformers(a.model, a))
+        # Each row as it comes, so a failure later (e.g. a full disk) loses nothing.
+        print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"\n{a.model.name}: prompt {a.prompt_len}, {a.gen} generated, {a.threads} threads, "
           f"median of {a.runs} runs after 1 warm-up")
     print("| engine | format | prefill tok/s | decode tok/s | peak RSS | our prefill × | our decode × |")
