@@ -125,15 +125,25 @@ unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
         );
         i += 8;
     }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
-    let mut total: f32 = lanes.iter().sum();
+    let mut total = hsum4(acc);
     while i < n {
         total += w[i] * x[i];
         i += 1;
     }
     total
+}
+
+/// The sum of the lanes of four accumulators, in the order both kernels have always used
+/// (pairwise across accumulators, then the eight lanes left to right).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum4(acc: [std::arch::x86_64::__m256; 4]) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    lanes.iter().sum()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -160,10 +170,7 @@ unsafe fn dot_bf16_avx2(w: &[bf16], x: &[f32]) -> f32 {
         acc[0] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xp.add(i)), acc[0]);
         i += 8;
     }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
-    let mut total: f32 = lanes.iter().sum();
+    let mut total = hsum4(acc);
     while i < n {
         total += w[i].to_f32() * x[i];
         i += 1;

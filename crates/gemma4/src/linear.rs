@@ -32,13 +32,6 @@ pub enum LinearWeight {
 }
 
 impl LinearWeight {
-    pub fn dims(&self) -> &[usize] {
-        match self {
-            LinearWeight::Dense(t) => t.dims(),
-            LinearWeight::Quantized(q) => q.shape().dims(),
-        }
-    }
-
     /// Bytes the weight occupies (what decoding streams per token).
     pub fn size_in_bytes(&self) -> usize {
         match self {

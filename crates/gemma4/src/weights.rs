@@ -510,25 +510,34 @@ impl<'a> Weights<'a> {
                 .collect();
         }
         let q = self.quant.and_then(|q| q.for_matrix(in_dim));
-        let dtype = if q.is_some() { DType::F32 } else { self.dtype };
-        let t = self
-            .ckpt
-            .load(&full, &[n, out_dim, in_dim], dtype, &self.device)?;
+        let t = self.load_for(q, &full, &[n, out_dim, in_dim])?;
         (0..n)
-            .map(|e| {
-                let m = t.get(e)?;
-                let lw = match q {
-                    None => LinearWeight::Dense(m),
-                    Some(q) => {
-                        let qt = Arc::new(quant::quantize(&m, q)?);
-                        self.ckpt.record(&full, &qt);
-                        LinearWeight::Quantized(qt)
-                    }
-                };
-                self.ckpt.note_resident(lw.size_in_bytes());
-                Ok(lw)
-            })
+            .map(|e| self.finish_matrix(q, &full, t.get(e)?))
             .collect()
+    }
+
+    /// Loads `full` for [`Self::finish_matrix`]: in f32 on the CPU when it will be quantized
+    /// (the block kernels' input), else in this view's dtype and device.
+    fn load_for(&self, q: Option<QuantType>, full: &str, shape: &[usize]) -> Result<Tensor> {
+        match q {
+            Some(_) => self.ckpt.load(full, shape, DType::F32, &Device::Cpu),
+            None => self.ckpt.load(full, shape, self.dtype, &self.device),
+        }
+    }
+
+    /// One `[out, in]` matrix of tensor `full` as a projection weight: quantized to `q`
+    /// (and recorded for `gemma4 quantize`) or kept dense; its bytes counted as resident.
+    fn finish_matrix(&self, q: Option<QuantType>, full: &str, m: Tensor) -> Result<LinearWeight> {
+        let lw = match q {
+            None => LinearWeight::Dense(m),
+            Some(q) => {
+                let qt = Arc::new(quant::quantize(&m, q)?);
+                self.ckpt.record(full, &qt);
+                LinearWeight::Quantized(qt)
+            }
+        };
+        self.ckpt.note_resident(lw.size_in_bytes());
+        Ok(lw)
     }
 
     fn matrix_as(
@@ -544,18 +553,8 @@ impl<'a> Weights<'a> {
             self.ckpt.note_resident(stored.storage_size_in_bytes());
             return Ok(LinearWeight::Quantized(Arc::new(stored)));
         }
-        match q {
-            None => Ok(LinearWeight::Dense(self.get(&[out_dim, in_dim], name)?)),
-            Some(q) => {
-                let t = self
-                    .ckpt
-                    .load(&full, &[out_dim, in_dim], DType::F32, &Device::Cpu)?;
-                let qt = Arc::new(quant::quantize(&t, q)?);
-                self.ckpt.note_resident(qt.storage_size_in_bytes());
-                self.ckpt.record(&full, &qt);
-                Ok(LinearWeight::Quantized(qt))
-            }
-        }
+        let t = self.load_for(q, &full, &[out_dim, in_dim])?;
+        self.finish_matrix(q, &full, t)
     }
 
     pub fn row_table(&self, shape: [usize; 2], name: &str) -> Result<RowTable> {

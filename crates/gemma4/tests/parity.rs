@@ -15,7 +15,7 @@ use gemma4::text_model::LogitsFor;
 use gemma4::{Gemma4, LoadOptions};
 use serde_json::Value;
 
-use common::{fixture, ids, json, max_abs, rows, TOL};
+use common::{fixture, ids, json, max_abs, rows, top1_agreement, TOL};
 
 fn golden(dir: &Path) -> Value {
     json(&dir.join("golden/prompts.json"))
@@ -179,14 +179,7 @@ fn bf16_compute_is_as_accurate_as_reference_bf16() {
             &tm.forward(&prompt, &mut tm.new_cache(), LogitsFor::All)
                 .unwrap(),
         );
-        let top1 = |x: &[f32]| {
-            (0..prompt.len())
-                .filter(|&p| {
-                    let r = p * vocab..(p + 1) * vocab;
-                    gemma4::sampling::argmax(&x[r.clone()]) == gemma4::sampling::argmax(&f32_ref[r])
-                })
-                .count()
-        };
+        let top1 = |x: &[f32]| top1_agreement(x, &f32_ref, vocab);
         let (d_ours, d_ref) = (max_abs(&ours, &f32_ref), max_abs(&bf16_ref, &f32_ref));
         eprintln!(
             "{name}: vs f32 golden, ours bf16 {d_ours} (top-1 {}), transformers bf16 {d_ref} (top-1 {}) of {}",

@@ -26,6 +26,15 @@ pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Rows of `vocab` logits on which `got` and `reference` pick the same top-1 id.
+pub fn top1_agreement(got: &[f32], reference: &[f32], vocab: usize) -> usize {
+    assert_eq!(got.len(), reference.len());
+    got.chunks(vocab)
+        .zip(reference.chunks(vocab))
+        .filter(|(a, b)| gemma4::sampling::argmax(a) == gemma4::sampling::argmax(b))
+        .count()
+}
+
 pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
