@@ -610,3 +610,46 @@ fn quantize_round_trips_through_generate() {
     assert!(err.contains("q3_k") && err.contains("q8_0"), "{err}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// `bench --quant` measures the quantized model, and its bandwidth bound counts the bytes
+/// the model holds: q8_0 streams about 8.5/32 of what f32 does (norms, scalars and the
+/// per-layer-embedding projections' f32 rows keep it from being exact).
+#[test]
+fn bench_counts_quantized_bytes() {
+    let dir = fixture("kquant");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--threads",
+            "1",
+            "bench",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-len",
+            "4",
+            "--gen",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = gemma4(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (f32_run, q8_run) = (run(&[]), run(&["--quant", "q8_0"]));
+    assert_eq!(f32_run["dtype"], "f32");
+    assert_eq!(q8_run["dtype"], "q8_0");
+    let bytes = |v: &serde_json::Value| v["streamed_bytes_per_token"].as_f64().unwrap();
+    let ratio = bytes(&q8_run) / bytes(&f32_run);
+    assert!(
+        ratio > 8.5 / 32.0 && ratio < 0.35,
+        "q8_0 / f32 bytes {ratio}"
+    );
+}
