@@ -1,7 +1,7 @@
 //! The linear layer, `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch. Every
 //! projection of the model goes through this one type, which picks the kernel: candle's
-//! matmul for batches, the matrix–vector kernels of [`crate::gemv`] for one row of bf16/f32
-//! weights, and candle's block-quantized kernels for [`crate::quant`] weights.
+//! matmul (dense or block-quantized, [`crate::quant`]) for batches, and for one row (decoding)
+//! the matrix–vector kernels of [`crate::gemv`] (bf16/f32) and [`crate::qgemv`] (quantized).
 //!
 //! It also covers `Gemma4ClippableLinear` (vision and audio towers): with
 //! `use_clipped_linears` the input is clamped to `[input_min, input_max]` and the output to
@@ -15,6 +15,7 @@ use half::bf16;
 
 use crate::error::Result;
 use crate::gemv::{gemv_bf16, gemv_f32};
+use crate::qgemv::qgemv;
 use crate::text_model::round_to;
 use crate::weights::Weights;
 
@@ -140,38 +141,46 @@ impl Linear {
         }
     }
 
-    /// One row of input with bf16 or f32 weights on the CPU (decoding): the matrix–vector
-    /// kernels of [`crate::gemv`] instead of candle's matmul. `None` when they do not apply.
+    /// One row of input on the CPU (decoding): the matrix–vector kernels of
+    /// [`crate::gemv`] (bf16/f32 weights) and [`crate::qgemv`] (quantized weights) instead
+    /// of candle's matmul. `None` when they do not apply.
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let LinearWeight::Dense(w) = &self.weight else {
-            return Ok(None);
-        };
-        if !matches!(w.dtype(), DType::BF16 | DType::F32)
-            || !w.device().is_cpu()
-            || x.dtype() != w.dtype()
-        {
-            return Ok(None);
-        }
         let n = x.dim(D::Minus1)?;
-        // One row only, and a matching width (a mismatch is left to matmul's shape error).
-        if x.elem_count() != n || w.rank() != 2 || w.dim(1)? != n {
+        // One row only (a width mismatch is left to matmul's shape error).
+        if x.elem_count() != n || !x.device().is_cpu() {
             return Ok(None);
         }
-        let (storage, layout) = w.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Ok(None);
-        };
-        if !layout.is_contiguous() {
-            return Ok(None);
-        }
-        let range = layout.start_offset()..layout.start_offset() + w.elem_count();
-        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let y = match w.dtype() {
-            DType::BF16 => gemv_bf16(&cpu.as_slice::<bf16>()?[range], &xs),
-            _ => gemv_f32(&cpu.as_slice::<f32>()?[range], &xs),
+        let xs = || -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+        let y = match &self.weight {
+            LinearWeight::Quantized(q) => match qgemv(q, &xs()?)? {
+                Some(y) => y,
+                None => return Ok(None),
+            },
+            LinearWeight::Dense(w) => {
+                if !matches!(w.dtype(), DType::BF16 | DType::F32)
+                    || !w.device().is_cpu()
+                    || x.dtype() != w.dtype()
+                    || w.rank() != 2
+                    || w.dim(1)? != n
+                {
+                    return Ok(None);
+                }
+                let (storage, layout) = w.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    return Ok(None);
+                };
+                if !layout.is_contiguous() {
+                    return Ok(None);
+                }
+                let range = layout.start_offset()..layout.start_offset() + w.elem_count();
+                match w.dtype() {
+                    DType::BF16 => gemv_bf16(&cpu.as_slice::<bf16>()?[range], &xs()?),
+                    _ => gemv_f32(&cpu.as_slice::<f32>()?[range], &xs()?),
+                }
+            }
         };
         let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("rank ≥ 1") = w.dim(0)?;
+        *shape.last_mut().expect("rank ≥ 1") = y.len();
         Ok(Some(
             Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?,
         ))
