@@ -1,11 +1,12 @@
-//! Throughput of the decode kernels on E2B-sized projections: GB/s of weights streamed
-//! by one `Linear::forward` on a single row, median of several runs, for each format.
+//! Throughput of the projection kernels on E2B-sized matrices, for each weight format:
+//! decode (one row, GB/s of weights streamed) and prefill (128 rows, GFLOP/s), through
+//! `Linear::forward` and, for quantized weights, through candle's `QMatMul` directly.
 //!
 //! `cargo run --release -p gemma4 --example kernels [-- --threads N]`
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use gemma4::linear::{Linear, LinearWeight};
 use gemma4::quant::{quantize, QuantType};
 
@@ -50,28 +51,57 @@ fn main() -> anyhow::Result<()> {
             Ok((name, ls))
         })
         .collect::<anyhow::Result<_>>()?;
-    println!("format  GB/s (median of 31 passes over {copies} matrices)");
+    // Decode: one row, GB/s of weights streamed. Prefill: 128 rows, GFLOP/s.
+    println!("format  path    decode GB/s  prefill GFLOP/s   (medians)");
     for (name, ls) in &formats {
         let bytes: usize = ls.iter().map(|l| l.weight().size_in_bytes()).sum();
-        let mut times = Vec::new();
-        for _ in 0..32 {
-            let t = Instant::now();
-            for l in ls {
-                let n = match l.weight() {
-                    LinearWeight::Dense(w) => w.dim(1)?,
-                    LinearWeight::Quantized(q) => q.shape().dims()[1],
-                };
-                let x = Tensor::ones((1, 1, n), l.dtype(), &dev)?;
-                std::hint::black_box(l.forward(&x)?);
-            }
-            times.push(t.elapsed().as_secs_f64());
+        let flops: f64 = ls
+            .iter()
+            .map(|l| 2.0 * 128.0 * width(l) as f64 * rows(l) as f64)
+            .sum();
+        let paths: Vec<&str> = match ls[0].weight() {
+            LinearWeight::Dense(_) => vec!["gemma4"],
+            LinearWeight::Quantized(_) => vec!["gemma4", "candle"],
+        };
+        for path in paths {
+            let run = |m: usize, passes: usize| -> anyhow::Result<f64> {
+                let mut times = Vec::new();
+                for _ in 0..passes + 1 {
+                    let t = Instant::now();
+                    for l in ls {
+                        let x = Tensor::ones((1, m, width(l)), l.dtype(), &dev)?;
+                        let y = match (path, l.weight()) {
+                            ("candle", LinearWeight::Quantized(q)) => {
+                                candle_core::quantized::QMatMul::QTensor(q.clone()).forward(&x)?
+                            }
+                            _ => l.forward(&x)?,
+                        };
+                        std::hint::black_box(y);
+                    }
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                times.remove(0);
+                times.sort_by(|a, b| a.total_cmp(b));
+                Ok(times[times.len() / 2])
+            };
+            let decode = bytes as f64 / run(1, 31)? / 1e9;
+            let prefill = flops / run(128, 3)? / 1e9;
+            println!("{name:6}  {path:6}  {decode:11.1}  {prefill:15.1}");
         }
-        times.remove(0);
-        times.sort_by(|a, b| a.total_cmp(b));
-        println!(
-            "{name:6}  {:.1}",
-            bytes as f64 / times[times.len() / 2] / 1e9
-        );
     }
     Ok(())
+}
+
+fn width(l: &Linear) -> usize {
+    match l.weight() {
+        LinearWeight::Dense(w) => w.dim(1).unwrap_or(0),
+        LinearWeight::Quantized(q) => q.shape().dims()[1],
+    }
+}
+
+fn rows(l: &Linear) -> usize {
+    match l.weight() {
+        LinearWeight::Dense(w) => w.dim(0).unwrap_or(0),
+        LinearWeight::Quantized(q) => q.shape().dims()[0],
+    }
 }

@@ -43,7 +43,7 @@ pub mod multimodal_embedder;
 pub mod norm;
 pub mod npy;
 pub mod ple;
-pub mod qgemv;
+pub mod qmatmul;
 pub mod quant;
 pub mod quantize;
 pub mod resample;

@@ -1,7 +1,7 @@
 //! The linear layer, `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch. Every
 //! projection of the model goes through this one type, which picks the kernel: candle's
 //! matmul (dense or block-quantized, [`crate::quant`]) for batches, and for one row (decoding)
-//! the matrix–vector kernels of [`crate::gemv`] (bf16/f32) and [`crate::qgemv`] (quantized).
+//! the matrix–vector kernels of [`crate::gemv`] (bf16/f32) and [`crate::qmatmul`] (quantized).
 //!
 //! It also covers `Gemma4ClippableLinear` (vision and audio towers): with
 //! `use_clipped_linears` the input is clamped to `[input_min, input_max]` and the output to
@@ -15,7 +15,7 @@ use half::bf16;
 
 use crate::error::Result;
 use crate::gemv::{gemv_bf16, gemv_f32};
-use crate::qgemv::qgemv;
+use crate::qmatmul;
 use crate::text_model::round_to;
 use crate::weights::Weights;
 
@@ -142,7 +142,7 @@ impl Linear {
     }
 
     /// One row of input on the CPU (decoding): the matrix–vector kernels of
-    /// [`crate::gemv`] (bf16/f32 weights) and [`crate::qgemv`] (quantized weights) instead
+    /// [`crate::gemv`] (bf16/f32 weights) and [`crate::qmatmul`] (quantized weights) instead
     /// of candle's matmul. `None` when they do not apply.
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let n = x.dim(D::Minus1)?;
@@ -152,7 +152,7 @@ impl Linear {
         }
         let xs = || -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
         let y = match &self.weight {
-            LinearWeight::Quantized(q) => match qgemv(q, &xs()?)? {
+            LinearWeight::Quantized(q) => match qmatmul::gemv(q, &xs()?)? {
                 Some(y) => y,
                 None => return Ok(None),
             },
@@ -200,6 +200,19 @@ impl Linear {
                     2 => x.matmul(&w)?,
                     _ => x.broadcast_matmul(&w)?,
                 }
+            }
+            (LinearWeight::Quantized(q), None) if qmatmul::prefill_dequantizes(q) => {
+                let (rows, cols) = q.shape().dims2()?;
+                let w = match qmatmul::dequantize(q)? {
+                    Some(w) => Tensor::from_vec(w, (rows, cols), &q.device())?,
+                    None => q.dequantize(&q.device())?,
+                };
+                let xf = x.to_dtype(DType::F32)?;
+                let y = match xf.rank() {
+                    2 => xf.matmul(&w.t()?)?,
+                    _ => xf.broadcast_matmul(&w.t()?)?,
+                };
+                y.to_dtype(x.dtype())?
             }
             (LinearWeight::Quantized(q), None) => {
                 // The kernels take f32 rows (at least 2-D) and quantize them on the fly.

@@ -1,7 +1,9 @@
 //! Block-quantized weights (`--quant`) against the f32 reference goldens of the committed
 //! fixtures. Quantization changes the numbers by design, so the checks are the ones users
 //! judge a format by: max-abs logit difference to f32 and top-1 agreement, teacher-forced
-//! over every prompt position and every step of the reference's greedy continuation.
+//! over every prompt position and every step of the reference's greedy continuation, both
+//! in one batched pass (the prefill kernels) and token by token from the cache (the
+//! one-row decode kernels, which for quantized weights quantize the activations to 8 bits).
 
 mod common;
 
@@ -12,10 +14,24 @@ use gemma4::{Gemma4, LoadOptions};
 
 use common::{fixture, ids, json, max_abs, rows, top1_agreement};
 
+#[derive(Default)]
 struct Agreement {
     max_abs: f32,
     top1: usize,
     positions: usize,
+}
+
+impl Agreement {
+    fn add(&mut self, got: &[f32], want: &[f32], vocab: usize) {
+        assert_eq!(got.len(), want.len());
+        self.max_abs = self.max_abs.max(max_abs(got, want));
+        self.top1 += top1_agreement(got, want, vocab);
+        self.positions += got.len() / vocab;
+    }
+
+    fn fraction(&self) -> f64 {
+        self.top1 as f64 / self.positions as f64
+    }
 }
 
 /// Checkpoint `dir` loaded with its text decoder quantized to `q` (`None`: f32).
@@ -31,18 +47,15 @@ fn load_as(dir: &std::path::Path, q: Option<QuantType>) -> Gemma4 {
 }
 
 /// Logits of the quantized model over each prompt + greedy continuation, against the f32
-/// golden rows at the same positions.
-fn agreement(name: &str, q: Option<QuantType>) -> Agreement {
+/// golden rows at the same positions: `(batched, decode)`, the first over whole sequences
+/// in one pass, the second over the continuation fed one token at a time after the prompt.
+fn agreement(name: &str, q: Option<QuantType>) -> (Agreement, Agreement) {
     let dir = fixture(name);
     let g = json(&dir.join("golden/prompts.json"));
     let model = load_as(&dir, q);
     let tm = &model.text;
     let vocab = tm.config().vocab_size;
-    let mut a = Agreement {
-        max_abs: 0.0,
-        top1: 0,
-        positions: 0,
-    };
+    let (mut batched, mut decode) = (Agreement::default(), Agreement::default());
     for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         let greedy = ids(&case["greedy_ids"]);
@@ -56,12 +69,16 @@ fn agreement(name: &str, q: Option<QuantType>) -> Agreement {
             &tm.forward(&all, &mut tm.new_cache(), LogitsFor::All)
                 .unwrap(),
         );
-        assert_eq!(got.len(), want.len(), "{name} case {k}");
-        a.max_abs = a.max_abs.max(max_abs(&got, &want));
-        a.top1 += top1_agreement(&got, &want, vocab);
-        a.positions += got.len() / vocab;
+        batched.add(&got, &want, vocab);
+
+        let mut cache = tm.new_cache();
+        let mut got = rows(&tm.forward(&prompt, &mut cache, LogitsFor::Last).unwrap());
+        for &t in &greedy[..greedy.len() - 1] {
+            got.extend(rows(&tm.forward(&[t], &mut cache, LogitsFor::Last).unwrap()));
+        }
+        decode.add(&got, &steps, vocab);
     }
-    a
+    (batched, decode)
 }
 
 /// The trained fixture (`kquant`: peaked logits like a real checkpoint's, widths that fill
@@ -76,24 +93,30 @@ fn trained_fixture_agreement_per_format() {
         (QuantType::Q4K, 0.97, 3.0),
         (QuantType::Q4_0, 0.97, 3.0),
     ] {
-        let a = agreement("kquant", Some(q));
-        let frac = a.top1 as f64 / a.positions as f64;
+        let (batched, decode) = agreement("kquant", Some(q));
         eprintln!(
-            "| {q} | {:.3} | {:.1}% ({}/{}) |",
-            a.max_abs,
-            100.0 * frac,
-            a.top1,
-            a.positions
+            "| {q} | {:.3} | {:.1}% ({}/{}) | {:.3} | {:.1}% ({}/{}) |",
+            batched.max_abs,
+            100.0 * batched.fraction(),
+            batched.top1,
+            batched.positions,
+            decode.max_abs,
+            100.0 * decode.fraction(),
+            decode.top1,
+            decode.positions
         );
-        assert!(
-            frac >= min_top1,
-            "{q}: top-1 agreement {frac:.3} < {min_top1}"
-        );
-        assert!(
-            a.max_abs <= max_abs_bound,
-            "{q}: max-abs {} > {max_abs_bound}",
-            a.max_abs
-        );
+        for (path, a) in [("batched", &batched), ("decode", &decode)] {
+            assert!(
+                a.fraction() >= min_top1,
+                "{q} {path}: top-1 agreement {:.3} < {min_top1}",
+                a.fraction()
+            );
+            assert!(
+                a.max_abs <= max_abs_bound,
+                "{q} {path}: max-abs {} > {max_abs_bound}",
+                a.max_abs
+            );
+        }
     }
 }
 
@@ -145,9 +168,10 @@ fn random_fixtures_drift_like_reference_bf16() {
 /// Control for the measure above: unquantized f32 agrees everywhere.
 #[test]
 fn unquantized_control_agrees_everywhere() {
-    let a = agreement("kquant", None);
-    assert!(a.max_abs <= common::TOL, "{}", a.max_abs);
-    assert_eq!(a.top1, a.positions);
+    for a in <[Agreement; 2]>::from(agreement("kquant", None)) {
+        assert!(a.max_abs <= common::TOL, "{}", a.max_abs);
+        assert_eq!(a.top1, a.positions);
+    }
 }
 
 fn temp_dir(tag: &str) -> std::path::PathBuf {
