@@ -1,6 +1,8 @@
-//! Checkpoint loading: Hugging Face safetensors, a single `model.safetensors` or shards
-//! listed in `model.safetensors.index.json`, or a `model.gguf` written by `gemma4 quantize`
-//! (the same tensor names, projections block-quantized), memory-mapped. Tensors are materialised one at a
+//! Checkpoint loading, memory-mapped: Hugging Face safetensors (a single
+//! `model.safetensors` or shards listed in `model.safetensors.index.json`), a `model.gguf`
+//! written by `gemma4 quantize` (the same tensor names, projections block-quantized), or a
+//! GGUF file from llama.cpp's converter (its tensor names mapped back by
+//! [`crate::gguf_names`]; the directory still supplies `config.json` and the tokenizer). Tensors are materialised one at a
 //! time in the requested dtype with their shape checked; large row tables (the per-layer
 //! embedding) can instead stay on disk and be read row by row ([`RowTable`]).
 //!
@@ -18,6 +20,7 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::gguf::{self, StoredType};
+use crate::gguf_names;
 use crate::linear::LinearWeight;
 use crate::quant::{self, QuantType};
 
@@ -52,7 +55,9 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `dir/model.safetensors` or every shard named by `dir/model.safetensors.index.json`.
+    /// Opens, in this order of preference, `dir/model.gguf`, `dir/model.safetensors` or
+    /// every shard named by `dir/model.safetensors.index.json`, or the one `*.gguf` file in
+    /// `dir` (llama.cpp's files are named after the model and format).
     pub fn open(dir: &Path) -> Result<Self> {
         let gguf = dir.join("model.gguf");
         if gguf.exists() {
@@ -60,6 +65,38 @@ impl Checkpoint {
         }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
+        if !index.exists() && !single.exists() {
+            let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+                })
+                .collect();
+            ggufs.sort();
+            match ggufs.len() {
+                0 => {}
+                1 => return Self::open_gguf(&ggufs[0]),
+                _ => {
+                    return Err(Error::io(
+                        dir,
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!(
+                                "{} GGUF files and no model.gguf: keep one of {} (or name it model.gguf)",
+                                ggufs.len(),
+                                ggufs
+                                    .iter()
+                                    .map(|p| p.display().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ),
+                    ))
+                }
+            }
+        }
         let shard_names: Vec<String> = if index.exists() {
             let v = crate::error::read_json(&index)?;
             let map = v
@@ -84,7 +121,7 @@ impl Checkpoint {
                 dir,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "no model.safetensors, model.safetensors.index.json or model.gguf in this directory",
+                    "no model.safetensors, model.safetensors.index.json or *.gguf in this directory",
                 ),
             ));
         };
@@ -153,28 +190,49 @@ impl Checkpoint {
         }
     }
 
-    /// A single GGUF file with Hugging Face tensor names.
+    /// A single GGUF file: Hugging Face tensor names (`gemma4 quantize`), or llama.cpp's
+    /// (`general.architecture = "gemma4"`), mapped to Hugging Face names.
     fn open_gguf(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: as for safetensors above.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let header = gguf::read_header(path, mmap.len() as u64)?;
-        let tensors = header
-            .tensors
-            .into_iter()
-            .map(|(name, t)| {
-                (
-                    name,
-                    TensorEntry {
-                        file: 0,
-                        dtype: t.ty,
-                        shape: t.shape,
-                        start: t.start,
-                        end: t.end,
-                    },
-                )
-            })
-            .collect();
+        let llama_cpp = header
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .is_some_and(|a| a == gguf_names::ARCHITECTURE);
+        let mut tensors = HashMap::new();
+        for (name, t) in header.tensors {
+            let name = if llama_cpp {
+                match gguf_names::hf_name(&name) {
+                    Some(gguf_names::Mapped::Hf(hf)) => hf,
+                    Some(gguf_names::Mapped::Ignored) => continue,
+                    None => {
+                        return Err(Error::Safetensors {
+                            path: path.to_path_buf(),
+                            message: format!(
+                                "tensor `{name}` is not a Gemma 4 text tensor this engine knows \
+                                 (llama.cpp naming); a vision/audio projector file (mmproj) \
+                                 or a newer converter's output?"
+                            ),
+                        })
+                    }
+                }
+            } else {
+                name
+            };
+            tensors.insert(
+                name,
+                TensorEntry {
+                    file: 0,
+                    dtype: t.ty,
+                    shape: t.shape,
+                    start: t.start,
+                    end: t.end,
+                },
+            );
+        }
         let files = vec![MappedFile {
             path: path.to_path_buf(),
             mmap: Arc::new(mmap),
@@ -338,13 +396,6 @@ impl Checkpoint {
     pub fn row_table(&self, name: &str, expected: &[usize; 2]) -> Result<RowTable> {
         let e = self.entry(name)?;
         self.check_shape(name, e, expected)?;
-        let StoredType::Dense(dtype) = e.dtype else {
-            return Err(Error::UnsupportedDtype {
-                name: name.to_string(),
-                path: self.files[e.file].path.clone(),
-                dtype: format!("{:?} (a row table must be stored dense)", e.dtype),
-            });
-        };
         self.loaded_bytes
             .set(self.loaded_bytes.get() + (e.end - e.start) as u64);
         Ok(RowTable {
@@ -353,27 +404,27 @@ impl Checkpoint {
             start: e.start,
             rows: expected[0],
             cols: expected[1],
-            dtype,
+            stored: e.dtype,
         })
     }
 }
 
 /// A `[rows, cols]` embedding table read straight from the mapped file: only the rows that
-/// are looked up are ever touched (the E2B per-layer table is 4.7 GB).
+/// are looked up are ever touched (the E2B per-layer table is 4.7 GB in bf16). Rows may be
+/// block-quantized (llama.cpp quantizes this table); they are dequantized on lookup.
 pub struct RowTable {
     name: String,
     mmap: Arc<Mmap>,
     start: usize,
     rows: usize,
     cols: usize,
-    dtype: DType,
+    stored: StoredType,
 }
 
 impl RowTable {
     /// Rows `ids` as a `[ids.len(), cols]` tensor of `dtype`.
     pub fn lookup(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
-        let esize = self.dtype.size_in_bytes();
-        let row_bytes = self.cols * esize;
+        let row_bytes = self.stored.size_of(self.cols);
         let mut buf = Vec::with_capacity(ids.len() * row_bytes);
         for &id in ids {
             let id = id as usize;
@@ -386,10 +437,20 @@ impl RowTable {
             let off = self.start + id * row_bytes;
             buf.extend_from_slice(&self.mmap[off..off + row_bytes]);
         }
-        Ok(
-            Tensor::from_raw_buffer(&buf, self.dtype, &[ids.len(), self.cols], device)?
-                .to_dtype(dtype)?,
-        )
+        let t = match self.stored {
+            StoredType::Dense(d) => {
+                Tensor::from_raw_buffer(&buf, d, &[ids.len(), self.cols], device)?
+            }
+            StoredType::Quant(q) => quant::from_bytes(
+                std::borrow::Cow::Owned(buf),
+                q,
+                ids.len(),
+                self.cols,
+                &Device::Cpu,
+            )?
+            .dequantize(device)?,
+        };
+        Ok(t.to_dtype(dtype)?)
     }
 
     pub fn shape(&self) -> (usize, usize) {

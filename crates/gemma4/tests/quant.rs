@@ -74,7 +74,9 @@ fn agreement(name: &str, q: Option<QuantType>) -> (Agreement, Agreement) {
         let mut cache = tm.new_cache();
         let mut got = rows(&tm.forward(&prompt, &mut cache, LogitsFor::Last).unwrap());
         for &t in &greedy[..greedy.len() - 1] {
-            got.extend(rows(&tm.forward(&[t], &mut cache, LogitsFor::Last).unwrap()));
+            got.extend(rows(
+                &tm.forward(&[t], &mut cache, LogitsFor::Last).unwrap(),
+            ));
         }
         decode.add(&got, &steps, vocab);
     }

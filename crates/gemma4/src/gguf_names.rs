@@ -1,0 +1,105 @@
+//! llama.cpp's names for Gemma 4's text tensors, as its `convert_hf_to_gguf.py` writes them
+//! (`general.architecture = "gemma4"`), mapped back to the Hugging Face names the rest of
+//! the engine loads by.
+//!
+//! The converter changes names only, not values, for Gemma 4: its norms are stored as the
+//! checkpoint has them (Gemma 4's `norm_shift` is 0, unlike Gemma 3's `+1`), expert stacks
+//! keep the `[experts, out, in]` layout, and GGUF's innermost-first dims read back as the
+//! row-major shapes of the safetensors. What it adds is ignored: `rope_freqs` (its way of
+//! expressing the proportional RoPE of full-attention layers, which the config already
+//! gives) and `output.weight` (a copy of the tied embedding). What it drops are tensors the
+//! reference never uses: the K/V projections of KV-shared layers.
+
+/// Where the text decoder's tensors live in a Hugging Face `Gemma4ForConditionalGeneration`
+/// checkpoint.
+const PREFIX: &str = "model.language_model.";
+
+/// The value of `general.architecture` in llama.cpp's Gemma 4 files.
+pub const ARCHITECTURE: &str = "gemma4";
+
+/// What to do with one tensor of a llama.cpp Gemma 4 file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Mapped {
+    /// Load it under this Hugging Face name.
+    Hf(String),
+    /// A tensor the converter adds that this engine does not need.
+    Ignored,
+}
+
+/// The Hugging Face name of llama.cpp tensor `name`; `None` for a name this table does
+/// not know (a newer converter, or a file that is not a Gemma 4 text model).
+pub fn hf_name(name: &str) -> Option<Mapped> {
+    let global = |s: &str| Some(Mapped::Hf(format!("{PREFIX}{s}")));
+    match name {
+        "token_embd.weight" => return global("embed_tokens.weight"),
+        "per_layer_token_embd.weight" => return global("embed_tokens_per_layer.weight"),
+        "per_layer_model_proj.weight" => return global("per_layer_model_projection.weight"),
+        "per_layer_proj_norm.weight" => return global("per_layer_projection_norm.weight"),
+        "output_norm.weight" => return global("norm.weight"),
+        "output.weight" | "rope_freqs.weight" => return Some(Mapped::Ignored),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, tensor) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match tensor {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
+        "post_attention_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_norm.weight" => "pre_feedforward_layernorm.weight",
+        "post_ffw_norm.weight" => "post_feedforward_layernorm.weight",
+        "pre_ffw_norm_2.weight" => "pre_feedforward_layernorm_2.weight",
+        "post_ffw_norm_1.weight" => "post_feedforward_layernorm_1.weight",
+        "post_ffw_norm_2.weight" => "post_feedforward_layernorm_2.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        "ffn_gate_inp.weight" => "router.proj.weight",
+        "ffn_gate_inp.scale" => "router.scale",
+        "ffn_down_exps.scale" => "router.per_expert_scale",
+        "ffn_gate_up_exps.weight" => "experts.gate_up_proj",
+        "ffn_down_exps.weight" => "experts.down_proj",
+        "inp_gate.weight" => "per_layer_input_gate.weight",
+        "proj.weight" => "per_layer_projection.weight",
+        "post_norm.weight" => "post_per_layer_input_norm.weight",
+        "layer_output_scale.weight" => "layer_scalar",
+        _ => return None,
+    };
+    global(&format!("layers.{layer}.{hf}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_layer_and_global_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight"),
+            Some(Mapped::Hf(
+                "model.language_model.layers.12.self_attn.q_proj.weight".into()
+            ))
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down_exps.scale"),
+            Some(Mapped::Hf(
+                "model.language_model.layers.0.router.per_expert_scale".into()
+            ))
+        );
+        assert_eq!(
+            hf_name("token_embd.weight"),
+            Some(Mapped::Hf(
+                "model.language_model.embed_tokens.weight".into()
+            ))
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), Some(Mapped::Ignored));
+        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name("blk.3.something_new.weight"), None);
+        assert_eq!(hf_name("v.blk.0.attn_q.weight"), None);
+    }
+}

@@ -1,0 +1,178 @@
+//! GGUF files from llama.cpp's own converter and quantizer (llama-cpp-python 0.3.36's
+//! `vendor/llama.cpp`, made by `scripts/fixtures/make_llamacpp_fixtures.py` from committed
+//! fixtures) load with their tensor names mapped back and compute what the safetensors
+//! checkpoint they came from computes. The checkpoint directory supplies `config.json` and
+//! the tokenizer; the GGUF file is the only weights file in it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use gemma4::generation::{generate, GenerateOptions};
+use gemma4::gguf::StoredType;
+use gemma4::npy;
+use gemma4::sampling::SamplingParams;
+use gemma4::text_model::LogitsFor;
+use gemma4::weights::Checkpoint;
+use gemma4::{Gemma4, LoadOptions};
+
+use common::{fixture, ids, json, max_abs, rows, top1_agreement, TOL};
+
+/// A directory holding `fixture`'s side files (config, tokenizer, templates) and the
+/// llama.cpp file `gguf`, as a user who downloaded a GGUF next to the config has it.
+fn gguf_dir(fixture_name: &str, gguf: &str, tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gemma4-llamacpp-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for entry in std::fs::read_dir(fixture(fixture_name)).unwrap() {
+        let p = entry.unwrap().path();
+        let keep = p.is_file() && p.extension().is_none_or(|x| x != "safetensors");
+        if keep {
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(fixture("llamacpp").join(gguf), d.join(gguf)).unwrap();
+    d
+}
+
+/// Every golden case: full-sequence logits within the project tolerance of the f32
+/// reference, and the reference's greedy ids through the generation loop.
+fn check_against_golden(dir: &Path, golden_of: &str) {
+    let g = json(&fixture(golden_of).join("golden/prompts.json"));
+    let model = Gemma4::load(dir, LoadOptions::default()).unwrap();
+    let tm = &model.text;
+    let vocab = tm.config().vocab_size;
+    for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want_greedy = ids(&case["greedy_ids"]);
+        let (_, want) =
+            npy::read_f32(&fixture(golden_of).join(format!("golden/logits_{k}.npy"))).unwrap();
+        let got = rows(
+            &tm.forward(&prompt, &mut tm.new_cache(), LogitsFor::All)
+                .unwrap(),
+        );
+        let d = max_abs(&got, &want);
+        assert!(d <= TOL, "{golden_of} case {k}: logits differ by {d}");
+        assert_eq!(top1_agreement(&got, &want, vocab), prompt.len());
+        let opts = GenerateOptions {
+            max_new_tokens: want_greedy.len(),
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+        };
+        let out = generate(tm, &prompt, &opts, |_| Ok(())).unwrap();
+        assert_eq!(out.generated_ids, want_greedy, "{golden_of} case {k}");
+    }
+}
+
+/// bf16 files converted from bf16 safetensors hold the same values (norms widened to
+/// f32 exactly), so they must match the reference as tightly as the safetensors do:
+/// the E2B layout (per-layer embeddings, KV-shared layers whose K/V projections the
+/// converter drops) and the MoE layout (expert stacks, router scales).
+#[test]
+fn converted_bf16_files_match_the_reference() {
+    for (name, gguf) in [("e2b_like", "e2b_like-bf16.gguf"), ("moe", "moe-bf16.gguf")] {
+        let dir = gguf_dir(name, gguf, name);
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        assert!(
+            ckpt.contains("model.language_model.embed_tokens.weight"),
+            "{name}: names mapped back"
+        );
+        check_against_golden(&dir, name);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// `llama-quantize ... Q8_0` output: projections and the per-layer-embedding table in
+/// Q8_0 (the table is dequantized a row at a time on lookup). Judged like our own q8_0
+/// on the trained fixture (tests/quant.rs): top-1 agreement with f32 ≥ 99% over prompt
+/// and continuation, max-abs ≤ 0.5, and the reference's greedy ids.
+#[test]
+fn llama_quantized_q8_0_file_agrees_with_the_reference() {
+    let dir = gguf_dir("kquant", "kquant-q8_0.gguf", "q8");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    for t in [
+        "model.language_model.embed_tokens_per_layer.weight",
+        "model.language_model.layers.0.mlp.down_proj.weight",
+    ] {
+        assert!(
+            matches!(ckpt.stored_type(t), Some(StoredType::Quant(_))),
+            "{t} is stored quantized"
+        );
+    }
+    drop(ckpt);
+    let g = json(&fixture("kquant").join("golden/prompts.json"));
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let tm = &model.text;
+    let vocab = tm.config().vocab_size;
+    let (mut agree, mut positions, mut worst) = (0, 0, 0f32);
+    for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let greedy = ids(&case["greedy_ids"]);
+        let (_, mut want) =
+            npy::read_f32(&fixture("kquant").join(format!("golden/logits_{k}.npy"))).unwrap();
+        let (_, steps) =
+            npy::read_f32(&fixture("kquant").join(format!("golden/step_logits_{k}.npy"))).unwrap();
+        want.extend_from_slice(&steps[vocab..]);
+        let mut all = prompt.clone();
+        all.extend(&greedy[..greedy.len() - 1]);
+        let got = rows(
+            &tm.forward(&all, &mut tm.new_cache(), LogitsFor::All)
+                .unwrap(),
+        );
+        agree += top1_agreement(&got, &want, vocab);
+        positions += got.len() / vocab;
+        worst = worst.max(max_abs(&got, &want));
+        let opts = GenerateOptions {
+            max_new_tokens: greedy.len(),
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+        };
+        let out = generate(tm, &prompt, &opts, |_| Ok(())).unwrap();
+        assert_eq!(out.generated_ids, greedy, "case {k}: greedy ids");
+    }
+    eprintln!("llama.cpp Q8_0: max-abs {worst:.3}, top-1 {agree}/{positions}");
+    assert!(
+        agree as f64 >= 0.99 * positions as f64,
+        "{agree}/{positions}"
+    );
+    assert!(worst <= 0.5, "max-abs {worst}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Two GGUF files and no `model.gguf`: which one is meant is unclear, so it is an error
+/// naming both rather than a guess.
+#[test]
+fn two_gguf_files_are_an_error_naming_both() {
+    let dir = gguf_dir("moe", "moe-bf16.gguf", "two");
+    std::fs::copy(dir.join("moe-bf16.gguf"), dir.join("other.gguf")).unwrap();
+    let err = Checkpoint::open(&dir).err().unwrap().to_string();
+    assert!(
+        err.contains("moe-bf16.gguf") && err.contains("other.gguf"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A llama.cpp file with a tensor the name table does not know (here: a projector's) is
+/// an error naming the tensor, not a model that silently ignores weights.
+#[test]
+fn unknown_llama_cpp_tensor_is_an_error_naming_it() {
+    let dir = gguf_dir("moe", "moe-bf16.gguf", "unknown");
+    let path = dir.join("moe-bf16.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    // Rename one tensor in place: same length, so the header stays valid.
+    let (from, to) = (b"blk.0.attn_q.weight", b"v.blk.0.attn_q.weig");
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("tensor name in the header");
+    let mut patched = bytes.clone();
+    patched[at..at + from.len()].copy_from_slice(to);
+    std::fs::write(&path, &patched).unwrap();
+    let err = Checkpoint::open(&dir).err().unwrap().to_string();
+    assert!(
+        err.contains("v.blk.0.attn_q.weig") && err.contains("moe-bf16.gguf"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
