@@ -31,6 +31,7 @@ pub mod error;
 pub mod gemv;
 pub mod generation;
 pub mod gguf;
+pub mod gguf_metadata;
 pub mod gguf_names;
 pub mod image_embedder;
 pub mod image_processor;

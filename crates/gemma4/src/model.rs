@@ -114,20 +114,41 @@ impl Gemma4 {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             ));
         }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut ckpt = Checkpoint::open(dir)?;
+        // A llama.cpp GGUF file alone is a checkpoint: its metadata stands in for the
+        // config and tokenizer files when the directory has none.
+        let config_path = dir.join("config.json");
+        let config = match (config_path.exists(), ckpt.llama_cpp_config()) {
+            (false, Some(json)) => {
+                let origin = ckpt.single_file().unwrap_or(dir).to_path_buf();
+                ModelConfig::from_value(&json?).map_err(|m| Error::config(&origin, m))?
+            }
+            _ => ModelConfig::from_file(&config_path)?,
+        };
         let gen_path = dir.join("generation_config.json");
         let generation_config = if gen_path.exists() {
             GenerationConfig::from_file(&gen_path)?
         } else {
             GenerationConfig::default()
         };
-        let tokenizer = if dir.join("tokenizer.json").exists() {
-            Some(Tokenizer::from_dir(dir)?)
-        } else {
-            None
+        let tokenizer = match (
+            dir.join("tokenizer.json").exists(),
+            ckpt.llama_cpp_tokenizer(),
+        ) {
+            (true, _) => Some(Tokenizer::from_dir(dir)?),
+            (false, Some(json)) => Some(Tokenizer::from_json(
+                &json?,
+                ckpt.single_file().unwrap_or(dir),
+            )?),
+            (false, None) => None,
         };
-        let chat_template = ChatTemplate::from_dir(dir)?;
-        let mut ckpt = Checkpoint::open(dir)?;
+        let own_template = ["chat_template.jinja", "tokenizer_config.json"]
+            .iter()
+            .any(|f| dir.join(f).exists());
+        let chat_template = match ckpt.llama_cpp_chat_template() {
+            Some(src) if !own_template => ChatTemplate::new(Some(&src), "<bos>", "<eos>")?,
+            _ => ChatTemplate::from_dir(dir)?,
+        };
         let prefix = text_prefix(config.architecture);
         if let Some(p) = opts.progress {
             let total = ckpt.bytes_under(prefix);

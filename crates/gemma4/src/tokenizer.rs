@@ -36,12 +36,36 @@ impl Tokenizer {
             path: path.clone(),
             message,
         };
-        let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
         let class = read_tokenizer_class(&dir.join("tokenizer_config.json"))?;
-        if class
-            .as_deref()
-            .is_none_or(|c| c.starts_with("GemmaTokenizer"))
-        {
+        Self::with_pipeline(inner, path, class.as_deref())
+    }
+
+    /// A tokenizer from the JSON of a `tokenizer.json` (a llama.cpp GGUF file's vocabulary,
+    /// [`crate::gguf_metadata::tokenizer_json`]); `origin` names it in errors.
+    pub fn from_json(json: &serde_json::Value, origin: &Path) -> Result<Self> {
+        let inner = json
+            .to_string()
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::Tokenizer {
+                path: origin.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Self::with_pipeline(inner, origin.to_path_buf(), None)
+    }
+
+    /// Gemma's normalizer, pre-tokenizer and decoder around `inner`'s vocabulary, unless
+    /// `class` names another tokenizer class.
+    fn with_pipeline(
+        mut inner: tokenizers::Tokenizer,
+        path: PathBuf,
+        class: Option<&str>,
+    ) -> Result<Self> {
+        let err = |message: String| Error::Tokenizer {
+            path: path.clone(),
+            message,
+        };
+        if class.is_none_or(|c| c.starts_with("GemmaTokenizer")) {
             let replace = Replace::new(" ", "\u{2581}").map_err(|e| err(e.to_string()))?;
             inner
                 .with_normalizer(Some(NormalizerWrapper::Replace(replace)))

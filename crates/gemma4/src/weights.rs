@@ -20,9 +20,9 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::gguf::{self, StoredType};
-use crate::gguf_names;
 use crate::linear::LinearWeight;
 use crate::quant::{self, QuantType};
+use crate::{gguf_metadata, gguf_names};
 
 struct TensorEntry {
     file: usize,
@@ -52,6 +52,8 @@ pub struct Checkpoint {
     /// When set, every projection quantized while loading is kept here by tensor name
     /// (`gemma4 quantize` writes them out).
     recorded: RefCell<Option<HashMap<String, Vec<Arc<QTensor>>>>>,
+    /// For a llama.cpp GGUF file: its metadata and what its tensors say about the model.
+    llama_cpp: Option<(gguf_metadata::Metadata, gguf_metadata::TensorFacts)>,
 }
 
 impl Checkpoint {
@@ -187,6 +189,7 @@ impl Checkpoint {
             resident_bytes: Cell::new(0),
             progress: None,
             recorded: RefCell::new(None),
+            llama_cpp: None,
         }
     }
 
@@ -202,6 +205,34 @@ impl Checkpoint {
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
             .is_some_and(|a| a == gguf_names::ARCHITECTURE);
+        let facts = llama_cpp.then(|| {
+            let rows = |n: &str| header.tensors.get(n).and_then(|t| t.shape.first().copied());
+            let mut layers_with_v: Vec<usize> = header
+                .tensors
+                .keys()
+                .filter_map(|n| {
+                    n.strip_prefix("blk.")?
+                        .strip_suffix(".attn_v.weight")?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            layers_with_v.sort();
+            let rope_freqs = header.tensors.get("rope_freqs.weight").and_then(|t| {
+                (t.ty == StoredType::Dense(DType::F32)).then(|| {
+                    mmap[t.start..t.end]
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                })
+            });
+            gguf_metadata::TensorFacts {
+                vocab_rows: rows("token_embd.weight").unwrap_or(0),
+                per_layer_vocab_rows: rows("per_layer_token_embd.weight"),
+                layers_with_v,
+                rope_freqs,
+            }
+        });
         let mut tensors = HashMap::new();
         for (name, t) in header.tensors {
             let name = if llama_cpp {
@@ -237,7 +268,49 @@ impl Checkpoint {
             path: path.to_path_buf(),
             mmap: Arc::new(mmap),
         }];
-        Ok(Self::from_parts(files, tensors))
+        let mut ckpt = Self::from_parts(files, tensors);
+        ckpt.llama_cpp = facts.map(|f| (header.metadata, f));
+        Ok(ckpt)
+    }
+
+    /// The weights file, when the checkpoint is a single file.
+    pub fn single_file(&self) -> Option<&Path> {
+        match self.files.as_slice() {
+            [f] => Some(&f.path),
+            _ => None,
+        }
+    }
+
+    /// For a llama.cpp GGUF file, the `config.json` its metadata describes (see
+    /// [`gguf_metadata`]); `None` for other checkpoints.
+    pub fn llama_cpp_config(&self) -> Option<Result<serde_json::Value>> {
+        let (meta, facts) = self.llama_cpp.as_ref()?;
+        Some(
+            gguf_metadata::config_json(meta, facts).map_err(|m| Error::Safetensors {
+                path: self.files[0].path.clone(),
+                message: m,
+            }),
+        )
+    }
+
+    /// For a llama.cpp GGUF file, the `tokenizer.json` its metadata holds.
+    pub fn llama_cpp_tokenizer(&self) -> Option<Result<serde_json::Value>> {
+        let (meta, _) = self.llama_cpp.as_ref()?;
+        Some(
+            gguf_metadata::tokenizer_json(meta).map_err(|m| Error::Safetensors {
+                path: self.files[0].path.clone(),
+                message: m,
+            }),
+        )
+    }
+
+    /// For a llama.cpp GGUF file, the chat template it carries (`tokenizer.chat_template`).
+    pub fn llama_cpp_chat_template(&self) -> Option<String> {
+        let (meta, _) = self.llama_cpp.as_ref()?;
+        meta.get("tokenizer.chat_template")?
+            .to_string()
+            .ok()
+            .cloned()
     }
 
     /// Starts keeping every projection quantized from now on (see [`Self::take_recorded`]).

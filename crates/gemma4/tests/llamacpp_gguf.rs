@@ -139,6 +139,57 @@ fn llama_quantized_q8_0_file_agrees_with_the_reference() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The GGUF file alone, as users download it: the config comes from its `gemma4.*`
+/// metadata and the tokenizer and chat template from `tokenizer.*`. The rebuilt text config
+/// equals the one parsed from the checkpoint's `config.json`, the tokenizer encodes the
+/// reference tokenizer's cases to the same ids, and the model computes the same logits.
+#[test]
+fn a_gguf_file_alone_is_a_checkpoint() {
+    use gemma4::config::ModelConfig;
+    for (name, gguf) in [("e2b_like", "e2b_like-bf16.gguf"), ("moe", "moe-bf16.gguf")] {
+        let d = std::env::temp_dir().join(format!(
+            "gemma4-llamacpp-alone-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(fixture("llamacpp").join(gguf), d.join(gguf)).unwrap();
+        let model = Gemma4::load(&d, LoadOptions::default()).unwrap();
+        let mut want = ModelConfig::from_file(&fixture(name).join("config.json")).unwrap();
+        // Bidirectional attention over image spans is not recorded in the file, and a
+        // text-only GGUF never has image spans.
+        want.text.bidirectional = model.config.text.bidirectional;
+        assert_eq!(
+            model.config.text, want.text,
+            "{name}: text config from metadata"
+        );
+
+        let tok = model.tokenizer().unwrap();
+        let g = json(&fixture(name).join("golden/prompts.json"));
+        let cases = g["tokenizer"].as_array().unwrap();
+        assert!(!cases.is_empty());
+        for case in cases {
+            // The fixtures' tokenizer.json has no post-processor, while the converter
+            // records `add_bos_token = true` (as the released tokenizers add `<bos>`).
+            let text = case["text"].as_str().unwrap();
+            let want = ids(&case["ids"]);
+            assert_eq!(tok.encode_raw(text).unwrap(), want, "{name}: {text:?}");
+            assert_eq!(tok.encode(text).unwrap(), [&[2], &want[..]].concat());
+            assert_eq!(
+                tok.decode(&want, false).unwrap(),
+                case["decoded"].as_str().unwrap()
+            );
+            assert_eq!(
+                tok.decode(&want, true).unwrap(),
+                case["decoded_skip_special"].as_str().unwrap()
+            );
+        }
+        drop(model);
+        check_against_golden(&d, name);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
+
 /// Two GGUF files and no `model.gguf`: which one is meant is unclear, so it is an error
 /// naming both rather than a guess.
 #[test]
