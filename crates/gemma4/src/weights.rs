@@ -404,11 +404,36 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn note_loaded(&self, bytes: usize) {
+    /// After tensor `e` has been copied out of the map: counts it for progress and drops
+    /// its file pages from this process's resident set. Reading a tensor faults its pages
+    /// in, and without this they stay counted in RSS beside the copy until the process
+    /// exits, which put peak RSS near twice the weights.
+    fn done_with(&self, e: &TensorEntry) {
         self.loaded_bytes
-            .set(self.loaded_bytes.get() + bytes as u64);
+            .set(self.loaded_bytes.get() + (e.end - e.start) as u64);
         if let Some(p) = &self.progress {
             p(self.loaded_bytes.get(), self.total_bytes.get());
+        }
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            // Whole pages inside the tensor only: neighbours may share the edge pages.
+            let start = e.start.div_ceil(PAGE) * PAGE;
+            let end = e.end / PAGE * PAGE;
+            if end > start {
+                // SAFETY: the mapping is a read-only, shared mapping of a file. MADV_DONTNEED
+                // only unmaps the pages; a later read faults them in again from the page
+                // cache with the same contents, so no borrow of the map sees a change. (The
+                // hazard memmap2 marks it unsafe for, zero-filled pages, concerns private
+                // anonymous or copy-on-write mappings.) Failure only means the pages stay.
+                let _ = unsafe {
+                    self.files[e.file].mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
         }
     }
 
@@ -434,7 +459,7 @@ impl Checkpoint {
             path: self.files[e.file].path.clone(),
             message: format!("tensor `{name}`: {err}"),
         })?;
-        self.note_loaded(e.end - e.start);
+        self.done_with(e);
         Ok(Some(t))
     }
 
@@ -452,7 +477,7 @@ impl Checkpoint {
             StoredType::Dense(src) => {
                 let bytes = &self.files[e.file].mmap[e.start..e.end];
                 let t = Tensor::from_raw_buffer(bytes, src, &e.shape, device)?.to_dtype(dtype)?;
-                self.note_loaded(e.end - e.start);
+                self.done_with(e);
                 t
             }
             StoredType::Quant(_) => self
