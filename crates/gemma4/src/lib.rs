@@ -45,6 +45,7 @@ pub mod multimodal_embedder;
 pub mod norm;
 pub mod npy;
 pub mod ple;
+pub mod q8_packed;
 pub mod qmatmul;
 pub mod quant;
 pub mod quantize;

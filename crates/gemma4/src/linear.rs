@@ -15,6 +15,7 @@ use half::bf16;
 
 use crate::error::Result;
 use crate::gemv::{gemv_bf16, gemv_f32};
+use crate::q8_packed::PackedQ8;
 use crate::qmatmul;
 use crate::text_model::round_to;
 use crate::weights::Weights;
@@ -25,20 +26,43 @@ struct Clip {
     output: (f64, f64),
 }
 
-/// A projection's `[out, in]` weight: a tensor at the compute dtype, or block-quantized.
+/// A projection's `[out, in]` weight: a tensor at the compute dtype, or block-quantized
+/// (GGML's layout, or Q8_0 repacked for this CPU's kernel).
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    PackedQ8(Arc<PackedQ8>),
 }
 
 impl LinearWeight {
+    /// A block-quantized weight, repacked when this machine has a faster kernel for the
+    /// repacked form (Q8_0 with AVX2, [`crate::q8_packed`]).
+    pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
+        if PackedQ8::available() {
+            if let Some(p) = PackedQ8::from_qtensor(&q)? {
+                return Ok(LinearWeight::PackedQ8(Arc::new(p)));
+            }
+        }
+        Ok(LinearWeight::Quantized(q))
+    }
+
     /// Bytes the weight occupies (what decoding streams per token).
     pub fn size_in_bytes(&self) -> usize {
         match self {
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+            LinearWeight::PackedQ8(p) => p.size_in_bytes(),
         }
+    }
+
+    /// `(out, in)`.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            LinearWeight::Dense(t) => t.dims2()?,
+            LinearWeight::Quantized(q) => q.shape().dims2()?,
+            LinearWeight::PackedQ8(p) => p.shape(),
+        })
     }
 
     /// Rows `ids` as a `[ids.len(), in]` tensor of `dtype` (a tied embedding table).
@@ -46,6 +70,18 @@ impl LinearWeight {
         Ok(match self {
             LinearWeight::Dense(t) => t.index_select(ids, 0)?.to_dtype(dtype)?,
             LinearWeight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
+            LinearWeight::PackedQ8(p) => {
+                let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let (rows, cols) = p.shape();
+                if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+                    return Err(crate::error::Error::invalid_argument(
+                        "token id",
+                        format!("{bad} is outside the {rows} rows of the embedding"),
+                    ));
+                }
+                let v = p.dequantize_rows(Some(&ids));
+                Tensor::from_vec(v, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?
+            }
         })
     }
 }
@@ -55,6 +91,15 @@ pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
     clip: Option<Clip>,
+}
+
+/// `x Wᵀ` for `x` `[.., in]` and a dense `W` `[out, in]`.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let w = w.t()?;
+    Ok(match x.rank() {
+        2 => x.matmul(&w)?,
+        _ => x.broadcast_matmul(&w)?,
+    })
 }
 
 fn clamp(x: Tensor, (lo, hi): (f64, f64)) -> Result<Tensor> {
@@ -130,7 +175,7 @@ impl Linear {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             LinearWeight::Dense(t) => t.dtype(),
-            LinearWeight::Quantized(_) => DType::F32,
+            LinearWeight::Quantized(_) | LinearWeight::PackedQ8(_) => DType::F32,
         }
     }
 
@@ -138,6 +183,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(t) => t.device().clone(),
             LinearWeight::Quantized(q) => q.device(),
+            LinearWeight::PackedQ8(_) => Device::Cpu,
         }
     }
 
@@ -153,6 +199,10 @@ impl Linear {
         let xs = || -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
         let y = match &self.weight {
             LinearWeight::Quantized(q) => match qmatmul::gemv(q, &xs()?)? {
+                Some(y) => y,
+                None => return Ok(None),
+            },
+            LinearWeight::PackedQ8(p) => match p.gemv(&xs()?) {
                 Some(y) => y,
                 None => return Ok(None),
             },
@@ -194,25 +244,19 @@ impl Linear {
         };
         let mut y = match (&self.weight, self.gemv(&x)?) {
             (_, Some(y)) => y,
-            (LinearWeight::Dense(w), None) => {
-                let w = w.t()?;
-                match x.rank() {
-                    2 => x.matmul(&w)?,
-                    _ => x.broadcast_matmul(&w)?,
-                }
+            (LinearWeight::Dense(w), None) => matmul_t(&x, w)?,
+            // Batches with Q8_0/Q4_0 weights: dequantized to f32 for the GEMM (see
+            // [`crate::qmatmul`]); the activations stay f32.
+            (LinearWeight::PackedQ8(p), None) => {
+                let w = Tensor::from_vec(p.dequantize_rows(None), p.shape(), &Device::Cpu)?;
+                matmul_t(&x.to_dtype(DType::F32)?, &w)?.to_dtype(x.dtype())?
             }
             (LinearWeight::Quantized(q), None) if qmatmul::prefill_dequantizes(q) => {
-                let (rows, cols) = q.shape().dims2()?;
                 let w = match qmatmul::dequantize(q)? {
-                    Some(w) => Tensor::from_vec(w, (rows, cols), &q.device())?,
+                    Some(w) => Tensor::from_vec(w, q.shape().dims2()?, &q.device())?,
                     None => q.dequantize(&q.device())?,
                 };
-                let xf = x.to_dtype(DType::F32)?;
-                let y = match xf.rank() {
-                    2 => xf.matmul(&w.t()?)?,
-                    _ => xf.broadcast_matmul(&w.t()?)?,
-                };
-                y.to_dtype(x.dtype())?
+                matmul_t(&x.to_dtype(DType::F32)?, &w)?.to_dtype(x.dtype())?
             }
             (LinearWeight::Quantized(q), None) => {
                 // The kernels take f32 rows (at least 2-D) and quantize them on the fly.

@@ -664,7 +664,7 @@ impl<'a> Weights<'a> {
                     let part = std::borrow::Cow::Borrowed(&bytes[e * per..(e + 1) * per]);
                     let qt = Arc::new(quant::from_bytes(part, q, out_dim, in_dim, &Device::Cpu)?);
                     self.ckpt.note_resident(qt.storage_size_in_bytes());
-                    Ok(LinearWeight::Quantized(qt))
+                    LinearWeight::quantized(qt)
                 })
                 .collect();
         }
@@ -692,7 +692,7 @@ impl<'a> Weights<'a> {
             Some(q) => {
                 let qt = Arc::new(quant::quantize(&m, q)?);
                 self.ckpt.record(full, &qt);
-                LinearWeight::Quantized(qt)
+                LinearWeight::quantized(qt)?
             }
         };
         self.ckpt.note_resident(lw.size_in_bytes());
@@ -710,7 +710,7 @@ impl<'a> Weights<'a> {
         if let Some(stored) = self.ckpt.load_quantized(&full, &[out_dim, in_dim])? {
             // Stored quantized: used as it is, whatever the scheme asked.
             self.ckpt.note_resident(stored.storage_size_in_bytes());
-            return Ok(LinearWeight::Quantized(Arc::new(stored)));
+            return LinearWeight::quantized(Arc::new(stored));
         }
         let t = self.load_for(q, &full, &[out_dim, in_dim])?;
         self.finish_matrix(q, &full, t)
