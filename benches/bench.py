@@ -7,6 +7,7 @@ scripts/fixtures/requirements.txt).
     python benches/make_checkpoint.py --size e2b --out /tmp/gemma4-e2b-text
     python benches/bench.py --model /tmp/gemma4-e2b-text
     python benches/bench.py --model DIR --engines gemma4-q8_0 llamacpp-q8_0 --runs 5
+    (gemma4-gguf-FMT: gemma4 on llama.cpp's own FMT file, e.g. gemma4-gguf-q4_k_m)
 
 llama.cpp comes from the `llama-cpp-python==0.3.36` source distribution on PyPI (its
 `vendor/llama.cpp`), built once into --llama-dir with cmake/ninja from PyPI; the checkpoint
@@ -38,7 +39,16 @@ LLAMA_FORMATS = {"bf16": None, "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0
 
 def run_gemma4(model: Path, fmt: str, a) -> dict:
     flag = ["--dtype", fmt]
-    if fmt in QUANTS:
+    if fmt.startswith("gguf-"):
+        # llama.cpp's own file (`gguf-q8_0`: its Q8_0), read by gemma4 alone: config,
+        # tokenizer and weights all from the GGUF, the same bytes llama-bench runs.
+        gguf = llama_gguf(model, fmt[len("gguf-"):], a)
+        gdir = a.llama_dir / f"{model.name}-as-{gguf.stem}"
+        gdir.mkdir(parents=True, exist_ok=True)
+        if not (gdir / gguf.name).exists():
+            (gdir / gguf.name).symlink_to(gguf)
+        model, flag = gdir, (["--dtype", "bf16"] if fmt == "gguf-bf16" else [])
+    elif fmt in QUANTS:
         # Quantized once with `gemma4 quantize`, as a user would, so load time and peak RSS
         # are those of the quantized checkpoint (not of quantizing at load).
         qdir = a.llama_dir / f"{model.name}-gemma4-{fmt}"
@@ -192,8 +202,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--engines", nargs="*", default=[
-        "gemma4-bf16", "llamacpp-bf16", "gemma4-q8_0", "llamacpp-q8_0", "gemma4-q4_k", "llamacpp-q4_k_m",
-        "gemma4-f32", "transformers-bf16"])
+        "gemma4-bf16", "llamacpp-bf16", "gemma4-q8_0", "llamacpp-q8_0", "gemma4-gguf-q8_0", "gemma4-q4_k",
+        "llamacpp-q4_k_m", "gemma4-gguf-q4_k_m", "gemma4-f32", "transformers-bf16"])
     ap.add_argument("--llama-dir", type=Path, default=Path("/tmp/gemma4-llamacpp"),
                     help="where llama.cpp is built and the GGUF files are kept")
     ap.add_argument("--prompt-len", type=int, default=128)

@@ -5,10 +5,12 @@
 //! The converter changes names only, not values, for Gemma 4: its norms are stored as the
 //! checkpoint has them (Gemma 4's `norm_shift` is 0, unlike Gemma 3's `+1`), expert stacks
 //! keep the `[experts, out, in]` layout, and GGUF's innermost-first dims read back as the
-//! row-major shapes of the safetensors. What it adds is ignored: `rope_freqs` (its way of
-//! expressing the proportional RoPE of full-attention layers, which the config already
-//! gives) and `output.weight` (a copy of the tied embedding). What it drops are tensors the
-//! reference never uses: the K/V projections of KV-shared layers.
+//! row-major shapes of the safetensors. What it adds: `rope_freqs` (its way of expressing
+//! the proportional RoPE of full-attention layers, which the config already gives; ignored)
+//! and `output.weight`, a copy of the tied embedding that llama-quantize may store in
+//! another format (loaded as the LM head, `lm_head.weight` beside the text model's other
+//! tensors). What it drops are tensors the reference never uses: the K/V projections of
+//! KV-shared layers.
 
 /// Where the text decoder's tensors live in a Hugging Face `Gemma4ForConditionalGeneration`
 /// checkpoint.
@@ -36,7 +38,10 @@ pub fn hf_name(name: &str) -> Option<Mapped> {
         "per_layer_model_proj.weight" => return global("per_layer_model_projection.weight"),
         "per_layer_proj_norm.weight" => return global("per_layer_projection_norm.weight"),
         "output_norm.weight" => return global("norm.weight"),
-        "output.weight" | "rope_freqs.weight" => return Some(Mapped::Ignored),
+        // The LM head: the tied embedding's values, but llama-quantize gives it its own
+        // format (Q6_K in a Q4_K_M file whose embedding is Q4_K), so it is kept apart.
+        "output.weight" => return global("lm_head.weight"),
+        "rope_freqs.weight" => return Some(Mapped::Ignored),
         _ => {}
     }
     let rest = name.strip_prefix("blk.")?;
@@ -98,6 +103,10 @@ mod tests {
             ))
         );
         assert_eq!(hf_name("rope_freqs.weight"), Some(Mapped::Ignored));
+        assert_eq!(
+            hf_name("output.weight"),
+            Some(Mapped::Hf("model.language_model.lm_head.weight".into()))
+        );
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("blk.3.something_new.weight"), None);
         assert_eq!(hf_name("v.blk.0.attn_q.weight"), None);

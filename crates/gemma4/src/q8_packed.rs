@@ -259,18 +259,9 @@ impl PackedQ8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmatmul::tests::data;
     use crate::quant::quantize;
-    use candle_core::{Device, Tensor};
-
-    fn data(m: usize, n: usize) -> (Tensor, Vec<f32>) {
-        let w: Vec<f32> = (0..m * n)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5)
-            .collect();
-        let x: Vec<f32> = (0..n)
-            .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
-            .collect();
-        (Tensor::from_vec(w, (m, n), &Device::Cpu).unwrap(), x)
-    }
+    use candle_core::Device;
 
     /// The GGML-layout path (candle's `vec_dot`) within f32 rounding, for widths with and
     /// without a partial group of eight blocks; the layout round-trips; dequantized rows

@@ -144,13 +144,14 @@ fn run<T: GgmlType>(bytes: &[u8], m: usize, n: usize, x: &[f32]) -> Option<Vec<f
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::quant::{quantize, QuantType};
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
 
-    fn data(m: usize, n: usize) -> (Tensor, Vec<f32>) {
+    /// A deterministic `[m, n]` weight and an `n`-long input for kernel tests.
+    pub(crate) fn data(m: usize, n: usize) -> (Tensor, Vec<f32>) {
         let w: Vec<f32> = (0..m * n)
             .map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5)
             .collect();

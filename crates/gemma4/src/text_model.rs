@@ -67,6 +67,10 @@ pub struct TextModel {
     cfg: TextConfig,
     /// The tied embedding table, which is also the LM head.
     embed_tokens: Linear,
+    /// A separately stored copy of the head, when the checkpoint has one: llama.cpp's
+    /// `output.weight`, which llama-quantize may keep in a finer format than the
+    /// embedding (see [`crate::gguf_names`]). Safetensors checkpoints have none.
+    lm_head: Option<Linear>,
     embed_scale: f64,
     ple: Option<PerLayerEmbeddings>,
     layers: Vec<DecoderLayer>,
@@ -90,6 +94,15 @@ impl TextModel {
             cfg.hidden_size,
             "embed_tokens.weight",
         )?);
+        let lm_head = if w.contains("lm_head.weight") {
+            Some(Linear::from_linear_weight(w.embedding_matrix(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                "lm_head.weight",
+            )?))
+        } else {
+            None
+        };
         let ple = if cfg.hidden_size_per_layer_input > 0 {
             Some(PerLayerEmbeddings::new(
                 cfg.vocab_size_per_layer_input,
@@ -116,6 +129,7 @@ impl TextModel {
         Ok(TextModel {
             embed_scale: round_to(w.dtype, (cfg.hidden_size as f64).sqrt()),
             embed_tokens,
+            lm_head,
             ple,
             layers,
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, w, "norm")?,
@@ -293,7 +307,8 @@ impl TextModel {
             h = h.narrow(0, h.dim(0)? - 1, 1)?;
         }
         let h = self.norm.forward(&h)?;
-        let mut logits = self.embed_tokens.forward(&h)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let mut logits = head.forward(&h)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = (logits / cap)?.tanh()?.affine(cap, 0.0)?;
         }

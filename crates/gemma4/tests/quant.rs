@@ -12,27 +12,7 @@ use gemma4::quant::QuantType;
 use gemma4::text_model::LogitsFor;
 use gemma4::{Gemma4, LoadOptions};
 
-use common::{fixture, ids, json, max_abs, rows, top1_agreement};
-
-#[derive(Default)]
-struct Agreement {
-    max_abs: f32,
-    top1: usize,
-    positions: usize,
-}
-
-impl Agreement {
-    fn add(&mut self, got: &[f32], want: &[f32], vocab: usize) {
-        assert_eq!(got.len(), want.len());
-        self.max_abs = self.max_abs.max(max_abs(got, want));
-        self.top1 += top1_agreement(got, want, vocab);
-        self.positions += got.len() / vocab;
-    }
-
-    fn fraction(&self) -> f64 {
-        self.top1 as f64 / self.positions as f64
-    }
-}
+use common::{fixture, ids, json, max_abs, rows, top1_agreement, Agreement};
 
 /// Checkpoint `dir` loaded with its text decoder quantized to `q` (`None`: f32).
 fn load_as(dir: &std::path::Path, q: Option<QuantType>) -> Gemma4 {
@@ -46,41 +26,10 @@ fn load_as(dir: &std::path::Path, q: Option<QuantType>) -> Gemma4 {
     .unwrap()
 }
 
-/// Logits of the quantized model over each prompt + greedy continuation, against the f32
-/// golden rows at the same positions: `(batched, decode)`, the first over whole sequences
-/// in one pass, the second over the continuation fed one token at a time after the prompt.
+/// [`common::agreement`] of fixture `name` loaded with its decoder quantized to `q`.
 fn agreement(name: &str, q: Option<QuantType>) -> (Agreement, Agreement) {
     let dir = fixture(name);
-    let g = json(&dir.join("golden/prompts.json"));
-    let model = load_as(&dir, q);
-    let tm = &model.text;
-    let vocab = tm.config().vocab_size;
-    let (mut batched, mut decode) = (Agreement::default(), Agreement::default());
-    for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&case["prompt_ids"]);
-        let greedy = ids(&case["greedy_ids"]);
-        let (_, mut want) = npy::read_f32(&dir.join(format!("golden/logits_{k}.npy"))).unwrap();
-        let (_, steps) = npy::read_f32(&dir.join(format!("golden/step_logits_{k}.npy"))).unwrap();
-        // The last prompt row is the first step's; the other steps follow it.
-        want.extend_from_slice(&steps[vocab..]);
-        let mut all = prompt.clone();
-        all.extend(&greedy[..greedy.len() - 1]);
-        let got = rows(
-            &tm.forward(&all, &mut tm.new_cache(), LogitsFor::All)
-                .unwrap(),
-        );
-        batched.add(&got, &want, vocab);
-
-        let mut cache = tm.new_cache();
-        let mut got = rows(&tm.forward(&prompt, &mut cache, LogitsFor::Last).unwrap());
-        for &t in &greedy[..greedy.len() - 1] {
-            got.extend(rows(
-                &tm.forward(&[t], &mut cache, LogitsFor::Last).unwrap(),
-            ));
-        }
-        decode.add(&got, &steps, vocab);
-    }
-    (batched, decode)
+    common::agreement(&load_as(&dir, q).text, &dir)
 }
 
 /// The trained fixture (`kquant`: peaked logits like a real checkpoint's, widths that fill

@@ -46,3 +46,60 @@ pub fn ids(v: &Value) -> Vec<u32> {
 pub fn rows(t: &candle_core::Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
+
+#[derive(Default)]
+pub struct Agreement {
+    pub max_abs: f32,
+    pub top1: usize,
+    pub positions: usize,
+}
+
+impl Agreement {
+    pub fn add(&mut self, got: &[f32], want: &[f32], vocab: usize) {
+        assert_eq!(got.len(), want.len());
+        self.max_abs = self.max_abs.max(max_abs(got, want));
+        self.top1 += top1_agreement(got, want, vocab);
+        self.positions += got.len() / vocab;
+    }
+
+    pub fn fraction(&self) -> f64 {
+        self.top1 as f64 / self.positions as f64
+    }
+}
+
+/// Logits of `tm` over each golden prompt of fixture `golden` followed by the reference's
+/// greedy continuation, against the f32 golden rows at the same positions:
+/// `(batched, decode)`, the first over whole sequences in one pass, the second over the
+/// continuation fed one token at a time after the prompt.
+pub fn agreement(tm: &gemma4::text_model::TextModel, golden: &Path) -> (Agreement, Agreement) {
+    use gemma4::text_model::LogitsFor;
+    let g = json(&golden.join("golden/prompts.json"));
+    let vocab = tm.config().vocab_size;
+    let (mut batched, mut decode) = (Agreement::default(), Agreement::default());
+    for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let greedy = ids(&case["greedy_ids"]);
+        let read = |f: String| gemma4::npy::read_f32(&golden.join(f)).unwrap().1;
+        let mut want = read(format!("golden/logits_{k}.npy"));
+        let steps = read(format!("golden/step_logits_{k}.npy"));
+        // The last prompt row is the first step's; the other steps follow it.
+        want.extend_from_slice(&steps[vocab..]);
+        let mut all = prompt.clone();
+        all.extend(&greedy[..greedy.len() - 1]);
+        let got = rows(
+            &tm.forward(&all, &mut tm.new_cache(), LogitsFor::All)
+                .unwrap(),
+        );
+        batched.add(&got, &want, vocab);
+
+        let mut cache = tm.new_cache();
+        let mut got = rows(&tm.forward(&prompt, &mut cache, LogitsFor::Last).unwrap());
+        for &t in &greedy[..greedy.len() - 1] {
+            got.extend(rows(
+                &tm.forward(&[t], &mut cache, LogitsFor::Last).unwrap(),
+            ));
+        }
+        decode.add(&got, &steps, vocab);
+    }
+    (batched, decode)
+}
