@@ -183,11 +183,13 @@ def run_llama_cpp(model: Path, fmt: str, a) -> dict:
 
 
 def counterpart(r: dict, rows: list[dict]) -> dict | None:
-    """Our row in the same format as `r` (Q4_K_M is compared with our q4_k)."""
+    """Our row in the same format as `r`: our own quantization (Q4_K_M is compared with
+    our q4_k), else gemma4 on llama.cpp's own file of that format."""
     fmt = {"q4_k_m": "q4_k"}.get(r["format"], r["format"])
-    same = [x for x in rows if x["engine"] == "gemma4" and x["format"] == fmt]
-    if same:
-        return same[0]
+    for want in (fmt, f"gguf-{r['format']}"):
+        same = [x for x in rows if x["engine"] == "gemma4" and x["format"] == want]
+        if same:
+            return same[0]
     return max((x for x in rows if x["engine"] == "gemma4"), key=lambda x: x["decode_tok_s"], default=None)
 
 
