@@ -30,7 +30,10 @@ pub struct QuantizeReport {
 }
 
 fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name == "model.gguf"
+    // Any GGUF (a llama.cpp file beside the config too): the output's model.gguf replaces it.
+    name.ends_with(".safetensors")
+        || name == "model.safetensors.index.json"
+        || name.to_ascii_lowercase().ends_with(".gguf")
 }
 
 /// Quantizes checkpoint `dir` to `q` into directory `out` (created; a `model.gguf` there is
@@ -84,7 +87,7 @@ pub fn quantize_checkpoint(
     let mut plan = Vec::with_capacity(names.len());
     for &name in &names {
         let shape = ckpt.shape(name).expect("listed").to_vec();
-        let stored = ckpt.stored_type(name).expect("listed");
+        let stored = ckpt.stored_type(name)?;
         report.bytes_in += ckpt.raw_bytes(name)?.len() as u64;
         let ty = match recorded.get(name) {
             Some(parts) => {

@@ -2,9 +2,10 @@
 //! `model.safetensors` or shards listed in `model.safetensors.index.json`), a `model.gguf`
 //! written by `gemma4 quantize` (the same tensor names, projections block-quantized), or a
 //! GGUF file from llama.cpp's converter (its tensor names mapped back by
-//! [`crate::gguf_names`]; the directory still supplies `config.json` and the tokenizer). Tensors are materialised one at a
-//! time in the requested dtype with their shape checked; large row tables (the per-layer
-//! embedding) can instead stay on disk and be read row by row ([`RowTable`]).
+//! [`crate::gguf_names`], its config and tokenizer rebuilt from its metadata by
+//! [`crate::gguf_metadata`]). Tensors are materialised one at a time in the requested dtype
+//! with their shape checked; large row tables (the per-layer embedding) can instead stay
+//! on disk and be read row by row ([`RowTable`]).
 //!
 //! Every failure names the file and, where there is one, the tensor.
 
@@ -26,7 +27,9 @@ use crate::{gguf_metadata, gguf_names};
 
 struct TensorEntry {
     file: usize,
-    dtype: StoredType,
+    /// How it is stored, or the name of a storage type this engine cannot read (an error
+    /// only if the tensor is asked for: checkpoints may carry tensors nobody loads).
+    dtype: std::result::Result<StoredType, String>,
     shape: Vec<usize>,
     /// Byte range inside the mapped file.
     start: usize,
@@ -149,16 +152,10 @@ impl Checkpoint {
                 let data = view.data();
                 let start = data.as_ptr() as usize - base;
                 let dtype = match view.dtype() {
-                    StDtype::F32 => StoredType::Dense(DType::F32),
-                    StDtype::F16 => StoredType::Dense(DType::F16),
-                    StDtype::BF16 => StoredType::Dense(DType::BF16),
-                    other => {
-                        return Err(Error::UnsupportedDtype {
-                            name: tname,
-                            path: path.clone(),
-                            dtype: format!("{other:?}"),
-                        })
-                    }
+                    StDtype::F32 => Ok(StoredType::Dense(DType::F32)),
+                    StDtype::F16 => Ok(StoredType::Dense(DType::F16)),
+                    StDtype::BF16 => Ok(StoredType::Dense(DType::BF16)),
+                    other => Err(format!("{other:?}")),
                 };
                 tensors.insert(
                     tname,
@@ -257,7 +254,7 @@ impl Checkpoint {
                 name,
                 TensorEntry {
                     file: 0,
-                    dtype: t.ty,
+                    dtype: Ok(t.ty),
                     shape: t.shape,
                     start: t.start,
                     end: t.end,
@@ -330,9 +327,10 @@ impl Checkpoint {
         }
     }
 
-    /// How tensor `name` is stored.
-    pub fn stored_type(&self, name: &str) -> Option<StoredType> {
-        self.tensors.get(name).map(|t| t.dtype)
+    /// How tensor `name` is stored (an error naming it when missing or of a type this
+    /// engine cannot read).
+    pub fn stored_type(&self, name: &str) -> Result<StoredType> {
+        self.stored(name, self.entry(name)?)
     }
 
     /// The stored bytes of tensor `name`.
@@ -392,6 +390,16 @@ impl Checkpoint {
         })
     }
 
+    /// How tensor `e` (named `name`) is stored; an error naming it when the type is one this
+    /// engine cannot read.
+    fn stored(&self, name: &str, e: &TensorEntry) -> Result<StoredType> {
+        e.dtype.clone().map_err(|dtype| Error::UnsupportedDtype {
+            name: name.to_string(),
+            path: self.files[e.file].path.clone(),
+            dtype,
+        })
+    }
+
     fn check_shape(&self, name: &str, e: &TensorEntry, expected: &[usize]) -> Result<()> {
         if e.shape != expected {
             return Err(Error::ShapeMismatch {
@@ -416,10 +424,11 @@ impl Checkpoint {
         }
         #[cfg(unix)]
         {
-            const PAGE: usize = 4096;
-            // Whole pages inside the tensor only: neighbours may share the edge pages.
-            let start = e.start.div_ceil(PAGE) * PAGE;
-            let end = e.end / PAGE * PAGE;
+            // Whole pages inside the tensor only: neighbours may share the edge pages, and
+            // madvise rejects a start that is not page-aligned.
+            let page = page_size();
+            let start = e.start.div_ceil(page) * page;
+            let end = e.end / page * page;
             if end > start {
                 // SAFETY: the mapping is a read-only, shared mapping of a file. MADV_DONTNEED
                 // only unmaps the pages; a later read faults them in again from the page
@@ -440,27 +449,50 @@ impl Checkpoint {
     /// Tensor `name` as stored when it is block-quantized (checked against `expected`),
     /// `None` when it is stored dense.
     pub fn load_quantized(&self, name: &str, expected: &[usize]) -> Result<Option<QTensor>> {
+        Ok(self
+            .load_quantized_parts(name, expected, 1)?
+            .map(|mut parts| parts.remove(0)))
+    }
+
+    /// A block-quantized `[n, rows, cols]` stack (MoE experts) as its `n` matrices, each
+    /// copied once out of the map; `None` when it is stored dense.
+    pub fn load_quantized_stack(
+        &self,
+        name: &str,
+        expected: &[usize; 3],
+    ) -> Result<Option<Vec<QTensor>>> {
+        self.load_quantized_parts(name, expected, expected[0])
+    }
+
+    /// Tensor `name` (shape `expected`) split into `n` equal `[rows, cols]` quantized parts.
+    fn load_quantized_parts(
+        &self,
+        name: &str,
+        expected: &[usize],
+        n: usize,
+    ) -> Result<Option<Vec<QTensor>>> {
         let e = self.entry(name)?;
-        let StoredType::Quant(q) = e.dtype else {
+        let StoredType::Quant(q) = self.stored(name, e)? else {
             return Ok(None);
         };
         self.check_shape(name, e, expected)?;
         let cols = *e.shape.last().unwrap_or(&0);
-        let rows = e.shape.iter().product::<usize>() / cols.max(1);
+        let rows = e.shape.iter().product::<usize>() / cols.max(1) / n.max(1);
         let bytes = &self.files[e.file].mmap[e.start..e.end];
-        let t = quant::from_bytes(
-            std::borrow::Cow::Borrowed(bytes),
-            q,
-            rows,
-            cols,
-            &Device::Cpu,
-        )
-        .map_err(|err| Error::Safetensors {
-            path: self.files[e.file].path.clone(),
-            message: format!("tensor `{name}`: {err}"),
-        })?;
+        let per = bytes.len() / n.max(1);
+        let parts = (0..n)
+            .map(|i| {
+                let part = std::borrow::Cow::Borrowed(&bytes[i * per..(i + 1) * per]);
+                quant::from_bytes(part, q, rows, cols, &Device::Cpu).map_err(|err| {
+                    Error::Safetensors {
+                        path: self.files[e.file].path.clone(),
+                        message: format!("tensor `{name}`: {err}"),
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         self.done_with(e);
-        Ok(Some(t))
+        Ok(Some(parts))
     }
 
     /// Loads tensor `name`, checking it has shape `expected`, converted to `dtype`.
@@ -473,7 +505,7 @@ impl Checkpoint {
     ) -> Result<Tensor> {
         let e = self.entry(name)?;
         self.check_shape(name, e, expected)?;
-        let t = match e.dtype {
+        let t = match self.stored(name, e)? {
             StoredType::Dense(src) => {
                 let bytes = &self.files[e.file].mmap[e.start..e.end];
                 let t = Tensor::from_raw_buffer(bytes, src, &e.shape, device)?.to_dtype(dtype)?;
@@ -502,9 +534,21 @@ impl Checkpoint {
             start: e.start,
             rows: expected[0],
             cols: expected[1],
-            stored: e.dtype,
+            stored: self.stored(name, e)?,
         })
     }
+}
+
+/// This system's memory page size (4 KiB on x86-64 Linux; 16 or 64 KiB on some ARM).
+#[cfg(unix)]
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions; a failure (-1) falls back to 64 KiB, a multiple
+    // of every page size in use, so the range stays aligned.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 64 * 1024,
+    })
 }
 
 /// A `[rows, cols]` embedding table read straight from the mapped file: only the rows that
@@ -654,18 +698,14 @@ impl<'a> Weights<'a> {
         name: &str,
     ) -> Result<Vec<LinearWeight>> {
         let full = self.name(name);
-        if let Some(stored) = self.ckpt.load_quantized(&full, &[n, out_dim, in_dim])? {
-            // Already quantized (a `gemma4 quantize` output): split the stack per expert.
-            let bytes = stored.data()?;
-            let per = bytes.len() / n;
-            let q = QuantType::from_ggml(stored.dtype()).expect("stored quant type");
-            return (0..n)
-                .map(|e| {
-                    let part = std::borrow::Cow::Borrowed(&bytes[e * per..(e + 1) * per]);
-                    let qt = Arc::new(quant::from_bytes(part, q, out_dim, in_dim, &Device::Cpu)?);
-                    self.ckpt.note_resident(qt.storage_size_in_bytes());
-                    LinearWeight::quantized(qt)
-                })
+        if let Some(stored) = self
+            .ckpt
+            .load_quantized_stack(&full, &[n, out_dim, in_dim])?
+        {
+            // Already quantized (a `gemma4 quantize` output or a llama.cpp file).
+            return stored
+                .into_iter()
+                .map(|qt| self.stored_matrix(qt))
                 .collect();
         }
         let q = self.quant.and_then(|q| q.for_matrix(in_dim));
@@ -682,6 +722,13 @@ impl<'a> Weights<'a> {
             Some(_) => self.ckpt.load(full, shape, DType::F32, &Device::Cpu),
             None => self.ckpt.load(full, shape, self.dtype, &self.device),
         }
+    }
+
+    /// A projection weight stored quantized, its bytes counted as resident.
+    fn stored_matrix(&self, qt: QTensor) -> Result<LinearWeight> {
+        let lw = LinearWeight::quantized(Arc::new(qt))?;
+        self.ckpt.note_resident(lw.size_in_bytes());
+        Ok(lw)
     }
 
     /// One `[out, in]` matrix of tensor `full` as a projection weight: quantized to `q`
@@ -709,8 +756,7 @@ impl<'a> Weights<'a> {
         let full = self.name(name);
         if let Some(stored) = self.ckpt.load_quantized(&full, &[out_dim, in_dim])? {
             // Stored quantized: used as it is, whatever the scheme asked.
-            self.ckpt.note_resident(stored.storage_size_in_bytes());
-            return LinearWeight::quantized(Arc::new(stored));
+            return self.stored_matrix(stored);
         }
         let t = self.load_for(q, &full, &[out_dim, in_dim])?;
         self.finish_matrix(q, &full, t)

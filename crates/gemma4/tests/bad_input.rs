@@ -93,6 +93,59 @@ fn wrong_shape_names_tensor_and_file() {
     );
 }
 
+/// A tensor of a type the engine cannot read (here I64) is an error naming it and its file
+/// only when it is needed: checkpoints may carry such tensors that nothing loads.
+#[test]
+fn unreadable_tensor_type_is_named_when_needed() {
+    use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
+    let dir = scratch("e2b_like", "dtype");
+    let ckpt = gemma4::weights::Checkpoint::open(&dir).unwrap();
+    let names: Vec<String> = ckpt.tensor_names().map(str::to_string).collect();
+    drop(ckpt);
+    let ints = vec![0u8; 8 * 64];
+    let write_index = |extra: &[&str]| {
+        let mut map = serde_json::Map::new();
+        for n in names.iter().filter(|n| !extra.contains(&n.as_str())) {
+            map.insert(n.clone(), "model.safetensors".into());
+        }
+        for &n in extra {
+            map.insert(n.into(), "extra.safetensors".into());
+        }
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::json!({ "weight_map": map }).to_string(),
+        )
+        .unwrap();
+    };
+    let write_extra = |name: &str| {
+        let view = TensorView::new(Dtype::I64, vec![64], &ints).unwrap();
+        serialize_to_file([(name, view)], None, &dir.join("extra.safetensors")).unwrap();
+    };
+
+    // An extra integer buffer nobody asks for: the checkpoint loads.
+    write_extra("model.language_model.position_ids");
+    write_index(&["model.language_model.position_ids"]);
+    Gemma4::load(&dir, LoadOptions::default()).unwrap();
+
+    // The final norm stored as I64 in the other shard: an error naming both.
+    let norm = "model.language_model.norm.weight";
+    let main = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&main).unwrap();
+    let rest: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != norm)
+        .collect();
+    serialize_to_file(rest, None, &dir.join("model.safetensors")).unwrap();
+    write_extra(norm);
+    write_index(&[norm]);
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains(norm) && msg.contains("extra.safetensors") && msg.contains("I64"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn missing_tensor_is_named() {
     let dir = scratch("text_only", "missing");

@@ -96,7 +96,7 @@ fn llama_quantized_q8_0_file_agrees_with_the_reference() {
         "model.language_model.layers.0.mlp.down_proj.weight",
     ] {
         assert!(
-            matches!(ckpt.stored_type(t), Some(StoredType::Quant(_))),
+            matches!(ckpt.stored_type(t), Ok(StoredType::Quant(_))),
             "{t} is stored quantized"
         );
     }
@@ -256,6 +256,42 @@ fn a_separate_lm_head_is_used() {
         max_abs(&with_head, &twice)
     );
     std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `gemma4 quantize` of a directory holding a llama.cpp bf16 file beside the config: the
+/// output is our `model.gguf` and the side files, not a copy of the source GGUF (which
+/// `Checkpoint::open` would then have to choose between), and it computes what
+/// quantizing the llama.cpp file at load time computes.
+#[test]
+fn quantizing_a_llama_cpp_file_writes_one_gguf() {
+    use gemma4::quant::QuantType;
+    let src = gguf_dir("e2b_like", "e2b_like-bf16.gguf", "quantize-src");
+    let out =
+        std::env::temp_dir().join(format!("gemma4-llamacpp-quantized-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    gemma4::quantize::quantize_checkpoint(&src, &out, QuantType::Q8_0, None).unwrap();
+    let ggufs: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".gguf"))
+        .collect();
+    assert_eq!(ggufs, ["model.gguf"]);
+    let ids = [2u32, 10, 20, 30];
+    let logits = |dir: &Path, quant| {
+        let opts = LoadOptions {
+            quant,
+            ..Default::default()
+        };
+        let m = Gemma4::load(dir, opts).unwrap();
+        rows(
+            &m.text
+                .forward(&ids, &mut m.text.new_cache(), LogitsFor::All)
+                .unwrap(),
+        )
+    };
+    assert_eq!(logits(&out, None), logits(&src, Some(QuantType::Q8_0)));
+    std::fs::remove_dir_all(&src).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 /// Two GGUF files and no `model.gguf`: which one is meant is unclear, so it is an error
