@@ -161,15 +161,14 @@ pub fn config_json(m: &Metadata, t: &TensorFacts) -> Result<Value, String> {
         );
     }
 
+    let theta_full = m.opt_float("rope.freq_base")?.unwrap_or(1e6);
     let full_rope = match &t.rope_freqs {
         Some(f) if !f.is_empty() => {
             let rotated = f.iter().filter(|&&x| x == 1.0).count();
-            json!({"rope_type": "proportional", "rope_theta": m.opt_float("rope.freq_base")?.unwrap_or(1e6),
+            json!({"rope_type": "proportional", "rope_theta": theta_full,
                    "partial_rotary_factor": rotated as f64 / f.len() as f64})
         }
-        _ => {
-            json!({"rope_type": "default", "rope_theta": m.opt_float("rope.freq_base")?.unwrap_or(1e6)})
-        }
+        _ => json!({"rope_type": "default", "rope_theta": theta_full}),
     };
     let mut text = json!({
         "model_type": "gemma4_text",

@@ -56,15 +56,6 @@ impl LinearWeight {
         }
     }
 
-    /// `(out, in)`.
-    pub fn shape(&self) -> Result<(usize, usize)> {
-        Ok(match self {
-            LinearWeight::Dense(t) => t.dims2()?,
-            LinearWeight::Quantized(q) => q.shape().dims2()?,
-            LinearWeight::PackedQ8(p) => p.shape(),
-        })
-    }
-
     /// Rows `ids` as a `[ids.len(), in]` tensor of `dtype` (a tied embedding table).
     pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(match self {

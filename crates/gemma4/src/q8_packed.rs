@@ -5,8 +5,8 @@
 //! Why: GGML's 34-byte blocks straddle cache lines every other block, and each block's
 //! scale is a separate 2-byte load and conversion. Split, every 32-byte load is aligned
 //! and eight scales convert with one F16C instruction. The bytes held are the same (34
-//! per 32 weights). [`PackedQ8::to_qtensor`] gives the GGML layout back (for
-//! `gemma4 quantize` and candle's kernels).
+//! per 32 weights). (`gemma4 quantize` writes the GGML-layout tensors it quantized before
+//! repacking, so nothing needs the layout back.)
 //!
 //! The kernel computes what candle's `vec_dot_q8_0_q8_0` computes (the activation quantized
 //! to Q8_0 by candle's `from_float`, the same integer products and f32 scale products),
@@ -20,7 +20,6 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::quant::{self, QuantType};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
@@ -56,17 +55,6 @@ struct Block {
 const _: () = assert!(std::mem::size_of::<Block>() == std::mem::size_of::<BlockQ8_0>());
 const _: () = assert!(std::mem::align_of::<Block>() == std::mem::align_of::<BlockQ8_0>());
 
-fn as_blocks(bytes: &[u8]) -> Option<&[Block]> {
-    let size = std::mem::size_of::<Block>();
-    if !bytes.len().is_multiple_of(size)
-        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<Block>())
-    {
-        return None;
-    }
-    // SAFETY: length and alignment checked; `Block` is plain integers, valid for any bits.
-    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const Block, bytes.len() / size) })
-}
-
 impl PackedQ8 {
     /// Whether this machine runs the packed kernel (AVX2, FMA and F16C).
     pub fn available() -> bool {
@@ -89,13 +77,13 @@ impl PackedQ8 {
             return Ok(None);
         }
         let (rows, cols) = (dims[0], dims[1]);
-        let data = q.data()?;
-        let Some(blocks) = as_blocks(&data) else {
-            return Ok(None);
-        };
-        if cols == 0 || !cols.is_multiple_of(32) || blocks.len() != rows * cols / 32 {
+        if cols == 0 || !cols.is_multiple_of(32) {
             return Ok(None);
         }
+        let data = q.data()?;
+        let Some(blocks) = crate::qmatmul::blocks::<Block>(&data, rows * cols / 32) else {
+            return Ok(None);
+        };
         let mut lines = vec![Line([0; 64]); (rows * cols).div_ceil(64)];
         // SAFETY: `lines` holds at least `rows * cols` bytes.
         let qs: &mut [i8] =
@@ -130,23 +118,6 @@ impl PackedQ8 {
     /// Bytes held (what decoding streams per token): the same as GGML's blocks.
     pub fn size_in_bytes(&self) -> usize {
         self.rows * self.cols + self.scales.len() * 2
-    }
-
-    /// The GGML-layout tensor again.
-    pub fn to_qtensor(&self) -> Result<QTensor> {
-        let nb = self.cols / 32;
-        let mut bytes = Vec::with_capacity(self.rows * nb * 34);
-        for (blk, d) in self.qs().chunks_exact(32).zip(&self.scales) {
-            bytes.extend_from_slice(&d.to_bits().to_le_bytes());
-            bytes.extend(blk.iter().map(|&v| v as u8));
-        }
-        quant::from_bytes(
-            std::borrow::Cow::Owned(bytes),
-            QuantType::Q8_0,
-            self.rows,
-            self.cols,
-            &candle_core::Device::Cpu,
-        )
     }
 
     /// Rows `ids` (or all rows) as f32, row-major.
@@ -260,12 +231,11 @@ impl PackedQ8 {
 mod tests {
     use super::*;
     use crate::qmatmul::tests::data;
-    use crate::quant::quantize;
+    use crate::quant::{quantize, QuantType};
     use candle_core::Device;
 
     /// The GGML-layout path (candle's `vec_dot`) within f32 rounding, for widths with and
-    /// without a partial group of eight blocks; the layout round-trips; dequantized rows
-    /// equal candle's.
+    /// without a partial group of eight blocks; dequantized rows equal candle's.
     #[test]
     fn matches_the_ggml_layout_path() {
         for (m, n) in [(1, 32), (5, 96), (37, 256), (70, 1536), (9, 544)] {
@@ -273,7 +243,6 @@ mod tests {
             let q = quantize(&w, QuantType::Q8_0).unwrap();
             let p = PackedQ8::from_qtensor(&q).unwrap().expect("q8_0");
             assert_eq!(p.size_in_bytes(), q.storage_size_in_bytes());
-            assert_eq!(p.to_qtensor().unwrap().data().unwrap(), q.data().unwrap());
             let want: Vec<f32> = q
                 .dequantize(&Device::Cpu)
                 .unwrap()

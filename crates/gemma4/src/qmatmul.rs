@@ -2,8 +2,8 @@
 //! path is slow: `W` a `[m, n]` [`QTensor`] in Q8_0, Q4_0, Q4_K or Q6_K.
 //!
 //! Decoding one token ([`gemv`]), the arithmetic is llama.cpp's (and candle's): `x` is
-//! quantized once to the format's activation blocks (Q8_0 for the 32-wide formats, Q8_K for the k-quants) and each row is
-//! an integer dot product scaled per block, computed by candle's SIMD block kernels
+//! quantized once to the format's activation blocks (Q8_0 for the 32-wide formats, Q8_K
+//! for the k-quants) and each row is an integer dot product scaled per block, computed by candle's SIMD block kernels
 //! (`GgmlType::vec_dot_4`, four rows sharing one activation load). What this module adds
 //! is the threading: rows are split across the rayon pool (`--threads`), like
 //! [`crate::gemv`]. candle's own decode path hands the same kernels to a second, spinning
@@ -45,8 +45,9 @@ pub fn gemv(w: &QTensor, x: &[f32]) -> Result<Option<Vec<f32>>> {
     })
 }
 
-/// The blocks of `bytes` as `&[T]`, when the length and alignment allow it.
-fn blocks<T>(bytes: &[u8], count: usize) -> Option<&[T]> {
+/// The blocks of `bytes` as `&[T]`, when the length and alignment allow it. `T` must be
+/// a GGML block type (plain integers and f16s, valid for any bit pattern).
+pub(crate) fn blocks<T>(bytes: &[u8], count: usize) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
     if bytes.len() != count * size || !(bytes.as_ptr() as usize).is_multiple_of(align_of::<T>()) {
         return None;
@@ -196,6 +197,24 @@ pub(crate) mod tests {
                     assert!((y[o] - exact).abs() < 0.5, "{} row {o}", q.name());
                 }
             }
+        }
+    }
+
+    /// Parallel dequantization gives candle's values, for every format.
+    #[test]
+    fn dequantizes_like_candle() {
+        for q in QuantType::ALL {
+            let (w, _) = data(70, 512);
+            let qt = quantize(&w, q).unwrap();
+            let ours = dequantize(&qt).unwrap().expect("supported format");
+            let want: Vec<f32> = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(ours, want, "{}", q.name());
         }
     }
 
