@@ -3,7 +3,11 @@
 //! `Linear::forward` (what the model runs) and, for quantized weights, through candle's
 //! `QMatMul` on the same blocks.
 //!
-//! `cargo run --release -p gemma4 --example kernels [-- --threads N]`
+//! `cargo run --release -p gemma4 --example kernels [-- --threads N] [--in-cache]`
+//!
+//! `--in-cache` runs a few small matrices that stay in the L3 cache, which shows each
+//! kernel's compute ceiling (a decode kernel slower there than the DRAM bandwidth is
+//! compute-bound).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,9 +29,16 @@ fn main() -> anyhow::Result<()> {
             .build_global()?;
     }
     let dev = Device::Cpu;
-    // Enough matrices that one pass is far larger than the caches (~0.9 GB of f32).
-    let shapes = [(6144usize, 1536usize), (1536, 6144), (2048, 1536)];
-    let dense: Vec<Tensor> = (0..24)
+    // Enough matrices that one pass is far larger than the caches (~0.9 GB of f32), or
+    // with --in-cache a few with 1/16 of the rows (~2.4 MB of bf16).
+    let in_cache = args.iter().any(|a| a == "--in-cache");
+    let (div, count) = if in_cache { (16, 3) } else { (1, 24) };
+    let shapes = [
+        (6144 / div, 1536usize),
+        (1536 / div, 6144),
+        (2048 / div, 1536),
+    ];
+    let dense: Vec<Tensor> = (0..count)
         .map(|c| Tensor::randn(0f32, 0.02, shapes[c % shapes.len()], &dev))
         .collect::<candle_core::Result<_>>()?;
     println!("format  path    decode GB/s  prefill GFLOP/s   (medians)");
@@ -75,7 +86,7 @@ fn main() -> anyhow::Result<()> {
                 times.sort_by(|a, b| a.total_cmp(b));
                 Ok(times[times.len() / 2])
             };
-            let decode = bytes as f64 / run(1, 31)? / 1e9;
+            let decode = bytes as f64 / run(1, 31 * div)? / 1e9;
             let prefill = flops / run(128, 3)? / 1e9;
             println!("{name:6}  {path:6}  {decode:11.1}  {prefill:15.1}");
         }

@@ -17,6 +17,7 @@
 //! is the conformer, and [`audio_encoder`] ties a checkpoint's tower or embedder to
 //! `embed_audio`.
 
+pub mod act_quant;
 pub mod attention;
 pub mod audio;
 pub mod audio_attention;
@@ -35,6 +36,7 @@ pub mod gguf_metadata;
 pub mod gguf_names;
 pub mod image_embedder;
 pub mod image_processor;
+pub mod kquant_gemv;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;

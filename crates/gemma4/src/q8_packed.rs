@@ -9,16 +9,17 @@
 //! repacking, so nothing needs the layout back.)
 //!
 //! The kernel computes what candle's `vec_dot_q8_0_q8_0` computes (the activation quantized
-//! to Q8_0 by candle's `from_float`, the same integer products and f32 scale products),
+//! to Q8_0 as candle's `from_float` does, [`crate::act_quant`], the same integer products and f32 scale products),
 //! adding the blocks in four interleaved sums instead of one; the tests hold it to the
 //! GGML-layout path within f32 rounding. With it E2B Q8_0 decode streams ~16 GB/s per
 //! two cores against ~12 for the same kernel on GGML's layout, four rows at a time.
 
 use candle_core::quantized::k_quants::BlockQ8_0;
-use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use crate::act_quant::Q8Blocks;
 use crate::error::Result;
 
 /// Rows per parallel task.
@@ -154,21 +155,15 @@ impl PackedQ8 {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let nb = self.cols / 32;
-            let mut xq = vec![BlockQ8_0::zeros(); nb];
-            BlockQ8_0::from_float(x, &mut xq);
-            // SAFETY: `Block` has `BlockQ8_0`'s size and alignment (checked at compile time).
-            let xq: &[Block] =
-                unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const Block, nb) };
-            let xs: Vec<i8> = xq.iter().flat_map(|b| b.qs).collect();
-            let dx: Vec<f32> = xq.iter().map(|b| f16::from_bits(b.d).to_f32()).collect();
+            let a = Q8Blocks::new(x);
+            let (xs, dx) = (&a.qs, &a.d);
             let mut y = vec![0f32; self.rows];
             y.par_chunks_mut(ROWS_PER_TASK)
                 .enumerate()
                 .for_each(|(c, ys)| {
                     for (k, out) in ys.iter_mut().enumerate() {
                         // SAFETY: AVX2/FMA/F16C checked above; the row exists.
-                        *out = unsafe { self.dot(c * ROWS_PER_TASK + k, &xs, &dx) };
+                        *out = unsafe { self.dot(c * ROWS_PER_TASK + k, xs, dx) };
                     }
                 });
             Some(y)

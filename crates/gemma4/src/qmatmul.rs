@@ -10,7 +10,8 @@
 //! thread pool pinned to the cores, which contended with rayon's workers between
 //! projections and ran E2B Q8_0 decode at about a third of the memory-bandwidth bound.
 //! (On AVX2 machines Q8_0 weights are repacked at load and take the kernel of
-//! [`crate::q8_packed`] instead; this path is their portable fallback and reference.)
+//! [`crate::q8_packed`], and Q4_K/Q6_K take [`crate::kquant_gemv`]; this path is their
+//! portable fallback and the reference their tests compare with.)
 //!
 //! Prefill ([`dequantize`]): candle has no fast AVX2 kernel for Q8_0 or Q4_0 batches
 //! (~18 GFLOP/s here, against ~120 for its repacked Q4_K/Q6_K), so those are dequantized
@@ -22,6 +23,7 @@ use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kquant_gemv;
 
 /// Rows per parallel task (a multiple of 4, the kernels' row group).
 const ROWS_PER_TASK: usize = 32;
@@ -39,6 +41,8 @@ pub fn gemv(w: &QTensor, x: &[f32]) -> Result<Option<Vec<f32>>> {
     Ok(match w.dtype() {
         GgmlDType::Q8_0 => run::<BlockQ8_0>(&data, m, n, x),
         GgmlDType::Q4_0 => run::<BlockQ4_0>(&data, m, n, x),
+        GgmlDType::Q4K if kquant_gemv::available() => kquant_gemv::gemv_q4k(&data, m, x),
+        GgmlDType::Q6K if kquant_gemv::available() => kquant_gemv::gemv_q6k(&data, m, x),
         GgmlDType::Q4K => run::<BlockQ4K>(&data, m, n, x),
         GgmlDType::Q6K => run::<BlockQ6K>(&data, m, n, x),
         _ => None,
