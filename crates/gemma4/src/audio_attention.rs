@@ -21,6 +21,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::activation::soft_cap;
 use crate::audio_config::AudioConfig;
 use crate::error::Result;
 use crate::linear::Linear;
@@ -172,7 +173,7 @@ impl AudioAttention {
         }
         let w = offsets.len();
         let logits = Tensor::stack(&logits, 2)?; // [h, t, w]
-        let capped = ((logits / self.cap)?.tanh()? * self.cap)?;
+        let capped = soft_cap(&logits, self.cap)?;
         let allowed = Tensor::from_vec(
             allowed.into_iter().map(u8::from).collect::<Vec<u8>>(),
             (1, t, w),

@@ -13,6 +13,7 @@
 
 use candle_core::Tensor;
 
+use crate::activation::gelu_tanh;
 use crate::attention::Attention;
 use crate::config::{LayerSpec, TextConfig};
 use crate::error::Result;
@@ -103,7 +104,7 @@ impl DecoderLayer {
         }
         let mut h = (h + self.post_feedforward_layernorm.forward(&m)?)?;
         if let (Some(g), Some(ple)) = (&self.ple, ple) {
-            let x = (g.gate.forward(&h)?.gelu()? * ple)?;
+            let x = (gelu_tanh(&g.gate.forward(&h)?)? * ple)?;
             h = (&h + g.norm.forward(&g.projection.forward(&x)?)?)?;
         }
         Ok(h.broadcast_mul(&self.layer_scalar)?)

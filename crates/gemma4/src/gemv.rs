@@ -54,6 +54,27 @@ pub fn gemv_f32(w: &[f32], x: &[f32]) -> Vec<f32> {
     gemv(w, x, dot_f32_plain)
 }
 
+/// How far ahead of the row being read the decode kernels ask for weights. The hardware
+/// prefetchers alone left two cores streaming a Q4_K matrix at 17–19 GB/s; asking for
+/// the lines 4 KiB ahead gave 22–24 GB/s on the same runs (the gain was about the same
+/// at 2 KiB; it is a latency hider, so the exact distance matters little).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const PREFETCH_AHEAD: usize = 4096;
+
+/// Asks for the `lines` cache lines that start [`PREFETCH_AHEAD`] bytes after `p`. A
+/// hint only: addresses past the end of the weights are not touched (`prefetcht0` never
+/// faults), so callers need no bounds check.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead(p: *const u8, lines: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let p = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    for k in 0..lines {
+        // SAFETY: a prefetch hint on any address is safe (SSE, part of x86_64).
+        unsafe { _mm_prefetch(p.wrapping_add(64 * k), _MM_HINT_T0) };
+    }
+}
+
 fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -108,6 +129,7 @@ unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i + 32 <= n {
+        prefetch_ahead(wp.add(i) as *const u8, 1);
         for (k, a) in acc.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(
                 _mm256_loadu_ps(wp.add(i + 8 * k)),

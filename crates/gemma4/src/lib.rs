@@ -18,6 +18,7 @@
 //! `embed_audio`.
 
 pub mod act_quant;
+pub mod activation;
 pub mod attention;
 pub mod audio;
 pub mod audio_attention;

@@ -4,6 +4,7 @@
 
 use candle_core::Tensor;
 
+use crate::activation::gelu_tanh;
 use crate::error::Result;
 use crate::linear::Linear;
 use crate::weights::Weights;
@@ -34,8 +35,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`).
-        let h = (self.gate_proj.forward(x)?.gelu()? * self.up_proj.forward(x)?)?;
+        let h = (gelu_tanh(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
 }

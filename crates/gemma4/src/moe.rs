@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::activation::gelu_tanh;
 use crate::config::MoeConfig;
 use crate::error::Result;
 use crate::linear::Linear;
@@ -113,8 +114,8 @@ impl Experts {
             let idx = Tensor::new(toks.as_slice(), x.device())?;
             let xs = x.index_select(&idx, 0)?;
             let gu = self.gate_up[e].forward(&xs)?;
-            let h =
-                (gu.narrow(1, 0, self.width)?.gelu()? * gu.narrow(1, self.width, self.width)?)?;
+            let h = (gelu_tanh(&gu.narrow(1, 0, self.width)?)?
+                * gu.narrow(1, self.width, self.width)?)?;
             let y = self.down[e].forward(&h)?.to_dtype(DType::F32)?;
             let wt = Tensor::new(wts.as_slice(), x.device())?.unsqueeze(1)?;
             out = out.index_add(&idx, &y.broadcast_mul(&wt)?, 0)?;

@@ -190,6 +190,8 @@ impl PackedQ8 {
         let mut b = 0;
         while b < nb {
             let group = (nb - b).min(8);
+            crate::gemv::prefetch_ahead(rq.add(b * 32) as *const u8, 4);
+            crate::gemv::prefetch_ahead(rd.add(b) as *const u8, 1);
             if group == 8 {
                 // Eight scales in one conversion, times the activation's eight.
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(rd.add(b).cast()));

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::activation::soft_cap;
 use crate::attention::{causal_mask, SpanOverlay};
 use crate::config::{Bidirectional, KvSource, LayerType, TextConfig};
 use crate::decoder_layer::DecoderLayer;
@@ -310,7 +311,7 @@ impl TextModel {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let mut logits = head.forward(&h)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
-            logits = (logits / cap)?.tanh()?.affine(cap, 0.0)?;
+            logits = soft_cap(&logits, cap)?;
         }
         Ok(logits.to_dtype(DType::F32)?)
     }
