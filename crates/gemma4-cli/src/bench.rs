@@ -87,20 +87,11 @@ fn one_run(model: &Gemma4, prompt: &[u32], gen: usize) -> Result<Run> {
     let logits = tm.forward(prompt, &mut cache, LogitsFor::Last)?;
     let mut next = gemma4::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
     let prefill_s = t.elapsed().as_secs_f64();
-    use std::sync::atomic::Ordering::Relaxed;
-    gemma4::linear::PROF_NS.store(0, Relaxed);
-    gemma4::linear::PROF_N.store(0, Relaxed);
     let t = Instant::now();
     for _ in 0..gen {
         let logits = tm.forward(&[next], &mut cache, LogitsFor::Last)?;
         next = gemma4::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
     }
-    eprintln!(
-        "PROF decode {:.1} ms/token, linear {:.1} ms/token, {} calls/token",
-        t.elapsed().as_secs_f64() * 1e3 / gen as f64,
-        gemma4::linear::PROF_NS.load(Relaxed) as f64 / 1e6 / gen as f64,
-        gemma4::linear::PROF_N.load(Relaxed) / gen as u64
-    );
     Ok(Run {
         prefill_s,
         decode_s: t.elapsed().as_secs_f64(),

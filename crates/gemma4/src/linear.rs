@@ -229,16 +229,6 @@ impl Linear {
 
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let t0 = std::time::Instant::now();
-        let r = self.forward_(x);
-        PROF_NS.fetch_add(
-            t0.elapsed().as_nanos() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        PROF_N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        r
-    }
-    fn forward_(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.clip {
             Some(c) => clamp(x.clone(), c.input)?,
             None => x.clone(),
@@ -280,6 +270,3 @@ impl Linear {
         }
     }
 }
-
-pub static PROF_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static PROF_N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
