@@ -276,7 +276,20 @@ fn main() {
         // yet, and this is the only thread.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    if let Err(e) = run(cli) {
+    // The command runs on a worker of the rayon pool, not beside it: a parallel kernel
+    // called from outside the pool is injected into it and the caller sleeps until the
+    // workers finish, two thread wake-ups per projection (~280 per E2B decode step).
+    // From inside, the calling thread takes its share at once and only the other
+    // workers are signalled.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads.unwrap_or(0))
+        .stack_size(16 << 20)
+        .build();
+    let result = match pool {
+        Ok(pool) => pool.install(|| run(cli)),
+        Err(e) => Err(anyhow::anyhow!("cannot start the thread pool: {e}")),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
