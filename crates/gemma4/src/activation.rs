@@ -3,11 +3,12 @@
 //! final logit soft-cap `cap·tanh(x / cap)`. Same formulas as torch's CPU kernels, in f32
 //! (bf16/f16 inputs are widened and the result rounded back, as torch does).
 //!
-//! Why not candle's ops: they call libm's `tanhf` once per value, which cost ~13 ms per
-//! E2B decode step (the soft-cap alone runs over 262,144 logits) — a tenth of a q4_k
-//! token. Here `tanh` is evaluated eight lanes at a time with AVX2 (Cephes' `tanhf`: an
-//! odd polynomial below 0.625, `1 − 2/(e^{2|x|} + 1)` above, `exp` by Cephes' `expf`),
-//! within a few ulp of libm, as torch's own vectorised `tanh` is. Without AVX2, or for
+//! Why not candle's ops: they call libm's `tanhf` once per value (the soft-cap alone runs
+//! over 262,144 logits per token); moving these two to the kernels here cut the time an
+//! E2B q4_k decode step spends outside its projections from ~22 ms to ~13 ms. Here `tanh`
+//! is evaluated eight lanes at a time with AVX2 (Cephes' `tanhf`: an odd polynomial below
+//! 0.625, `1 − 2/(e^{2|x|} + 1)` above, `exp` by Cephes' `expf`), within a few ulp of
+//! libm, as torch's own vectorised `tanh` is. Without AVX2, or for
 //! tensors off the CPU, candle's ops run.
 
 #[cfg(target_arch = "x86_64")]
