@@ -36,22 +36,13 @@ pub struct Q8KBlocks {
     pub sums32: Vec<[i16; 8]>,
 }
 
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 impl Q8Blocks {
     /// Quantizes `x` (`x.len()` a multiple of 32).
     pub fn new(x: &[f32]) -> Self {
         assert!(x.len().is_multiple_of(32), "Q8_0 rows are whole blocks");
         let mut qs = vec![0i8; x.len()];
         let mut d = vec![0f32; x.len() / 32];
-        let simd = avx2();
+        let simd = crate::cpu::has_avx2_fma();
         for ((xb, qb), db) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).zip(&mut d) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX2/FMA checked; the chunks are 32 long.
@@ -83,7 +74,7 @@ impl Q8KBlocks {
         let nb = x.len() / 256;
         let mut qs = vec![0i8; x.len()];
         let mut d = vec![0f32; nb];
-        let simd = avx2();
+        let simd = crate::cpu::has_avx2_fma();
         for ((xb, qb), db) in x
             .chunks_exact(256)
             .zip(qs.chunks_exact_mut(256))

@@ -40,18 +40,9 @@ enum Kernel {
     SoftCap(f32),
 }
 
-fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// Applies `k` on the CPU with AVX2; `None` when that is not possible here.
 fn map_f32(x: &Tensor, k: Kernel) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || !available() {
+    if !x.device().is_cpu() || !crate::cpu::has_avx2_fma() {
         return Ok(None);
     }
     let mut v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -238,40 +229,24 @@ mod tests {
 
     /// bf16 inputs are computed in f32 and rounded back, and lengths that are not a
     /// multiple of eight are whole.
+    /// A tensor's values as f32, flattened.
+    fn f32s(t: candle_core::Result<Tensor>) -> Vec<f32> {
+        let t = t.and_then(|t| t.to_dtype(DType::F32)).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     #[test]
     fn other_dtypes_and_lengths() {
         let v: Vec<f32> = (0..13).map(|i| i as f32 * 0.37 - 2.0).collect();
         let t = Tensor::from_vec(v.clone(), (1, 13), &Device::Cpu).unwrap();
-        let y: Vec<f32> = gelu_tanh(&t.to_dtype(DType::BF16).unwrap())
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let want: Vec<f32> = t
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .gelu()
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let b = t.to_dtype(DType::BF16).unwrap();
+        let y = f32s(Ok(gelu_tanh(&b).unwrap()));
+        let want = f32s(
+            b.to_dtype(DType::F32)
+                .and_then(|t| t.gelu()?.to_dtype(DType::BF16)),
+        );
         assert_eq!(y, want);
-        let y: Vec<f32> = soft_cap(&t, 2.0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y = f32s(Ok(soft_cap(&t, 2.0).unwrap()));
         assert_eq!(y.len(), 13);
         assert!((y[12] - 2.0 * (v[12] / 2.0).tanh()).abs() < 1e-6);
     }

@@ -37,7 +37,7 @@ fn gemv<T: Sync>(w: &[T], x: &[f32], dot: impl Fn(&[T], &[f32]) -> f32 + Sync) -
 /// `y[o] = Σ_i w[o·n + i] · x[i]` for `o < w.len() / n`, bf16 weights.
 pub fn gemv_bf16(w: &[bf16], x: &[f32]) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
+    if crate::cpu::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
         return gemv(w, x, |r, x| unsafe { dot_bf16_avx2(r, x) });
     }
@@ -47,7 +47,7 @@ pub fn gemv_bf16(w: &[bf16], x: &[f32]) -> Vec<f32> {
 /// The same with f32 weights.
 pub fn gemv_f32(w: &[f32], x: &[f32]) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
+    if crate::cpu::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
         return gemv(w, x, |r, x| unsafe { dot_f32_avx2(r, x) });
     }
@@ -72,17 +72,6 @@ pub(crate) fn prefetch_ahead(p: *const u8, lines: usize) {
     for k in 0..lines {
         // SAFETY: a prefetch hint on any address is safe (SSE, part of x86_64).
         unsafe { _mm_prefetch(p.wrapping_add(64 * k), _MM_HINT_T0) };
-    }
-}
-
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

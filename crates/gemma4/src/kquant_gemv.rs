@@ -60,14 +60,7 @@ const _: () = {
 
 /// Whether this CPU runs these kernels (AVX2, FMA, F16C).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::cpu::has_avx2_fma_f16c()
 }
 
 /// `W x` for `W` `[m, n]` in Q4_K blocks (`bytes`, GGML layout); `None` when the
@@ -291,6 +284,21 @@ mod tests {
     use candle_core::quantized::GgmlType;
     use candle_core::{Device, Tensor};
 
+    /// candle's `vec_dot` of each row of `data` (blocks `T`) with `x` quantized to Q8_K.
+    fn candle_rows<T: GgmlType<VecDotType = k::BlockQ8K>>(
+        data: &[u8],
+        m: usize,
+        x: &[f32],
+    ) -> Vec<f32> {
+        let (n, nb) = (x.len(), x.len() / 256);
+        let mut xq = vec![k::BlockQ8K::zeros(); nb];
+        k::BlockQ8K::from_float(x, &mut xq);
+        let b = crate::qmatmul::blocks::<T>(data, m * nb).unwrap();
+        (0..m)
+            .map(|r| T::vec_dot(n, &b[r * nb..(r + 1) * nb], &xq))
+            .collect()
+    }
+
     /// candle's `vec_dot` on the same blocks within f32 rounding (the integer sums are
     /// the same; the float sums are ordered differently).
     #[test]
@@ -339,26 +347,15 @@ mod tests {
                 .collect();
             let qt = quantize(&w, q).unwrap();
             let data = qt.data().unwrap();
-            let nb = n / 256;
-            let (ours, want): (Vec<f32>, Vec<f32>) = match q {
-                QuantType::Q4K => {
-                    let mut xq = vec![k::BlockQ8K::zeros(); nb];
-                    k::BlockQ8K::from_float(&x, &mut xq);
-                    let b = crate::qmatmul::blocks::<k::BlockQ4K>(&data, m * nb).unwrap();
-                    let want = (0..m)
-                        .map(|r| k::BlockQ4K::vec_dot(n, &b[r * nb..(r + 1) * nb], &xq))
-                        .collect();
-                    (gemv_q4k(&data, m, &x).unwrap(), want)
-                }
-                _ => {
-                    let mut xq = vec![k::BlockQ8K::zeros(); nb];
-                    k::BlockQ8K::from_float(&x, &mut xq);
-                    let b = crate::qmatmul::blocks::<k::BlockQ6K>(&data, m * nb).unwrap();
-                    let want = (0..m)
-                        .map(|r| k::BlockQ6K::vec_dot(n, &b[r * nb..(r + 1) * nb], &xq))
-                        .collect();
-                    (gemv_q6k(&data, m, &x).unwrap(), want)
-                }
+            let (ours, want) = match q {
+                QuantType::Q4K => (
+                    gemv_q4k(&data, m, &x).unwrap(),
+                    candle_rows::<k::BlockQ4K>(&data, m, &x),
+                ),
+                _ => (
+                    gemv_q6k(&data, m, &x).unwrap(),
+                    candle_rows::<k::BlockQ6K>(&data, m, &x),
+                ),
             };
             for (r, (a, b)) in ours.iter().zip(&want).enumerate() {
                 assert!(

@@ -38,6 +38,7 @@ pub mod audio_features;
 pub mod audio_tower;
 pub mod chat;
 pub mod config;
+pub mod cpu;
 pub mod decoder_layer;
 pub mod error;
 pub mod gemv;

@@ -59,16 +59,7 @@ const _: () = assert!(std::mem::align_of::<Block>() == std::mem::align_of::<Bloc
 impl PackedQ8 {
     /// Whether this machine runs the packed kernel (AVX2, FMA and F16C).
     pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        crate::cpu::has_avx2_fma_f16c()
     }
 
     /// Repacks a 2-D CPU Q8_0 tensor; `None` for another format or shape.
