@@ -36,22 +36,52 @@ pub struct Q8KBlocks {
     pub sums32: Vec<[i16; 8]>,
 }
 
+/// Writes one block's values and scale.
+type BlockFn = fn(&[f32], &mut [i8], &mut f32);
+/// The same with SIMD; `false` (nothing written) for a block it leaves to the plain one.
+type SimdBlockFn = unsafe fn(&[f32], &mut [i8], &mut f32) -> bool;
+
+/// `x` quantized block by block (`size` values each): the values and the scales. Each
+/// block goes to `simd` when given (only where this CPU runs it), else or when it
+/// declines, to `plain`.
+fn quantize_blocks(
+    x: &[f32],
+    size: usize,
+    simd: Option<SimdBlockFn>,
+    plain: BlockFn,
+) -> (Vec<i8>, Vec<f32>) {
+    assert!(x.len().is_multiple_of(size), "rows are whole blocks");
+    let mut qs = vec![0i8; x.len()];
+    let mut d = vec![0f32; x.len() / size];
+    for ((xb, qb), db) in x
+        .chunks_exact(size)
+        .zip(qs.chunks_exact_mut(size))
+        .zip(&mut d)
+    {
+        // SAFETY: `simd` is only given where this CPU has its instructions; the chunks
+        // are `size` long, the length it asserts.
+        if simd.is_some_and(|f| unsafe { f(xb, qb, db) }) {
+            continue;
+        }
+        plain(xb, qb, db);
+    }
+    (qs, d)
+}
+
+/// `f` where this CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+fn with_avx2(f: SimdBlockFn) -> Option<SimdBlockFn> {
+    crate::cpu::has_avx2_fma().then_some(f)
+}
+
 impl Q8Blocks {
     /// Quantizes `x` (`x.len()` a multiple of 32).
     pub fn new(x: &[f32]) -> Self {
-        assert!(x.len().is_multiple_of(32), "Q8_0 rows are whole blocks");
-        let mut qs = vec![0i8; x.len()];
-        let mut d = vec![0f32; x.len() / 32];
-        let simd = crate::cpu::has_avx2_fma();
-        for ((xb, qb), db) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).zip(&mut d) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2/FMA checked; the chunks are 32 long.
-            if simd && unsafe { q8_0_block_avx2(xb, qb, db) } {
-                continue;
-            }
-            let _ = simd;
-            q8_0_block(xb, qb, db);
-        }
+        #[cfg(target_arch = "x86_64")]
+        let simd = with_avx2(q8_0_block_avx2);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = None;
+        let (qs, d) = quantize_blocks(x, 32, simd, q8_0_block);
         Q8Blocks { qs, d }
     }
 }
@@ -70,24 +100,11 @@ fn q8_0_block(x: &[f32], q: &mut [i8], d: &mut f32) {
 impl Q8KBlocks {
     /// Quantizes `x` (`x.len()` a multiple of 256).
     pub fn new(x: &[f32]) -> Self {
-        assert!(x.len().is_multiple_of(256), "Q8_K rows are whole blocks");
-        let nb = x.len() / 256;
-        let mut qs = vec![0i8; x.len()];
-        let mut d = vec![0f32; nb];
-        let simd = crate::cpu::has_avx2_fma();
-        for ((xb, qb), db) in x
-            .chunks_exact(256)
-            .zip(qs.chunks_exact_mut(256))
-            .zip(&mut d)
-        {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2/FMA checked; the chunks are 256 long.
-            if simd && unsafe { q8k_block_avx2(xb, qb, db) } {
-                continue;
-            }
-            let _ = simd;
-            q8k_block(xb, qb, db);
-        }
+        #[cfg(target_arch = "x86_64")]
+        let simd = with_avx2(q8k_block_avx2);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = None;
+        let (qs, d) = quantize_blocks(x, 256, simd, q8k_block);
         let bsums: Vec<[i16; 16]> = qs
             .chunks_exact(256)
             .map(|b| {

@@ -15,6 +15,18 @@ use rayon::prelude::*;
 /// Rows per parallel task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
+/// `[row(0), …, row(m − 1)]`, computed in parallel in tasks of `per_task` consecutive rows
+/// (every decode kernel's row loop: each output is one row's dot product).
+pub(crate) fn par_rows(m: usize, per_task: usize, row: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; m];
+    y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
+        for (k, out) in ys.iter_mut().enumerate() {
+            *out = row(c * per_task + k);
+        }
+    });
+    y
+}
+
 /// Rows of `w` (each `x.len()` long) dotted with `x`, in parallel, with `dot`.
 fn gemv<T: Sync>(w: &[T], x: &[f32], dot: impl Fn(&[T], &[f32]) -> f32 + Sync) -> Vec<f32> {
     let n = x.len();
@@ -22,16 +34,9 @@ fn gemv<T: Sync>(w: &[T], x: &[f32], dot: impl Fn(&[T], &[f32]) -> f32 + Sync) -
         n > 0 && w.len().is_multiple_of(n),
         "weight length is not a multiple of the input length"
     );
-    let mut y = vec![0f32; w.len() / n];
-    y.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, ys)| {
-            for (r, out) in ys.iter_mut().enumerate() {
-                let o = c * ROWS_PER_TASK + r;
-                *out = dot(&w[o * n..(o + 1) * n], x);
-            }
-        });
-    y
+    par_rows(w.len() / n, ROWS_PER_TASK, |o| {
+        dot(&w[o * n..(o + 1) * n], x)
+    })
 }
 
 /// `y[o] = Σ_i w[o·n + i] · x[i]` for `o < w.len() / n`, bf16 weights.
@@ -142,6 +147,18 @@ unsafe fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
         i += 1;
     }
     total
+}
+
+/// Sum of eight lanes, in candle's `hsum_float_8` order (high half + low half, then
+/// pairs, then the two left): the quantized kernels' final reduction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
 }
 
 /// The sum of the lanes of four accumulators, in the order both kernels have always used

@@ -23,11 +23,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use rayon::prelude::*;
-
 use crate::act_quant::Q8KBlocks;
 #[cfg(target_arch = "x86_64")]
-use crate::gemv::prefetch_ahead;
+use crate::gemv::{hsum8, par_rows, prefetch_ahead};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -101,25 +99,9 @@ fn gemv_with<T: Sync>(
     let nb = n / 256;
     let w = crate::qmatmul::blocks::<T>(bytes, m * nb)?;
     let a = Q8KBlocks::new(x);
-    let mut y = vec![0f32; m];
-    y.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, ys)| {
-            for (k, out) in ys.iter_mut().enumerate() {
-                let r = c * ROWS_PER_TASK + k;
-                *out = dot(&w[r * nb..(r + 1) * nb], &a);
-            }
-        });
-    Some(y)
-}
-
-/// Sum of the eight lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
-    let r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    Some(par_rows(m, ROWS_PER_TASK, |r| {
+        dot(&w[r * nb..(r + 1) * nb], &a)
+    }))
 }
 
 /// One Q4_K row (`row.len()` blocks) dotted with the Q8_K input.
@@ -193,7 +175,7 @@ unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
     }
     let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
     let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum(acc) + _mm_cvtss_f32(m)
+    hsum8(acc) + _mm_cvtss_f32(m)
 }
 
 /// One Q6_K row dotted with the Q8_K input.
@@ -272,7 +254,7 @@ unsafe fn dot_q6k(row: &[BlockQ6K], a: &Q8KBlocks) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum(acc)
+    hsum8(acc)
 }
 
 #[cfg(test)]

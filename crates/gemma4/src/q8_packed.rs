@@ -147,17 +147,12 @@ impl PackedQ8 {
         #[cfg(target_arch = "x86_64")]
         {
             let a = Q8Blocks::new(x);
-            let (xs, dx) = (&a.qs, &a.d);
-            let mut y = vec![0f32; self.rows];
-            y.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(c, ys)| {
-                    for (k, out) in ys.iter_mut().enumerate() {
-                        // SAFETY: AVX2/FMA/F16C checked above; the row exists.
-                        *out = unsafe { self.dot(c * ROWS_PER_TASK + k, xs, dx) };
-                    }
-                });
-            Some(y)
+            // SAFETY: AVX2/FMA/F16C checked above; `par_rows` asks for rows < `self.rows`.
+            Some(crate::gemv::par_rows(
+                self.rows,
+                ROWS_PER_TASK,
+                |r| unsafe { self.dot(r, &a.qs, &a.d) },
+            ))
         }
         #[cfg(not(target_arch = "x86_64"))]
         None
@@ -208,19 +203,18 @@ impl PackedQ8 {
             }
             b += group;
         }
-        let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let r = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+        crate::gemv::hsum8(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmatmul::tests::data;
+    use crate::qmatmul::tests::{data, dequantized};
     use crate::quant::{quantize, QuantType};
-    use candle_core::Device;
 
     /// The GGML-layout path (candle's `vec_dot`) within f32 rounding, for widths with and
     /// without a partial group of eight blocks; dequantized rows equal candle's.
@@ -231,13 +225,7 @@ mod tests {
             let q = quantize(&w, QuantType::Q8_0).unwrap();
             let p = PackedQ8::from_qtensor(&q).unwrap().expect("q8_0");
             assert_eq!(p.size_in_bytes(), q.storage_size_in_bytes());
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let want = dequantized(&q);
             assert_eq!(p.dequantize_rows(None), want);
             let r = [m as u32 - 1, 0];
             assert_eq!(p.dequantize_rows(Some(&r))[..n], want[(m - 1) * n..]);

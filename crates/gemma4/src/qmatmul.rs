@@ -3,8 +3,9 @@
 //!
 //! Decoding one token ([`gemv`]), the arithmetic is llama.cpp's (and candle's): `x` is
 //! quantized once to the format's activation blocks (Q8_0 for the 32-wide formats, Q8_K
-//! for the k-quants) and each row is an integer dot product scaled per block, computed by candle's SIMD block kernels
-//! (`GgmlType::vec_dot_4`, four rows sharing one activation load). What this module adds
+//! for the k-quants) and each row is an integer dot product scaled per block, computed by
+//! candle's SIMD block kernels (`GgmlType::vec_dot_4`, four rows sharing one activation
+//! load). What this module adds
 //! is the threading: rows are split across the rayon pool (`--threads`), like
 //! [`crate::gemv`]. candle's own decode path hands the same kernels to a second, spinning
 //! thread pool pinned to the cores, which contended with rayon's workers between
@@ -204,6 +205,12 @@ pub(crate) mod tests {
         }
     }
 
+    /// candle's dequantization of `q`, flattened (what the kernels' tests compare with).
+    pub(crate) fn dequantized(q: &QTensor) -> Vec<f32> {
+        let t = q.dequantize(&Device::Cpu).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     /// Parallel dequantization gives candle's values, for every format.
     #[test]
     fn dequantizes_like_candle() {
@@ -211,13 +218,7 @@ pub(crate) mod tests {
             let (w, _) = data(70, 512);
             let qt = quantize(&w, q).unwrap();
             let ours = dequantize(&qt).unwrap().expect("supported format");
-            let want: Vec<f32> = qt
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let want = dequantized(&qt);
             assert_eq!(ours, want, "{}", q.name());
         }
     }
