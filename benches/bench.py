@@ -4,8 +4,9 @@ format, llama.cpp (`llama-bench`) on GGUF files made from the same checkpoint by
 converter and quantizer, and transformers in bf16 (the reference, from
 scripts/fixtures/requirements.txt).
 
-    python benches/make_checkpoint.py --size e2b --out /tmp/gemma4-e2b-text
-    python benches/bench.py --model /tmp/gemma4-e2b-text
+    python benches/bench.py --model /tmp/gemma4-e2b-text       # makes the E2B checkpoint if missing
+    python benches/bench.py --model /tmp/gemma4-e4b-text --size e4b
+    python benches/bench.py --model /tmp/gemma4-26b-a4b-6l --size 26b-a4b --layers 6
     python benches/bench.py --model DIR --engines gemma4-q8_0 llamacpp-q8_0 --runs 5
     (gemma4-gguf-FMT: gemma4 on llama.cpp's own FMT file, e.g. gemma4-gguf-q4_k_m)
 
@@ -202,7 +203,10 @@ def main() -> None:
         rss_child(sys.argv[2:])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--model", type=Path, required=True,
+                    help="the checkpoint; made by make_checkpoint.py (--size, --layers) when missing")
+    ap.add_argument("--size", default="e2b", help="make_checkpoint.py --size, when --model is missing")
+    ap.add_argument("--layers", type=int, help="make_checkpoint.py --layers, when --model is missing")
     ap.add_argument("--engines", nargs="*", default=[
         "gemma4-bf16", "llamacpp-bf16", "gemma4-q8_0", "llamacpp-q8_0", "gemma4-gguf-q8_0", "gemma4-q4_k",
         "llamacpp-q4_k_m", "gemma4-gguf-q4_k_m", "gemma4-f32", "transformers-bf16"])
@@ -215,6 +219,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "gemma4-cli"], cwd=ROOT, check=True)
+    if not (a.model / "config.json").exists():
+        print(f"making the {a.size} checkpoint in {a.model} ...", file=sys.stderr)
+        subprocess.run([sys.executable, str(ROOT / "benches" / "make_checkpoint.py"), "--size", a.size,
+                        *(["--layers", str(a.layers)] if a.layers else []), "--out", str(a.model)], check=True)
     rows = []
     for e in a.engines:
         print(f"running {e} ...", file=sys.stderr)

@@ -9,7 +9,13 @@ depend on them.
 
 E2B: 35 layers, hidden 1536, PLE 256 per layer, 20 KV-shared layers with the double-wide
 MLP, vocab 262144: 5.1 B parameters (10 GB in bf16; the PLE table is 2.35 B of them).
-Needs about 12 GB of RAM and as much disk.
+Needs about 12 GB of RAM and as much disk. E4B: 42 layers, hidden 2560: 8.1 B parameters
+(16 GB in bf16 and of RAM, 3.5 min; the PLE table is 2.8 B of them). 26B-A4B: 30 layers, hidden 2816, 128 experts of width 704 (top 8)
+beside a dense MLP of width 2112: 25 B parameters, 51 GB in bf16, so `--layers 6` keeps the
+first six layers (one sliding/full period, every per-layer shape as released): 5.6 B
+parameters, 11 GB, of which ~0.55 B are read per token.
+
+    python benches/make_checkpoint.py --size 26b-a4b --layers 6 --out /tmp/gemma4-26b-a4b-6l
 """
 from __future__ import annotations
 
@@ -41,7 +47,34 @@ SIZES = {
         max_position_embeddings=131072, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106],
     ),
+    "26b-a4b": dict(
+        vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+        num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, head_dim=256,
+        global_head_dim=512, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0, enable_moe_block=True, num_experts=128, top_k_experts=8,
+        moe_intermediate_size=704, sliding_window=1024,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
+        use_bidirectional_attention="vision", max_position_embeddings=262144,
+        final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106],
+    ),
 }
+
+
+def text_config(size: str, layers: int | None) -> dict:
+    """The released config of `size`, optionally cut to its first `layers` layers (only
+    for sizes without KV sharing, whose consumer layers would otherwise lose their
+    producers)."""
+    cfg = dict(SIZES[size])
+    if layers is None or layers == cfg["num_hidden_layers"]:
+        return cfg
+    if cfg["num_kv_shared_layers"]:
+        raise SystemExit(f"--layers: {size} shares KV across its last layers; only its full depth is kept")
+    if not 1 <= layers <= cfg["num_hidden_layers"]:
+        raise SystemExit(f"--layers must be in 1..{cfg['num_hidden_layers']} for {size}")
+    cfg["num_hidden_layers"] = layers
+    cfg["layer_types"] = cfg["layer_types"][:layers]
+    return cfg
 
 
 @torch.no_grad()
@@ -49,12 +82,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="e2b")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, help="keep only the first N layers (sizes without KV sharing)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    cfg = Gemma4TextConfig(**SIZES[a.size])
+    cfg = Gemma4TextConfig(**text_config(a.size, a.layers))
     with torch.device("meta"):
         model = Gemma4ForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    # Cast on the meta device so the weights are allocated once, in bf16 (E4B in f32 would
+    # need 30 GB).
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
     g = torch.Generator().manual_seed(a.seed)
     for name, p in model.named_parameters():
         if p.ndim == 1:
@@ -71,7 +107,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(a.out, safe_serialization=True, max_shard_size="4GB")
     n = sum(p.numel() for p in model.parameters())
-    (a.out / "bench_checkpoint.json").write_text(json.dumps({"size": a.size, "parameters": n}) + "\n")
+    (a.out / "bench_checkpoint.json").write_text(json.dumps({"size": a.size, "layers": cfg.num_hidden_layers, "parameters": n}) + "\n")
     print(f"wrote {a.out}: {n / 1e9:.2f} B parameters")
 
 

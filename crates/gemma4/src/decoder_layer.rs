@@ -86,6 +86,11 @@ impl DecoderLayer {
         })
     }
 
+    /// Bytes of this layer's experts (0 without an MoE block).
+    pub fn expert_bytes(&self) -> usize {
+        self.moe.as_ref().map_or(0, |m| m.experts.size_in_bytes())
+    }
+
     pub fn input_norm(&self, h: &Tensor) -> Result<Tensor> {
         self.input_layernorm.forward(h)
     }

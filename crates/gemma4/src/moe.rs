@@ -94,6 +94,15 @@ impl Experts {
         })
     }
 
+    /// Bytes all experts' weights occupy in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        self.gate_up
+            .iter()
+            .chain(&self.down)
+            .map(|l| l.weight().size_in_bytes())
+            .sum()
+    }
+
     /// Weighted sum of the routed experts for every row of `x` `[S, H]`.
     pub fn forward(&self, x: &Tensor, routes: &Routes) -> Result<Tensor> {
         let (s, hdim) = x.dims2()?;

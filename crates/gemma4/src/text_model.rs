@@ -141,6 +141,23 @@ impl TextModel {
         })
     }
 
+    /// Bytes held in memory that one decoding step does not read: the experts a token is
+    /// not routed to (all but `top_k` of `num_experts` per layer; each expert is the same
+    /// size), and the embedding table when a separate head is held (one row of it is
+    /// read). The bandwidth bound of `gemma4 bench` subtracts these from the weights held.
+    pub fn unread_bytes_per_token(&self) -> u64 {
+        let experts: usize = self.layers.iter().map(|l| l.expert_bytes()).sum();
+        let idle_experts = match &self.cfg.moe {
+            Some(m) => experts * (m.num_experts - m.top_k) / m.num_experts,
+            None => 0,
+        };
+        let unused_table = match self.lm_head {
+            Some(_) => self.embed_tokens.weight().size_in_bytes(),
+            None => 0,
+        };
+        (idle_experts + unused_table) as u64
+    }
+
     pub fn config(&self) -> &TextConfig {
         &self.cfg
     }

@@ -57,3 +57,26 @@ fn loaded_weights_leave_no_file_pages_resident() {
         .iter()
         .all(|v| v.is_finite()));
 }
+
+/// The bandwidth bound of `gemma4 bench` counts only what a decoding step reads: of an
+/// MoE layer's experts, the `top_k` a token is routed to.
+#[test]
+fn a_decode_step_leaves_unrouted_experts_unread() {
+    let model = Gemma4::load(&fixture("moe"), LoadOptions::default()).unwrap();
+    let cfg = model.text.config();
+    let moe = cfg.moe.as_ref().expect("the moe fixture has an MoE block");
+    let (h, i, e, k) = (
+        cfg.hidden_size,
+        moe.intermediate_size,
+        moe.num_experts,
+        moe.top_k,
+    );
+    // Per expert: gate_up [2I, H] and down [H, I], in the dtype the model holds.
+    let expert = (2 * i * h + h * i) * model.text.dtype().size_in_bytes();
+    let unread = cfg.num_hidden_layers * (e - k) * expert;
+    assert_eq!(model.text.unread_bytes_per_token(), unread as u64);
+    assert!(model.text_bytes > unread as u64);
+
+    let dense = Gemma4::load(&fixture("e2b_like"), LoadOptions::default()).unwrap();
+    assert_eq!(dense.text.unread_bytes_per_token(), 0);
+}
