@@ -27,6 +27,20 @@ pub(crate) fn par_rows(m: usize, per_task: usize, row: impl Fn(usize) -> f32 + S
     y
 }
 
+/// `w` widened to f32 (exact: bf16 is the top half of an f32), in parallel.
+pub(crate) fn widen_bf16(w: &[bf16]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(w.par_chunks(CHUNK))
+        .for_each(|(o, w)| {
+            for (o, w) in o.iter_mut().zip(w) {
+                *o = w.to_f32();
+            }
+        });
+    out
+}
+
 /// Rows of `w` (each `x.len()` long) dotted with `x`, in parallel, with `dot`.
 fn gemv<T: Sync>(w: &[T], x: &[f32], dot: impl Fn(&[T], &[f32]) -> f32 + Sync) -> Vec<f32> {
     let n = x.len();
