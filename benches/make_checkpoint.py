@@ -9,11 +9,12 @@ depend on them.
 
 E2B: 35 layers, hidden 1536, PLE 256 per layer, 20 KV-shared layers with the double-wide
 MLP, vocab 262144: 5.1 B parameters (10 GB in bf16; the PLE table is 2.35 B of them).
-Needs about 12 GB of RAM and as much disk. E4B: 42 layers, hidden 2560: 8.1 B parameters
-(16 GB in bf16 and of RAM, 3.5 min; the PLE table is 2.8 B of them). 26B-A4B: 30 layers, hidden 2816, 128 experts of width 704 (top 8)
-beside a dense MLP of width 2112: 25 B parameters, 51 GB in bf16, so `--layers 6` keeps the
-first six layers (one sliding/full period, every per-layer shape as released): 5.6 B
-parameters, 11 GB, of which ~0.55 B are read per token.
+Needs about 12 GB of RAM and as much disk. E4B: 42 layers, hidden 2560: 7.5 B parameters
+(15 GB in bf16 and of RAM, 3.5 min; the PLE table is 2.8 B of them). 26B-A4B: 30 layers,
+hidden 2816, 128 experts of width 704 (top 8) beside a dense MLP of width 2112: 25 B
+parameters, 51 GB in bf16, so `--layers 6` keeps the first six layers (one sliding/full
+period, every per-layer shape as released): 5.6 B parameters, 11 GB; a token reads ~0.6 B
+of the layers (8 of 128 experts) and the 0.74 B head.
 
     python benches/make_checkpoint.py --size 26b-a4b --layers 6 --out /tmp/gemma4-26b-a4b-6l
 """
@@ -91,6 +92,10 @@ def main() -> None:
     # Cast on the meta device so the weights are allocated once, in bf16 (E4B in f32 would
     # need 30 GB).
     model = model.to(torch.bfloat16).to_empty(device="cpu")
+    # Materialising breaks the tie between the embedding and the LM head; released
+    # checkpoints store no `lm_head.weight`, so neither does this one.
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     g = torch.Generator().manual_seed(a.seed)
     for name, p in model.named_parameters():
         if p.ndim == 1:

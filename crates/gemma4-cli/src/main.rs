@@ -92,7 +92,7 @@ struct ModelArgs {
     /// Compute dtype. f32 is exact to the reference; bf16/f16 halve memory.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
-    /// Quantize the text decoder at load time: q8_0, q4_k, q6_k or q4_0 (projections in
+    /// Quantize the text decoder at load time: q8_0, q4_k, q6_k, q4_0 or q5_0 (projections in
     /// that format, the tied embedding in q8_0/q6_k; norms and the image/audio towers
     /// keep --dtype).
     #[arg(long, value_name = "FORMAT")]
@@ -246,7 +246,7 @@ struct QuantizeArgs {
     /// Source checkpoint directory (safetensors).
     #[arg(long)]
     model: PathBuf,
-    /// q8_0, q4_k, q6_k or q4_0.
+    /// q8_0, q4_k, q6_k, q4_0 or q5_0.
     #[arg(long, value_name = "FORMAT")]
     quant: QuantType,
     /// Output directory.

@@ -34,6 +34,7 @@ impl StoredType {
             StoredType::Dense(DType::F16) => 1,
             StoredType::Dense(DType::BF16) => 30,
             StoredType::Quant(QuantType::Q4_0) => 2,
+            StoredType::Quant(QuantType::Q5_0) => 6,
             StoredType::Quant(QuantType::Q8_0) => 8,
             StoredType::Quant(QuantType::Q4K) => 12,
             StoredType::Quant(QuantType::Q6K) => 14,
@@ -87,7 +88,7 @@ pub fn read_header(path: &Path, file_len: u64) -> Result<GgufHeader> {
     for (name, info) in &content.tensor_infos {
         let ty = StoredType::from_ggml(info.ggml_dtype).ok_or_else(|| {
             bad(format!(
-                "tensor `{name}` has GGML type {:?}, which is not supported (f32, f16, bf16, q8_0, q4_0, q4_k, q6_k are)",
+                "tensor `{name}` has GGML type {:?}, which is not supported (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k are)",
                 info.ggml_dtype
             ))
         })?;

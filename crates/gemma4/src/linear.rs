@@ -271,7 +271,7 @@ impl Linear {
                 Some(y) => y,
                 None => matmul_t(&x, w)?,
             },
-            // Batches with Q8_0/Q4_0 weights: dequantized to f32 for the GEMM (see
+            // Batches with Q8_0/Q4_0/Q5_0 weights: dequantized to f32 for the GEMM (see
             // [`crate::qmatmul`]); the activations stay f32.
             (LinearWeight::PackedQ8(p), None) => {
                 let w = Tensor::from_vec(p.dequantize_rows(None), p.shape(), &Device::Cpu)?;
@@ -328,7 +328,10 @@ mod tests {
             stack.get(1).unwrap(),
             stack.get(2).unwrap(),
         ] {
-            assert!(matmul_t_bf16(&x, &w).unwrap().is_some(), "took candle's path");
+            assert!(
+                matmul_t_bf16(&x, &w).unwrap().is_some(),
+                "took candle's path"
+            );
             let ours = Linear::from_weight(w.clone()).forward(&x).unwrap();
             let candle = x.matmul(&w.t().unwrap()).unwrap();
             assert_eq!(ours.dims(), [5, 40]);

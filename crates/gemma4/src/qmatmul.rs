@@ -1,5 +1,5 @@
 //! Products with block-quantized weights ([`crate::quant`]) on the CPU where candle's own
-//! path is slow: `W` a `[m, n]` [`QTensor`] in Q8_0, Q4_0, Q4_K or Q6_K.
+//! path is slow: `W` a `[m, n]` [`QTensor`] in Q8_0, Q4_0, Q5_0, Q4_K or Q6_K.
 //!
 //! Decoding one token ([`gemv`]), the arithmetic is llama.cpp's (and candle's): `x` is
 //! quantized once to the format's activation blocks (Q8_0 for the 32-wide formats, Q8_K
@@ -14,12 +14,12 @@
 //! [`crate::q8_packed`], and Q4_K/Q6_K take [`crate::kquant_gemv`]; this path is their
 //! portable fallback and the reference their tests compare with.)
 //!
-//! Prefill ([`dequantize`]): candle has no fast AVX2 kernel for Q8_0 or Q4_0 batches
+//! Prefill ([`dequantize`]): candle has no fast AVX2 kernel for Q8_0, Q4_0 or Q5_0 batches
 //! (~18 GFLOP/s here, against ~120 for its repacked Q4_K/Q6_K), so those are dequantized
 //! to f32 in parallel and multiplied with the f32 GEMM; the activations then stay f32,
 //! which is closer to the unquantized model than llama.cpp's 8-bit activations.
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ5_0, BlockQ6K, BlockQ8_0};
 use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use rayon::prelude::*;
 
@@ -42,6 +42,7 @@ pub fn gemv(w: &QTensor, x: &[f32]) -> Result<Option<Vec<f32>>> {
     Ok(match w.dtype() {
         GgmlDType::Q8_0 => run::<BlockQ8_0>(&data, m, n, x),
         GgmlDType::Q4_0 => run::<BlockQ4_0>(&data, m, n, x),
+        GgmlDType::Q5_0 => run::<BlockQ5_0>(&data, m, n, x),
         GgmlDType::Q4K if kquant_gemv::available() => kquant_gemv::gemv_q4k(&data, m, x),
         GgmlDType::Q6K if kquant_gemv::available() => kquant_gemv::gemv_q6k(&data, m, x),
         GgmlDType::Q4K => run::<BlockQ4K>(&data, m, n, x),
@@ -67,7 +68,10 @@ pub(crate) fn blocks<T>(bytes: &[u8], count: usize) -> Option<&[T]> {
 pub fn prefill_dequantizes(w: &QTensor) -> bool {
     cfg!(target_arch = "x86_64")
         && w.device().is_cpu()
-        && matches!(w.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4_0)
+        && matches!(
+            w.dtype(),
+            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5_0
+        )
 }
 
 /// `w` as a `[m, n]` f32 row-major buffer, rows dequantized in parallel; `None` for a
@@ -82,6 +86,7 @@ pub fn dequantize(w: &QTensor) -> Result<Option<Vec<f32>>> {
     Ok(match w.dtype() {
         GgmlDType::Q8_0 => dequantize_as::<BlockQ8_0>(&data, m, n),
         GgmlDType::Q4_0 => dequantize_as::<BlockQ4_0>(&data, m, n),
+        GgmlDType::Q5_0 => dequantize_as::<BlockQ5_0>(&data, m, n),
         GgmlDType::Q4K => dequantize_as::<BlockQ4K>(&data, m, n),
         GgmlDType::Q6K => dequantize_as::<BlockQ6K>(&data, m, n),
         _ => None,

@@ -1,4 +1,4 @@
-//! Block-quantized weights in GGML's formats (Q8_0, Q4_0, Q4_K, Q6_K), the same bytes
+//! Block-quantized weights in GGML's formats (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K), the same bytes
 //! llama.cpp stores in GGUF files, with candle's CPU kernels (which quantize the activation
 //! row to 8 bits and take integer dot products, as llama.cpp does).
 //!
@@ -26,6 +26,10 @@ pub enum QuantType {
     Q8_0,
     /// 4-bit, blocks of 32 with an f16 scale (4.5 bits per weight).
     Q4_0,
+    /// 5-bit, blocks of 32 with an f16 scale (5.5 bits per weight). What llama-quantize
+    /// falls back to in Q4_K(_M) files for rows that do not fill a 256-wide super-block
+    /// (the 26B-A4B's 704-wide expert and 2112-wide MLP down projections).
+    Q5_0,
     /// 4-bit k-quant, super-blocks of 256 with 6-bit sub-block scales and mins (4.5 bpw).
     Q4K,
     /// 6-bit k-quant, super-blocks of 256 with 8-bit sub-block scales (6.56 bpw).
@@ -33,9 +37,10 @@ pub enum QuantType {
 }
 
 impl QuantType {
-    pub const ALL: [QuantType; 4] = [
+    pub const ALL: [QuantType; 5] = [
         QuantType::Q8_0,
         QuantType::Q4_0,
+        QuantType::Q5_0,
         QuantType::Q4K,
         QuantType::Q6K,
     ];
@@ -44,6 +49,7 @@ impl QuantType {
         match self {
             QuantType::Q8_0 => "q8_0",
             QuantType::Q4_0 => "q4_0",
+            QuantType::Q5_0 => "q5_0",
             QuantType::Q4K => "q4_k",
             QuantType::Q6K => "q6_k",
         }
@@ -53,6 +59,7 @@ impl QuantType {
         match self {
             QuantType::Q8_0 => GgmlDType::Q8_0,
             QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
             QuantType::Q4K => GgmlDType::Q4K,
             QuantType::Q6K => GgmlDType::Q6K,
         }
@@ -217,9 +224,10 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            // |t| ≤ 6.5; 4-bit steps are max/8 (Q4_0) or finer, 8-bit max/127.
+            // |t| ≤ 6.5; 4-bit steps are max/8 (Q4_0) or finer, 5-bit max/16, 8-bit max/127.
             let bound = match q {
                 QuantType::Q8_0 => 6.5 / 127.0,
+                QuantType::Q5_0 => 6.5 / 15.0,
                 QuantType::Q6K => 6.5 / 31.0,
                 _ => 6.5 / 7.0,
             };

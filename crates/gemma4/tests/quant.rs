@@ -43,6 +43,7 @@ fn trained_fixture_agreement_per_format() {
         (QuantType::Q6K, 0.99, 1.0),
         (QuantType::Q4K, 0.97, 3.0),
         (QuantType::Q4_0, 0.97, 3.0),
+        (QuantType::Q5_0, 0.97, 3.0),
     ] {
         let (batched, decode) = agreement("kquant", Some(q));
         eprintln!(
