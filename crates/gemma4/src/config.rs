@@ -446,7 +446,7 @@ impl TextConfig {
                     spec.num_kv_heads
                 ));
             }
-            if spec.head_dim == 0 || spec.head_dim % 2 != 0 {
+            if spec.head_dim == 0 || !spec.head_dim.is_multiple_of(2) {
                 return Err(format!(
                     "layer {i}: head_dim {} must be even and positive",
                     spec.head_dim

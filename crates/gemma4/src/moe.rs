@@ -167,7 +167,7 @@ mod tests {
         let (h, i, n) = (16, 8, 3);
         let mat = |o: usize, k: usize, seed: f32| {
             let v: Vec<f32> = (0..o * k)
-                .map(|j| ((j as f32 * 0.37 + seed).sin() * 0.5))
+                .map(|j| (j as f32 * 0.37 + seed).sin() * 0.5)
                 .collect();
             Linear::from_weight(Tensor::from_vec(v, (o, k), &dev).unwrap())
         };

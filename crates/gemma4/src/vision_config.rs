@@ -169,13 +169,15 @@ impl VisionSpec {
             use_clipped_linears: flag("use_clipped_linears", false)?,
             standardize: flag("standardize", false)?,
         };
-        if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+        if c.num_key_value_heads == 0
+            || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+        {
             return Err(format!(
                 "{} attention heads are not a multiple of {} KV heads",
                 c.num_attention_heads, c.num_key_value_heads
             ));
         }
-        if c.head_dim == 0 || c.head_dim % 4 != 0 {
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(4) {
             return Err(format!(
                 "`head_dim` {} must be a positive multiple of 4 (two axes of rotate-half RoPE)",
                 c.head_dim
