@@ -8,7 +8,7 @@ depend on them.
     python benches/make_checkpoint.py --size e2b --out /tmp/gemma4-e2b-text
 
 E2B: 35 layers, hidden 1536, PLE 256 per layer, 20 KV-shared layers with the double-wide
-MLP, vocab 262144: 5.1 B parameters (10 GB in bf16; the PLE table is 2.35 B of them).
+MLP, vocab 262144: 4.6 B parameters (9.3 GB in bf16; the PLE table is 2.35 B of them).
 Needs about 12 GB of RAM and as much disk. E4B: 42 layers, hidden 2560: 7.5 B parameters
 (15 GB in bf16 and of RAM, 3.5 min; the PLE table is 2.8 B of them). 26B-A4B: 30 layers,
 hidden 2816, 128 experts of width 704 (top 8) beside a dense MLP of width 2112: 25 B
