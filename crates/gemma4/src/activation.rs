@@ -222,14 +222,14 @@ mod tests {
         );
     }
 
-    /// bf16 inputs are computed in f32 and rounded back, and lengths that are not a
-    /// multiple of eight are whole.
     /// A tensor's values as f32, flattened.
     fn f32s(t: candle_core::Result<Tensor>) -> Vec<f32> {
         let t = t.and_then(|t| t.to_dtype(DType::F32)).unwrap();
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// bf16 inputs are computed in f32 and rounded back, and lengths that are not a
+    /// multiple of eight are whole.
     #[test]
     fn other_dtypes_and_lengths() {
         let v: Vec<f32> = (0..13).map(|i| i as f32 * 0.37 - 2.0).collect();

@@ -19,7 +19,8 @@
 //!
 //! Speed: every projection goes through [`linear`], which picks the kernel: [`gemv`]
 //! (bf16/f32), [`q8_packed`], [`kquant_gemv`] and [`qmatmul`] for one row (decoding,
-//! with the input quantized by [`act_quant`]), candle's matmul for batches; [`quant`] and
+//! with the input quantized by [`act_quant`]), candle's f32/quantized matmul for batches
+//! (bf16 and Q8_0/Q4_0/Q5_0 weights widened or dequantized to f32 first); [`quant`] and
 //! [`quantize`] make the block-quantized weights, [`activation`] has the vectorised GELU
 //! and soft-cap. The kernels split their rows over rayon's pool. Call the model from a
 //! worker of that pool (`rayon::ThreadPool::install`, as the CLI does): called from

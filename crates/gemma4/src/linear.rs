@@ -110,22 +110,27 @@ fn with_elements<T: candle_core::WithDType, R>(
     Ok(Some(f(&cpu.as_slice::<T>()?[range])))
 }
 
-/// `x Wᵀ` for bf16 `x` and `W` as candle computes it (both widened to f32, the f32 GEMM,
-/// the result rounded to bf16), with only `W`'s own elements widened, in parallel. candle
-/// 0.11 widens the whole storage behind each operand on one thread: for an MoE expert that
-/// is its whole `[E, 2I, H]` stack, per expert and per call (minutes per prompt at the
-/// 26B-A4B's shapes), and for a dense weight it held bf16 prefill to ~39 GFLOP/s.
-fn matmul_t_bf16(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+/// `x Wᵀ` with `w` an f32 copy of the weight made for this product (widened or
+/// dequantized): the f32 GEMM, the result in `x`'s dtype.
+fn matmul_t_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(matmul_t(&x.to_dtype(DType::F32)?, w)?.to_dtype(x.dtype())?)
+}
+
+/// A bf16 weight widened to f32 for a batch with bf16 `x`, only `W`'s own elements and in
+/// parallel; `None` where candle's matmul is left to run. candle 0.11 multiplies bf16 the
+/// same way (both operands widened, the f32 GEMM, the result rounded to bf16), so the
+/// numbers are its own, but it widens the whole storage behind each operand on one
+/// thread: for an MoE expert that is its whole `[E, 2I, H]` stack, per expert and per
+/// call (minutes per prompt at the 26B-A4B's shapes), and for a dense weight it held bf16
+/// prefill to ~39 GFLOP/s.
+fn widened_bf16(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 || !w.device().is_cpu() {
         return Ok(None);
     }
-    let Some(wide) = with_elements(w, |v: &[bf16]| widen_bf16(v))? else {
-        return Ok(None);
-    };
-    let wide = Tensor::from_vec(wide, w.shape(), w.device())?;
-    Ok(Some(
-        matmul_t(&x.to_dtype(DType::F32)?, &wide)?.to_dtype(DType::BF16)?,
-    ))
+    match with_elements(w, |v: &[bf16]| widen_bf16(v))? {
+        Some(wide) => Ok(Some(Tensor::from_vec(wide, w.shape(), w.device())?)),
+        None => Ok(None),
+    }
 }
 
 fn clamp(x: Tensor, (lo, hi): (f64, f64)) -> Result<Tensor> {
@@ -267,22 +272,22 @@ impl Linear {
         };
         let mut y = match (&self.weight, self.gemv(&x)?) {
             (_, Some(y)) => y,
-            (LinearWeight::Dense(w), None) => match matmul_t_bf16(&x, w)? {
-                Some(y) => y,
+            (LinearWeight::Dense(w), None) => match widened_bf16(&x, w)? {
+                Some(wide) => matmul_t_f32(&x, &wide)?,
                 None => matmul_t(&x, w)?,
             },
             // Batches with Q8_0/Q4_0/Q5_0 weights: dequantized to f32 for the GEMM (see
             // [`crate::qmatmul`]); the activations stay f32.
             (LinearWeight::PackedQ8(p), None) => {
                 let w = Tensor::from_vec(p.dequantize_rows(None), p.shape(), &Device::Cpu)?;
-                matmul_t(&x.to_dtype(DType::F32)?, &w)?.to_dtype(x.dtype())?
+                matmul_t_f32(&x, &w)?
             }
             (LinearWeight::Quantized(q), None) if qmatmul::prefill_dequantizes(q) => {
                 let w = match qmatmul::dequantize(q)? {
                     Some(w) => Tensor::from_vec(w, q.shape().dims2()?, &q.device())?,
                     None => q.dequantize(&q.device())?,
                 };
-                matmul_t(&x.to_dtype(DType::F32)?, &w)?.to_dtype(x.dtype())?
+                matmul_t_f32(&x, &w)?
             }
             (LinearWeight::Quantized(q), None) => {
                 // The kernels take f32 rows (at least 2-D) and quantize them on the fly.
@@ -329,7 +334,7 @@ mod tests {
             stack.get(2).unwrap(),
         ] {
             assert!(
-                matmul_t_bf16(&x, &w).unwrap().is_some(),
+                widened_bf16(&x, &w).unwrap().is_some(),
                 "took candle's path"
             );
             let ours = Linear::from_weight(w.clone()).forward(&x).unwrap();
