@@ -9,6 +9,12 @@ scripts/fixtures/requirements.txt).
     python benches/bench.py --model /tmp/gemma4-26b-a4b-6l --size 26b-a4b --layers 6
     python benches/bench.py --model DIR --engines gemma4-q8_0 llamacpp-q8_0 --runs 5
     (gemma4-gguf-FMT: gemma4 on llama.cpp's own FMT file, e.g. gemma4-gguf-q4_k_m)
+    python benches/bench.py --model /tmp/gemma4-e2b-text --batch 1 2 4 8 \
+        --engines gemma4-q4_k llamacpp-q4_k_m gemma4-q8_0 llamacpp-q8_0 gemma4-bf16 llamacpp-bf16
+
+With --batch, N sequences (each its own prompt) decode together: `gemma4 bench --batch N`
+against `llama-batched-bench -npl N` (prompts not shared) from the same llama.cpp build,
+aggregate and per-sequence decode tok/s per N.
 
 llama.cpp comes from the `llama-cpp-python==0.3.36` source distribution on PyPI (its
 `vendor/llama.cpp`), built once into --llama-dir with cmake/ninja from PyPI; the checkpoint
@@ -38,7 +44,7 @@ LLAMA_CPP = "llama-cpp-python==0.3.36"
 LLAMA_FORMATS = {"bf16": None, "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0", "q6_k": "Q6_K"}
 
 
-def run_gemma4(model: Path, fmt: str, a) -> dict:
+def run_gemma4(model: Path, fmt: str, a, batch: int = 1) -> dict:
     flag = ["--dtype", fmt]
     if fmt.startswith("gguf-"):
         # llama.cpp's own file (`gguf-q8_0`: its Q8_0), read by gemma4 alone: config,
@@ -59,10 +65,11 @@ def run_gemma4(model: Path, fmt: str, a) -> dict:
         model, flag = qdir, []
     out = subprocess.run(
         [str(BIN), "--threads", str(a.threads), "bench", "--model", str(model), *flag,
-         "--prompt-len", str(a.prompt_len), "--gen", str(a.gen), "--runs", str(a.runs), "--json"],
+         "--prompt-len", str(a.prompt_len), "--gen", str(a.gen), "--runs", str(a.runs), "--batch", str(batch),
+         "--json"],
         check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
-    return {"engine": "gemma4", "format": fmt, "prefill_tok_s": r["prefill_tok_s"],
+    return {"engine": "gemma4", "format": fmt, "batch": batch, "prefill_tok_s": r["prefill_tok_s"],
             "decode_tok_s": r["decode_tok_s"], "peak_rss_bytes": r["peak_rss_bytes"],
             "load_s": r["load_s"], "decode_fraction_of_bound": r["decode_fraction_of_bound"],
             "read_bandwidth_bytes_s": r["read_bandwidth_bytes_s"]}
@@ -119,7 +126,7 @@ def run_transformers(model: Path, a) -> dict:
 def llama_cpp_tree(a) -> Path:
     """The vendored llama.cpp of the pinned llama-cpp-python sdist, built (once)."""
     src = a.llama_dir / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-    if not (src / "build" / "bin" / "llama-bench").exists():
+    if not (src / "build" / "bin" / "llama-batched-bench").exists():
         a.llama_dir.mkdir(parents=True, exist_ok=True)
         if not src.exists():
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
@@ -133,7 +140,7 @@ def llama_cpp_tree(a) -> Path:
                         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
                        cwd=src, env=env, check=True)
         subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count()), "--target", "llama-bench",
-                        "llama-quantize"], cwd=src, env=env, check=True)
+                        "llama-batched-bench", "llama-quantize"], cwd=src, env=env, check=True)
     return src
 
 
@@ -183,6 +190,64 @@ def run_llama_cpp(model: Path, fmt: str, a) -> dict:
             "file_bytes": gguf.stat().st_size}
 
 
+def run_llama_batched(model: Path, fmt: str, a, batches: list[int]) -> list[dict]:
+    """`llama-batched-bench` at every N of `batches` (prompts not shared), one process;
+    its markdown table's rows: PP | TG | B | N_KV | T_PP | S_PP | T_TG | S_TG | T | S."""
+    gguf = llama_gguf(model, fmt, a)
+    bench = llama_cpp_tree(a) / "build" / "bin" / "llama-batched-bench"
+    ctx = max(batches) * (a.prompt_len + a.gen) + 64
+    rows = []
+    for rep in range(a.runs):
+        out = subprocess.run(
+            [str(bench), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(a.prompt_len),
+             "-ntg", str(a.gen), "-npl", ",".join(map(str, batches)), "-t", str(a.threads)],
+            check=True, capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 10 and cells[0].isdigit():
+                rows.append({"batch": int(cells[2]), "prefill_tok_s": float(cells[5]),
+                             "decode_tok_s": float(cells[7])})
+    out = []
+    for n in batches:
+        runs = [r for r in rows if r["batch"] == n]
+        out.append({"engine": "llama.cpp", "format": fmt, "batch": n,
+                    "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in runs),
+                    "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs)})
+    return out
+
+
+def batched_table(a) -> None:
+    """Aggregate decode per N for each engine of --engines (gemma4-FMT, llamacpp-FMT)."""
+    rows = []
+    for e in a.engines:
+        print(f"running {e} at N = {a.batch} ...", file=sys.stderr)
+        engine, fmt = e.split("-", 1)
+        if engine == "gemma4":
+            rows += [run_gemma4(a.model, fmt, a, n) for n in a.batch]
+        elif engine == "llamacpp":
+            rows += run_llama_batched(a.model, fmt, a, a.batch)
+        for r in rows[-len(a.batch):]:
+            print(json.dumps(r), file=sys.stderr)
+    print(f"\n{a.model.name}: {a.prompt_len}-token prompt + {a.gen} generated per sequence, {a.threads} threads, "
+          f"median of {a.runs} runs")
+    print("| engine | format | N | decode tok/s (all) | per sequence | × own N=1 | our decode × |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        one = next(x for x in rows if x["engine"] == r["engine"] and x["format"] == r["format"] and x["batch"] == 1) \
+            if 1 in a.batch else None
+        scale = f"{r['decode_tok_s'] / one['decode_tok_s']:.2f}×" if one else "–"
+        ours = None
+        if r["engine"] == "llama.cpp":
+            fmt = {"q4_k_m": "q4_k"}.get(r["format"], r["format"])
+            ours = next((x for x in rows if x["engine"] == "gemma4" and x["format"] == fmt
+                         and x["batch"] == r["batch"]), None)
+        ratio = f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}×" if ours else "–"
+        print(f"| {r['engine']} | {r['format']} | {r['batch']} | {r['decode_tok_s']:.2f} "
+              f"| {r['decode_tok_s'] / r['batch']:.2f} | {scale} | {ratio} |")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def counterpart(r: dict, rows: list[dict]) -> dict | None:
     """Our row in the same format as `r`: our own quantization (Q4_K_M is compared with
     our q4_k), else gemma4 on llama.cpp's own file of that format."""
@@ -216,6 +281,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--batch", type=int, nargs="*",
+                    help="sequences decoded together: a batched table (gemma4 and llama-batched-bench) instead")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "gemma4-cli"], cwd=ROOT, check=True)
@@ -223,6 +290,9 @@ def main() -> None:
         print(f"making the {a.size} checkpoint in {a.model} ...", file=sys.stderr)
         subprocess.run([sys.executable, str(ROOT / "benches" / "make_checkpoint.py"), "--size", a.size,
                         *(["--layers", str(a.layers)] if a.layers else []), "--out", str(a.model)], check=True)
+    if a.batch:
+        batched_table(a)
+        return
     rows = []
     for e in a.engines:
         print(f"running {e} ...", file=sys.stderr)

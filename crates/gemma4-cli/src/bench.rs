@@ -5,7 +5,10 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use gemma4::text_model::LogitsFor;
+use gemma4::generation::GenerateOptions;
+use gemma4::sampling::SamplingParams;
+use gemma4::sequence::{step, Sequence};
+use gemma4::text_model::PromptInput;
 use gemma4::{Gemma4, LoadOptions};
 use serde_json::json;
 
@@ -19,9 +22,10 @@ pub(crate) fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A fixed pseudo-random prompt of `n` ids in `[3, vocab)` (no pad/eos/bos).
-fn prompt_ids(n: usize, vocab: usize, bos: u32) -> Vec<u32> {
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+/// A fixed pseudo-random prompt of `n` ids in `[3, vocab)` (no pad/eos/bos); `seed`
+/// tells the prompts of a batch apart.
+fn prompt_ids(n: usize, vocab: usize, bos: u32, seed: u64) -> Vec<u32> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
     let mut ids = vec![bos];
     while ids.len() < n {
         state ^= state << 13;
@@ -80,17 +84,26 @@ struct Run {
     decode_s: f64,
 }
 
-fn one_run(model: &Gemma4, prompt: &[u32], gen: usize) -> Result<Run> {
+/// One run: every prompt prefilled in one step (each sequence then chooses its first
+/// token), then `gen` decode steps over all the sequences together.
+fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
     let tm = &model.text;
-    let mut cache = tm.new_cache();
+    let opts = GenerateOptions {
+        max_new_tokens: gen + 1,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let mut seqs = prompts
+        .iter()
+        .map(|p| Sequence::new(tm, PromptInput::text(p.clone()), &opts))
+        .collect::<gemma4::Result<Vec<_>>>()?;
+    let mut batch: Vec<&mut Sequence> = seqs.iter_mut().collect();
     let t = Instant::now();
-    let logits = tm.forward(prompt, &mut cache, LogitsFor::Last)?;
-    let mut next = gemma4::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+    step(tm, &mut batch, usize::MAX)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..gen {
-        let logits = tm.forward(&[next], &mut cache, LogitsFor::Last)?;
-        next = gemma4::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+        step(tm, &mut batch, usize::MAX)?;
     }
     Ok(Run {
         prefill_s,
@@ -99,8 +112,8 @@ fn one_run(model: &Gemma4, prompt: &[u32], gen: usize) -> Result<Run> {
 }
 
 pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
-    if a.prompt_len == 0 || a.gen == 0 || a.runs == 0 {
-        bail!("--prompt-len, --gen and --runs must be at least 1");
+    if a.prompt_len == 0 || a.gen == 0 || a.runs == 0 || a.batch == 0 {
+        bail!("--prompt-len, --gen, --runs and --batch must be at least 1");
     }
     let threads = candle_core::utils::get_num_threads();
     let t = Instant::now();
@@ -131,7 +144,10 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let prompt = prompt_ids(a.prompt_len, cfg.vocab_size, cfg.bos_token_id);
+    let prompts: Vec<Vec<u32>> = (0..a.batch as u64)
+        .map(|i| prompt_ids(a.prompt_len, cfg.vocab_size, cfg.bos_token_id, i))
+        .collect();
+    let n = a.batch as f64;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.json;
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new((a.warmup + a.runs) as u64);
@@ -143,12 +159,12 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     });
     let mut runs = Vec::new();
     for i in 0..a.warmup + a.runs {
-        let r = one_run(&model, &prompt, a.gen)?;
+        let r = one_run(&model, &prompts, a.gen)?;
         if let Some(b) = &bar {
             b.set_message(format!(
                 "prefill {:.1} tok/s, decode {:.2} tok/s",
-                a.prompt_len as f64 / r.prefill_s,
-                a.gen as f64 / r.decode_s
+                n * a.prompt_len as f64 / r.prefill_s,
+                n * a.gen as f64 / r.decode_s
             ));
             b.inc(1);
         }
@@ -159,16 +175,21 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    // Aggregate over the batch: tokens of every sequence per second.
     let prefill: Vec<f64> = runs
         .iter()
-        .map(|r| a.prompt_len as f64 / r.prefill_s)
+        .map(|r| n * a.prompt_len as f64 / r.prefill_s)
         .collect();
-    let decode: Vec<f64> = runs.iter().map(|r| a.gen as f64 / r.decode_s).collect();
+    let decode: Vec<f64> = runs
+        .iter()
+        .map(|r| n * a.gen as f64 / r.decode_s)
+        .collect();
     let (p, d) = (median(prefill.clone()), median(decode.clone()));
     let rss = peak_rss_bytes();
     let bandwidth = read_bandwidth(threads);
-    // Decode can at best run at bandwidth / bytes per token.
+    // One sequence's decode can at best run at bandwidth / bytes per token.
     let bound = bandwidth / streamed as f64;
+    let per_seq = d / n;
     let dtype = match a.model.quant {
         Some(q) => q.to_string(),
         None => format!("{:?}", a.model.dtype).to_lowercase(),
@@ -182,11 +203,13 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
                 "threads": threads,
                 "prompt_len": a.prompt_len,
                 "gen": a.gen,
+                "batch": a.batch,
                 "runs": a.runs,
                 "warmup": a.warmup,
                 "load_s": load_s,
                 "prefill_tok_s": p,
                 "decode_tok_s": d,
+                "decode_tok_s_per_seq": per_seq,
                 "prefill_tok_s_runs": prefill,
                 "decode_tok_s_runs": decode,
                 "peak_rss_bytes": rss,
@@ -197,13 +220,14 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
                 "streamed_bytes_per_token": streamed,
                 "read_bandwidth_bytes_s": bandwidth,
                 "decode_bound_tok_s": bound,
-                "decode_fraction_of_bound": d / bound,
+                "decode_fraction_of_bound": per_seq / bound,
             })
         );
     } else {
         println!(
-            "{}: {dtype}, {threads} threads, prompt {} + {} generated, median of {} runs after {} warm-up",
+            "{}: {dtype}, {threads} threads, {} sequence(s) of prompt {} + {} generated, median of {} runs after {} warm-up",
             a.model.model.display(),
+            a.batch,
             a.prompt_len,
             a.gen,
             a.runs,
@@ -211,9 +235,12 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         );
         println!("  load     {load_s:.2} s");
         println!("  prefill  {p:.1} tok/s");
+        if a.batch > 1 {
+            println!("  decode   {d:.2} tok/s in all, {per_seq:.2} tok/s per sequence");
+        }
         println!(
-            "  decode   {d:.2} tok/s ({:.0}% of the bandwidth bound {bound:.2} tok/s: {:.2} GB per token at {:.1} GB/s)",
-            100.0 * d / bound,
+            "  decode   {per_seq:.2} tok/s per sequence ({:.0}% of one stream's bandwidth bound {bound:.2} tok/s: {:.2} GB per token at {:.1} GB/s)",
+            100.0 * per_seq / bound,
             streamed as f64 / 1e9,
             bandwidth / 1e9
         );
@@ -235,8 +262,9 @@ mod tests {
 
     #[test]
     fn prompt_is_deterministic_and_in_range() {
-        let a = prompt_ids(50, 512, 2);
-        assert_eq!(a, prompt_ids(50, 512, 2));
+        let a = prompt_ids(50, 512, 2, 0);
+        assert_eq!(a, prompt_ids(50, 512, 2, 0));
+        assert_ne!(a, prompt_ids(50, 512, 2, 1));
         assert_eq!(a[0], 2);
         assert!(a[1..].iter().all(|&i| (3..512).contains(&i)));
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);

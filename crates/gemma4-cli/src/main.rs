@@ -236,6 +236,10 @@ struct BenchArgs {
     /// Unmeasured runs first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Sequences decoded together, each with its own prompt and cache: every step is
+    /// one forward pass over all of them. Reports aggregate and per-sequence tok/s.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,

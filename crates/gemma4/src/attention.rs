@@ -14,7 +14,10 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::config::{Bidirectional, LayerSpec};
+use std::collections::BTreeMap;
+
+use crate::config::{Bidirectional, KvSource, LayerSpec, LayerType};
+use crate::kv_cache::{KvCache, EMPTY};
 use crate::error::Result;
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
@@ -46,7 +49,7 @@ impl Attention {
         w: &Weights,
     ) -> Result<Self> {
         let (d, kv) = (spec.head_dim, spec.num_kv_heads);
-        let own_kv = matches!(spec.kv_source, crate::config::KvSource::Own);
+        let own_kv = matches!(spec.kv_source, KvSource::Own);
         Ok(Attention {
             q_proj: Linear::new(hidden, num_heads * d, w, "q_proj")?,
             k_proj: own_kv
@@ -131,13 +134,24 @@ impl Attention {
         v: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.o_proj.forward(&self.attend_heads(q, k, v, mask)?)
+    }
+
+    /// [`Self::attend`] before the output projection: the heads' outputs `[S, H·D]`.
+    fn attend_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (h, s, d) = q.dims3()?;
         let kv = self.num_kv_heads;
         let g = h / kv;
         let t = k.dim(1)?;
         let dtype = q.dtype();
         // Group the query heads of each KV head so one batched matmul serves them all.
-        let qg = q.reshape((kv, g * s, d))?;
+        let qg = q.contiguous()?.reshape((kv, g * s, d))?;
         let scores = qg.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let mut scores = scores.reshape((kv, g, s, t))?;
         if let Some(m) = mask {
@@ -145,12 +159,55 @@ impl Attention {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = probs.reshape((kv, g * s, t))?.matmul(v)?; // [K, G·S, D]
-        let out = out
+        Ok(out
             .reshape((h, s, d))?
             .transpose(0, 1)?
-            .reshape((s, h * d))?;
+            .reshape((s, h * d))?)
+    }
+
+    /// The decoder's attention over a batched step: `x` `[T, hidden]` holds the rows of
+    /// every sequence of `seqs`. Projections run once over all rows (one read of each
+    /// weight); each sequence then stores its keys/values in its own cache (layers that
+    /// own their KV) and attends over its cache (a KV-shared layer over its producer's)
+    /// with its own mask. `rot` applies RoPE to `[heads, T, D]` at every row's position.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rot: &dyn Fn(&Tensor) -> Result<Tensor>,
+        layer: usize,
+        spec: &LayerSpec,
+        seqs: &mut [SeqStep<'_>],
+    ) -> Result<Tensor> {
+        let q = self.queries(x, rot)?;
+        let (own, source) = match spec.kv_source {
+            KvSource::Own => (Some(self.keys_values(x, rot)?), layer),
+            KvSource::Shared { producer } => (None, producer),
+        };
+        let mut outs = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let (start, n) = (s.rows.start, s.rows.len());
+            if let Some((k, v)) = &own {
+                s.cache.write(layer, &k.narrow(1, start, n)?, &v.narrow(1, start, n)?)?;
+            }
+            let (k, v) = s.cache.view(source)?;
+            let q = q.narrow(1, start, n)?;
+            let mask = s.masks.get(&spec.layer_type).and_then(Option::as_ref);
+            outs.push(self.attend_heads(&q, &k, &v, mask)?);
+        }
+        let out = match outs.len() {
+            1 => outs.pop().expect("one output"),
+            _ => Tensor::cat(&outs, 0)?,
+        };
         self.o_proj.forward(&out)
     }
+}
+
+/// One sequence's share of a batched step, as a decoder layer sees it: its rows of the
+/// step's activations, its cache, and its attention mask per layer type.
+pub(crate) struct SeqStep<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub cache: &'a mut KvCache,
+    pub masks: BTreeMap<LayerType, Option<Tensor>>,
 }
 
 /// Image/video spans of a multimodal prompt for the bidirectional overlay: `blocks[i]` is
@@ -173,19 +230,22 @@ impl SpanOverlay<'_> {
 }
 
 /// Additive mask `[queries, keys]` for query positions `q_pos` over keys at absolute
-/// positions `k_start..k_start+t`: key j is visible to query i iff `j ≤ i` and, for
-/// sliding layers, `j > i − W` (exactly W keys including itself). With a span overlay,
-/// tokens of the same image span also see each other, composed as [`Bidirectional`]
-/// describes. Returns `None` when every key is visible (the common decode step).
+/// positions `k_pos` (any order; [`EMPTY`] slots are never visible): key j is visible to
+/// query i iff `j ≤ i` and, for sliding layers, `j > i − W` (exactly W keys including
+/// itself). With a span overlay, tokens of the same image span also see each other,
+/// composed as [`Bidirectional`] describes. Returns `None` when every key is visible (the
+/// common decode step).
 pub fn causal_mask(
     q_pos: &[usize],
-    k_start: usize,
-    t: usize,
+    k_pos: &[usize],
     window: Option<usize>,
     overlay: Option<&SpanOverlay>,
     device: &candle_core::Device,
 ) -> Result<Option<Tensor>> {
     let visible = |i: usize, j: usize| {
+        if j == EMPTY {
+            return false;
+        }
         let causal = j <= i;
         let in_window = window.is_none_or(|w| j + w > i);
         let same_span = overlay.is_some_and(|o| {
@@ -201,15 +261,13 @@ pub fn causal_mask(
             Some(Bidirectional::VisionAllLayers) => (causal && in_window) || same_span,
         }
     };
-    let all = q_pos
-        .iter()
-        .all(|&i| (k_start..k_start + t).all(|j| visible(i, j)));
+    let all = q_pos.iter().all(|&i| k_pos.iter().all(|&j| visible(i, j)));
     if all {
         return Ok(None);
     }
-    let mut m = Vec::with_capacity(q_pos.len() * t);
+    let mut m = Vec::with_capacity(q_pos.len() * k_pos.len());
     for &i in q_pos {
-        for j in k_start..k_start + t {
+        for &j in k_pos {
             m.push(if visible(i, j) {
                 0.0f32
             } else {
@@ -217,7 +275,7 @@ pub fn causal_mask(
             });
         }
     }
-    Ok(Some(Tensor::from_vec(m, (q_pos.len(), t), device)?))
+    Ok(Some(Tensor::from_vec(m, (q_pos.len(), k_pos.len()), device)?))
 }
 
 /// Softmax-free check used by tests: the row-wise count of visible keys.
@@ -237,7 +295,7 @@ mod tests {
     #[test]
     fn sliding_window_sees_exactly_w_keys() {
         let q: Vec<usize> = (0..12).collect();
-        let m = causal_mask(&q, 0, 12, Some(4), None, &Device::Cpu)
+        let m = causal_mask(&q, &q, Some(4), None, &Device::Cpu)
             .unwrap()
             .unwrap();
         assert_eq!(visible_counts(&m), [1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4]);
@@ -246,17 +304,37 @@ mod tests {
         assert!(rows[7][3].is_infinite() && rows[7][4] == 0.0 && rows[7][7] == 0.0);
     }
 
+    /// Keys in ring order (a sliding layer's cache) with a slot that holds nothing.
+    #[test]
+    fn keys_in_any_order_and_empty_slots() {
+        let k = [8, 5, EMPTY, 6, 7];
+        let rows: Vec<Vec<f32>> = causal_mask(&[7, 8], &k, Some(3), None, &Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let seen = |r: &Vec<f32>| -> Vec<usize> {
+            k.iter()
+                .zip(r)
+                .filter(|(_, m)| m.is_finite())
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        assert_eq!(seen(&rows[0]), [5, 6, 7]);
+        assert_eq!(seen(&rows[1]), [8, 6, 7]);
+    }
+
     #[test]
     fn full_causal_and_decode_steps_need_no_mask() {
-        let m = causal_mask(&[0, 1, 2], 0, 3, None, None, &Device::Cpu)
+        let m = causal_mask(&[0, 1, 2], &[0, 1, 2], None, None, &Device::Cpu)
             .unwrap()
             .unwrap();
         assert_eq!(visible_counts(&m), [1, 2, 3]);
         // Decode: one query over the kept W-1 keys plus itself.
-        assert!(causal_mask(&[20], 17, 4, Some(4), None, &Device::Cpu)
+        assert!(causal_mask(&[20], &[17, 18, 19, 20], Some(4), None, &Device::Cpu)
             .unwrap()
             .is_none());
-        assert!(causal_mask(&[20], 0, 21, None, None, &Device::Cpu)
+        assert!(causal_mask(&[20], &(0..21).collect::<Vec<_>>(), None, None, &Device::Cpu)
             .unwrap()
             .is_none());
     }
@@ -272,7 +350,7 @@ mod tests {
                 start: 0,
                 mode,
             };
-            causal_mask(&q, 0, 8, window, Some(&o), &Device::Cpu)
+            causal_mask(&q, &q, window, Some(&o), &Device::Cpu)
                 .unwrap()
                 .unwrap()
                 .to_vec2()

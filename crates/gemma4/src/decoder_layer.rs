@@ -14,7 +14,7 @@
 use candle_core::Tensor;
 
 use crate::activation::gelu_tanh;
-use crate::attention::Attention;
+use crate::attention::{Attention, SeqStep};
 use crate::config::{LayerSpec, TextConfig};
 use crate::error::Result;
 use crate::linear::Linear;
@@ -38,7 +38,9 @@ struct PleGate {
 }
 
 pub struct DecoderLayer {
-    pub(crate) attn: Attention,
+    index: usize,
+    spec: LayerSpec,
+    attn: Attention,
     mlp: Mlp,
     moe: Option<MoeBranch>,
     ple: Option<PleGate>,
@@ -50,7 +52,14 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn new(cfg: &TextConfig, spec: &LayerSpec, w: &Weights) -> Result<Self> {
+    /// Layer `index` of `cfg`; `w` is rooted at `layers.{index}`.
+    pub fn new(cfg: &TextConfig, index: usize, w: &Weights) -> Result<Self> {
+        let spec = cfg.layers.get(index).ok_or_else(|| {
+            crate::error::Error::invalid_argument(
+                "layer",
+                format!("{index} is past the config's {} layers", cfg.layers.len()),
+            )
+        })?;
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let norm = |name: &str| RmsNorm::new(h, eps, w, name);
         let moe = match &cfg.moe {
@@ -74,6 +83,8 @@ impl DecoderLayer {
             None
         };
         Ok(DecoderLayer {
+            index,
+            spec: spec.clone(),
             attn: Attention::new(h, cfg.num_attention_heads, spec, eps, &w.pp("self_attn"))?,
             mlp: Mlp::new(h, spec.intermediate_size, &w.pp("mlp"))?,
             moe,
@@ -91,13 +102,30 @@ impl DecoderLayer {
         self.moe.as_ref().map_or(0, |m| m.experts.size_in_bytes())
     }
 
-    pub fn input_norm(&self, h: &Tensor) -> Result<Tensor> {
-        self.input_layernorm.forward(h)
+    pub fn spec(&self) -> &LayerSpec {
+        &self.spec
+    }
+
+    /// The layer over a batched step: `h` is the residual stream `[T, hidden]` of every
+    /// sequence's rows, `rot` this layer type's RoPE at those rows' positions, `ple` this
+    /// layer's per-layer inputs `[T, P]`. Attention reads and writes each sequence's own
+    /// cache ([`Attention::forward`]); everything else is row-wise, so it runs once over
+    /// all rows.
+    pub(crate) fn forward(
+        &self,
+        h: &Tensor,
+        rot: &dyn Fn(&Tensor) -> Result<Tensor>,
+        ple: Option<&Tensor>,
+        seqs: &mut [SeqStep<'_>],
+    ) -> Result<Tensor> {
+        let x = self.input_layernorm.forward(h)?;
+        let attn = self.attn.forward(&x, rot, self.index, &self.spec, seqs)?;
+        self.finish(h, &attn, ple)
     }
 
     /// Everything after attention: `h` is the residual stream `[S, hidden]`, `attn_out` the
     /// attention output, `ple` this layer's per-layer input `[S, P]`.
-    pub fn finish(&self, h: &Tensor, attn_out: &Tensor, ple: Option<&Tensor>) -> Result<Tensor> {
+    fn finish(&self, h: &Tensor, attn_out: &Tensor, ple: Option<&Tensor>) -> Result<Tensor> {
         let h = (h + self.post_attention_layernorm.forward(attn_out)?)?;
         let mut m = self
             .mlp

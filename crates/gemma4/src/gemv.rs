@@ -15,15 +15,39 @@ use rayon::prelude::*;
 /// Rows per parallel task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
-/// `[row(0), …, row(m − 1)]`, computed in parallel in tasks of `per_task` consecutive rows
-/// (every decode kernel's row loop: each output is one row's dot product).
-pub(crate) fn par_rows(m: usize, per_task: usize, row: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
-    let mut y = vec![0f32; m];
-    y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
-        for (k, out) in ys.iter_mut().enumerate() {
-            *out = row(c * per_task + k);
+/// `y[j·m + o] = row(o, j)`: weight row `o < m` dotted with input row `j < nx`,
+/// computed in parallel in tasks of `per_task` consecutive weight rows (every decode
+/// kernel's row loop). Each weight row is dotted with all `nx` inputs while it is in the
+/// L1 cache, so a batch of a few rows streams the weights from memory once, as one row
+/// does: decoding is bandwidth-bound, and the extra arithmetic is nearly free up to
+/// [`crate::linear::SMALL_BATCH`] rows.
+pub(crate) fn par_rows(
+    m: usize,
+    nx: usize,
+    per_task: usize,
+    row: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut t = vec![0f32; m * nx];
+    t.par_chunks_mut(per_task * nx)
+        .enumerate()
+        .for_each(|(c, ys)| {
+            for (k, out) in ys.chunks_mut(nx).enumerate() {
+                let o = c * per_task + k;
+                for (j, y) in out.iter_mut().enumerate() {
+                    *y = row(o, j);
+                }
+            }
+        });
+    if nx == 1 {
+        return t;
+    }
+    // `t` is `[m, nx]`; the caller wants a row of outputs per input.
+    let mut y = vec![0f32; m * nx];
+    for (o, ts) in t.chunks_exact(nx).enumerate() {
+        for (j, v) in ts.iter().enumerate() {
+            y[j * m + o] = *v;
         }
-    });
+    }
     y
 }
 
@@ -41,36 +65,43 @@ pub(crate) fn widen_bf16(w: &[bf16]) -> Vec<f32> {
     out
 }
 
-/// Rows of `w` (each `x.len()` long) dotted with `x`, in parallel, with `dot`.
-fn gemv<T: Sync>(w: &[T], x: &[f32], dot: impl Fn(&[T], &[f32]) -> f32 + Sync) -> Vec<f32> {
-    let n = x.len();
+/// Rows of `w` dotted with each of the `nx` rows of `x`, in parallel, with `dot`:
+/// `[nx, w.len() / n]` for rows of `n = x.len() / nx`.
+fn gemv<T: Sync>(
+    w: &[T],
+    x: &[f32],
+    nx: usize,
+    dot: impl Fn(&[T], &[f32]) -> f32 + Sync,
+) -> Vec<f32> {
+    assert!(nx > 0 && x.len().is_multiple_of(nx), "input rows of unequal length");
+    let n = x.len() / nx;
     assert!(
         n > 0 && w.len().is_multiple_of(n),
         "weight length is not a multiple of the input length"
     );
-    par_rows(w.len() / n, ROWS_PER_TASK, |o| {
-        dot(&w[o * n..(o + 1) * n], x)
+    par_rows(w.len() / n, nx, ROWS_PER_TASK, |o, j| {
+        dot(&w[o * n..(o + 1) * n], &x[j * n..(j + 1) * n])
     })
 }
 
-/// `y[o] = Σ_i w[o·n + i] · x[i]` for `o < w.len() / n`, bf16 weights.
-pub fn gemv_bf16(w: &[bf16], x: &[f32]) -> Vec<f32> {
+/// `y[j·m + o] = Σ_i w[o·n + i] · x[j·n + i]` for `nx` input rows of `n`, bf16 weights.
+pub fn gemv_bf16(w: &[bf16], x: &[f32], nx: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return gemv(w, x, |r, x| unsafe { dot_bf16_avx2(r, x) });
+        return gemv(w, x, nx, |r, x| unsafe { dot_bf16_avx2(r, x) });
     }
-    gemv(w, x, dot_bf16_plain)
+    gemv(w, x, nx, dot_bf16_plain)
 }
 
 /// The same with f32 weights.
-pub fn gemv_f32(w: &[f32], x: &[f32]) -> Vec<f32> {
+pub fn gemv_f32(w: &[f32], x: &[f32], nx: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return gemv(w, x, |r, x| unsafe { dot_f32_avx2(r, x) });
+        return gemv(w, x, nx, |r, x| unsafe { dot_f32_avx2(r, x) });
     }
-    gemv(w, x, dot_f32_plain)
+    gemv(w, x, nx, dot_f32_plain)
 }
 
 /// How far ahead of the row being read the decode kernels ask for weights. The hardware
@@ -238,7 +269,7 @@ mod tests {
     fn matches_the_f64_product_for_odd_shapes() {
         for (m, n) in [(1, 1), (3, 7), (65, 40), (130, 1536), (7, 33)] {
             let (w, x) = data(m, n);
-            let y = gemv_bf16(&w, &x);
+            let y = gemv_bf16(&w, &x, 1);
             for o in 0..m {
                 let exact: f64 = (0..n).map(|i| w[o * n + i].to_f64() * x[i] as f64).sum();
                 let tol = 1e-5 * (n as f64).sqrt().max(1.0);
@@ -251,7 +282,7 @@ mod tests {
                 assert!((y[o] - plain).abs() < 1e-4, "simd vs plain");
             }
             let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-            let yf = gemv_f32(&wf, &x);
+            let yf = gemv_f32(&wf, &x, 1);
             for o in 0..m {
                 assert!(
                     (yf[o] - y[o]).abs() < 1e-4,
@@ -260,6 +291,22 @@ mod tests {
                 let plain = dot_f32_plain(&wf[o * n..(o + 1) * n], &x);
                 assert!((yf[o] - plain).abs() < 1e-4, "f32 simd vs plain");
             }
+        }
+    }
+
+    /// Several input rows at once give, bit for bit, each row alone (the small-batch path
+    /// of every decode kernel is this loop).
+    #[test]
+    fn several_rows_equal_each_row_alone() {
+        let (m, n) = (70, 96);
+        let (w, _) = data(m, n);
+        let xs: Vec<f32> = (0..5 * n).map(|i| ((i * 13 % 89) as f32 / 89.0) - 0.5).collect();
+        let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        let (yb, yf) = (gemv_bf16(&w, &xs, 5), gemv_f32(&wf, &xs, 5));
+        for j in 0..5 {
+            let x = &xs[j * n..(j + 1) * n];
+            assert_eq!(&yb[j * m..(j + 1) * m], gemv_bf16(&w, x, 1).as_slice());
+            assert_eq!(&yf[j * m..(j + 1) * m], gemv_f32(&wf, x, 1).as_slice());
         }
     }
 }

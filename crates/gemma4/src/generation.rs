@@ -1,12 +1,14 @@
-//! The generation loop: one prefill over the prompt, then one token at a time through the
-//! KV cache, streaming each token to a callback, stopping at any stop id, at
-//! `max_new_tokens`, or when the model's context is full.
+//! The generation loop for one sequence: one prefill over the prompt, then one token at a
+//! time through the KV cache, streaming each token to a callback, stopping at any stop
+//! id, at `max_new_tokens`, or when the model's context is full. A thin loop over
+//! [`crate::sequence`], which runs many sequences at once.
 
 use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::text_model::{LogitsFor, PromptInput, TextModel};
+use crate::error::Result;
+use crate::sampling::SamplingParams;
+use crate::sequence::{step, Sequence};
+use crate::text_model::{PromptInput, TextModel};
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -74,60 +76,34 @@ pub fn generate(
     )
 }
 
-/// Generates from a prepared (possibly multimodal) prompt. The prefill sees the image
-/// spans; decode steps are causal, as the reference drops `mm_token_type_ids` after the
-/// first step.
+/// Generates from a prepared (possibly multimodal) prompt: one [`Sequence`] stepped
+/// until it stops, the prompt in one prefill. The prefill sees the image spans; decode
+/// steps are causal, as the reference drops `mm_token_type_ids` after the first step.
 pub fn generate_from(
     model: &TextModel,
     prompt: &PromptInput,
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenerationOutput> {
-    let prompt_ids = &prompt.ids[..];
-    let max = model.config().max_position_embeddings;
-    if prompt_ids.is_empty() {
-        return Err(Error::invalid_argument("prompt", "is empty"));
-    }
-    if prompt_ids.len() > max {
-        return Err(Error::ContextTooLong {
-            prompt: prompt_ids.len(),
-            new: opts.max_new_tokens,
-            max,
-        });
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let mut cache = model.new_cache();
-    let mut history = prompt_ids.to_vec();
-    let mut generated = Vec::new();
-
+    let mut seq = Sequence::new(model, prompt.clone(), opts)?;
     let t0 = Instant::now();
-    let mut logits = model.forward_input(prompt, &mut cache, LogitsFor::Last)?;
-    let prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let stop_reason = loop {
-        if generated.len() >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
+    let mut prefill_secs = 0.0;
+    let mut t1 = Instant::now();
+    while !seq.is_finished() {
+        let prefilling = !seq.is_prefilled();
+        let out = step(model, &mut [&mut seq], usize::MAX)?;
+        if prefilling && seq.is_prefilled() {
+            prefill_secs = t0.elapsed().as_secs_f64();
+            t1 = Instant::now();
         }
-        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let next = sampler.sample(&row, &history);
-        generated.push(next);
-        history.push(next);
-        on_token(next)?;
-        if opts.stop_ids.contains(&next) {
-            break StopReason::StopToken;
+        if let Some(id) = out.into_iter().flatten().find_map(|o| o.token) {
+            on_token(id)?;
         }
-        if generated.len() >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        if cache.seq_len() >= max {
-            break StopReason::ContextFull;
-        }
-        logits = model.forward(&[next], &mut cache, LogitsFor::Last)?;
-    };
+    }
     Ok(GenerationOutput {
-        prompt_ids: prompt_ids.to_vec(),
-        generated_ids: generated,
-        stop_reason,
+        prompt_ids: prompt.ids.clone(),
+        generated_ids: seq.generated().to_vec(),
+        stop_reason: seq.stop_reason().expect("the loop ran until the sequence stopped"),
         prefill_secs,
         decode_secs: t1.elapsed().as_secs_f64(),
     })

@@ -63,23 +63,23 @@ pub fn available() -> bool {
 
 /// `W x` for `W` `[m, n]` in Q4_K blocks (`bytes`, GGML layout); `None` when the
 /// blocks do not fit `m`, `n` or the CPU lacks the instructions.
-pub fn gemv_q4k(bytes: &[u8], m: usize, x: &[f32]) -> Option<Vec<f32>> {
+pub fn gemv_q4k(bytes: &[u8], m: usize, x: &[f32], nx: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY (of the kernel): `available` checked; each row is `n / 256` blocks and
         // the activation has as many.
-        gemv_with::<BlockQ4K>(bytes, m, x, |r, a| unsafe { dot_q4k(r, a) })
+        gemv_with::<BlockQ4K>(bytes, m, x, nx, |r, a| unsafe { dot_q4k(r, a) })
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
 }
 
 /// The same for Q6_K blocks.
-pub fn gemv_q6k(bytes: &[u8], m: usize, x: &[f32]) -> Option<Vec<f32>> {
+pub fn gemv_q6k(bytes: &[u8], m: usize, x: &[f32], nx: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: as for `gemv_q4k`.
-        gemv_with::<BlockQ6K>(bytes, m, x, |r, a| unsafe { dot_q6k(r, a) })
+        gemv_with::<BlockQ6K>(bytes, m, x, nx, |r, a| unsafe { dot_q6k(r, a) })
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
@@ -90,17 +90,21 @@ fn gemv_with<T: Sync>(
     bytes: &[u8],
     m: usize,
     x: &[f32],
+    nx: usize,
     dot: impl Fn(&[T], &Q8KBlocks) -> f32 + Sync,
 ) -> Option<Vec<f32>> {
-    let n = x.len();
+    if nx == 0 || !x.len().is_multiple_of(nx) {
+        return None;
+    }
+    let n = x.len() / nx;
     if n == 0 || !n.is_multiple_of(256) || !available() {
         return None;
     }
     let nb = n / 256;
     let w = crate::qmatmul::blocks::<T>(bytes, m * nb)?;
-    let a = Q8KBlocks::new(x);
-    Some(par_rows(m, ROWS_PER_TASK, |r| {
-        dot(&w[r * nb..(r + 1) * nb], &a)
+    let a: Vec<Q8KBlocks> = x.chunks_exact(n).map(Q8KBlocks::new).collect();
+    Some(par_rows(m, nx, ROWS_PER_TASK, |r, j| {
+        dot(&w[r * nb..(r + 1) * nb], &a[j])
     }))
 }
 
@@ -331,11 +335,11 @@ mod tests {
             let data = qt.data().unwrap();
             let (ours, want) = match q {
                 QuantType::Q4K => (
-                    gemv_q4k(&data, m, &x).unwrap(),
+                    gemv_q4k(&data, m, &x, 1).unwrap(),
                     candle_rows::<k::BlockQ4K>(&data, m, &x),
                 ),
                 _ => (
-                    gemv_q6k(&data, m, &x).unwrap(),
+                    gemv_q6k(&data, m, &x, 1).unwrap(),
                     candle_rows::<k::BlockQ6K>(&data, m, &x),
                 ),
             };
@@ -353,9 +357,9 @@ mod tests {
     fn decline_widths_that_are_not_whole_blocks() {
         let (w, x) = data(4, 512);
         let qt = quantize(&w, QuantType::Q4K).unwrap();
-        assert!(gemv_q4k(&qt.data().unwrap(), 4, &x[..300]).is_none());
+        assert!(gemv_q4k(&qt.data().unwrap(), 4, &x[..300], 1).is_none());
         assert!(
-            gemv_q4k(&qt.data().unwrap(), 5, &x).is_none(),
+            gemv_q4k(&qt.data().unwrap(), 5, &x, 1).is_none(),
             "block count"
         );
     }

@@ -68,6 +68,7 @@ pub mod resample;
 pub mod resize;
 pub mod rope;
 pub mod sampling;
+pub mod sequence;
 pub mod text_model;
 pub mod tokenizer;
 pub mod video;

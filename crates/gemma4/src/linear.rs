@@ -20,6 +20,10 @@ use crate::qmatmul;
 use crate::text_model::round_to;
 use crate::weights::Weights;
 
+/// The most input rows the matrix–vector kernels take (decode batches); more rows go
+/// through a GEMM. Up to here the kernels stay bound by reading the weights.
+pub(crate) const SMALL_BATCH: usize = 16;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Clip {
     input: (f64, f64),
@@ -218,22 +222,25 @@ impl Linear {
         }
     }
 
-    /// One row of input on the CPU (decoding): the matrix–vector kernels of
-    /// [`crate::gemv`] (bf16/f32 weights) and [`crate::qmatmul`] (quantized weights) instead
-    /// of candle's matmul. `None` when they do not apply.
+    /// Up to [`SMALL_BATCH`] rows of input on the CPU (decoding one or a few sequences):
+    /// the matrix–vector kernels of [`crate::gemv`] (bf16/f32 weights),
+    /// [`crate::q8_packed`], [`crate::kquant_gemv`] and [`crate::qmatmul`] (quantized
+    /// weights) instead of candle's matmul. They read each weight row once for all the
+    /// rows and give each row exactly what it gets alone. `None` when they do not apply.
     fn gemv(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let n = x.dim(D::Minus1)?;
-        // One row only (a width mismatch is left to matmul's shape error).
-        if x.elem_count() != n || !x.device().is_cpu() {
+        // A width mismatch is left to matmul's shape error.
+        let nx = x.elem_count() / n.max(1);
+        if n == 0 || nx == 0 || nx > SMALL_BATCH || !x.device().is_cpu() {
             return Ok(None);
         }
         let xs = || -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
         let y = match &self.weight {
-            LinearWeight::Quantized(q) => match qmatmul::gemv(q, &xs()?)? {
+            LinearWeight::Quantized(q) => match qmatmul::gemv(q, &xs()?, nx)? {
                 Some(y) => y,
                 None => return Ok(None),
             },
-            LinearWeight::PackedQ8(p) => match p.gemv(&xs()?) {
+            LinearWeight::PackedQ8(p) => match p.gemv(&xs()?, nx) {
                 Some(y) => y,
                 None => return Ok(None),
             },
@@ -248,8 +255,8 @@ impl Linear {
                 }
                 let x = xs()?;
                 let y = match w.dtype() {
-                    DType::BF16 => with_elements(w, |w: &[bf16]| gemv_bf16(w, &x))?,
-                    _ => with_elements(w, |w: &[f32]| gemv_f32(w, &x))?,
+                    DType::BF16 => with_elements(w, |w: &[bf16]| gemv_bf16(w, &x, nx))?,
+                    _ => with_elements(w, |w: &[f32]| gemv_f32(w, &x, nx))?,
                 };
                 match y {
                     Some(y) => y,
@@ -258,7 +265,7 @@ impl Linear {
             }
         };
         let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("rank ≥ 1") = y.len();
+        *shape.last_mut().expect("rank ≥ 1") = y.len() / nx;
         Ok(Some(
             Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?,
         ))

@@ -70,14 +70,6 @@ impl Router {
     }
 }
 
-/// Up to this many tokens routed to one expert run as one matrix–vector product each
-/// (the decode kernels) instead of one batched product. At prefill a prompt's tokens spread
-/// over the experts (128 tokens × top-8 over 128 experts: ~8 each), and a batched product
-/// first widens or dequantizes the whole expert to f32 for a few rows of work; one product
-/// per row reads the expert's weights from memory once and then from the cache (a 26B-A4B
-/// expert is 4–8 MB in bf16).
-const ROWS_PER_GEMV: usize = 16;
-
 #[derive(Debug, Clone)]
 pub struct Experts {
     /// Per expert: the fused `[2I, H]` gate/up projection and the `[H, I]` down projection.
@@ -138,15 +130,11 @@ impl Experts {
             }
             let idx = Tensor::new(toks.as_slice(), x.device())?;
             let xs = x.index_select(&idx, 0)?;
-            let y = if toks.len() <= ROWS_PER_GEMV {
-                let rows = (0..toks.len())
-                    .map(|t| self.expert(e, &xs.narrow(0, t, 1)?))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&rows, 0)?
-            } else {
-                self.expert(e, &xs)?
-            };
-            let y = y.to_dtype(DType::F32)?;
+            // The tokens routed to an expert go through it together: up to
+            // `linear::SMALL_BATCH` of them (every decode step, and the ~8 per expert of a
+            // prefill's tokens) through the small-batch kernels, which read the expert's
+            // weights once for all of them; more through one batched product.
+            let y = self.expert(e, &xs)?.to_dtype(DType::F32)?;
             let wt = Tensor::new(wts.as_slice(), x.device())?.unsqueeze(1)?;
             out = out.index_add(&idx, &y.broadcast_mul(&wt)?, 0)?;
         }
@@ -159,8 +147,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Experts with few tokens run one matrix–vector product per token, with many one
-    /// batched product: the same function, up to f32 summation order.
+    /// Experts with few tokens run through the small-batch kernels, with many one
+    /// batched product: the same function as each token alone, up to f32 summation order.
     #[test]
     fn per_token_and_batched_experts_agree() {
         let dev = Device::Cpu;
@@ -186,7 +174,8 @@ mod tests {
                 _ => vec![(0, 1.0)],
             })
             .collect();
-        assert!(s > ROWS_PER_GEMV && s / 10 <= ROWS_PER_GEMV);
+        let small = crate::linear::SMALL_BATCH;
+        assert!(s > small && s / 10 <= small && s / 10 > 1);
         let got = experts.forward(&x, &routes).unwrap();
         // Each token alone: every expert sees one row.
         for t in 0..s {

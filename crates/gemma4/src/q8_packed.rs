@@ -138,20 +138,21 @@ impl PackedQ8 {
         out
     }
 
-    /// `W x` for one row `x` of `cols` values; `None` when the width does not match or
-    /// the CPU lacks AVX2/FMA/F16C.
-    pub fn gemv(&self, x: &[f32]) -> Option<Vec<f32>> {
-        if x.len() != self.cols || !Self::available() {
+    /// `W x` for `nx` rows `x` of `cols` values each (`[nx, rows]` out); `None` when the
+    /// width does not match or the CPU lacks AVX2/FMA/F16C.
+    pub fn gemv(&self, x: &[f32], nx: usize) -> Option<Vec<f32>> {
+        if nx == 0 || x.len() != nx * self.cols || !Self::available() {
             return None;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let a = Q8Blocks::new(x);
+            let a: Vec<Q8Blocks> = x.chunks_exact(self.cols).map(Q8Blocks::new).collect();
             // SAFETY: AVX2/FMA/F16C checked above; `par_rows` asks for rows < `self.rows`.
             Some(crate::gemv::par_rows(
                 self.rows,
+                nx,
                 ROWS_PER_TASK,
-                |r| unsafe { self.dot(r, &a.qs, &a.d) },
+                |r, j| unsafe { self.dot(r, &a[j].qs, &a[j].d) },
             ))
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -229,8 +230,8 @@ mod tests {
             assert_eq!(p.dequantize_rows(None), want);
             let r = [m as u32 - 1, 0];
             assert_eq!(p.dequantize_rows(Some(&r))[..n], want[(m - 1) * n..]);
-            if let Some(y) = p.gemv(&x) {
-                let plain = crate::qmatmul::gemv(&q, &x).unwrap().unwrap();
+            if let Some(y) = p.gemv(&x, 1) {
+                let plain = crate::qmatmul::gemv(&q, &x, 1).unwrap().unwrap();
                 for (a, b) in y.iter().zip(&plain) {
                     assert!(
                         (a - b).abs() <= 1e-5 * b.abs().max(1.0),
@@ -248,6 +249,6 @@ mod tests {
         assert!(PackedQ8::from_qtensor(&q).unwrap().is_none());
         let q = quantize(&w, QuantType::Q8_0).unwrap();
         let p = PackedQ8::from_qtensor(&q).unwrap().unwrap();
-        assert!(p.gemv(&x[..128]).is_none());
+        assert!(p.gemv(&x[..128], 1).is_none());
     }
 }

@@ -32,9 +32,9 @@ const ROWS_PER_TASK: usize = 32;
 /// `W x` for a 2-D CPU `QTensor` in one of the supported formats and `x.len()` equal to
 /// its width; `None` when the format, rank or width does not fit (the caller falls back to
 /// candle's matmul, which reports shape errors).
-pub fn gemv(w: &QTensor, x: &[f32]) -> Result<Option<Vec<f32>>> {
+pub fn gemv(w: &QTensor, x: &[f32], nx: usize) -> Result<Option<Vec<f32>>> {
     let dims = w.shape().dims();
-    if dims.len() != 2 || dims[1] != x.len() || !w.device().is_cpu() {
+    if dims.len() != 2 || nx == 0 || dims[1] * nx != x.len() || !w.device().is_cpu() {
         return Ok(None);
     }
     let (m, n) = (dims[0], dims[1]);
@@ -43,8 +43,8 @@ pub fn gemv(w: &QTensor, x: &[f32]) -> Result<Option<Vec<f32>>> {
         GgmlDType::Q8_0 => run::<BlockQ8_0>(&data, m, n, x),
         GgmlDType::Q4_0 => run::<BlockQ4_0>(&data, m, n, x),
         GgmlDType::Q5_0 => run::<BlockQ5_0>(&data, m, n, x),
-        GgmlDType::Q4K if kquant_gemv::available() => kquant_gemv::gemv_q4k(&data, m, x),
-        GgmlDType::Q6K if kquant_gemv::available() => kquant_gemv::gemv_q6k(&data, m, x),
+        GgmlDType::Q4K if kquant_gemv::available() => kquant_gemv::gemv_q4k(&data, m, x, nx),
+        GgmlDType::Q6K if kquant_gemv::available() => kquant_gemv::gemv_q6k(&data, m, x, nx),
         GgmlDType::Q4K => run::<BlockQ4K>(&data, m, n, x),
         GgmlDType::Q6K => run::<BlockQ6K>(&data, m, n, x),
         _ => None,
@@ -106,51 +106,77 @@ fn dequantize_as<T: GgmlType>(bytes: &[u8], m: usize, n: usize) -> Option<Vec<f3
     Some(out)
 }
 
-/// `m` rows of `n` elements in blocks `T`, each dotted with `x` by `dot4` (four rows at a
-/// time, sharing the activation blocks) and `dot1` (the 0–3 rows left), in parallel.
-fn par_rows<T: Sync>(
+/// `m` rows of `n` elements in blocks `T`, each dotted with every activation row of
+/// `xq` (`nx` rows of `n / T::VecDotType::BLCK_SIZE` blocks) by `dot4` (four rows at a
+/// time, sharing the activation blocks) and `dot1` (the 0–3 rows left), in parallel;
+/// `[nx, m]` out. Each group of weight rows is read once for all the activation rows.
+fn par_rows<T: Sync, A: Sync>(
     w: &[T],
     m: usize,
     nb: usize,
-    dot4: impl Fn([&[T]; 4]) -> [f32; 4] + Sync,
-    dot1: impl Fn(&[T]) -> f32 + Sync,
+    xq: &[A],
+    nx: usize,
+    dot4: impl Fn([&[T]; 4], &[A]) -> [f32; 4] + Sync,
+    dot1: impl Fn(&[T], &[A]) -> f32 + Sync,
 ) -> Vec<f32> {
     let row = |o: usize| &w[o * nb..(o + 1) * nb];
-    let mut y = vec![0f32; m];
-    y.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, ys)| {
-            let mut o = c * ROWS_PER_TASK;
-            let mut quads = ys.chunks_exact_mut(4);
-            for q in &mut quads {
-                q.copy_from_slice(&dot4([row(o), row(o + 1), row(o + 2), row(o + 3)]));
+    let per_x = xq.len() / nx;
+    let x = |j: usize| &xq[j * per_x..(j + 1) * per_x];
+    let mut y = vec![0f32; m * nx];
+    let tasks = m.div_ceil(ROWS_PER_TASK);
+    let parts: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|c| {
+            let (lo, hi) = (c * ROWS_PER_TASK, ((c + 1) * ROWS_PER_TASK).min(m));
+            // `[nx, hi - lo]` for this task's rows.
+            let mut part = vec![0f32; nx * (hi - lo)];
+            let mut o = lo;
+            while o + 4 <= hi {
+                for j in 0..nx {
+                    let d = dot4([row(o), row(o + 1), row(o + 2), row(o + 3)], x(j));
+                    part[j * (hi - lo) + o - lo..][..4].copy_from_slice(&d);
+                }
                 o += 4;
             }
-            for out in quads.into_remainder() {
-                *out = dot1(row(o));
-                o += 1;
+            for o in o..hi {
+                for j in 0..nx {
+                    part[j * (hi - lo) + o - lo] = dot1(row(o), x(j));
+                }
             }
-        });
+            part
+        })
+        .collect();
+    for (c, part) in parts.iter().enumerate() {
+        let (lo, width) = (c * ROWS_PER_TASK, part.len() / nx);
+        for j in 0..nx {
+            y[j * m + lo..][..width].copy_from_slice(&part[j * width..][..width]);
+        }
+    }
     y
 }
 
 fn run<T: GgmlType>(bytes: &[u8], m: usize, n: usize, x: &[f32]) -> Option<Vec<f32>> {
-    if n == 0 || !n.is_multiple_of(T::BLCK_SIZE) {
+    if n == 0 || !n.is_multiple_of(T::BLCK_SIZE) || !x.len().is_multiple_of(n) {
         return None;
     }
-    let nb = n / T::BLCK_SIZE;
+    let (nb, nx) = (n / T::BLCK_SIZE, x.len() / n);
     let w = blocks::<T>(bytes, m * nb)?;
-    let mut xq = vec![T::VecDotType::zeros(); n / T::VecDotType::BLCK_SIZE];
-    T::VecDotType::from_float(x, &mut xq);
+    let per_x = n / T::VecDotType::BLCK_SIZE;
+    let mut xq = vec![T::VecDotType::zeros(); nx * per_x];
+    for (q, x) in xq.chunks_exact_mut(per_x).zip(x.chunks_exact(n)) {
+        T::VecDotType::from_float(x, q);
+    }
     Some(par_rows(
         w,
         m,
         nb,
-        |r| {
-            let (a, b, c, d) = T::vec_dot_4(n, r[0], r[1], r[2], r[3], &xq);
-            [a, b, c, d]
+        &xq,
+        nx,
+        |r, a| {
+            let (p, q, s, t) = T::vec_dot_4(n, r[0], r[1], r[2], r[3], a);
+            [p, q, s, t]
         },
-        |r| T::vec_dot(n, r, &xq),
+        |r, a| T::vec_dot(n, r, a),
     ))
 }
 
@@ -181,7 +207,7 @@ pub(crate) mod tests {
                 let n = 512;
                 let (w, x) = data(m, n);
                 let qt = quantize(&w, q).unwrap();
-                let y = gemv(&qt, &x).unwrap().expect("supported format");
+                let y = gemv(&qt, &x, 1).unwrap().expect("supported format");
                 let xt = Tensor::from_vec(x.clone(), (1, n), &Device::Cpu).unwrap();
                 let want: Vec<f32> = QMatMul::QTensor(std::sync::Arc::new(qt))
                     .forward(&xt)
@@ -210,6 +236,33 @@ pub(crate) mod tests {
         }
     }
 
+    /// Several input rows through every format's kernel (this module's, the packed Q8_0
+    /// and the k-quant ones) equal each row alone, bit for bit: the small-batch path
+    /// reads the weights once and does each row's arithmetic unchanged.
+    #[test]
+    fn several_rows_equal_each_row_alone() {
+        let (m, n, nx) = (37, 512, 3);
+        let (w, _) = data(m, n);
+        let xs: Vec<f32> = (0..nx * n)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+            .collect();
+        for q in QuantType::ALL {
+            let qt = quantize(&w, q).unwrap();
+            let rows = gemv(&qt, &xs, nx).unwrap().expect("supported format");
+            let packed = crate::q8_packed::PackedQ8::from_qtensor(&qt).unwrap();
+            for j in 0..nx {
+                let x = &xs[j * n..(j + 1) * n];
+                let alone = gemv(&qt, x, 1).unwrap().unwrap();
+                assert_eq!(&rows[j * m..(j + 1) * m], alone.as_slice(), "{}", q.name());
+                if let Some(p) = &packed {
+                    if let (Some(all), Some(one)) = (p.gemv(&xs, nx), p.gemv(x, 1)) {
+                        assert_eq!(&all[j * m..(j + 1) * m], one.as_slice(), "packed q8_0");
+                    }
+                }
+            }
+        }
+    }
+
     /// candle's dequantization of `q`, flattened (what the kernels' tests compare with).
     pub(crate) fn dequantized(q: &QTensor) -> Vec<f32> {
         let t = q.dequantize(&Device::Cpu).unwrap();
@@ -232,6 +285,6 @@ pub(crate) mod tests {
     fn declines_what_it_cannot_compute() {
         let (w, x) = data(4, 256);
         let qt = quantize(&w, QuantType::Q8_0).unwrap();
-        assert!(gemv(&qt, &x[..128]).unwrap().is_none(), "width mismatch");
+        assert!(gemv(&qt, &x[..128], 1).unwrap().is_none(), "width mismatch");
     }
 }

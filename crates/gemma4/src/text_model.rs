@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::activation::soft_cap;
-use crate::attention::{causal_mask, SpanOverlay};
-use crate::config::{Bidirectional, KvSource, LayerType, TextConfig};
+use crate::attention::{causal_mask, SeqStep, SpanOverlay};
+use crate::config::{Bidirectional, LayerType, TextConfig};
 use crate::decoder_layer::DecoderLayer;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -39,6 +39,21 @@ pub enum LogitsFor {
     /// Only the last position: `[1, vocab]`. KV-shared layers then run on the last
     /// position only (they write no cache, so nothing else is needed there).
     Last,
+    /// None: the step only fills the cache (a prompt chunk before the last one).
+    None,
+}
+
+/// One sequence's part of a batched forward pass ([`TextModel::forward_batch`]).
+pub struct StepInput<'a> {
+    /// Scaled input embeddings `[s, hidden]` of the step's tokens ([`TextModel::embed`],
+    /// or a multimodal prompt's rows with the soft tokens spliced in).
+    pub embeds: Tensor,
+    /// The ids the per-layer embeddings read, one per row.
+    pub ple_ids: &'a [u32],
+    /// Image/video span ids of the step's rows, for the bidirectional overlay.
+    pub spans: Option<&'a [i64]>,
+    pub cache: &'a mut KvCache,
+    pub which: LogitsFor,
 }
 
 /// A prompt ready for the decoder: its ids and, for multimodal prompts, the input
@@ -120,7 +135,7 @@ impl TextModel {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, spec)| DecoderLayer::new(cfg, spec, &w.pp("layers").pp(i)))
+            .map(|(i, _)| DecoderLayer::new(cfg, i, &w.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let ropes = cfg
             .rope
@@ -226,110 +241,202 @@ impl TextModel {
         cache: &mut KvCache,
         which: LogitsFor,
     ) -> Result<Tensor> {
-        let s = h0.dim(0)?;
-        if s == 0 {
-            return Err(Error::invalid_argument("prompt", "no tokens to run"));
+        let mut batch = [StepInput {
+            embeds: h0.clone(),
+            ple_ids,
+            spans,
+            cache,
+            which,
+        }];
+        let mut out = self.forward_batch(&mut batch)?;
+        out.pop()
+            .flatten()
+            .ok_or_else(|| Error::invalid_argument("logits", "none were asked for"))
+    }
+
+    /// One forward pass over several sequences at once: each brings its step's rows
+    /// (a chunk of its prompt, or the one token it decodes), its own cache and which
+    /// logits it wants. The projections, norms, MLPs and the head run once over every
+    /// row, so each weight is read once for the whole batch; attention is per sequence,
+    /// over its own cache with its own positions, window and image spans. Each sequence
+    /// gets what it would get alone (up to f32 rounding where a kernel's summation order
+    /// depends on the number of rows). Returns each sequence's f32 logits (`None` for
+    /// [`LogitsFor::None`]).
+    pub fn forward_batch(&self, batch: &mut [StepInput<'_>]) -> Result<Vec<Option<Tensor>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        let past = cache.seq_len();
-        if past + s > self.cfg.max_position_embeddings {
-            return Err(Error::ContextTooLong {
-                prompt: past + s,
-                new: 0,
-                max: self.cfg.max_position_embeddings,
+        let max = self.cfg.max_position_embeddings;
+        let mut positions = Vec::new();
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut embeds = Vec::with_capacity(batch.len());
+        let mut ple_ids = Vec::new();
+        let mut overlays = Vec::with_capacity(batch.len());
+        let mut whiches = Vec::with_capacity(batch.len());
+        for input in batch.iter_mut() {
+            let s = input.embeds.dim(0)?;
+            if s == 0 {
+                return Err(Error::invalid_argument("prompt", "no tokens to run"));
+            }
+            if input.ple_ids.len() != s {
+                return Err(Error::invalid_argument(
+                    "ple_ids",
+                    format!("{} ids for {s} input rows", input.ple_ids.len()),
+                ));
+            }
+            let past = input.cache.seq_len();
+            if past + s > max {
+                return Err(Error::ContextTooLong {
+                    prompt: past + s,
+                    new: 0,
+                    max,
+                });
+            }
+            let start = positions.len();
+            positions.extend(past..past + s);
+            overlays.push(match (input.spans, self.cfg.bidirectional) {
+                (Some(blocks), mode) if mode != Bidirectional::None => Some(SpanOverlay {
+                    blocks,
+                    start: past,
+                    mode,
+                }),
+                _ => None,
             });
+            embeds.push(input.embeds.clone());
+            ple_ids.extend_from_slice(input.ple_ids);
+            seqs.push(start..start + s);
+            whiches.push(input.which);
         }
-        let positions: Vec<usize> = (past..past + s).collect();
-        let overlay = match (spans, self.cfg.bidirectional) {
-            (Some(blocks), mode) if mode != Bidirectional::None => Some(SpanOverlay {
-                blocks,
-                start: past,
-                mode,
-            }),
-            _ => None,
+        let mut h = match embeds.len() {
+            1 => embeds.pop().expect("one input"),
+            _ => Tensor::cat(&embeds, 0)?,
         };
         let mut ple = match &self.ple {
-            Some(p) => Some(p.forward(ple_ids, h0)?),
+            Some(p) => Some(p.forward(&ple_ids, &h)?),
             None => None,
         };
         let mut rope_tables = BTreeMap::new();
-        let mut masks = BTreeMap::new();
         for (&t, rope) in &self.ropes {
             rope_tables.insert(t, rope.cos_sin(&positions, self.dtype, &self.device)?);
-            let k_start = cache.kv_start(t);
-            let window = (t == LayerType::Sliding).then_some(self.cfg.sliding_window);
-            masks.insert(
-                t,
-                causal_mask(
-                    &positions,
-                    k_start,
-                    past + s - k_start,
-                    window,
-                    overlay.as_ref(),
-                    &self.device,
-                )?,
-            );
+        }
+        let mut steps = Vec::with_capacity(batch.len());
+        for ((input, rows), overlay) in batch.iter_mut().zip(&seqs).zip(&overlays) {
+            input.cache.begin_step(rows.len())?;
+            let masks = self.masks(&positions[rows.clone()], input.cache, overlay.as_ref())?;
+            steps.push(SeqStep {
+                rows: rows.clone(),
+                cache: &mut *input.cache,
+                masks,
+            });
         }
 
-        let mut h = h0.clone();
-        let mut shared: BTreeMap<LayerType, (Tensor, Tensor)> = BTreeMap::new();
         let first_shared = self.cfg.first_kv_shared_layer();
+        let narrowing = seqs
+            .iter()
+            .zip(&whiches)
+            .any(|(r, w)| *w != LogitsFor::All && r.len() > 1);
         for (i, layer) in self.layers.iter().enumerate() {
-            if i == first_shared && which == LogitsFor::Last && s > 1 {
-                // Past the sharing point nothing writes a cache: only the last row matters.
-                h = h.narrow(0, s - 1, 1)?;
-                ple = ple.map(|p| p.narrow(0, s - 1, 1)).transpose()?;
+            if i == first_shared && narrowing {
+                // Past the sharing point nothing writes a cache: only the rows whose
+                // logits are wanted matter.
+                let keep = Self::wanted_rows(&steps, &whiches);
+                let idx = Tensor::new(keep.as_slice(), &self.device)?;
+                h = h.index_select(&idx, 0)?;
+                ple = ple.map(|p| p.index_select(&idx, 0)).transpose()?;
                 for (cos, sin) in rope_tables.values_mut() {
-                    *cos = cos.narrow(0, s - 1, 1)?;
-                    *sin = sin.narrow(0, s - 1, 1)?;
+                    *cos = cos.index_select(&idx, 0)?;
+                    *sin = sin.index_select(&idx, 0)?;
                 }
-                for (t, m) in masks.iter_mut() {
-                    let k_start = cache.kv_start(*t);
-                    let window = (*t == LayerType::Sliding).then_some(self.cfg.sliding_window);
-                    *m = causal_mask(
-                        &positions[s - 1..],
-                        k_start,
-                        past + s - k_start,
-                        window,
-                        overlay.as_ref(),
-                        &self.device,
-                    )?;
+                let mut at = 0;
+                for ((st, overlay), w) in steps.iter_mut().zip(&overlays).zip(&whiches) {
+                    let n = if *w == LogitsFor::All { st.rows.len() } else { 1 };
+                    let q_pos = &positions[st.rows.end - n..st.rows.end];
+                    st.masks = self.masks(q_pos, st.cache, overlay.as_ref())?;
+                    st.rows = at..at + n;
+                    at += n;
                 }
             }
-            let spec = &self.cfg.layers[i];
-            let (cos, sin) = &rope_tables[&spec.layer_type];
-            let x = layer.input_norm(&h)?;
+            let (cos, sin) = &rope_tables[&layer.spec().layer_type];
             let rot = |t: &Tensor| rope::apply(t, cos, sin);
-            let q = layer.attn.queries(&x, &rot)?;
-            let (k, v) = match spec.kv_source {
-                KvSource::Own => {
-                    let (k, v) = layer.attn.keys_values(&x, &rot)?;
-                    let kv = cache.append(i, &k, &v)?;
-                    // The last own layer of each type before the sharing point is the producer.
-                    shared.insert(spec.layer_type, kv.clone());
-                    kv
-                }
-                KvSource::Shared { .. } => shared[&spec.layer_type].clone(),
-            };
-            let attn = layer
-                .attn
-                .attend(&q, &k, &v, masks[&spec.layer_type].as_ref())?;
             let layer_ple = ple
                 .as_ref()
                 .map(|p| p.narrow(1, i, 1)?.squeeze(1))
                 .transpose()?;
-            h = layer.finish(&h, &attn, layer_ple.as_ref())?;
+            h = layer.forward(&h, &rot, layer_ple.as_ref(), &mut steps)?;
         }
-        cache.advance(s);
+        for st in steps.iter_mut() {
+            st.cache.end_step()?;
+        }
 
-        if which == LogitsFor::Last && h.dim(0)? > 1 {
-            h = h.narrow(0, h.dim(0)? - 1, 1)?;
+        // The head over the wanted rows of every sequence at once.
+        let counts: Vec<usize> = steps
+            .iter()
+            .zip(&whiches)
+            .map(|(st, w)| match w {
+                LogitsFor::None => 0,
+                LogitsFor::All => st.rows.len(),
+                LogitsFor::Last => 1,
+            })
+            .collect();
+        let picked: Vec<u32> = steps
+            .iter()
+            .zip(&counts)
+            .flat_map(|(st, &n)| (st.rows.end - n..st.rows.end).map(|r| r as u32))
+            .collect();
+        let mut out = Vec::with_capacity(steps.len());
+        if picked.is_empty() {
+            out.resize(steps.len(), None);
+            return Ok(out);
         }
+        // `picked` is increasing: as many rows as `h` has means all of them, in order.
+        let h = if picked.len() == h.dim(0)? {
+            h
+        } else {
+            h.index_select(&Tensor::new(picked.as_slice(), &self.device)?, 0)?
+        };
         let h = self.norm.forward(&h)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let mut logits = head.forward(&h)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = soft_cap(&logits, cap)?;
         }
-        Ok(logits.to_dtype(DType::F32)?)
+        let logits = logits.to_dtype(DType::F32)?;
+        let mut at = 0;
+        for n in counts {
+            out.push((n > 0).then(|| logits.narrow(0, at, n)).transpose()?);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Rows of the step's activations still needed past the KV-sharing point: all of a
+    /// sequence that wants every row's logits, the last one of the others.
+    fn wanted_rows(steps: &[SeqStep<'_>], whiches: &[LogitsFor]) -> Vec<u32> {
+        steps
+            .iter()
+            .zip(whiches)
+            .flat_map(|(st, w)| {
+                let r = &st.rows;
+                let from = if *w == LogitsFor::All { r.start } else { r.end - 1 };
+                (from..r.end).map(|i| i as u32)
+            })
+            .collect()
+    }
+
+    /// Attention masks per layer type for queries at `q_pos` over what `cache` holds
+    /// during the step.
+    fn masks(
+        &self,
+        q_pos: &[usize],
+        cache: &KvCache,
+        overlay: Option<&SpanOverlay<'_>>,
+    ) -> Result<BTreeMap<LayerType, Option<Tensor>>> {
+        let mut masks = BTreeMap::new();
+        for &t in self.ropes.keys() {
+            let window = (t == LayerType::Sliding).then_some(self.cfg.sliding_window);
+            let k_pos = cache.key_positions(t);
+            masks.insert(t, causal_mask(q_pos, &k_pos, window, overlay, &self.device)?);
+        }
+        Ok(masks)
     }
 }
