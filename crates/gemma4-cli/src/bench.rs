@@ -116,11 +116,12 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         bail!("--prompt-len, --gen, --runs and --batch must be at least 1");
     }
     let threads = candle_core::utils::get_num_threads();
+    let compute = a.model.dtype()?;
     let t = Instant::now();
     let model = Gemma4::load(
         &a.model.model,
         LoadOptions {
-            dtype: a.model.dtype.dtype(),
+            dtype: compute,
             vision: false,
             audio: false,
             quant: a.model.quant,
@@ -192,7 +193,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     let per_seq = d / n;
     let dtype = match a.model.quant {
         Some(q) => q.to_string(),
-        None => format!("{:?}", a.model.dtype).to_lowercase(),
+        None => format!("{compute:?}").to_lowercase(),
     };
     if a.json {
         println!(

@@ -89,14 +89,27 @@ struct ModelArgs {
     /// Checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Compute dtype. f32 is exact to the reference; bf16/f16 halve memory.
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
+    /// Compute dtype (default: the checkpoint's own, as `from_pretrained` loads it: bf16
+    /// for the released checkpoints). f32 matches the reference run in f32 to 1e-4.
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
     /// Quantize the text decoder at load time: q8_0, q4_k, q6_k, q4_0 or q5_0 (projections in
     /// that format, the tied embedding in q8_0/q6_k; norms and the image/audio towers
     /// keep --dtype).
     #[arg(long, value_name = "FORMAT")]
     quant: Option<QuantType>,
+}
+
+impl ModelArgs {
+    /// `--dtype`, or the checkpoint's own ([`gemma4::default_dtype`]); f32 for a
+    /// directory that does not exist, which loading then reports.
+    fn dtype(&self) -> Result<DType> {
+        Ok(match self.dtype {
+            Some(d) => d.dtype(),
+            None if self.model.is_dir() => gemma4::default_dtype(&self.model)?,
+            None => DType::F32,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -127,7 +140,8 @@ struct MediaArgs {
     /// processor config, 280 for released checkpoints).
     #[arg(long, value_name = "N")]
     image_tokens: Option<usize>,
-    /// Image resize to match: pillow (the reference's PIL processor) or torchvision.
+    /// Image processor to match: torchvision (the default, as transformers picks when
+    /// torchvision is installed) or pillow (the reference's PIL processor).
     #[arg(long, value_name = "KERNEL")]
     resize: Option<ResizeKernel>,
     /// An audio clip for the next `<|audio|>` marker (repeatable; `-` reads standard
@@ -383,7 +397,7 @@ fn load_progress(what: &'static str) -> Option<gemma4::weights::ProgressFn> {
 fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
     let progress = load_progress("loading");
     let opts = LoadOptions {
-        dtype: args.dtype.dtype(),
+        dtype: args.dtype()?,
         device: Device::Cpu,
         progress,
         vision: !media.image.is_empty() || !media.video.is_empty(),
@@ -413,7 +427,7 @@ fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
             .map_err(|m| anyhow::anyhow!("--image-tokens: {m}"))?;
     }
     if let Some(k) = a.resize {
-        model.image_processor.resize = k;
+        model.image_processor.set_backend(k);
     }
     if let Some(r) = a.resample {
         model.resampler = r;

@@ -46,6 +46,8 @@ fn generate_json_reproduces_reference_greedy_ids() {
         "generate",
         "--model",
         dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
         "--prompt-ids",
         &prompt_arg,
         "--max-new-tokens",
@@ -92,6 +94,8 @@ fn logits_writes_npy_matching_reference() {
         "logits",
         "--model",
         dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
         "--prompt-ids",
         &prompt_arg,
         "--out",
@@ -187,6 +191,9 @@ fn generate_with_images_reproduces_reference_greedy_ids() {
         images.join("portrait.jpg").to_str().unwrap(),
         "--image",
         images.join("alpha.png").to_str().unwrap(),
+        // The goldens come from the reference's PIL image processor.
+        "--resize",
+        "pillow",
         "--greedy",
         "--max-new-tokens",
         "8",
@@ -213,6 +220,9 @@ fn embed_image_writes_soft_tokens_and_bad_images_fail_cleanly() {
         dir.to_str().unwrap(),
         "--image",
         img.to_str().unwrap(),
+        // The goldens come from the reference's PIL image processor.
+        "--resize",
+        "pillow",
         "--out",
         out_path.to_str().unwrap(),
         "--json",
@@ -643,8 +653,11 @@ fn bench_counts_quantized_bytes() {
         );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
-    let (f32_run, q8_run) = (run(&[]), run(&["--quant", "q8_0"]));
+    let (f32_run, q8_run) = (run(&["--dtype", "f32"]), run(&["--quant", "q8_0"]));
     assert_eq!(f32_run["dtype"], "f32");
+    // Without --dtype, the checkpoint's own (its config says bfloat16), as
+    // `from_pretrained` loads it.
+    assert_eq!(run(&[])["dtype"], "bf16");
     assert_eq!(q8_run["dtype"], "q8_0");
     let bytes = |v: &serde_json::Value| v["streamed_bytes_per_token"].as_f64().unwrap();
     let ratio = bytes(&q8_run) / bytes(&f32_run);

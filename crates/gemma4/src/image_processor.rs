@@ -256,6 +256,17 @@ impl ImageProcessorConfig {
         }
     }
 
+    /// Resizes and rescales as the reference's processor for `kernel`'s backend does:
+    /// Pillow (the PIL processor: Pillow's bicubic, NumPy's f64 rescale) or torchvision
+    /// (its antialiased bicubic on uint8, an f32 rescale).
+    pub fn set_backend(&mut self, kernel: ResizeKernel) {
+        self.resize = kernel;
+        self.rescale = match kernel {
+            ResizeKernel::Pillow => Rescale::F64Mul,
+            ResizeKernel::Torchvision => Rescale::F32Mul,
+        };
+    }
+
     /// Reads `patch_size`, `max_soft_tokens`, `pooling_kernel_size` and `do_resize` from a
     /// processor section (`image_processor` / `video_processor`).
     pub fn update_from(&mut self, section: &Value) -> std::result::Result<(), String> {

@@ -77,4 +77,4 @@ pub mod vision_config;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use model::{Gemma4, LoadOptions, Prompt};
+pub use model::{default_dtype, Gemma4, LoadOptions, Prompt};

@@ -15,7 +15,7 @@ use crate::chat::{ChatTemplate, Message};
 use crate::config::{Architecture, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::image_processor::{
-    process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, Rescale, RgbImage,
+    process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, RgbImage,
 };
 use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
 use crate::quant::QuantType;
@@ -72,6 +72,45 @@ pub enum Prompt {
     Ids(Vec<u32>),
     /// Messages rendered through the chat template, with the model's turn opened.
     Chat(Vec<Message>),
+}
+
+/// The dtype `from_pretrained` loads checkpoint `dir` in when none is asked for
+/// (transformers 5's `dtype="auto"`): the config's `dtype` (or the older `torch_dtype`, at
+/// the top level or in `text_config`), else the type the first dense tensor is stored in
+/// (a llama.cpp GGUF alone: its bf16/f16/f32 tensors), else f32 (quantized tensors
+/// compute in f32). bf16 for the released checkpoints.
+pub fn default_dtype(dir: &Path) -> Result<DType> {
+    let config_path = dir.join("config.json");
+    if config_path.exists() {
+        let v = crate::error::read_json(&config_path)?;
+        let declared = ["dtype", "torch_dtype"].iter().find_map(|k| {
+            v.get(k)
+                .or_else(|| v.get("text_config").and_then(|t| t.get(k)))
+                .and_then(serde_json::Value::as_str)
+        });
+        if let Some(name) = declared {
+            return match name {
+                "bfloat16" => Ok(DType::BF16),
+                "float16" => Ok(DType::F16),
+                "float32" => Ok(DType::F32),
+                other => Err(Error::config(
+                    &config_path,
+                    format!("`dtype` {other:?} is not one of bfloat16, float16, float32"),
+                )),
+            };
+        }
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    let mut names: Vec<&str> = ckpt.tensor_names().collect();
+    names.sort_unstable();
+    for name in names {
+        if let Ok(crate::gguf::StoredType::Dense(t)) = ckpt.stored_type(name) {
+            if matches!(t, DType::BF16 | DType::F16 | DType::F32) {
+                return Ok(t);
+            }
+        }
+    }
+    Ok(DType::F32)
 }
 
 /// Name prefix of the text decoder's tensors for an architecture.
@@ -371,9 +410,11 @@ impl Gemma4 {
 
 /// Image, video and audio processor settings: the checkpoint's `processor_config.json` (or
 /// the older `preprocessor_config.json` / `video_preprocessor_config.json`) over the
-/// reference's defaults. The towers' images default to the PIL processor's resize and
-/// rescale; the 12B's image processor and every video processor exist only with the
-/// torchvision backend, so they use its resize and rounding.
+/// reference's defaults. Images default to the torchvision processor's resize and
+/// rescale, as transformers 5.23 picks its torchvision image processor whenever
+/// torchvision is installed (the PIL one only without it; the 12B's image processor and
+/// every video processor exist only with torchvision). `ImageProcessorConfig::set_backend`
+/// (the CLI's `--resize pillow`) selects the PIL processor's.
 fn processor_configs(
     dir: &Path,
     config: &ModelConfig,
@@ -387,10 +428,7 @@ fn processor_configs(
         _ => PatchLayout::Tower,
     };
     let mut image = ImageProcessorConfig::new(layout);
-    if layout == PatchLayout::Merged {
-        image.resize = ResizeKernel::Torchvision;
-        image.rescale = Rescale::F32Mul;
-    }
+    image.set_backend(ResizeKernel::Torchvision);
     let mut video = VideoProcessorConfig::new(layout);
     if let Some(v) = &config.vision {
         for c in [&mut image, &mut video.frame] {

@@ -244,7 +244,8 @@ fn clips_for(case: &Value) -> Vec<Audio> {
 fn check_model(name: &str) {
     let dir = fixture(name);
     let g = json(&dir.join("golden/prompts.json"));
-    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let mut model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    common::use_pil_processor(&mut model);
     let enc = model.audio.as_ref().expect("audio encoder");
     let tm = &model.text;
     let vocab = tm.config().vocab_size;
@@ -411,7 +412,8 @@ fn bf16_audio_is_as_accurate_as_reference_bf16() {
             dtype: DType::BF16,
             ..Default::default()
         };
-        let model = Gemma4::load(&dir, opts).unwrap();
+        let mut model = Gemma4::load(&dir, opts).unwrap();
+        common::use_pil_processor(&mut model);
         let media = Media {
             audio: clips_for(case),
             ..Default::default()

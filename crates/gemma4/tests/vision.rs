@@ -191,7 +191,8 @@ fn check_model(name: &str) {
     let dir = fixture(name);
     let images_dir = fixture("images");
     let g = json(&dir.join("golden/prompts.json"));
-    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let mut model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    common::use_pil_processor(&mut model);
     let enc = model.vision.as_ref().expect("vision encoder");
     let vocab = model.text.config().vocab_size;
     for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
@@ -374,7 +375,8 @@ fn bad_images_give_clear_errors() {
 #[test]
 fn marker_count_mismatch_is_an_error() {
     let dir = fixture("vision_small");
-    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let mut model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    common::use_pil_processor(&mut model);
     let img = load_image(&fixture("images/tiny.png")).unwrap();
     let two = Prompt::Text("<|image|> and <|image|>".into());
     let media = Media {
@@ -397,4 +399,16 @@ fn marker_count_mismatch_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("1 <|image|> marker(s) but 0 image(s)"), "{e}");
+}
+
+/// Images default to the torchvision processor, as transformers 5.23 picks it whenever
+/// torchvision is installed; choosing a backend sets its resize and rescale together.
+#[test]
+fn images_default_to_the_torchvision_processor() {
+    use gemma4::image_processor::Rescale;
+    let model = Gemma4::load(&fixture("vision_small"), LoadOptions::default()).unwrap();
+    let mut p = model.image_processor.clone();
+    assert_eq!((p.resize, p.rescale), (ResizeKernel::Torchvision, Rescale::F32Mul));
+    p.set_backend(ResizeKernel::Pillow);
+    assert_eq!((p.resize, p.rescale), (ResizeKernel::Pillow, Rescale::F64Mul));
 }

@@ -18,6 +18,18 @@ pub fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The model fixtures' image goldens come from the reference's PIL image processor
+/// (`make_vision_fixtures.py`); the 12B's merged-crop processor exists only with
+/// torchvision, whose goldens match the default.
+pub fn use_pil_processor(model: &mut gemma4::Gemma4) {
+    use gemma4::image_processor::PatchLayout;
+    if model.image_processor.layout == PatchLayout::Tower {
+        model
+            .image_processor
+            .set_backend(gemma4::resize::ResizeKernel::Pillow);
+    }
+}
+
 pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
