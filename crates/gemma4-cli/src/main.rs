@@ -308,8 +308,26 @@ fn main() {
         Err(e) => Err(anyhow::anyhow!("cannot start the thread pool: {e}")),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {:#}", with_flag_names(e));
         std::process::exit(1);
+    }
+}
+
+/// The library names a wrong media argument by its field of `Media` (`images`, `videos`,
+/// `audio`); on the command line that is the flag that gives it.
+fn with_flag_names(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<gemma4::Error>() {
+        Ok(gemma4::Error::InvalidArgument { arg, message }) => {
+            let arg = match arg.as_str() {
+                "images" => "--image".to_string(),
+                "videos" => "--video".to_string(),
+                "audio" => "--audio".to_string(),
+                _ => arg,
+            };
+            gemma4::Error::InvalidArgument { arg, message }.into()
+        }
+        Ok(other) => other.into(),
+        Err(e) => e,
     }
 }
 

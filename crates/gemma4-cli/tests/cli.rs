@@ -437,7 +437,7 @@ fn embed_audio_writes_soft_tokens_and_bad_audio_fails_cleanly() {
                 "--audio",
                 c,
             ],
-            "2 <|audio|> marker(s) but 1 audio clip(s)".to_string(),
+            "`--audio`: the prompt has 2 <|audio|> marker(s) but 1 audio clip(s)".to_string(),
         ),
         (
             vec![

@@ -198,7 +198,7 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
 /// Reads and decodes an audio file; `-` reads standard input.
 pub fn load_audio(path: &Path) -> Result<Audio> {
     decode_audio(
-        &crate::error::read_input(path)?,
+        &crate::input::read_input(path)?,
         &path.display().to_string(),
     )
 }

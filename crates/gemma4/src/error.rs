@@ -28,6 +28,9 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
+    #[error("{path}: not a valid GGUF file: {message}")]
+    Gguf { path: PathBuf, message: String },
+
     #[error("tensor `{name}` not found in the checkpoint ({searched})")]
     MissingTensor { name: String, searched: String },
 
@@ -70,18 +73,6 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-/// The bytes of a media file; `-` reads standard input. Errors name the path.
-pub(crate) fn read_input(path: &std::path::Path) -> Result<Vec<u8>> {
-    if path.as_os_str() == "-" {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
-            .map_err(|e| Error::io(path, e))?;
-        Ok(b)
-    } else {
-        std::fs::read(path).map_err(|e| Error::io(path, e))
-    }
 }
 
 /// Reads and parses a JSON file; errors name the file.

@@ -78,7 +78,7 @@ pub struct GgufHeader {
 /// Reads the header of `path` (whose length is `file_len`), checking every tensor lies
 /// inside the file and has a type this engine reads.
 pub fn read_header(path: &Path, file_len: u64) -> Result<GgufHeader> {
-    let bad = |message: String| Error::Safetensors {
+    let bad = |message: String| Error::Gguf {
         path: path.to_path_buf(),
         message,
     };

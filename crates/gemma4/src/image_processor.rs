@@ -150,7 +150,7 @@ pub(crate) fn from_dynamic(img: image::DynamicImage, name: &str) -> Result<RgbIm
 /// Reads and decodes an image file; `-` reads standard input.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     decode_image(
-        &crate::error::read_input(path)?,
+        &crate::input::read_input(path)?,
         &path.display().to_string(),
     )
 }

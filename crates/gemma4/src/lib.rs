@@ -49,6 +49,7 @@ pub mod gguf_metadata;
 pub mod gguf_names;
 pub mod image_embedder;
 pub mod image_processor;
+mod input;
 pub mod kquant_gemv;
 pub mod kv_cache;
 pub mod linear;

@@ -305,15 +305,15 @@ impl Gemma4 {
         };
         if (!media.images.is_empty() || !media.videos.is_empty()) && self.vision.is_none() {
             let arg = if media.images.is_empty() {
-                "--video"
+                "videos"
             } else {
-                "--image"
+                "images"
             };
             return Err(missing(arg, false, self.config.vision.is_some(), "vision"));
         }
         if !media.audio.is_empty() && self.audio.is_none() {
             return Err(missing(
-                "--audio",
+                "audio",
                 false,
                 self.config.audio.is_some(),
                 "audio",

@@ -137,9 +137,9 @@ impl ProcessedMedia {
 /// Expands every image, video and audio marker of `text` as the reference processor does.
 pub fn expand_prompt(text: &str, m: &MarkerStrings, media: &ProcessedMedia) -> Result<String> {
     for (marker, n, arg, what) in [
-        (&m.image, media.images.len(), "--image", "image(s)"),
-        (&m.video, media.videos.len(), "--video", "video(s)"),
-        (&m.audio, media.audio.len(), "--audio", "audio clip(s)"),
+        (&m.image, media.images.len(), "images", "image(s)"),
+        (&m.video, media.videos.len(), "videos", "video(s)"),
+        (&m.audio, media.audio.len(), "audio", "audio clip(s)"),
     ] {
         let found = text.matches(marker.as_str()).count();
         if found != n {
@@ -391,7 +391,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.to_string().contains("--audio")
+            err.to_string().contains("`audio`")
                 && err
                     .to_string()
                     .contains("1 <A> marker(s) but 2 audio clip(s)"),

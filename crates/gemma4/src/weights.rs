@@ -237,7 +237,7 @@ impl Checkpoint {
                     Some(gguf_names::Mapped::Hf(hf)) => hf,
                     Some(gguf_names::Mapped::Ignored) => continue,
                     None => {
-                        return Err(Error::Safetensors {
+                        return Err(Error::Gguf {
                             path: path.to_path_buf(),
                             message: format!(
                                 "tensor `{name}` is not a Gemma 4 text tensor this engine knows \
@@ -283,7 +283,7 @@ impl Checkpoint {
     pub fn llama_cpp_config(&self) -> Option<Result<serde_json::Value>> {
         let (meta, facts) = self.llama_cpp.as_ref()?;
         Some(
-            gguf_metadata::config_json(meta, facts).map_err(|m| Error::Safetensors {
+            gguf_metadata::config_json(meta, facts).map_err(|m| Error::Gguf {
                 path: self.files[0].path.clone(),
                 message: m,
             }),
@@ -294,7 +294,7 @@ impl Checkpoint {
     pub fn llama_cpp_tokenizer(&self) -> Option<Result<serde_json::Value>> {
         let (meta, _) = self.llama_cpp.as_ref()?;
         Some(
-            gguf_metadata::tokenizer_json(meta).map_err(|m| Error::Safetensors {
+            gguf_metadata::tokenizer_json(meta).map_err(|m| Error::Gguf {
                 path: self.files[0].path.clone(),
                 message: m,
             }),
@@ -484,7 +484,7 @@ impl Checkpoint {
             .map(|i| {
                 let part = std::borrow::Cow::Borrowed(&bytes[i * per..(i + 1) * per]);
                 quant::from_bytes(part, q, rows, cols, &Device::Cpu).map_err(|err| {
-                    Error::Safetensors {
+                    Error::Gguf {
                         path: self.files[e.file].path.clone(),
                         message: format!("tensor `{name}`: {err}"),
                     }

@@ -326,7 +326,16 @@ fn unknown_llama_cpp_tensor_is_an_error_naming_it() {
     std::fs::write(&path, &patched).unwrap();
     let err = Checkpoint::open(&dir).err().unwrap().to_string();
     assert!(
-        err.contains("v.blk.0.attn_q.weig") && err.contains("moe-bf16.gguf"),
+        err.contains("v.blk.0.attn_q.weig")
+            && err.contains("moe-bf16.gguf")
+            && err.contains("not a valid GGUF file"),
+        "{err}"
+    );
+    // A header cut short is a GGUF error too, never a safetensors one.
+    std::fs::write(&path, &bytes[..200]).unwrap();
+    let err = Checkpoint::open(&dir).err().unwrap().to_string();
+    assert!(
+        err.contains("moe-bf16.gguf") && err.contains("not a valid GGUF file"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
