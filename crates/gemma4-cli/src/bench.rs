@@ -5,10 +5,10 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use gemma4::generation::GenerateOptions;
-use gemma4::sampling::SamplingParams;
-use gemma4::sequence::{step, Sequence};
-use gemma4::text_model::PromptInput;
+use gemma4::generate::GenerateOptions;
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::generate::sequence::{step, Sequence};
+use gemma4::text::model::PromptInput;
 use gemma4::{Gemma4, LoadOptions};
 use serde_json::json;
 

@@ -10,7 +10,7 @@ use crate::{load, media_of, EmbedAudioArgs, EmbedImageArgs};
 fn write_rows(rows: &[Tensor], out: &std::path::Path) -> Result<(usize, usize)> {
     let all = Tensor::cat(rows, 0)?;
     let (n, h) = all.dims2()?;
-    gemma4::npy::write_f32(out, &[n, h], &all.flatten_all()?.to_vec1()?)?;
+    gemma4::loading::npy::write_f32(out, &[n, h], &all.flatten_all()?.to_vec1()?)?;
     Ok((n, h))
 }
 

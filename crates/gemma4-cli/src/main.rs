@@ -16,18 +16,18 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use gemma4::audio::load_audio;
-use gemma4::chat::Message;
+use gemma4::audio::decode::load_audio;
+use gemma4::prompt::chat::Message;
 use gemma4::config::{KvSource, ModelConfig};
-use gemma4::generation::{generate_from, GenerateOptions};
-use gemma4::image_processor::load_image;
+use gemma4::generate::{generate_from, GenerateOptions};
+use gemma4::vision::image_processor::load_image;
 use gemma4::model::{Media, ParameterCounts};
 use gemma4::quant::QuantType;
-use gemma4::resize::ResizeKernel;
-use gemma4::sampling::SamplingParams;
-use gemma4::text_model::LogitsFor;
-use gemma4::tokenizer::StreamDecoder;
-use gemma4::weights::Checkpoint;
+use gemma4::vision::resize::ResizeKernel;
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::text::model::LogitsFor;
+use gemma4::prompt::tokenizer::StreamDecoder;
+use gemma4::loading::weights::Checkpoint;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 use serde_json::json;
 
@@ -151,7 +151,7 @@ struct MediaArgs {
     /// Resampling of clips not at 16 kHz: torchaudio (exact to the reference's
     /// torchaudio backend) or soxr (its soundfile backend; needs the `soxr` build feature).
     #[arg(long, value_name = "KIND")]
-    resample: Option<gemma4::resample::Resampler>,
+    resample: Option<gemma4::audio::resample::Resampler>,
 }
 
 #[derive(Args)]
@@ -344,7 +344,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
-    let report = gemma4::quantize::quantize_checkpoint(
+    let report = gemma4::quant::checkpoint::quantize_checkpoint(
         &a.model,
         &a.out,
         a.quant,
@@ -390,7 +390,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
 }
 
 /// A byte progress bar on a TTY, nothing when stderr is piped.
-fn load_progress(what: &'static str) -> Option<gemma4::weights::ProgressFn> {
+fn load_progress(what: &'static str) -> Option<gemma4::loading::weights::ProgressFn> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -458,7 +458,7 @@ fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
     let videos = a
         .video
         .iter()
-        .map(|p| gemma4::video::load_video(p))
+        .map(|p| gemma4::vision::video::load_video(p))
         .collect::<gemma4::Result<Vec<_>>>()?;
     let audio = a
         .audio
@@ -595,7 +595,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
         .forward_input(&input, &mut model.text.new_cache(), LogitsFor::All)?;
     let (s, v) = logits.dims2()?;
     let data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    gemma4::npy::write_f32(&a.out, &[s, v], &data)?;
+    gemma4::loading::npy::write_f32(&a.out, &[s, v], &data)?;
     eprintln!("wrote {} ([{s}, {v}] f32)", a.out.display());
     Ok(())
 }
@@ -650,7 +650,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
 
 /// (kind, one-line description) of the checkpoint's audio encoder.
 fn audio_summary(cfg: &ModelConfig) -> Option<(&'static str, String)> {
-    use gemma4::audio_config::AudioSpec;
+    use gemma4::config::audio::AudioSpec;
     Some(match cfg.audio.as_ref()? {
         AudioSpec::Tower(a) => (
             "conformer",

@@ -106,8 +106,8 @@ fn logits_writes_npy_matching_reference() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (shape, got) = gemma4::npy::read_f32(&out_path).unwrap();
-    let (wshape, want) = gemma4::npy::read_f32(&dir.join("golden/logits_1.npy")).unwrap();
+    let (shape, got) = gemma4::loading::npy::read_f32(&out_path).unwrap();
+    let (wshape, want) = gemma4::loading::npy::read_f32(&dir.join("golden/logits_1.npy")).unwrap();
     assert_eq!(shape, wshape);
     let d = got
         .iter()
@@ -233,14 +233,14 @@ fn embed_image_writes_soft_tokens_and_bad_images_fail_cleanly() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (shape, data) = gemma4::npy::read_f32(&out_path).unwrap();
+    let (shape, data) = gemma4::loading::npy::read_f32(&out_path).unwrap();
     assert_eq!(shape[1], 64);
     assert_eq!(
         v["images"][0]["soft_tokens"].as_u64().unwrap() as usize,
         shape[0]
     );
     // Same values as the reference's image features for this image (prompt 1).
-    let (_, want) = gemma4::npy::read_f32(&dir.join("golden/image_features_1.npy")).unwrap();
+    let (_, want) = gemma4::loading::npy::read_f32(&dir.join("golden/image_features_1.npy")).unwrap();
     let d = data
         .iter()
         .zip(&want)
@@ -319,8 +319,8 @@ fn text_prompts_do_not_read_the_vision_weights() {
 }
 
 fn read_npy_max_diff(path: &Path, golden: &Path) -> (Vec<usize>, f32) {
-    let (shape, data) = gemma4::npy::read_f32(path).unwrap();
-    let (_, want) = gemma4::npy::read_f32(golden).unwrap();
+    let (shape, data) = gemma4::loading::npy::read_f32(path).unwrap();
+    let (_, want) = gemma4::loading::npy::read_f32(golden).unwrap();
     assert_eq!(data.len(), want.len());
     let d = data
         .iter()

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use gemma4::linear::{Linear, LinearWeight};
+use gemma4::nn::linear::{Linear, LinearWeight};
 use gemma4::quant::{quantize, QuantType};
 
 fn main() -> anyhow::Result<()> {

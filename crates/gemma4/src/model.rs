@@ -7,24 +7,24 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::audio::Audio;
-use crate::audio_config::AudioSpec;
-use crate::audio_encoder::AudioEncoder;
-use crate::audio_features::{AudioFeatureExtractor, AudioFeatures};
-use crate::chat::{ChatTemplate, Message};
+use crate::audio::decode::Audio;
+use crate::config::audio::AudioSpec;
+use crate::audio::encoder::AudioEncoder;
+use crate::audio::features::{AudioFeatureExtractor, AudioFeatures};
+use crate::prompt::chat::{ChatTemplate, Message};
 use crate::config::{Architecture, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
-use crate::image_processor::{
+use crate::vision::image_processor::{
     process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, RgbImage,
 };
 use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
 use crate::quant::QuantType;
-use crate::resample::Resampler;
-use crate::resize::ResizeKernel;
-use crate::text_model::{PromptInput, TextModel};
-use crate::tokenizer::Tokenizer;
-use crate::video::{process_video, ProcessedVideo, Video, VideoProcessorConfig};
-use crate::weights::{Checkpoint, ProgressFn, Weights};
+use crate::audio::resample::Resampler;
+use crate::vision::resize::ResizeKernel;
+use crate::text::model::{PromptInput, TextModel};
+use crate::prompt::tokenizer::Tokenizer;
+use crate::vision::video::{process_video, ProcessedVideo, Video, VideoProcessorConfig};
+use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
 
 /// How to load a checkpoint.
 pub struct LoadOptions {
@@ -104,7 +104,7 @@ pub fn default_dtype(dir: &Path) -> Result<DType> {
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
     for name in names {
-        if let Ok(crate::gguf::StoredType::Dense(t)) = ckpt.stored_type(name) {
+        if let Ok(crate::loading::gguf::StoredType::Dense(t)) = ckpt.stored_type(name) {
             if matches!(t, DType::BF16 | DType::F16 | DType::F32) {
                 return Ok(t);
             }
@@ -424,7 +424,7 @@ fn processor_configs(
     AudioFeatureExtractor,
 )> {
     let layout = match config.vision {
-        Some(crate::vision_config::VisionSpec::Unified(_)) => PatchLayout::Merged,
+        Some(crate::config::vision::VisionSpec::Unified(_)) => PatchLayout::Merged,
         _ => PatchLayout::Tower,
     };
     let mut image = ImageProcessorConfig::new(layout);

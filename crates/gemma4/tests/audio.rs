@@ -11,17 +11,17 @@
 
 mod common;
 
-use gemma4::audio::{load_audio, Audio};
-use gemma4::audio_config::{AudioConfig, AudioSpec};
-use gemma4::audio_features::AudioFeatureExtractor;
-use gemma4::audio_tower::AudioTower;
-use gemma4::generation::{generate_from, GenerateOptions};
-use gemma4::image_processor::load_image;
+use gemma4::audio::decode::{load_audio, Audio};
+use gemma4::config::audio::{AudioConfig, AudioSpec};
+use gemma4::audio::features::AudioFeatureExtractor;
+use gemma4::audio::tower::AudioTower;
+use gemma4::generate::{generate_from, GenerateOptions};
+use gemma4::vision::image_processor::load_image;
 use gemma4::model::Media;
-use gemma4::npy;
-use gemma4::sampling::SamplingParams;
-use gemma4::text_model::LogitsFor;
-use gemma4::weights::{Checkpoint, Weights};
+use gemma4::loading::npy;
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::text::model::LogitsFor;
+use gemma4::loading::weights::{Checkpoint, Weights};
 use gemma4::{Gemma4, LoadOptions, Prompt};
 
 use candle_core::{DType, Device};
@@ -345,7 +345,7 @@ fn unified_12b_audio_model_matches_reference() {
 #[cfg(feature = "soxr")]
 #[test]
 fn soxr_resampler_matches_the_soundfile_backend() {
-    use gemma4::resample::Resampler;
+    use gemma4::audio::resample::Resampler;
     let dir = fixture("audio");
     let ex = AudioFeatureExtractor::mel();
     for name in [
@@ -389,7 +389,7 @@ fn soxr_resampler_matches_the_soundfile_backend() {
 #[cfg(not(feature = "soxr"))]
 #[test]
 fn soxr_resampler_needs_its_feature() {
-    use gemma4::resample::Resampler;
+    use gemma4::audio::resample::Resampler;
     let a = Audio::new(vec![0.0; 100], 8_000).unwrap();
     let e = a
         .resampled_with(16_000, Resampler::Soxr)
@@ -461,7 +461,7 @@ fn bf16_audio_is_as_accurate_as_reference_bf16() {
 #[cfg(not(feature = "soxr"))]
 #[test]
 fn process_audio_uses_the_models_resampler() {
-    use gemma4::resample::Resampler;
+    use gemma4::audio::resample::Resampler;
     let mut model = Gemma4::load(&fixture("audio_small"), LoadOptions::default()).unwrap();
     let clip = load_audio(&fixture("audio").join("numbers_8k_u8.wav")).unwrap();
     assert!(model.process_audio(std::slice::from_ref(&clip)).is_ok());

@@ -4,8 +4,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use gemma4::generation::{generate, GenerateOptions};
-use gemma4::sampling::SamplingParams;
+use gemma4::generate::{generate, GenerateOptions};
+use gemma4::generate::sampling::SamplingParams;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 
 use common::fixture;
@@ -99,7 +99,7 @@ fn wrong_shape_names_tensor_and_file() {
 fn unreadable_tensor_type_is_named_when_needed() {
     use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
     let dir = scratch("e2b_like", "dtype");
-    let ckpt = gemma4::weights::Checkpoint::open(&dir).unwrap();
+    let ckpt = gemma4::loading::weights::Checkpoint::open(&dir).unwrap();
     let names: Vec<String> = ckpt.tensor_names().map(str::to_string).collect();
     drop(ckpt);
     let ints = vec![0u8; 8 * 64];
@@ -210,7 +210,7 @@ fn generation_stops_at_context_end_and_on_stop_ids() {
         4,
         "3 cached steps left + the token from the last one"
     );
-    assert_eq!(out.stop_reason, gemma4::generation::StopReason::ContextFull);
+    assert_eq!(out.stop_reason, gemma4::generate::StopReason::ContextFull);
 
     // Stop on the third greedy token of a known continuation.
     let free = generate(&model.text, &[2, 300, 301, 302], &opts, |_| Ok(())).unwrap();
@@ -222,7 +222,7 @@ fn generation_stops_at_context_end_and_on_stop_ids() {
     };
     let out = generate(&model.text, &[2, 300, 301, 302], &opts, |_| Ok(())).unwrap();
     assert_eq!(out.generated_ids, free.generated_ids[..=first]);
-    assert_eq!(out.stop_reason, gemma4::generation::StopReason::StopToken);
+    assert_eq!(out.stop_reason, gemma4::generate::StopReason::StopToken);
 }
 
 #[test]
@@ -237,7 +237,7 @@ fn text_prompts_start_with_bos_and_chat_uses_template() {
         model.tokenizer().unwrap().encode("Hello world!").unwrap()
     );
     let chat = model
-        .prompt_ids(&Prompt::Chat(vec![gemma4::chat::Message::new(
+        .prompt_ids(&Prompt::Chat(vec![gemma4::prompt::chat::Message::new(
             "user", "Hi",
         )]))
         .unwrap();
@@ -249,7 +249,7 @@ fn text_prompts_start_with_bos_and_chat_uses_template() {
 
 #[test]
 fn bad_audio_inputs_and_configs_are_named() {
-    use gemma4::audio::{load_audio, Audio};
+    use gemma4::audio::decode::{load_audio, Audio};
     use gemma4::model::Media;
     // A missing file names the path.
     let e = load_audio(Path::new("/nonexistent/clip.wav"))

@@ -6,13 +6,13 @@
 
 mod common;
 
-use gemma4::generation::GenerateOptions;
-use gemma4::image_processor::load_image;
+use gemma4::generate::GenerateOptions;
+use gemma4::vision::image_processor::load_image;
 use gemma4::model::Media;
-use gemma4::sampling::SamplingParams;
-use gemma4::sequence::{step, Sequence};
-use gemma4::text_model::{LogitsFor, PromptInput, StepInput, TextModel};
-use gemma4::video::load_video;
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::generate::sequence::{step, Sequence};
+use gemma4::text::model::{LogitsFor, PromptInput, StepInput, TextModel};
+use gemma4::vision::video::load_video;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 
 use common::{fixture, ids, json, max_abs, rows, TOL};
@@ -54,7 +54,7 @@ fn run(tm: &TextModel, inputs: &[PromptInput], news: &[usize], s: Schedule) -> V
         let mut batch: Vec<&mut Sequence> = seqs.iter_mut().take(joined).collect();
         let out = step(tm, &mut batch, s.chunk).unwrap();
         for (i, o) in out.into_iter().enumerate() {
-            if let Some(gemma4::sequence::StepOutput {
+            if let Some(gemma4::generate::sequence::StepOutput {
                 token: Some(id),
                 logits: Some(l),
             }) = o
@@ -158,7 +158,7 @@ fn check_media(name: &str) {
                     .unwrap_or_default(),
                 audio: list("audio")
                     .iter()
-                    .map(|f| gemma4::audio::load_audio(&fixture("audio").join(f)).unwrap())
+                    .map(|f| gemma4::audio::decode::load_audio(&fixture("audio").join(f)).unwrap())
                     .collect(),
             };
             let text = case["text"].as_str().unwrap().to_string();

@@ -8,12 +8,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use gemma4::generation::{generate, GenerateOptions};
-use gemma4::gguf::StoredType;
-use gemma4::npy;
-use gemma4::sampling::SamplingParams;
-use gemma4::text_model::LogitsFor;
-use gemma4::weights::Checkpoint;
+use gemma4::generate::{generate, GenerateOptions};
+use gemma4::loading::gguf::StoredType;
+use gemma4::loading::npy;
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::text::model::LogitsFor;
+use gemma4::loading::weights::Checkpoint;
 use gemma4::{Gemma4, LoadOptions};
 
 use common::{fixture, ids, json, max_abs, rows, top1_agreement, TOL};
@@ -269,7 +269,7 @@ fn quantizing_a_llama_cpp_file_writes_one_gguf() {
     let out =
         std::env::temp_dir().join(format!("gemma4-llamacpp-quantized-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    gemma4::quantize::quantize_checkpoint(&src, &out, QuantType::Q8_0, None).unwrap();
+    gemma4::quant::checkpoint::quantize_checkpoint(&src, &out, QuantType::Q8_0, None).unwrap();
     let ggufs: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -46,7 +46,7 @@ fn loaded_weights_leave_no_file_pages_resident() {
         .forward(
             &[2, 10, 20],
             &mut model.text.new_cache(),
-            gemma4::text_model::LogitsFor::Last,
+            gemma4::text::model::LogitsFor::Last,
         )
         .unwrap();
     assert!(logits

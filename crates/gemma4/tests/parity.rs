@@ -7,11 +7,11 @@ mod common;
 
 use std::path::Path;
 
-use gemma4::chat::Message;
-use gemma4::generation::{generate, GenerateOptions, StopReason};
-use gemma4::npy;
-use gemma4::sampling::SamplingParams;
-use gemma4::text_model::LogitsFor;
+use gemma4::prompt::chat::Message;
+use gemma4::generate::{generate, GenerateOptions, StopReason};
+use gemma4::loading::npy;
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::text::model::LogitsFor;
 use gemma4::{Gemma4, LoadOptions};
 use serde_json::Value;
 
@@ -59,7 +59,7 @@ fn check_fixture(name: &str) {
                 "{name} case {k} step {t}: cached logits differ by {d}"
             );
             assert_eq!(
-                gemma4::sampling::argmax(&row),
+                gemma4::generate::sampling::argmax(&row),
                 want_id,
                 "{name} case {k} step {t}: greedy id"
             );

@@ -7,9 +7,9 @@
 
 mod common;
 
-use gemma4::npy;
+use gemma4::loading::npy;
 use gemma4::quant::QuantType;
-use gemma4::text_model::LogitsFor;
+use gemma4::text::model::LogitsFor;
 use gemma4::{Gemma4, LoadOptions};
 
 use common::{fixture, ids, json, max_abs, rows, top1_agreement, Agreement};
@@ -137,7 +137,7 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
 /// every format on the trained fixture and for the MoE experts' stacked tensors.
 #[test]
 fn quantized_checkpoints_round_trip() {
-    use gemma4::quantize::quantize_checkpoint;
+    use gemma4::quant::checkpoint::quantize_checkpoint;
     let cases = QuantType::ALL
         .iter()
         .map(|&q| ("kquant", q))
@@ -176,7 +176,7 @@ fn quantized_checkpoints_round_trip() {
 #[test]
 fn truncated_gguf_is_an_error_naming_it() {
     let out = temp_dir("trunc");
-    gemma4::quantize::quantize_checkpoint(&fixture("kquant"), &out, QuantType::Q8_0, None).unwrap();
+    gemma4::quant::checkpoint::quantize_checkpoint(&fixture("kquant"), &out, QuantType::Q8_0, None).unwrap();
     let path = out.join("model.gguf");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();

@@ -13,18 +13,18 @@ mod common;
 
 use std::path::Path;
 
-use gemma4::generation::{generate_from, GenerateOptions};
-use gemma4::image_processor::{
+use gemma4::generate::{generate_from, GenerateOptions};
+use gemma4::vision::image_processor::{
     decode_image, load_image, process_image, target_size, ImageProcessorConfig, PatchLayout,
     RgbImage,
 };
 use gemma4::model::Media;
 use gemma4::multimodal::splice;
-use gemma4::npy;
-use gemma4::resize::{resize, ResizeKernel};
-use gemma4::sampling::SamplingParams;
-use gemma4::text_model::LogitsFor;
-use gemma4::video::{load_video, process_video};
+use gemma4::loading::npy;
+use gemma4::vision::resize::{resize, ResizeKernel};
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::text::model::LogitsFor;
+use gemma4::vision::video::{load_video, process_video};
 use gemma4::{Gemma4, LoadOptions, Prompt};
 use serde_json::Value;
 
@@ -405,7 +405,7 @@ fn marker_count_mismatch_is_an_error() {
 /// torchvision is installed; choosing a backend sets its resize and rescale together.
 #[test]
 fn images_default_to_the_torchvision_processor() {
-    use gemma4::image_processor::Rescale;
+    use gemma4::vision::image_processor::Rescale;
     let model = Gemma4::load(&fixture("vision_small"), LoadOptions::default()).unwrap();
     let mut p = model.image_processor.clone();
     assert_eq!((p.resize, p.rescale), (ResizeKernel::Torchvision, Rescale::F32Mul));

@@ -22,11 +22,11 @@ pub fn json(path: &Path) -> Value {
 /// (`make_vision_fixtures.py`); the 12B's merged-crop processor exists only with
 /// torchvision, whose goldens match the default.
 pub fn use_pil_processor(model: &mut gemma4::Gemma4) {
-    use gemma4::image_processor::PatchLayout;
+    use gemma4::vision::image_processor::PatchLayout;
     if model.image_processor.layout == PatchLayout::Tower {
         model
             .image_processor
-            .set_backend(gemma4::resize::ResizeKernel::Pillow);
+            .set_backend(gemma4::vision::resize::ResizeKernel::Pillow);
     }
 }
 
@@ -43,7 +43,7 @@ pub fn top1_agreement(got: &[f32], reference: &[f32], vocab: usize) -> usize {
     assert_eq!(got.len(), reference.len());
     got.chunks(vocab)
         .zip(reference.chunks(vocab))
-        .filter(|(a, b)| gemma4::sampling::argmax(a) == gemma4::sampling::argmax(b))
+        .filter(|(a, b)| gemma4::generate::sampling::argmax(a) == gemma4::generate::sampling::argmax(b))
         .count()
 }
 
@@ -83,15 +83,15 @@ impl Agreement {
 /// greedy continuation, against the f32 golden rows at the same positions:
 /// `(batched, decode)`, the first over whole sequences in one pass, the second over the
 /// continuation fed one token at a time after the prompt.
-pub fn agreement(tm: &gemma4::text_model::TextModel, golden: &Path) -> (Agreement, Agreement) {
-    use gemma4::text_model::LogitsFor;
+pub fn agreement(tm: &gemma4::text::model::TextModel, golden: &Path) -> (Agreement, Agreement) {
+    use gemma4::text::model::LogitsFor;
     let g = json(&golden.join("golden/prompts.json"));
     let vocab = tm.config().vocab_size;
     let (mut batched, mut decode) = (Agreement::default(), Agreement::default());
     for (k, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         let greedy = ids(&case["greedy_ids"]);
-        let read = |f: String| gemma4::npy::read_f32(&golden.join(f)).unwrap().1;
+        let read = |f: String| gemma4::loading::npy::read_f32(&golden.join(f)).unwrap().1;
         let mut want = read(format!("golden/logits_{k}.npy"));
         let steps = read(format!("golden/step_logits_{k}.npy"));
         // The last prompt row is the first step's; the other steps follow it.

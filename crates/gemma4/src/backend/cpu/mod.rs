@@ -1,0 +1,30 @@
+//! What this CPU can run, detected once at run time: every SIMD kernel of the crate asks
+//! here before taking its fast path, and falls back to portable code when the answer is
+//! no (the default build targets plain x86-64, so nothing beyond SSE2 is assumed).
+
+pub(crate) mod act_quant;
+pub(crate) mod gemv;
+pub(crate) mod kquant_gemv;
+pub(crate) mod q8_packed;
+pub(crate) mod qmatmul;
+
+
+/// AVX2 and FMA: the f32/bf16 matrix–vector kernels, activation quantization, GELU.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// AVX2, FMA and F16C: the quantized decode kernels, which widen f16 block scales.
+pub fn has_avx2_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2_fma() && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}

@@ -1,0 +1,230 @@
+//! Many sequences through one model: a [`Sequence`] is one generation (its prompt, its
+//! own KV cache, sampler and stop state) and [`step`] advances any set of them by one
+//! forward pass ([`TextModel::forward_batch`]): sequences still in their prompt run the
+//! next chunk of it, the others decode one token, and every weight is read once for all
+//! of them. Sequences join and leave between steps; each gets exactly the tokens it
+//! would get alone (its logits within f32 rounding: a batched product may sum in
+//! another order than a one-row one).
+//!
+//! [`crate::generate::generate_from`] is this loop with one sequence; a server keeps a
+//! set of sequences and calls [`step`] while any is unfinished.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOptions, StopReason};
+use crate::text::kv_cache::KvCache;
+use crate::generate::sampling::Sampler;
+use crate::text::model::{LogitsFor, PromptInput, StepInput, TextModel};
+
+/// Generated tokens the cache is allocated for up front; a longer generation grows it
+/// (doubling), so a huge `max_new_tokens` does not reserve the whole context.
+const RESERVED_NEW_TOKENS: usize = 1024;
+
+/// One generation in progress.
+pub struct Sequence {
+    prompt: PromptInput,
+    cache: KvCache,
+    sampler: Sampler,
+    max_new_tokens: usize,
+    stop_ids: Vec<u32>,
+    /// Prompt tokens already run.
+    fed: usize,
+    /// Prompt and generated ids (the repetition penalty reads them).
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    stop: Option<StopReason>,
+}
+
+/// What one [`step`] did for one sequence.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// The token chosen this step (`None` while the prompt is still being run).
+    pub token: Option<u32>,
+    /// The logits it was chosen from (f32, the vocabulary wide).
+    pub logits: Option<Vec<f32>>,
+}
+
+impl Sequence {
+    /// A sequence for `prompt` (text or multimodal, see [`crate::Gemma4::prepare`]). Its
+    /// cache is reserved for the prompt plus `max_new_tokens` (up to
+    /// `RESERVED_NEW_TOKENS` (1024) of them), within the model's context.
+    pub fn new(model: &TextModel, prompt: PromptInput, opts: &GenerateOptions) -> Result<Self> {
+        let max = model.config().max_position_embeddings;
+        if prompt.ids.is_empty() {
+            return Err(Error::invalid_argument("prompt", "is empty"));
+        }
+        if prompt.ids.len() > max {
+            return Err(Error::ContextTooLong {
+                prompt: prompt.ids.len(),
+                new: opts.max_new_tokens,
+                max,
+            });
+        }
+        if prompt.ple_ids.len() != prompt.ids.len()
+            || prompt.spans.as_ref().is_some_and(|s| s.len() != prompt.ids.len())
+            || prompt.embeds.as_ref().is_some_and(|e| e.dim(0).ok() != Some(prompt.ids.len()))
+        {
+            return Err(Error::invalid_argument(
+                "prompt",
+                "its ids, per-layer ids, spans and embeddings differ in length",
+            ));
+        }
+        let mut cache = model.new_cache();
+        let new = opts.max_new_tokens.min(RESERVED_NEW_TOKENS);
+        cache.reserve(max.min(prompt.ids.len() + new))?;
+        Ok(Sequence {
+            history: prompt.ids.clone(),
+            sampler: Sampler::new(opts.sampling.clone())?,
+            cache,
+            max_new_tokens: opts.max_new_tokens,
+            stop_ids: opts.stop_ids.clone(),
+            fed: 0,
+            generated: Vec::new(),
+            stop: (opts.max_new_tokens == 0).then_some(StopReason::MaxTokens),
+            prompt,
+        })
+    }
+
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.prompt.ids
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Why the sequence stopped, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Whether the prompt has been run through (the sequence is decoding).
+    pub fn is_prefilled(&self) -> bool {
+        self.fed == self.prompt.ids.len()
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Rows of this sequence's next step: up to `chunk` prompt tokens, extended so an
+    /// image/video span is never cut (its tokens attend to each other both ways), or the
+    /// last generated token.
+    fn next_rows(&self, chunk: usize) -> std::ops::Range<usize> {
+        let len = self.prompt.ids.len();
+        if self.fed == len {
+            return len..len;
+        }
+        let mut end = (self.fed + chunk.max(1)).min(len);
+        if let Some(spans) = &self.prompt.spans {
+            while end < len && spans[end] >= 0 && spans[end] == spans[end - 1] {
+                end += 1;
+            }
+        }
+        self.fed..end
+    }
+
+    /// This sequence's part of the next forward pass.
+    fn input(&mut self, model: &TextModel, chunk: usize) -> Result<StepInput<'_>> {
+        let rows = self.next_rows(chunk);
+        if rows.is_empty() {
+            let last = *self.generated.last().expect("a decoding sequence has a token");
+            let ids = std::slice::from_ref(self.generated.last().expect("checked"));
+            return Ok(StepInput {
+                embeds: model.embed(&[last])?,
+                ple_ids: ids,
+                spans: None,
+                cache: &mut self.cache,
+                which: LogitsFor::Last,
+            });
+        }
+        let p = &self.prompt;
+        let embeds = match &p.embeds {
+            Some(e) => e.narrow(0, rows.start, rows.len())?,
+            None => model.embed(&p.ids[rows.clone()])?,
+        };
+        Ok(StepInput {
+            embeds,
+            ple_ids: &p.ple_ids[rows.clone()],
+            spans: p.spans.as_deref().map(|s| &s[rows.clone()]),
+            cache: &mut self.cache,
+            which: if rows.end == p.ids.len() {
+                LogitsFor::Last
+            } else {
+                LogitsFor::None
+            },
+        })
+    }
+
+    /// Takes the step's logits (when the step ran the last prompt chunk or decoded):
+    /// samples, records and checks the stop conditions, in `generate`'s order.
+    fn finish_step(
+        &mut self,
+        ran: usize,
+        logits: Option<Tensor>,
+        max_positions: usize,
+    ) -> Result<StepOutput> {
+        if !self.is_prefilled() {
+            self.fed += ran;
+        }
+        let Some(logits) = logits else {
+            return Ok(StepOutput {
+                token: None,
+                logits: None,
+            });
+        };
+        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        let next = self.sampler.sample(&row, &self.history);
+        self.generated.push(next);
+        self.history.push(next);
+        self.stop = if self.stop_ids.contains(&next) {
+            Some(StopReason::StopToken)
+        } else if self.generated.len() >= self.max_new_tokens {
+            Some(StopReason::MaxTokens)
+        } else if self.cache.seq_len() >= max_positions {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        Ok(StepOutput {
+            token: Some(next),
+            logits: Some(row),
+        })
+    }
+}
+
+/// Advances every unfinished sequence of `seqs` by one forward pass: those still in their
+/// prompt run up to `prefill_chunk` more prompt tokens (a whole image span at least),
+/// the others the token they chose last. Returns what happened to each (`None` for a
+/// sequence that had already finished).
+pub fn step(
+    model: &TextModel,
+    seqs: &mut [&mut Sequence],
+    prefill_chunk: usize,
+) -> Result<Vec<Option<StepOutput>>> {
+    let active: Vec<bool> = seqs.iter().map(|s| !s.is_finished()).collect();
+    let rows: Vec<usize> = seqs
+        .iter()
+        .map(|s| s.next_rows(prefill_chunk).len().max(1))
+        .collect();
+    let mut inputs = Vec::new();
+    for (s, _) in seqs.iter_mut().zip(&active).filter(|(_, a)| **a) {
+        inputs.push(s.input(model, prefill_chunk)?);
+    }
+    let mut logits = model.forward_batch(&mut inputs)?.into_iter();
+    drop(inputs);
+    let max = model.config().max_position_embeddings;
+    let mut out = Vec::with_capacity(seqs.len());
+    for ((s, a), n) in seqs.iter_mut().zip(active).zip(rows) {
+        out.push(match a {
+            true => Some(s.finish_step(n, logits.next().flatten(), max)?),
+            false => None,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,180 @@
+//! Tokenizer: a checkpoint's `tokenizer.json` through the `tokenizers` crate, with the
+//! pipeline transformers' `GemmaTokenizer` rebuilds around the file's vocabulary and
+//! merges: normalizer `" " → "▁"` (no prefix space, no NFKC), pre-tokenizer
+//! `Split(" ", merged_with_previous)`, BPE with byte fallback, decoder `"▁" → " "`, byte
+//! fallback, fuse. Special tokens match verbatim before normalisation. The file's
+//! post-processor is kept, so BOS is added exactly when the reference adds it; raw-text
+//! prompts get their BOS from prompt building ([`crate::prompt`]).
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`; `dir/tokenizer_config.json` (optional) names the class.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found"),
+            ));
+        }
+        let err = |message: String| Error::Tokenizer {
+            path: path.clone(),
+            message,
+        };
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+        let class = read_tokenizer_class(&dir.join("tokenizer_config.json"))?;
+        Self::with_pipeline(inner, path, class.as_deref())
+    }
+
+    /// A tokenizer from the JSON of a `tokenizer.json` (a llama.cpp GGUF file's vocabulary,
+    /// [`crate::loading::gguf::metadata::tokenizer_json`]); `origin` names it in errors.
+    pub fn from_json(json: &serde_json::Value, origin: &Path) -> Result<Self> {
+        let inner = json
+            .to_string()
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::Tokenizer {
+                path: origin.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Self::with_pipeline(inner, origin.to_path_buf(), None)
+    }
+
+    /// Gemma's normalizer, pre-tokenizer and decoder around `inner`'s vocabulary, unless
+    /// `class` names another tokenizer class.
+    fn with_pipeline(
+        mut inner: tokenizers::Tokenizer,
+        path: PathBuf,
+        class: Option<&str>,
+    ) -> Result<Self> {
+        let err = |message: String| Error::Tokenizer {
+            path: path.clone(),
+            message,
+        };
+        if class.is_none_or(|c| c.starts_with("GemmaTokenizer")) {
+            let replace = Replace::new(" ", "\u{2581}").map_err(|e| err(e.to_string()))?;
+            inner
+                .with_normalizer(Some(NormalizerWrapper::Replace(replace)))
+                .map_err(|e| err(e.to_string()))?;
+            let split = Split::new(
+                SplitPattern::String(" ".into()),
+                SplitDelimiterBehavior::MergedWithPrevious,
+                false,
+            )
+            .map_err(|e| err(e.to_string()))?;
+            inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Split(split)));
+            let undo = Replace::new("\u{2581}", " ").map_err(|e| err(e.to_string()))?;
+            inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(vec![
+                DecoderWrapper::Replace(undo),
+                DecoderWrapper::ByteFallback(ByteFallback::new()),
+                DecoderWrapper::Fuse(Fuse::new()),
+            ]))));
+        }
+        Ok(Tokenizer { inner, path })
+    }
+
+    /// Token ids of `text` as the reference's `tokenizer(text).input_ids`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text` without the post-processor's special tokens (as
+    /// `apply_chat_template(tokenize=True)`).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.err(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.err(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn err(&self, message: String) -> Error {
+        Error::Tokenizer {
+            path: self.path.clone(),
+            message,
+        }
+    }
+}
+
+fn read_tokenizer_class(path: &Path) -> Result<Option<String>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let v = crate::error::read_json(path)?;
+    Ok(v.get("tokenizer_class")
+        .and_then(|c| c.as_str())
+        .map(str::to_string))
+}
+
+/// Turns a growing list of generated ids into text pieces as they become printable:
+/// byte-fallback tokens of one UTF-8 character are held back until it is complete.
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        StreamDecoder {
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds `id`; returns the newly printable text, if any.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
+            return Ok(None);
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(piece))
+    }
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
