@@ -5,14 +5,16 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use gemma4::generate::GenerateOptions;
 use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::sequence::{step, Sequence};
+use gemma4::generate::GenerateOptions;
 use gemma4::text::model::PromptInput;
 use gemma4::{Gemma4, LoadOptions};
 use serde_json::json;
 
-use crate::BenchArgs;
+use clap::Args;
+
+use crate::args::ModelArgs;
 
 /// Peak resident set size of this process in bytes (`VmHWM`), where the OS reports it.
 pub(crate) fn peak_rss_bytes() -> Option<u64> {
@@ -111,6 +113,31 @@ fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
     })
 }
 
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Prompt length in tokens (a fixed pseudo-random prompt).
+    #[arg(long, default_value_t = 128)]
+    pub(crate) prompt_len: usize,
+    /// Tokens generated per run (greedy, no stop).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) gen: usize,
+    /// Measured runs; the medians are reported.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) runs: usize,
+    /// Unmeasured runs first.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) warmup: usize,
+    /// Sequences decoded together, each with its own prompt and cache: every step is
+    /// one forward pass over all of them. Reports aggregate and per-sequence tok/s.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) batch: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
 pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.prompt_len == 0 || a.gen == 0 || a.runs == 0 || a.batch == 0 {
         bail!("--prompt-len, --gen, --runs and --batch must be at least 1");
@@ -181,10 +208,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|r| n * a.prompt_len as f64 / r.prefill_s)
         .collect();
-    let decode: Vec<f64> = runs
-        .iter()
-        .map(|r| n * a.gen as f64 / r.decode_s)
-        .collect();
+    let decode: Vec<f64> = runs.iter().map(|r| n * a.gen as f64 / r.decode_s).collect();
     let (p, d) = (median(prefill.clone()), median(decode.clone()));
     let rss = peak_rss_bytes();
     let bandwidth = read_bandwidth(threads);

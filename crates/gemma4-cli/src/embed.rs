@@ -4,7 +4,10 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
-use crate::{load, media_of, EmbedAudioArgs, EmbedImageArgs};
+use clap::Args;
+use std::path::PathBuf;
+
+use crate::args::{load, media_of, MediaArgs, ModelArgs};
 
 /// Writes `[n, h]` f32 rows to `out` and returns `(n, h)`.
 fn write_rows(rows: &[Tensor], out: &std::path::Path) -> Result<(usize, usize)> {
@@ -12,6 +15,38 @@ fn write_rows(rows: &[Tensor], out: &std::path::Path) -> Result<(usize, usize)> 
     let (n, h) = all.dims2()?;
     gemma4::loading::npy::write_f32(out, &[n, h], &all.flatten_all()?.to_vec1()?)?;
     Ok((n, h))
+}
+
+#[derive(Args)]
+pub(crate) struct EmbedImageArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) media: MediaArgs,
+    /// Output .npy file: the soft tokens of all images, concatenated ([tokens, hidden]).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Print a JSON summary (tokens per image, shape) instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct EmbedAudioArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) media: MediaArgs,
+    /// Output .npy file: the soft tokens of all clips, concatenated ([tokens, width]).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Write the encoder's output before `embed_audio` (the tower's soft tokens, or the
+    /// 12B's raw frames) instead of the text-width soft tokens.
+    #[arg(long)]
+    pub(crate) before_projection: bool,
+    /// Print a JSON summary (tokens per clip, shape) instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 pub(crate) fn cmd_embed_image(a: EmbedImageArgs) -> Result<()> {

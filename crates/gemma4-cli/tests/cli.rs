@@ -240,7 +240,8 @@ fn embed_image_writes_soft_tokens_and_bad_images_fail_cleanly() {
         shape[0]
     );
     // Same values as the reference's image features for this image (prompt 1).
-    let (_, want) = gemma4::loading::npy::read_f32(&dir.join("golden/image_features_1.npy")).unwrap();
+    let (_, want) =
+        gemma4::loading::npy::read_f32(&dir.join("golden/image_features_1.npy")).unwrap();
     let d = data
         .iter()
         .zip(&want)

@@ -8,23 +8,23 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::audio::decode::Audio;
-use crate::config::audio::AudioSpec;
 use crate::audio::encoder::AudioEncoder;
 use crate::audio::features::{AudioFeatureExtractor, AudioFeatures};
-use crate::prompt::chat::{ChatTemplate, Message};
+use crate::audio::resample::Resampler;
+use crate::config::audio::AudioSpec;
 use crate::config::{Architecture, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
+use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
+use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
+use crate::prompt::chat::{ChatTemplate, Message};
+use crate::prompt::tokenizer::Tokenizer;
+use crate::quant::QuantType;
+use crate::text::model::{PromptInput, TextModel};
 use crate::vision::image_processor::{
     process_image, ImageProcessorConfig, PatchLayout, ProcessedImage, RgbImage,
 };
-use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
-use crate::quant::QuantType;
-use crate::audio::resample::Resampler;
 use crate::vision::resize::ResizeKernel;
-use crate::text::model::{PromptInput, TextModel};
-use crate::prompt::tokenizer::Tokenizer;
 use crate::vision::video::{process_video, ProcessedVideo, Video, VideoProcessorConfig};
-use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
 
 /// How to load a checkpoint.
 pub struct LoadOptions {

@@ -12,16 +12,16 @@
 mod common;
 
 use gemma4::audio::decode::{load_audio, Audio};
-use gemma4::config::audio::{AudioConfig, AudioSpec};
 use gemma4::audio::features::AudioFeatureExtractor;
 use gemma4::audio::tower::AudioTower;
-use gemma4::generate::{generate_from, GenerateOptions};
-use gemma4::vision::image_processor::load_image;
-use gemma4::model::Media;
-use gemma4::loading::npy;
+use gemma4::config::audio::{AudioConfig, AudioSpec};
 use gemma4::generate::sampling::SamplingParams;
-use gemma4::text::model::LogitsFor;
+use gemma4::generate::{generate_from, GenerateOptions};
+use gemma4::loading::npy;
 use gemma4::loading::weights::{Checkpoint, Weights};
+use gemma4::model::Media;
+use gemma4::text::model::LogitsFor;
+use gemma4::vision::image_processor::load_image;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 
 use candle_core::{DType, Device};

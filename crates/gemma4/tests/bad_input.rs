@@ -4,8 +4,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use gemma4::generate::{generate, GenerateOptions};
 use gemma4::generate::sampling::SamplingParams;
+use gemma4::generate::{generate, GenerateOptions};
 use gemma4::{Gemma4, LoadOptions, Prompt};
 
 use common::fixture;

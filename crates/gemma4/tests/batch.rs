@@ -6,12 +6,12 @@
 
 mod common;
 
-use gemma4::generate::GenerateOptions;
-use gemma4::vision::image_processor::load_image;
-use gemma4::model::Media;
 use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::sequence::{step, Sequence};
+use gemma4::generate::GenerateOptions;
+use gemma4::model::Media;
 use gemma4::text::model::{LogitsFor, PromptInput, StepInput, TextModel};
+use gemma4::vision::image_processor::load_image;
 use gemma4::vision::video::load_video;
 use gemma4::{Gemma4, LoadOptions, Prompt};
 

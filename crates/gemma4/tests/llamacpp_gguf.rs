@@ -8,12 +8,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::{generate, GenerateOptions};
 use gemma4::loading::gguf::StoredType;
 use gemma4::loading::npy;
-use gemma4::generate::sampling::SamplingParams;
-use gemma4::text::model::LogitsFor;
 use gemma4::loading::weights::Checkpoint;
+use gemma4::text::model::LogitsFor;
 use gemma4::{Gemma4, LoadOptions};
 
 use common::{fixture, ids, json, max_abs, rows, top1_agreement, TOL};

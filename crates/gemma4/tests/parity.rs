@@ -7,10 +7,10 @@ mod common;
 
 use std::path::Path;
 
-use gemma4::prompt::chat::Message;
+use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::{generate, GenerateOptions, StopReason};
 use gemma4::loading::npy;
-use gemma4::generate::sampling::SamplingParams;
+use gemma4::prompt::chat::Message;
 use gemma4::text::model::LogitsFor;
 use gemma4::{Gemma4, LoadOptions};
 use serde_json::Value;

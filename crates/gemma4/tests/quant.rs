@@ -176,7 +176,8 @@ fn quantized_checkpoints_round_trip() {
 #[test]
 fn truncated_gguf_is_an_error_naming_it() {
     let out = temp_dir("trunc");
-    gemma4::quant::checkpoint::quantize_checkpoint(&fixture("kquant"), &out, QuantType::Q8_0, None).unwrap();
+    gemma4::quant::checkpoint::quantize_checkpoint(&fixture("kquant"), &out, QuantType::Q8_0, None)
+        .unwrap();
     let path = out.join("model.gguf");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();

@@ -13,17 +13,17 @@ mod common;
 
 use std::path::Path;
 
+use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::{generate_from, GenerateOptions};
+use gemma4::loading::npy;
+use gemma4::model::Media;
+use gemma4::multimodal::splice;
+use gemma4::text::model::LogitsFor;
 use gemma4::vision::image_processor::{
     decode_image, load_image, process_image, target_size, ImageProcessorConfig, PatchLayout,
     RgbImage,
 };
-use gemma4::model::Media;
-use gemma4::multimodal::splice;
-use gemma4::loading::npy;
 use gemma4::vision::resize::{resize, ResizeKernel};
-use gemma4::generate::sampling::SamplingParams;
-use gemma4::text::model::LogitsFor;
 use gemma4::vision::video::{load_video, process_video};
 use gemma4::{Gemma4, LoadOptions, Prompt};
 use serde_json::Value;
@@ -408,7 +408,13 @@ fn images_default_to_the_torchvision_processor() {
     use gemma4::vision::image_processor::Rescale;
     let model = Gemma4::load(&fixture("vision_small"), LoadOptions::default()).unwrap();
     let mut p = model.image_processor.clone();
-    assert_eq!((p.resize, p.rescale), (ResizeKernel::Torchvision, Rescale::F32Mul));
+    assert_eq!(
+        (p.resize, p.rescale),
+        (ResizeKernel::Torchvision, Rescale::F32Mul)
+    );
     p.set_backend(ResizeKernel::Pillow);
-    assert_eq!((p.resize, p.rescale), (ResizeKernel::Pillow, Rescale::F64Mul));
+    assert_eq!(
+        (p.resize, p.rescale),
+        (ResizeKernel::Pillow, Rescale::F64Mul)
+    );
 }

@@ -21,11 +21,11 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::nn::activation::soft_cap;
 use crate::config::audio::AudioConfig;
 use crate::error::Result;
-use crate::nn::linear::Linear;
 use crate::loading::weights::Weights;
+use crate::nn::activation::soft_cap;
+use crate::nn::linear::Linear;
 
 /// Sinusoidal relative position embeddings `[P + 1, hidden]`, positions `P, P−1, …, 0`,
 /// `[sin…, cos…]` with `hidden/2` timescales from 1 to 10⁴.

@@ -17,8 +17,8 @@ use symphonia::core::formats::{FormatOptions, TrackType};
 use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
 
-use crate::error::{Error, Result};
 use crate::audio::resample::{resample_with, Resampler};
+use crate::error::{Error, Result};
 
 /// A mono clip: f32 samples in [-1, 1] at `sample_rate` Hz.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,12 +8,12 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::audio::AudioSpec;
 use crate::audio::features::{AudioFeatureExtractor, AudioFeatures};
 use crate::audio::tower::AudioTower;
+use crate::config::audio::AudioSpec;
 use crate::error::{Error, Result};
-use crate::multimodal::embedder::MultimodalEmbedder;
 use crate::loading::weights::{Checkpoint, Weights};
+use crate::multimodal::embedder::MultimodalEmbedder;
 
 pub enum AudioEncoder {
     /// `model.audio_tower.` + `model.embed_audio.`

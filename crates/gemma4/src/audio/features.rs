@@ -22,9 +22,9 @@ use realfft::RealFftPlanner;
 use serde_json::Value;
 
 use crate::audio::decode::Audio;
+use crate::audio::resample::Resampler;
 use crate::config::Fields;
 use crate::error::{Error, Result};
-use crate::audio::resample::Resampler;
 
 /// `Gemma4AudioFeatureExtractor`'s settings.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,12 +19,12 @@
 use candle_core::{DType, Tensor};
 
 use crate::audio::attention::{relative_positions, AudioAttention};
-use crate::config::audio::AudioConfig;
 use crate::audio::features::AudioFeatures;
+use crate::config::audio::AudioConfig;
 use crate::error::{Error, Result};
+use crate::loading::weights::Weights;
 use crate::nn::linear::Linear;
 use crate::nn::norm::{LayerNorm, RmsNorm};
-use crate::loading::weights::Weights;
 
 fn clip(x: &Tensor, bound: f64) -> Result<Tensor> {
     // min(gradient_clipping, finfo(dtype).max)

@@ -12,15 +12,14 @@
 pub mod audio;
 pub mod vision;
 
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
 use crate::config::audio::AudioSpec;
-use crate::error::{Error, Result};
 use crate::config::vision::{MultimodalTokens, VisionSpec};
+use crate::error::{Error, Result};
 
 /// Attention type of one decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,7 +6,6 @@
 pub mod sampling;
 pub mod sequence;
 
-
 use std::time::Instant;
 
 use crate::error::Result;
@@ -107,7 +106,9 @@ pub fn generate_from(
     Ok(GenerationOutput {
         prompt_ids: prompt.ids.clone(),
         generated_ids: seq.generated().to_vec(),
-        stop_reason: seq.stop_reason().expect("the loop ran until the sequence stopped"),
+        stop_reason: seq
+            .stop_reason()
+            .expect("the loop ran until the sequence stopped"),
         prefill_secs,
         decode_secs: t1.elapsed().as_secs_f64(),
     })

@@ -8,7 +8,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SamplingParams {
     /// `None` or 0 = greedy.
     pub temperature: Option<f64>,
@@ -17,19 +17,6 @@ pub struct SamplingParams {
     pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: None,
-            top_k: None,
-            top_p: None,
-            min_p: None,
-            repetition_penalty: None,
-            seed: 0,
-        }
-    }
 }
 
 impl SamplingParams {

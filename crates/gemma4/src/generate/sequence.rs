@@ -12,9 +12,9 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::generate::sampling::Sampler;
 use crate::generate::{GenerateOptions, StopReason};
 use crate::text::kv_cache::KvCache;
-use crate::generate::sampling::Sampler;
 use crate::text::model::{LogitsFor, PromptInput, StepInput, TextModel};
 
 /// Generated tokens the cache is allocated for up front; a longer generation grows it
@@ -62,8 +62,14 @@ impl Sequence {
             });
         }
         if prompt.ple_ids.len() != prompt.ids.len()
-            || prompt.spans.as_ref().is_some_and(|s| s.len() != prompt.ids.len())
-            || prompt.embeds.as_ref().is_some_and(|e| e.dim(0).ok() != Some(prompt.ids.len()))
+            || prompt
+                .spans
+                .as_ref()
+                .is_some_and(|s| s.len() != prompt.ids.len())
+            || prompt
+                .embeds
+                .as_ref()
+                .is_some_and(|e| e.dim(0).ok() != Some(prompt.ids.len()))
         {
             return Err(Error::invalid_argument(
                 "prompt",
@@ -133,7 +139,10 @@ impl Sequence {
     fn input(&mut self, model: &TextModel, chunk: usize) -> Result<StepInput<'_>> {
         let rows = self.next_rows(chunk);
         if rows.is_empty() {
-            let last = *self.generated.last().expect("a decoding sequence has a token");
+            let last = *self
+                .generated
+                .last()
+                .expect("a decoding sequence has a token");
             let ids = std::slice::from_ref(self.generated.last().expect("checked"));
             return Ok(StepInput {
                 embeds: model.embed(&[last])?,

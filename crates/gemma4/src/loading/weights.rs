@@ -21,9 +21,9 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::loading::gguf::{self, StoredType};
+use crate::loading::gguf::{metadata as gguf_metadata, names as gguf_names};
 use crate::nn::linear::LinearWeight;
 use crate::quant::{self, QuantType};
-use crate::loading::gguf::{metadata as gguf_metadata, names as gguf_names};
 
 struct TensorEntry {
     file: usize,
@@ -483,11 +483,9 @@ impl Checkpoint {
         let parts = (0..n)
             .map(|i| {
                 let part = std::borrow::Cow::Borrowed(&bytes[i * per..(i + 1) * per]);
-                quant::from_bytes(part, q, rows, cols, &Device::Cpu).map_err(|err| {
-                    Error::Gguf {
-                        path: self.files[e.file].path.clone(),
-                        message: format!("tensor `{name}`: {err}"),
-                    }
+                quant::from_bytes(part, q, rows, cols, &Device::Cpu).map_err(|err| Error::Gguf {
+                    path: self.files[e.file].path.clone(),
+                    message: format!("tensor `{name}`: {err}"),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

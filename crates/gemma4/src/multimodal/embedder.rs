@@ -6,9 +6,9 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::loading::weights::Weights;
 use crate::nn::linear::Linear;
 use crate::nn::norm::RmsNorm;
-use crate::loading::weights::Weights;
 
 #[derive(Debug, Clone)]
 pub struct MultimodalEmbedder {

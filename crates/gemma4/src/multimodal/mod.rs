@@ -16,20 +16,19 @@
 
 pub mod embedder;
 
-
 use candle_core::{DType, Device, Tensor};
 
 use crate::audio::encoder::AudioEncoder;
 use crate::audio::features::AudioFeatures;
+use crate::config::vision::{MultimodalTokens, VisionSpec};
 use crate::error::{Error, Result};
-use crate::vision::image_embedder::ImageEmbedder;
-use crate::vision::image_processor::{PatchLayout, ProcessedImage};
+use crate::loading::weights::{Checkpoint, Weights};
 use crate::multimodal::embedder::MultimodalEmbedder;
 use crate::text::model::{PromptInput, TextModel};
-use crate::vision::video::{timestamp, ProcessedVideo};
+use crate::vision::image_embedder::ImageEmbedder;
+use crate::vision::image_processor::{PatchLayout, ProcessedImage};
 use crate::vision::tower::VisionTower;
-use crate::config::vision::{MultimodalTokens, VisionSpec};
-use crate::loading::weights::{Checkpoint, Weights};
+use crate::vision::video::{timestamp, ProcessedVideo};
 
 /// The image encoder of a checkpoint.
 pub enum VisionEncoder {

@@ -13,12 +13,12 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor, D};
 use half::bf16;
 
-use crate::error::Result;
 use crate::backend::cpu::gemv::{gemv_bf16, gemv_f32, widen_bf16};
 use crate::backend::cpu::q8_packed::PackedQ8;
 use crate::backend::cpu::qmatmul;
-use crate::text::model::round_to;
+use crate::error::Result;
 use crate::loading::weights::Weights;
+use crate::text::model::round_to;
 
 /// The most input rows the matrix–vector kernels take (decode batches); more rows go
 /// through a GEMM. Up to here the kernels stay bound by reading the weights.

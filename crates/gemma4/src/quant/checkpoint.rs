@@ -14,10 +14,10 @@ use std::path::Path;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::loading::gguf::{self, StoredType, TensorPlan};
+use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
 use crate::model::text_prefix;
 use crate::quant::QuantType;
 use crate::text::model::TextModel;
-use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
 
 /// What [`quantize_checkpoint`] wrote.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,6 @@
 
 pub mod checkpoint;
 
-
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;

@@ -16,13 +16,13 @@ use candle_core::{DType, Tensor};
 
 use std::collections::BTreeMap;
 
+use crate::config::vision::VisionConfig;
 use crate::config::{Bidirectional, KvSource, LayerSpec, LayerType};
-use crate::text::kv_cache::{KvCache, EMPTY};
 use crate::error::Result;
+use crate::loading::weights::Weights;
 use crate::nn::linear::Linear;
 use crate::nn::norm::RmsNorm;
-use crate::config::vision::VisionConfig;
-use crate::loading::weights::Weights;
+use crate::text::kv_cache::{KvCache, EMPTY};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -187,7 +187,8 @@ impl Attention {
         for s in seqs.iter_mut() {
             let (start, n) = (s.rows.start, s.rows.len());
             if let Some((k, v)) = &own {
-                s.cache.write(layer, &k.narrow(1, start, n)?, &v.narrow(1, start, n)?)?;
+                s.cache
+                    .write(layer, &k.narrow(1, start, n)?, &v.narrow(1, start, n)?)?;
             }
             let (k, v) = s.cache.view(source)?;
             let q = q.narrow(1, start, n)?;
@@ -275,7 +276,11 @@ pub fn causal_mask(
             });
         }
     }
-    Ok(Some(Tensor::from_vec(m, (q_pos.len(), k_pos.len()), device)?))
+    Ok(Some(Tensor::from_vec(
+        m,
+        (q_pos.len(), k_pos.len()),
+        device,
+    )?))
 }
 
 /// Softmax-free check used by tests: the row-wise count of visible keys.
@@ -331,12 +336,20 @@ mod tests {
             .unwrap();
         assert_eq!(visible_counts(&m), [1, 2, 3]);
         // Decode: one query over the kept W-1 keys plus itself.
-        assert!(causal_mask(&[20], &[17, 18, 19, 20], Some(4), None, &Device::Cpu)
-            .unwrap()
-            .is_none());
-        assert!(causal_mask(&[20], &(0..21).collect::<Vec<_>>(), None, None, &Device::Cpu)
-            .unwrap()
-            .is_none());
+        assert!(
+            causal_mask(&[20], &[17, 18, 19, 20], Some(4), None, &Device::Cpu)
+                .unwrap()
+                .is_none()
+        );
+        assert!(causal_mask(
+            &[20],
+            &(0..21).collect::<Vec<_>>(),
+            None,
+            None,
+            &Device::Cpu
+        )
+        .unwrap()
+        .is_none());
     }
 
     #[test]

@@ -13,15 +13,15 @@
 
 use candle_core::Tensor;
 
-use crate::nn::activation::gelu_tanh;
-use crate::text::attention::{Attention, SeqStep};
 use crate::config::{LayerSpec, TextConfig};
 use crate::error::Result;
+use crate::loading::weights::Weights;
+use crate::nn::activation::gelu_tanh;
 use crate::nn::linear::Linear;
+use crate::nn::norm::RmsNorm;
+use crate::text::attention::{Attention, SeqStep};
 use crate::text::mlp::Mlp;
 use crate::text::moe::{Experts, Router};
-use crate::nn::norm::RmsNorm;
-use crate::loading::weights::Weights;
 
 struct MoeBranch {
     router: Router,

@@ -33,7 +33,13 @@ struct LayerKv {
 }
 
 impl LayerKv {
-    fn zeros(kv_heads: usize, cap: usize, head_dim: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    fn zeros(
+        kv_heads: usize,
+        cap: usize,
+        head_dim: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         Ok(LayerKv {
             k: Tensor::zeros((kv_heads, cap, head_dim), dtype, dev)?,
             v: Tensor::zeros((kv_heads, cap, head_dim), dtype, dev)?,
@@ -72,7 +78,13 @@ impl LayerKv {
 
 /// Runs `(source slot, destination slot, length)` that move positions `lo..hi` between
 /// two buffers of capacities `from` and `to` (rings when `ring`, else slot = position).
-fn segments(lo: usize, hi: usize, from: usize, to: usize, ring: bool) -> Vec<(usize, usize, usize)> {
+fn segments(
+    lo: usize,
+    hi: usize,
+    from: usize,
+    to: usize,
+    ring: bool,
+) -> Vec<(usize, usize, usize)> {
     let slot = |p: usize, cap: usize| if ring { p % cap } else { p };
     let mut out = Vec::new();
     let mut p = lo;
@@ -125,8 +137,16 @@ impl KvCache {
         KvCache {
             layers: cfg.layers.iter().map(|_| None).collect(),
             types: cfg.layers.iter().map(|l| l.layer_type).collect(),
-            geometry: cfg.layers.iter().map(|l| (l.num_kv_heads, l.head_dim)).collect(),
-            owns: cfg.layers.iter().map(|l| l.kv_source == KvSource::Own).collect(),
+            geometry: cfg
+                .layers
+                .iter()
+                .map(|l| (l.num_kv_heads, l.head_dim))
+                .collect(),
+            owns: cfg
+                .layers
+                .iter()
+                .map(|l| l.kv_source == KvSource::Own)
+                .collect(),
             window: cfg.sliding_window.max(1),
             seq_len: 0,
             pending: 0,
@@ -170,7 +190,10 @@ impl KvCache {
             LayerType::Full => self.seq_len,
             LayerType::Sliding => {
                 let lo = self.seq_len.saturating_sub(self.window - 1);
-                self.ring.iter().filter(|&&p| p != EMPTY && p >= lo && p < self.seq_len).count()
+                self.ring
+                    .iter()
+                    .filter(|&&p| p != EMPTY && p >= lo && p < self.seq_len)
+                    .count()
             }
         })
     }
@@ -203,8 +226,8 @@ impl KvCache {
             ));
         }
         let need = len.saturating_sub(self.window - 1)..len;
-        let held = |p: usize| self.ring.iter().any(|&q| q == p);
-        let ring_layers = self.types.iter().any(|t| *t == LayerType::Sliding);
+        let held = |p: usize| !self.ring.is_empty() && self.ring[p % self.ring.len()] == p;
+        let ring_layers = self.types.contains(&LayerType::Sliding);
         if ring_layers && !need.clone().all(held) {
             return Err(Error::invalid_argument(
                 "truncate",
@@ -372,7 +395,14 @@ mod tests {
     }
 
     fn firsts(t: &Tensor) -> Vec<f32> {
-        t.squeeze(0).unwrap().narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        t.squeeze(0)
+            .unwrap()
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     /// One step of `n` tokens on layers 0 (sliding) and 1 (full); returns what layer 0
@@ -385,7 +415,10 @@ mod tests {
         let (k, _) = c.view(0).unwrap();
         let got = (firsts(&k), c.key_positions(LayerType::Sliding));
         let (kf, _) = c.view(1).unwrap();
-        assert_eq!(firsts(&kf), (0..start + n).map(|p| p as f32).collect::<Vec<_>>());
+        assert_eq!(
+            firsts(&kf),
+            (0..start + n).map(|p| p as f32).collect::<Vec<_>>()
+        );
         c.end_step().unwrap();
         got
     }

@@ -4,10 +4,10 @@
 
 use candle_core::Tensor;
 
-use crate::nn::activation::gelu_tanh;
 use crate::error::Result;
-use crate::nn::linear::Linear;
 use crate::loading::weights::Weights;
+use crate::nn::activation::gelu_tanh;
+use crate::nn::linear::Linear;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {

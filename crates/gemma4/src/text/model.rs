@@ -8,17 +8,17 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::nn::activation::soft_cap;
-use crate::text::attention::{causal_mask, SeqStep, SpanOverlay};
 use crate::config::{Bidirectional, LayerType, TextConfig};
-use crate::text::decoder_layer::DecoderLayer;
 use crate::error::{Error, Result};
-use crate::text::kv_cache::KvCache;
+use crate::loading::weights::Weights;
+use crate::nn::activation::soft_cap;
 use crate::nn::linear::Linear;
 use crate::nn::norm::RmsNorm;
-use crate::text::ple::PerLayerEmbeddings;
 use crate::nn::rope::{self, Rope};
-use crate::loading::weights::Weights;
+use crate::text::attention::{causal_mask, SeqStep, SpanOverlay};
+use crate::text::decoder_layer::DecoderLayer;
+use crate::text::kv_cache::KvCache;
+use crate::text::ple::PerLayerEmbeddings;
 
 /// `x` rounded to `dtype`, as the reference casts scalar buffers (`embed_scale`) to the
 /// weight dtype before multiplying.
@@ -349,7 +349,11 @@ impl TextModel {
                 }
                 let mut at = 0;
                 for ((st, overlay), w) in steps.iter_mut().zip(&overlays).zip(&whiches) {
-                    let n = if *w == LogitsFor::All { st.rows.len() } else { 1 };
+                    let n = if *w == LogitsFor::All {
+                        st.rows.len()
+                    } else {
+                        1
+                    };
                     let q_pos = &positions[st.rows.end - n..st.rows.end];
                     st.masks = self.masks(q_pos, st.cache, overlay.as_ref())?;
                     st.rows = at..at + n;
@@ -417,7 +421,11 @@ impl TextModel {
             .zip(whiches)
             .flat_map(|(st, w)| {
                 let r = &st.rows;
-                let from = if *w == LogitsFor::All { r.start } else { r.end - 1 };
+                let from = if *w == LogitsFor::All {
+                    r.start
+                } else {
+                    r.end - 1
+                };
                 (from..r.end).map(|i| i as u32)
             })
             .collect()
@@ -435,7 +443,10 @@ impl TextModel {
         for &t in self.ropes.keys() {
             let window = (t == LayerType::Sliding).then_some(self.cfg.sliding_window);
             let k_pos = cache.key_positions(t);
-            masks.insert(t, causal_mask(q_pos, &k_pos, window, overlay, &self.device)?);
+            masks.insert(
+                t,
+                causal_mask(q_pos, &k_pos, window, overlay, &self.device)?,
+            );
         }
         Ok(masks)
     }

@@ -9,12 +9,12 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::nn::activation::gelu_tanh;
 use crate::config::MoeConfig;
 use crate::error::Result;
+use crate::loading::weights::Weights;
+use crate::nn::activation::gelu_tanh;
 use crate::nn::linear::Linear;
 use crate::nn::norm::RmsNorm;
-use crate::loading::weights::Weights;
 
 #[derive(Debug, Clone)]
 pub struct Router {

@@ -9,9 +9,9 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::loading::weights::{RowTable, Weights};
 use crate::nn::linear::Linear;
 use crate::nn::norm::RmsNorm;
-use crate::loading::weights::{RowTable, Weights};
 
 pub struct PerLayerEmbeddings {
     table: RowTable,

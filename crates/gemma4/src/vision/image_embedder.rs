@@ -12,12 +12,12 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::config::vision::UnifiedVisionConfig;
 use crate::error::{Error, Result};
-use crate::vision::image_processor::ProcessedImage;
+use crate::loading::weights::Weights;
 use crate::nn::linear::Linear;
 use crate::nn::norm::LayerNorm;
-use crate::config::vision::UnifiedVisionConfig;
-use crate::loading::weights::Weights;
+use crate::vision::image_processor::ProcessedImage;
 
 const LAYER_NORM_EPS: f64 = 1e-5;
 

@@ -15,15 +15,15 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::text::attention::Attention;
+use crate::config::vision::VisionConfig;
 use crate::error::{Error, Result};
-use crate::vision::image_processor::ProcessedImage;
+use crate::loading::weights::Weights;
 use crate::nn::linear::Linear;
-use crate::text::mlp::Mlp;
 use crate::nn::norm::RmsNorm;
 use crate::nn::rope::{self, Rope};
-use crate::config::vision::VisionConfig;
-use crate::loading::weights::Weights;
+use crate::text::attention::Attention;
+use crate::text::mlp::Mlp;
+use crate::vision::image_processor::ProcessedImage;
 
 struct VisionLayer {
     attn: Attention,

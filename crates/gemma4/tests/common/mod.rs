@@ -43,7 +43,9 @@ pub fn top1_agreement(got: &[f32], reference: &[f32], vocab: usize) -> usize {
     assert_eq!(got.len(), reference.len());
     got.chunks(vocab)
         .zip(reference.chunks(vocab))
-        .filter(|(a, b)| gemma4::generate::sampling::argmax(a) == gemma4::generate::sampling::argmax(b))
+        .filter(|(a, b)| {
+            gemma4::generate::sampling::argmax(a) == gemma4::generate::sampling::argmax(b)
+        })
         .count()
 }
 

@@ -73,7 +73,10 @@ fn gemv<T: Sync>(
     nx: usize,
     dot: impl Fn(&[T], &[f32]) -> f32 + Sync,
 ) -> Vec<f32> {
-    assert!(nx > 0 && x.len().is_multiple_of(nx), "input rows of unequal length");
+    assert!(
+        nx > 0 && x.len().is_multiple_of(nx),
+        "input rows of unequal length"
+    );
     let n = x.len() / nx;
     assert!(
         n > 0 && w.len().is_multiple_of(n),
@@ -300,7 +303,9 @@ mod tests {
     fn several_rows_equal_each_row_alone() {
         let (m, n) = (70, 96);
         let (w, _) = data(m, n);
-        let xs: Vec<f32> = (0..5 * n).map(|i| ((i * 13 % 89) as f32 / 89.0) - 0.5).collect();
+        let xs: Vec<f32> = (0..5 * n)
+            .map(|i| ((i * 13 % 89) as f32 / 89.0) - 0.5)
+            .collect();
         let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
         let (yb, yf) = (gemv_bf16(&w, &xs, 5), gemv_f32(&wf, &xs, 5));
         for j in 0..5 {

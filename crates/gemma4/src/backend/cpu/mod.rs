@@ -8,7 +8,6 @@ pub(crate) mod kquant_gemv;
 pub(crate) mod q8_packed;
 pub(crate) mod qmatmul;
 
-
 /// AVX2 and FMA: the f32/bf16 matrix–vector kernels, activation quantization, GELU.
 pub fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -73,7 +73,8 @@ impl PackedQ8 {
             return Ok(None);
         }
         let data = q.data()?;
-        let Some(blocks) = crate::backend::cpu::qmatmul::blocks::<Block>(&data, rows * cols / 32) else {
+        let Some(blocks) = crate::backend::cpu::qmatmul::blocks::<Block>(&data, rows * cols / 32)
+        else {
             return Ok(None);
         };
         let mut lines = vec![Line([0; 64]); (rows * cols).div_ceil(64)];
@@ -231,7 +232,9 @@ mod tests {
             let r = [m as u32 - 1, 0];
             assert_eq!(p.dequantize_rows(Some(&r))[..n], want[(m - 1) * n..]);
             if let Some(y) = p.gemv(&x, 1) {
-                let plain = crate::backend::cpu::qmatmul::gemv(&q, &x, 1).unwrap().unwrap();
+                let plain = crate::backend::cpu::qmatmul::gemv(&q, &x, 1)
+                    .unwrap()
+                    .unwrap();
                 for (a, b) in y.iter().zip(&plain) {
                     assert!(
                         (a - b).abs() <= 1e-5 * b.abs().max(1.0),

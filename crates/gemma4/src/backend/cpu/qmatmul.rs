@@ -23,8 +23,8 @@ use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ5_0, BlockQ6K,
 use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
 use crate::backend::cpu::kquant_gemv;
+use crate::error::Result;
 
 /// Rows per parallel task (a multiple of 4, the kernels' row group).
 const ROWS_PER_TASK: usize = 32;

@@ -9,7 +9,6 @@
 pub mod metadata;
 pub mod names;
 
-
 use std::collections::HashMap;
 use std::io::{Seek, Write};
 use std::path::Path;

@@ -1,0 +1,221 @@
+//! Arguments shared by the commands (the checkpoint, the prompt, the media) and how
+//! they become a loaded model, a prompt and media.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use gemma4::audio::decode::load_audio;
+use gemma4::model::Media;
+use gemma4::prompt::chat::Message;
+use gemma4::quant::QuantType;
+use gemma4::vision::image_processor::load_image;
+use gemma4::vision::resize::ResizeKernel;
+use gemma4::{Gemma4, LoadOptions, Prompt};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// Compute dtype (default: the checkpoint's own, as `from_pretrained` loads it: bf16
+    /// for the released checkpoints). f32 matches the reference run in f32 to 1e-4.
+    #[arg(long, value_enum)]
+    pub(crate) dtype: Option<DtypeArg>,
+    /// Quantize the text decoder at load time: q8_0, q4_k, q6_k, q4_0 or q5_0 (projections in
+    /// that format, the tied embedding in q8_0/q6_k; norms and the image/audio towers
+    /// keep --dtype).
+    #[arg(long, value_name = "FORMAT")]
+    pub(crate) quant: Option<QuantType>,
+}
+
+impl ModelArgs {
+    /// `--dtype`, or the checkpoint's own ([`gemma4::default_dtype`]); f32 for a
+    /// directory that does not exist, which loading then reports.
+    pub(crate) fn dtype(&self) -> Result<DType> {
+        Ok(match self.dtype {
+            Some(d) => d.dtype(),
+            None if self.model.is_dir() => gemma4::default_dtype(&self.model)?,
+            None => DType::F32,
+        })
+    }
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct PromptArgs {
+    /// Raw text prompt (a BOS token is put in front if the tokenizer adds none).
+    #[arg(long)]
+    pub(crate) prompt: Option<String>,
+    /// Comma-separated token ids, used as they are.
+    #[arg(long, value_name = "IDS")]
+    pub(crate) prompt_ids: Option<String>,
+    /// A user message, rendered with the checkpoint's chat template.
+    #[arg(long)]
+    pub(crate) chat: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct MediaArgs {
+    /// An image for the next `<|image|>` marker of the prompt (repeatable; `-` reads
+    /// standard input). PNG, JPEG, GIF, WebP or BMP.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) image: Vec<PathBuf>,
+    /// A video for the next `<|video|>` marker (repeatable): an animated GIF or a directory
+    /// of frames.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) video: Vec<PathBuf>,
+    /// Soft-token budget per image: 70, 140, 280, 560 or 1120 (default: the checkpoint's
+    /// processor config, 280 for released checkpoints).
+    #[arg(long, value_name = "N")]
+    pub(crate) image_tokens: Option<usize>,
+    /// Image processor to match: torchvision (the default, as transformers picks when
+    /// torchvision is installed) or pillow (the reference's PIL processor).
+    #[arg(long, value_name = "KERNEL")]
+    pub(crate) resize: Option<ResizeKernel>,
+    /// An audio clip for the next `<|audio|>` marker (repeatable; `-` reads standard
+    /// input). WAV, FLAC, MP3 or Ogg Vorbis, any rate and channel count.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) audio: Vec<PathBuf>,
+    /// Resampling of clips not at 16 kHz: torchaudio (exact to the reference's
+    /// torchaudio backend) or soxr (its soundfile backend; needs the `soxr` build feature).
+    #[arg(long, value_name = "KIND")]
+    pub(crate) resample: Option<gemma4::audio::resample::Resampler>,
+}
+
+/// A byte progress bar on a TTY, nothing when stderr is piped.
+pub(crate) fn load_progress(what: &'static str) -> Option<gemma4::loading::weights::ProgressFn> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{bytes}}/{{total_bytes}} {{msg}}"
+        ))
+        .expect("static template"),
+    );
+    Some(Box::new(move |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    }))
+}
+
+/// Loads the checkpoint; the image and audio encoders only when the command has images,
+/// videos or clips, so text prompts never read their weights.
+pub(crate) fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
+    let progress = load_progress("loading");
+    let opts = LoadOptions {
+        dtype: args.dtype()?,
+        device: Device::Cpu,
+        progress,
+        vision: !media.image.is_empty() || !media.video.is_empty(),
+        audio: !media.audio.is_empty(),
+        quant: args.quant,
+    };
+    Ok(Gemma4::load(&args.model, opts)?)
+}
+
+/// Applies the media flags to the model's processors and loads the files.
+pub(crate) fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
+    let stdin_uses = a
+        .image
+        .iter()
+        .chain(&a.video)
+        .chain(&a.audio)
+        .filter(|p| p.as_os_str() == "-")
+        .count();
+    if stdin_uses > 1 {
+        bail!("standard input (`-`) can be given for only one --image, --video or --audio");
+    }
+    if let Some(n) = a.image_tokens {
+        model.image_processor.max_soft_tokens = n;
+        model
+            .image_processor
+            .validate()
+            .map_err(|m| anyhow::anyhow!("--image-tokens: {m}"))?;
+    }
+    if let Some(k) = a.resize {
+        model.image_processor.set_backend(k);
+    }
+    if let Some(r) = a.resample {
+        model.resampler = r;
+    }
+    let images = a
+        .image
+        .iter()
+        .map(|p| load_image(p))
+        .collect::<gemma4::Result<Vec<_>>>()?;
+    let videos = a
+        .video
+        .iter()
+        .map(|p| gemma4::vision::video::load_video(p))
+        .collect::<gemma4::Result<Vec<_>>>()?;
+    let audio = a
+        .audio
+        .iter()
+        .map(|p| load_audio(p))
+        .collect::<gemma4::Result<Vec<_>>>()?;
+    for (clip, path) in audio.iter().zip(&a.audio) {
+        if let Some((kept, total)) = model.audio_truncation(clip) {
+            eprintln!(
+                "warning: {}: {total:.1} s long; the model reads its first {kept:.0} s (the reference's limit)",
+                path.display()
+            );
+        }
+    }
+    Ok(Media {
+        images,
+        videos,
+        audio,
+    })
+}
+
+pub(crate) fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--prompt-ids: `{t}` is not a token id"))
+        })
+        .collect()
+}
+
+pub(crate) fn prompt_of(p: &PromptArgs, system: Option<&str>) -> Result<Prompt> {
+    Ok(match (&p.prompt, &p.prompt_ids, &p.chat) {
+        (Some(t), _, _) => Prompt::Text(t.clone()),
+        (_, Some(ids), _) => Prompt::Ids(parse_ids(ids)?),
+        (_, _, Some(msg)) => {
+            let mut m = Vec::new();
+            if let Some(s) = system {
+                m.push(Message::new("system", s));
+            }
+            m.push(Message::new("user", msg));
+            Prompt::Chat(m)
+        }
+        _ => bail!("one of --prompt, --prompt-ids or --chat is required"),
+    })
+}
