@@ -310,13 +310,15 @@ impl KvCache {
         Ok(())
     }
 
-    /// Ends the step begun with [`Self::begin_step`]. A ring grown for a long prompt goes
-    /// back to what decoding needs, so a sequence holds `W + spare` slots per sliding layer.
+    /// Ends the step begun with [`Self::begin_step`]. A ring grown for a prompt chunk
+    /// goes back to what decoding needs, so between steps a sequence holds `W + spare`
+    /// slots per sliding layer and a decode step attends over at most that many (one copy
+    /// of the window per chunk, small beside the chunk's products).
     pub(crate) fn end_step(&mut self) -> Result<()> {
         self.seq_len += self.pending;
         self.pending = 0;
         let decode_cap = self.window + self.spare;
-        if self.ring.len() > 2 * decode_cap {
+        if self.ring.len() > decode_cap {
             self.resize_ring(decode_cap)?;
         }
         Ok(())
