@@ -1,7 +1,8 @@
 //! Building blocks shared by the towers: the one [`linear`] layer every projection goes
-//! through, [`norm`] (RMSNorm), [`rope`] and the vectorised [`activation`]s.
+//! through, [`norm`] (RMSNorm), [`rope`], the attention [`mask`]s and the vectorised [`activation`]s.
 
 pub mod activation;
 pub mod linear;
+pub mod mask;
 pub mod norm;
 pub mod rope;

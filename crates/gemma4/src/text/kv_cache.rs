@@ -20,8 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{KvSource, LayerType, TextConfig};
 use crate::error::{Error, Result};
 
-/// A ring slot that holds no position (never written, or truncated away).
-pub(crate) const EMPTY: usize = usize::MAX;
+pub(crate) use crate::nn::mask::EMPTY;
 
 /// Full-layer capacity granted on first use when nothing was reserved.
 const MIN_FULL_CAPACITY: usize = 64;

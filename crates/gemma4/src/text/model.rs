@@ -13,9 +13,10 @@ use crate::error::{Error, Result};
 use crate::loading::weights::Weights;
 use crate::nn::activation::soft_cap;
 use crate::nn::linear::Linear;
+use crate::nn::mask::{causal_mask, SpanOverlay};
 use crate::nn::norm::RmsNorm;
 use crate::nn::rope::{self, Rope};
-use crate::text::attention::{causal_mask, SeqStep, SpanOverlay};
+use crate::text::attention::SeqStep;
 use crate::text::decoder_layer::DecoderLayer;
 use crate::text::kv_cache::KvCache;
 use crate::text::ple::PerLayerEmbeddings;
@@ -232,7 +233,7 @@ impl TextModel {
     /// Like [`Self::forward`] from input embeddings `h0` `[S, hidden]`; `ple_ids` are the ids
     /// the per-layer embeddings read (multimodal placeholders replaced by the pad id);
     /// `spans` marks image/video spans for the bidirectional overlay (see
-    /// [`crate::text::attention::SpanOverlay`]), ignored when the config has none.
+    /// [`crate::nn::mask::SpanOverlay`]), ignored when the config has none.
     pub fn forward_embeds(
         &self,
         h0: &Tensor,
