@@ -17,7 +17,8 @@ against `llama-batched-bench -npl N` (prompts not shared) from the same llama.cp
 aggregate and per-sequence decode tok/s per N.
 
 llama.cpp comes from the `llama-cpp-python==0.3.36` source distribution on PyPI (its
-`vendor/llama.cpp`), built once into --llama-dir with cmake/ninja from PyPI; the checkpoint
+`vendor/llama.cpp`), built once into --llama-dir with cmake/ninja from PyPI, with every
+SIMD feature of this CPU but AMX (see `ggml_cpu_flags`); the checkpoint
 gets a realistic tokenizer first (make_tokenizer.py), then `convert_hf_to_gguf.py --outtype
 bf16` and `llama-quantize` to Q8_0 and Q4_K_M. Every engine gets the same prompt length,
 number of generated tokens, thread count and number of measured runs after a warm-up; the
@@ -123,6 +124,24 @@ def run_transformers(model: Path, a) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def ggml_cpu_flags() -> list[str]:
+    """llama.cpp's x86 features, named one by one from /proc/cpuinfo with AMX off.
+    `GGML_NATIVE` (-march=native) also turns on AMX where the CPU has it, and AMX tile
+    instructions fault (SIGILL in `ggml_backend_amx_mul_mat`) in VMs that do not grant the
+    tile state, as on this project's Sapphire Rapids machines."""
+    try:
+        line = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return ["-DGGML_NATIVE=ON"]
+    have = set(line.split(":", 1)[1].split())
+    features = {"GGML_SSE42": "sse4_2", "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_BMI2": "bmi2",
+                "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f",
+                "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
+                "GGML_AVX512_BF16": "avx512_bf16"}
+    return (["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if f in have else 'OFF'}" for k, f in features.items()]
+            + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
 def llama_cpp_tree(a) -> Path:
     """The vendored llama.cpp of the pinned llama-cpp-python sdist, built (once)."""
     src = a.llama_dir / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
@@ -136,7 +155,7 @@ def llama_cpp_tree(a) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake", "ninja", "gguf", "sentencepiece"],
                        check=True)
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        subprocess.run(["cmake", "-B", "build", "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+        subprocess.run(["cmake", "-B", "build", "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", *ggml_cpu_flags(),
                         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
                        cwd=src, env=env, check=True)
         subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count()), "--target", "llama-bench",
