@@ -27,15 +27,27 @@ pub(crate) fn par_rows(
     per_task: usize,
     row: impl Fn(usize, usize) -> f32 + Sync,
 ) -> Vec<f32> {
+    par_rows_all(m, nx, per_task, |o, out| {
+        for (j, y) in out.iter_mut().enumerate() {
+            *y = row(o, j);
+        }
+    })
+}
+
+/// [`par_rows`] where `row(o, out)` fills weight row `o`'s outputs for all `nx` inputs
+/// at once (kernels that unpack a weight block once for several inputs).
+pub(crate) fn par_rows_all(
+    m: usize,
+    nx: usize,
+    per_task: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut t = vec![0f32; m * nx];
     t.par_chunks_mut(per_task * nx)
         .enumerate()
         .for_each(|(c, ys)| {
             for (k, out) in ys.chunks_mut(nx).enumerate() {
-                let o = c * per_task + k;
-                for (j, y) in out.iter_mut().enumerate() {
-                    *y = row(o, j);
-                }
+                row(c * per_task + k, out);
             }
         });
     if nx == 1 {

@@ -25,7 +25,7 @@ use std::arch::x86_64::*;
 
 use crate::backend::cpu::act_quant::Q8KBlocks;
 #[cfg(target_arch = "x86_64")]
-use crate::backend::cpu::gemv::{hsum8, par_rows, prefetch_ahead};
+use crate::backend::cpu::gemv::{hsum8, par_rows_all, prefetch_ahead};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -68,7 +68,16 @@ pub fn gemv_q4k(bytes: &[u8], m: usize, x: &[f32], nx: usize) -> Option<Vec<f32>
     {
         // SAFETY (of the kernel): `available` checked; each row is `n / 256` blocks and
         // the activation has as many.
-        gemv_with::<BlockQ4K>(bytes, m, x, nx, |r, a| unsafe { dot_q4k(r, a) })
+        gemv_with::<BlockQ4K>(bytes, m, x, nx, |r, a, out| unsafe {
+            in_groups(
+                a,
+                out,
+                |a, o| dot_q4k_n::<1>(r, refs(a), o),
+                |a, o| dot_q4k_n::<2>(r, refs(a), o),
+                |a, o| dot_q4k_n::<3>(r, refs(a), o),
+                |a, o| dot_q4k_n::<4>(r, refs(a), o),
+            )
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
@@ -79,7 +88,16 @@ pub fn gemv_q6k(bytes: &[u8], m: usize, x: &[f32], nx: usize) -> Option<Vec<f32>
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: as for `gemv_q4k`.
-        gemv_with::<BlockQ6K>(bytes, m, x, nx, |r, a| unsafe { dot_q6k(r, a) })
+        gemv_with::<BlockQ6K>(bytes, m, x, nx, |r, a, out| unsafe {
+            in_groups(
+                a,
+                out,
+                |a, o| dot_q6k_n::<1>(r, refs(a), o),
+                |a, o| dot_q6k_n::<2>(r, refs(a), o),
+                |a, o| dot_q6k_n::<3>(r, refs(a), o),
+                |a, o| dot_q6k_n::<4>(r, refs(a), o),
+            )
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
@@ -91,7 +109,7 @@ fn gemv_with<T: Sync>(
     m: usize,
     x: &[f32],
     nx: usize,
-    dot: impl Fn(&[T], &Q8KBlocks) -> f32 + Sync,
+    dot: impl Fn(&[T], &[Q8KBlocks], &mut [f32]) + Sync,
 ) -> Option<Vec<f32>> {
     if nx == 0 || !x.len().is_multiple_of(nx) {
         return None;
@@ -103,32 +121,63 @@ fn gemv_with<T: Sync>(
     let nb = n / 256;
     let w = crate::backend::cpu::qmatmul::blocks::<T>(bytes, m * nb)?;
     let a: Vec<Q8KBlocks> = x.chunks_exact(n).map(Q8KBlocks::new).collect();
-    Some(par_rows(m, nx, ROWS_PER_TASK, |r, j| {
-        dot(&w[r * nb..(r + 1) * nb], &a[j])
+    Some(par_rows_all(m, nx, ROWS_PER_TASK, |r, out| {
+        dot(&w[r * nb..(r + 1) * nb], &a, out)
     }))
 }
 
-/// One Q4_K row (`row.len()` blocks) dotted with the Q8_K input.
+/// The first `G` inputs of `a`.
+#[cfg(target_arch = "x86_64")]
+fn refs<const G: usize>(a: &[Q8KBlocks]) -> [&Q8KBlocks; G] {
+    std::array::from_fn(|i| &a[i])
+}
+
+/// The inputs `a` (and their outputs `out`) in groups of up to four, each group through
+/// the kernel instance for its size: a weight block is unpacked once per group, and
+/// each input's arithmetic is what it is alone.
+#[cfg(target_arch = "x86_64")]
+fn in_groups(
+    a: &[Q8KBlocks],
+    out: &mut [f32],
+    one: impl Fn(&[Q8KBlocks], &mut [f32]),
+    two: impl Fn(&[Q8KBlocks], &mut [f32]),
+    three: impl Fn(&[Q8KBlocks], &mut [f32]),
+    four: impl Fn(&[Q8KBlocks], &mut [f32]),
+) {
+    for (a, o) in a.chunks(4).zip(out.chunks_mut(4)) {
+        match a.len() {
+            1 => one(a, o),
+            2 => two(a, o),
+            3 => three(a, o),
+            _ => four(a, o),
+        }
+    }
+}
+
+/// One Q4_K row (`row.len()` blocks) dotted with each of `G` Q8_K inputs, into `out`:
+/// the weights' scales and nibbles are unpacked once per block for all the inputs, and
+/// each input's arithmetic is exactly what it is alone.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
-    assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
+unsafe fn dot_q4k_n<const G: usize>(row: &[BlockQ4K], a: [&Q8KBlocks; G], out: &mut [f32]) {
+    for a in a {
+        assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
+    }
+    assert!(out.len() == G);
     // Lanes 0 and 2 keep the low six bits, lanes 1 and 3 the low four plus two from `hi`.
     let k12 = _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f);
     let k3 = _mm_set1_epi32(0x03030303);
     let odd = _mm_setr_epi32(0, -1, 0, -1);
     let m4 = _mm256_set1_epi8(0xF);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut acc_m = [_mm_setzero_ps(); G];
     for (b, x) in row.iter().enumerate() {
         prefetch_ahead(x as *const BlockQ4K as *const u8, 3);
         // d and dmin, widened together.
         let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(
             (x.d as u32 | (x.dmin as u32) << 16) as i32,
         ));
-        let dy = a.d[b];
-        let d = dy * _mm_cvtss_f32(dd);
-        let dmin = -dy * _mm_cvtss_f32(_mm_movehdup_ps(dd));
+        let (dw, dminw) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
 
         // The twelve bytes of 6-bit scales and minimums, unpacked to eight of each
         // (llama.cpp's `utmp` shuffle, on the four u32 lanes of one load: the four bytes
@@ -144,15 +193,18 @@ unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
         );
         let u = _mm_or_si128(_mm_and_si128(lo, k12), _mm_and_si128(hi, odd));
         let mins_scales = _mm256_cvtepu8_epi16(u);
-        // Σ min_j · (sum of input sub-block j), all eight at once.
-        let sums = _mm_loadu_si128(a.sums32.as_ptr().add(b) as *const __m128i);
-        let prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_scales, 1), sums);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+        let mins = _mm256_extracti128_si256(mins_scales, 1);
+        for g in 0..G {
+            // Σ min_j · (sum of input sub-block j), all eight at once.
+            let dmin = -a[g].d[b] * dminw;
+            let sums = _mm_loadu_si128(a[g].sums32.as_ptr().add(b) as *const __m128i);
+            let prod = _mm_madd_epi16(mins, sums);
+            acc_m[g] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[g]);
+        }
 
         let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(mins_scales));
         let mut q4 = x.qs.as_ptr();
-        let mut q8 = a.qs.as_ptr().add(256 * b);
-        let mut sumi = _mm256_setzero_si256();
+        let mut sumi = [_mm256_setzero_si256(); G];
         for j in 0..4 {
             // Scales of sub-blocks 2j and 2j+1, each broadcast over sixteen i16 lanes.
             let lo = (2 * j) as i8 * 2;
@@ -168,41 +220,55 @@ unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
             q4 = q4.add(32);
             let q4l = _mm256_and_si256(bits, m4);
             let q4h = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            let q8l = _mm256_loadu_si256(q8 as *const __m256i);
-            let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
-            q8 = q8.add(64);
-            let pl = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
-            let ph = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            for g in 0..G {
+                let q8 = a[g].qs.as_ptr().add(256 * b + 64 * j);
+                let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                let pl = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                let ph = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                sumi[g] = _mm256_add_epi32(sumi[g], _mm256_add_epi32(pl, ph));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for g in 0..G {
+            let d = a[g].d[b] * dw;
+            acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[g]), acc[g]);
+        }
     }
-    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum8(acc) + _mm_cvtss_f32(m)
+    for g in 0..G {
+        let m = _mm_add_ps(acc_m[g], _mm_movehl_ps(acc_m[g], acc_m[g]));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[g] = hsum8(acc[g]) + _mm_cvtss_f32(m);
+    }
 }
 
-/// One Q6_K row dotted with the Q8_K input.
+/// One Q6_K row dotted with each of `G` Q8_K inputs, into `out` (the weights unpacked
+/// once per block for all of them, as [`dot_q4k_n`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6k(row: &[BlockQ6K], a: &Q8KBlocks) -> f32 {
-    assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
+unsafe fn dot_q6k_n<const G: usize>(row: &[BlockQ6K], a: [&Q8KBlocks; G], out: &mut [f32]) {
+    for a in a {
+        assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
+    }
+    assert!(out.len() == G);
     let m4 = _mm256_set1_epi8(0xF);
     let m2 = _mm256_set1_epi8(3);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); G];
     for (b, x) in row.iter().enumerate() {
         prefetch_ahead(x as *const BlockQ6K as *const u8, 4);
-        let d = a.d[b] * _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(x.d as i32)));
+        let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(x.d as i32)));
         let scales = _mm_loadu_si128(x.scales.as_ptr() as *const __m128i);
+        let scales16 = _mm256_cvtepi8_epi16(scales);
         // The stored values are q + 32: Σ s·(q−32)·y = Σ s·q·y − 32 Σ s·(sum of 16 y).
-        let offset = _mm256_madd_epi16(
-            _mm256_cvtepi8_epi16(scales),
-            _mm256_loadu_si256(a.bsums.as_ptr().add(b) as *const __m256i),
-        );
-        let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
+        let mut sumi = [_mm256_setzero_si256(); G];
+        for g in 0..G {
+            let offset = _mm256_madd_epi16(
+                scales16,
+                _mm256_loadu_si256(a[g].bsums.as_ptr().add(b) as *const __m256i),
+            );
+            sumi[g] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
+        }
         let mut ql = x.ql.as_ptr();
         let mut qh = x.qh.as_ptr();
-        let mut q8 = a.qs.as_ptr().add(256 * b);
         for j in 0..2 {
             let bits1 = _mm256_loadu_si256(ql as *const __m256i);
             let bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
@@ -250,15 +316,23 @@ unsafe fn dot_q6k(row: &[BlockQ6K], a: &Q8KBlocks) -> f32 {
                     is,
                 );
                 let s16 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, sh));
-                let y = _mm256_loadu_si256(q8 as *const __m256i);
-                q8 = q8.add(32);
-                let p = _mm256_madd_epi16(s16, _mm256_maddubs_epi16(*qk, y));
-                sumi = _mm256_add_epi32(sumi, p);
+                for g in 0..G {
+                    let y = _mm256_loadu_si256(
+                        a[g].qs.as_ptr().add(256 * b + 128 * j + 32 * k) as *const __m256i
+                    );
+                    let p = _mm256_madd_epi16(s16, _mm256_maddubs_epi16(*qk, y));
+                    sumi[g] = _mm256_add_epi32(sumi[g], p);
+                }
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for g in 0..G {
+            let d = a[g].d[b] * dw;
+            acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[g]), acc[g]);
+        }
     }
-    hsum8(acc)
+    for g in 0..G {
+        out[g] = hsum8(acc[g]);
+    }
 }
 
 #[cfg(test)]

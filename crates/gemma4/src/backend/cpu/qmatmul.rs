@@ -241,22 +241,30 @@ pub(crate) mod tests {
     /// reads the weights once and does each row's arithmetic unchanged.
     #[test]
     fn several_rows_equal_each_row_alone() {
-        let (m, n, nx) = (37, 512, 3);
+        let (m, n) = (37, 512);
         let (w, _) = data(m, n);
-        let xs: Vec<f32> = (0..nx * n)
-            .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
-            .collect();
-        for q in QuantType::ALL {
-            let qt = quantize(&w, q).unwrap();
-            let rows = gemv(&qt, &xs, nx).unwrap().expect("supported format");
-            let packed = crate::backend::cpu::q8_packed::PackedQ8::from_qtensor(&qt).unwrap();
-            for j in 0..nx {
-                let x = &xs[j * n..(j + 1) * n];
-                let alone = gemv(&qt, x, 1).unwrap().unwrap();
-                assert_eq!(&rows[j * m..(j + 1) * m], alone.as_slice(), "{}", q.name());
-                if let Some(p) = &packed {
-                    if let (Some(all), Some(one)) = (p.gemv(&xs, nx), p.gemv(x, 1)) {
-                        assert_eq!(&all[j * m..(j + 1) * m], one.as_slice(), "packed q8_0");
+        // 2, 3 and 5 rows: the k-quant kernels take inputs in groups of up to four.
+        for nx in [2, 3, 5] {
+            let xs: Vec<f32> = (0..nx * n)
+                .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+                .collect();
+            for q in QuantType::ALL {
+                let qt = quantize(&w, q).unwrap();
+                let rows = gemv(&qt, &xs, nx).unwrap().expect("supported format");
+                let packed = crate::backend::cpu::q8_packed::PackedQ8::from_qtensor(&qt).unwrap();
+                for j in 0..nx {
+                    let x = &xs[j * n..(j + 1) * n];
+                    let alone = gemv(&qt, x, 1).unwrap().unwrap();
+                    assert_eq!(
+                        &rows[j * m..(j + 1) * m],
+                        alone.as_slice(),
+                        "{} row {j} of {nx}",
+                        q.name()
+                    );
+                    if let Some(p) = &packed {
+                        if let (Some(all), Some(one)) = (p.gemv(&xs, nx), p.gemv(x, 1)) {
+                            assert_eq!(&all[j * m..(j + 1) * m], one.as_slice(), "packed q8_0");
+                        }
                     }
                 }
             }
