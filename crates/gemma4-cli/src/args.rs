@@ -49,13 +49,14 @@ pub(crate) struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// `--dtype`, or the checkpoint's own ([`gemma4::default_dtype`]); f32 for a
-    /// directory that does not exist, which loading then reports.
+    /// `--dtype`, or the checkpoint's own ([`gemma4::default_dtype`]); f32 when
+    /// quantizing at load (the quantized kernels compute in f32, as for a quantized
+    /// checkpoint) and for a directory that does not exist, which loading then reports.
     pub(crate) fn dtype(&self) -> Result<DType> {
         Ok(match self.dtype {
             Some(d) => d.dtype(),
-            None if self.model.is_dir() => gemma4::default_dtype(&self.model)?,
-            None => DType::F32,
+            None if self.quant.is_some() || !self.model.is_dir() => DType::F32,
+            None => gemma4::default_dtype(&self.model)?,
         })
     }
 }

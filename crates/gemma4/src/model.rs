@@ -74,12 +74,27 @@ pub enum Prompt {
     Chat(Vec<Message>),
 }
 
-/// The dtype `from_pretrained` loads checkpoint `dir` in when none is asked for
-/// (transformers 5's `dtype="auto"`): the config's `dtype` (or the older `torch_dtype`, at
-/// the top level or in `text_config`), else the type the first dense tensor is stored in
-/// (a llama.cpp GGUF alone: its bf16/f16/f32 tensors), else f32 (quantized tensors
-/// compute in f32). bf16 for the released checkpoints.
+/// The dtype checkpoint `dir` computes in when none is asked for. A checkpoint holding
+/// block-quantized tensors (`gemma4 quantize` output, a llama.cpp file) computes in f32:
+/// its kernels take and give f32 rows, and activations between layers stay f32, as
+/// llama.cpp's do. Otherwise what `from_pretrained` loads it in (transformers 5's
+/// `dtype="auto"`): the config's `dtype` (or the older `torch_dtype`, at the top level
+/// or in `text_config`), else the type the first dense tensor is stored in, else f32 —
+/// bf16 for the released checkpoints.
 pub fn default_dtype(dir: &Path) -> Result<DType> {
+    let ckpt = Checkpoint::open(dir)?;
+    let mut names: Vec<&str> = ckpt.tensor_names().collect();
+    names.sort_unstable();
+    let stored: Vec<_> = names
+        .iter()
+        .filter_map(|n| ckpt.stored_type(n).ok())
+        .collect();
+    if stored
+        .iter()
+        .any(|t| matches!(t, crate::loading::gguf::StoredType::Quant(_)))
+    {
+        return Ok(DType::F32);
+    }
     let config_path = dir.join("config.json");
     if config_path.exists() {
         let v = crate::error::read_json(&config_path)?;
@@ -100,14 +115,12 @@ pub fn default_dtype(dir: &Path) -> Result<DType> {
             };
         }
     }
-    let ckpt = Checkpoint::open(dir)?;
-    let mut names: Vec<&str> = ckpt.tensor_names().collect();
-    names.sort_unstable();
-    for name in names {
-        if let Ok(crate::loading::gguf::StoredType::Dense(t)) = ckpt.stored_type(name) {
-            if matches!(t, DType::BF16 | DType::F16 | DType::F32) {
-                return Ok(t);
-            }
+    for t in stored {
+        if let crate::loading::gguf::StoredType::Dense(
+            t @ (DType::BF16 | DType::F16 | DType::F32),
+        ) = t
+        {
+            return Ok(t);
         }
     }
     Ok(DType::F32)

@@ -340,3 +340,33 @@ fn unknown_llama_cpp_tensor_is_an_error_naming_it() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The default compute dtype: a checkpoint's own (`from_pretrained`'s `dtype="auto"`: the
+/// config's bfloat16 here), but f32 for one holding block-quantized tensors, whose
+/// kernels and activations are f32 (a config beside it saying bfloat16 or not).
+#[test]
+fn quantized_checkpoints_compute_in_f32_by_default() {
+    use candle_core::DType;
+    assert_eq!(
+        gemma4::default_dtype(&fixture("kquant")).unwrap(),
+        DType::BF16
+    );
+    assert_eq!(
+        gemma4::default_dtype(&fixture("vision_small")).unwrap(),
+        DType::F32
+    );
+    let dir = gguf_dir("kquant", "kquant-q8_0.gguf", "dtype");
+    assert_eq!(gemma4::default_dtype(&dir).unwrap(), DType::F32);
+    // A bf16 llama.cpp file alone: its stored dense type.
+    let alone = std::env::temp_dir().join(format!("gemma4-dtype-alone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&alone);
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(
+        fixture("llamacpp").join("moe-bf16.gguf"),
+        alone.join("moe-bf16.gguf"),
+    )
+    .unwrap();
+    assert_eq!(gemma4::default_dtype(&alone).unwrap(), DType::BF16);
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&alone).unwrap();
+}
