@@ -45,9 +45,17 @@ pub(crate) fn par_rows_all(
     let mut t = vec![0f32; m * nx];
     t.par_chunks_mut(per_task * nx)
         .enumerate()
-        .for_each(|(c, ys)| {
-            for (k, out) in ys.chunks_mut(nx).enumerate() {
-                row(c * per_task + k, out);
+        .for_each(|(c, ys)| match nx {
+            // One input (every single-sequence decode step): no per-row chunking.
+            1 => {
+                for (k, out) in ys.iter_mut().enumerate() {
+                    row(c * per_task + k, std::slice::from_mut(out));
+                }
+            }
+            _ => {
+                for (k, out) in ys.chunks_mut(nx).enumerate() {
+                    row(c * per_task + k, out);
+                }
             }
         });
     if nx == 1 {

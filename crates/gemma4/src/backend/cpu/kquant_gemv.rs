@@ -146,6 +146,9 @@ fn in_groups(
     three: impl Fn(&[Q8KBlocks], &mut [f32]),
     four: impl Fn(&[Q8KBlocks], &mut [f32]),
 ) {
+    if a.len() == 1 {
+        return one(a, out);
+    }
     for (a, o) in a.chunks(4).zip(out.chunks_mut(4)) {
         match a.len() {
             1 => one(a, o),
