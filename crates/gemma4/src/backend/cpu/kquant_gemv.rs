@@ -159,15 +159,94 @@ fn in_groups(
     }
 }
 
+/// A Q4_K block's twelve bytes of 6-bit scales and minimums, unpacked to eight of each
+/// as i16 (scales in the low lane, minimums in the high): llama.cpp's `utmp` shuffle, on
+/// the four u32 lanes of one load (the four bytes read past the scales are the first
+/// quantized values, masked out).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4k_mins_scales(x: &BlockQ4K) -> __m256i {
+    // Lanes 0 and 2 keep the low six bits, lanes 1 and 3 the low four plus two from `hi`.
+    let k12 = _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f);
+    let k3 = _mm_set1_epi32(0x03030303);
+    let odd = _mm_setr_epi32(0, -1, 0, -1);
+    let v = _mm_loadu_si128(x.scales.as_ptr() as *const __m128i);
+    let lo = _mm_srlv_epi32(
+        _mm_shuffle_epi32(v, 0b10_01_10_00),
+        _mm_setr_epi32(0, 0, 0, 4),
+    );
+    let hi = _mm_slli_epi32(
+        _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(v, 0b01_01_00_00), 6), k3),
+        4,
+    );
+    let u = _mm_or_si128(_mm_and_si128(lo, k12), _mm_and_si128(hi, odd));
+    _mm256_cvtepu8_epi16(u)
+}
+
+/// Scales of Q4_K sub-blocks 2j and 2j+1 (`sc`: the eight scales broadcast to both
+/// lanes), each broadcast over sixteen i16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4k_scale_pair(sc: __m256i, j: usize) -> (__m256i, __m256i) {
+    let lo = (2 * j) as i8 * 2;
+    let scale_l = _mm256_shuffle_epi8(
+        sc,
+        _mm256_set1_epi16(i16::from_le_bytes([lo as u8, lo as u8 + 1])),
+    );
+    let scale_h = _mm256_shuffle_epi8(
+        sc,
+        _mm256_set1_epi16(i16::from_le_bytes([lo as u8 + 2, lo as u8 + 3])),
+    );
+    (scale_l, scale_h)
+}
+
+/// The 128 6-bit values (stored as q + 32) of half a Q6_K block, from its 64 low-nibble
+/// bytes (`bits1`, `bits2`) and 32 high-bit bytes, as four vectors of 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q6k_values(bits1: __m256i, bits2: __m256i, hbits: __m256i) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let m30 = _mm256_set1_epi8(0x30);
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(bits1, m4),
+            _mm256_slli_epi16(_mm256_and_si256(hbits, m2), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(bits2, m4),
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2), m2), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4),
+            _mm256_and_si256(hbits, m30),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4),
+            _mm256_and_si256(_mm256_srli_epi16(hbits, 2), m30),
+        ),
+    ]
+}
+
+/// Scales of Q6_K sub-blocks `is` and `is + 1` (the two 16-value halves of a 32), widened
+/// to i16, the first over the low eight lanes and the second over the high eight.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q6k_scale_pair(scales: __m128i, is: usize) -> __m256i {
+    let (a, b) = (is as i8, is as i8 + 1);
+    let sh = _mm_set_epi8(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
+    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, sh))
+}
+
 /// One Q4_K row (`row.len()` blocks) dotted with the Q8_K input.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
     assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
-    // Lanes 0 and 2 keep the low six bits, lanes 1 and 3 the low four plus two from `hi`.
-    let k12 = _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f);
-    let k3 = _mm_set1_epi32(0x03030303);
-    let odd = _mm_setr_epi32(0, -1, 0, -1);
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = _mm256_setzero_ps();
     let mut acc_m = _mm_setzero_ps();
@@ -184,17 +263,7 @@ unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
         // The twelve bytes of 6-bit scales and minimums, unpacked to eight of each
         // (llama.cpp's `utmp` shuffle, on the four u32 lanes of one load: the four bytes
         // read past the scales are the first quantized values, masked out).
-        let v = _mm_loadu_si128(x.scales.as_ptr() as *const __m128i);
-        let lo = _mm_srlv_epi32(
-            _mm_shuffle_epi32(v, 0b10_01_10_00),
-            _mm_setr_epi32(0, 0, 0, 4),
-        );
-        let hi = _mm_slli_epi32(
-            _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(v, 0b01_01_00_00), 6), k3),
-            4,
-        );
-        let u = _mm_or_si128(_mm_and_si128(lo, k12), _mm_and_si128(hi, odd));
-        let mins_scales = _mm256_cvtepu8_epi16(u);
+        let mins_scales = q4k_mins_scales(x);
         // Σ min_j · (sum of input sub-block j), all eight at once.
         let sums = _mm_loadu_si128(a.sums32.as_ptr().add(b) as *const __m128i);
         let prod = _mm_madd_epi16(_mm256_extracti128_si256(mins_scales, 1), sums);
@@ -206,15 +275,7 @@ unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
         let mut sumi = _mm256_setzero_si256();
         for j in 0..4 {
             // Scales of sub-blocks 2j and 2j+1, each broadcast over sixteen i16 lanes.
-            let lo = (2 * j) as i8 * 2;
-            let scale_l = _mm256_shuffle_epi8(
-                sc,
-                _mm256_set1_epi16(i16::from_le_bytes([lo as u8, lo as u8 + 1])),
-            );
-            let scale_h = _mm256_shuffle_epi8(
-                sc,
-                _mm256_set1_epi16(i16::from_le_bytes([lo as u8 + 2, lo as u8 + 3])),
-            );
+            let (scale_l, scale_h) = q4k_scale_pair(sc, j);
             let bits = _mm256_loadu_si256(q4 as *const __m256i);
             q4 = q4.add(32);
             let q4l = _mm256_and_si256(bits, m4);
@@ -238,8 +299,6 @@ unsafe fn dot_q4k(row: &[BlockQ4K], a: &Q8KBlocks) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6k(row: &[BlockQ6K], a: &Q8KBlocks) -> f32 {
     assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
-    let m4 = _mm256_set1_epi8(0xF);
-    let m2 = _mm256_set1_epi8(3);
     let mut acc = _mm256_setzero_ps();
     for (b, x) in row.iter().enumerate() {
         prefetch_ahead(x as *const BlockQ6K as *const u8, 4);
@@ -260,47 +319,10 @@ unsafe fn dot_q6k(row: &[BlockQ6K], a: &Q8KBlocks) -> f32 {
             let hbits = _mm256_loadu_si256(qh as *const __m256i);
             ql = ql.add(64);
             qh = qh.add(32);
-            let m30 = _mm256_set1_epi8(0x30);
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(bits1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(hbits, m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(bits2, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2), m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4),
-                    _mm256_and_si256(hbits, m30),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(hbits, 2), m30),
-                ),
-            ];
+            let q = q6k_values(bits1, bits2, hbits);
             for (k, qk) in q.iter().enumerate() {
                 // Scales of the two 16-value halves of this 32: sub-blocks 8j+2k, 8j+2k+1.
-                let is = (8 * j + 2 * k) as i8;
-                let sh = _mm_set_epi8(
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                );
-                let s16 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, sh));
+                let s16 = q6k_scale_pair(scales, 8 * j + 2 * k);
                 let y = _mm256_loadu_si256(q8 as *const __m256i);
                 q8 = q8.add(32);
                 let p = _mm256_madd_epi16(s16, _mm256_maddubs_epi16(*qk, y));
@@ -322,10 +344,6 @@ unsafe fn dot_q4k_n<const G: usize>(row: &[BlockQ4K], a: [&Q8KBlocks; G], out: &
         assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
     }
     assert!(out.len() == G);
-    // Lanes 0 and 2 keep the low six bits, lanes 1 and 3 the low four plus two from `hi`.
-    let k12 = _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f);
-    let k3 = _mm_set1_epi32(0x03030303);
-    let odd = _mm_setr_epi32(0, -1, 0, -1);
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [_mm256_setzero_ps(); G];
     let mut acc_m = [_mm_setzero_ps(); G];
@@ -340,17 +358,7 @@ unsafe fn dot_q4k_n<const G: usize>(row: &[BlockQ4K], a: [&Q8KBlocks; G], out: &
         // The twelve bytes of 6-bit scales and minimums, unpacked to eight of each
         // (llama.cpp's `utmp` shuffle, on the four u32 lanes of one load: the four bytes
         // read past the scales are the first quantized values, masked out).
-        let v = _mm_loadu_si128(x.scales.as_ptr() as *const __m128i);
-        let lo = _mm_srlv_epi32(
-            _mm_shuffle_epi32(v, 0b10_01_10_00),
-            _mm_setr_epi32(0, 0, 0, 4),
-        );
-        let hi = _mm_slli_epi32(
-            _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(v, 0b01_01_00_00), 6), k3),
-            4,
-        );
-        let u = _mm_or_si128(_mm_and_si128(lo, k12), _mm_and_si128(hi, odd));
-        let mins_scales = _mm256_cvtepu8_epi16(u);
+        let mins_scales = q4k_mins_scales(x);
         let mins = _mm256_extracti128_si256(mins_scales, 1);
         for g in 0..G {
             // Σ min_j · (sum of input sub-block j), all eight at once.
@@ -365,15 +373,7 @@ unsafe fn dot_q4k_n<const G: usize>(row: &[BlockQ4K], a: [&Q8KBlocks; G], out: &
         let mut sumi = [_mm256_setzero_si256(); G];
         for j in 0..4 {
             // Scales of sub-blocks 2j and 2j+1, each broadcast over sixteen i16 lanes.
-            let lo = (2 * j) as i8 * 2;
-            let scale_l = _mm256_shuffle_epi8(
-                sc,
-                _mm256_set1_epi16(i16::from_le_bytes([lo as u8, lo as u8 + 1])),
-            );
-            let scale_h = _mm256_shuffle_epi8(
-                sc,
-                _mm256_set1_epi16(i16::from_le_bytes([lo as u8 + 2, lo as u8 + 3])),
-            );
+            let (scale_l, scale_h) = q4k_scale_pair(sc, j);
             let bits = _mm256_loadu_si256(q4 as *const __m256i);
             q4 = q4.add(32);
             let q4l = _mm256_and_si256(bits, m4);
@@ -408,8 +408,6 @@ unsafe fn dot_q6k_n<const G: usize>(row: &[BlockQ6K], a: [&Q8KBlocks; G], out: &
         assert!(a.d.len() == row.len() && a.qs.len() == 256 * row.len());
     }
     assert!(out.len() == G);
-    let m4 = _mm256_set1_epi8(0xF);
-    let m2 = _mm256_set1_epi8(3);
     let mut acc = [_mm256_setzero_ps(); G];
     for (b, x) in row.iter().enumerate() {
         prefetch_ahead(x as *const BlockQ6K as *const u8, 4);
@@ -433,47 +431,10 @@ unsafe fn dot_q6k_n<const G: usize>(row: &[BlockQ6K], a: [&Q8KBlocks; G], out: &
             let hbits = _mm256_loadu_si256(qh as *const __m256i);
             ql = ql.add(64);
             qh = qh.add(32);
-            let m30 = _mm256_set1_epi8(0x30);
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(bits1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(hbits, m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(bits2, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2), m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4),
-                    _mm256_and_si256(hbits, m30),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4),
-                    _mm256_and_si256(_mm256_srli_epi16(hbits, 2), m30),
-                ),
-            ];
+            let q = q6k_values(bits1, bits2, hbits);
             for (k, qk) in q.iter().enumerate() {
                 // Scales of the two 16-value halves of this 32: sub-blocks 8j+2k, 8j+2k+1.
-                let is = (8 * j + 2 * k) as i8;
-                let sh = _mm_set_epi8(
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is + 1,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                    is,
-                );
-                let s16 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, sh));
+                let s16 = q6k_scale_pair(scales, 8 * j + 2 * k);
                 for g in 0..G {
                     let y = _mm256_loadu_si256(
                         a[g].qs.as_ptr().add(256 * b + 128 * j + 32 * k) as *const __m256i
