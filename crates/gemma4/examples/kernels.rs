@@ -3,7 +3,10 @@
 //! `Linear::forward` (what the model runs) and, for quantized weights, through candle's
 //! `QMatMul` on the same blocks.
 //!
-//! `cargo run --release -p gemma4 --example kernels [-- --threads N] [--in-cache]`
+//! `cargo run --release -p gemma4 --example kernels [-- --threads N] [--in-cache] [--batch N]`
+//!
+//! `--batch N` (default 8) also times the small-batch path: N rows through the decode
+//! kernels, as N sequences decoding together (GFLOP/s, and how much longer than one row).
 //!
 //! `--in-cache` runs a few small matrices that stay in the L3 cache, which shows each
 //! kernel's compute ceiling (a decode kernel slower there than the DRAM bandwidth is
@@ -28,6 +31,13 @@ fn main() -> anyhow::Result<()> {
             .num_threads(n)
             .build_global()?;
     }
+    let batch: usize = match args.iter().position(|a| a == "--batch") {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or_else(|| anyhow::anyhow!("--batch N"))?
+            .parse()?,
+        None => 8,
+    };
     let dev = Device::Cpu;
     // Enough matrices that one pass is far larger than the caches (~0.9 GB of f32), or
     // with --in-cache a few with 1/16 of the rows (~2.4 MB of bf16).
@@ -41,7 +51,9 @@ fn main() -> anyhow::Result<()> {
     let dense: Vec<Tensor> = (0..count)
         .map(|c| Tensor::randn(0f32, 0.02, shapes[c % shapes.len()], &dev))
         .collect::<candle_core::Result<_>>()?;
-    println!("format  path    decode GB/s  prefill GFLOP/s   (medians)");
+    println!(
+        "format  path    decode GB/s  batch-{batch} GFLOP/s (time ×1 row)  prefill GFLOP/s   (medians)"
+    );
     let formats = std::iter::once(None).chain(QuantType::ALL.into_iter().map(Some));
     for q in formats {
         let mut linears = Vec::new();
@@ -86,9 +98,15 @@ fn main() -> anyhow::Result<()> {
                 times.sort_by(|a, b| a.total_cmp(b));
                 Ok(times[times.len() / 2])
             };
-            let decode = bytes as f64 / run(1, 31 * div)? / 1e9;
+            let one = run(1, 31 * div)?;
+            let decode = bytes as f64 / one / 1e9;
+            let many = run(batch, 15 * div)?;
+            let small = flops / 128.0 * batch as f64 / many / 1e9;
             let prefill = flops / run(128, 3)? / 1e9;
-            println!("{name:6}  {path:6}  {decode:11.1}  {prefill:15.1}");
+            println!(
+                "{name:6}  {path:6}  {decode:11.1}  {small:16.1} ({:4.2})  {prefill:15.1}",
+                many / one
+            );
         }
     }
     Ok(())

@@ -231,7 +231,8 @@ impl Linear {
         let n = x.dim(D::Minus1)?;
         // A width mismatch is left to matmul's shape error.
         let nx = x.elem_count() / n.max(1);
-        if n == 0 || nx == 0 || nx > SMALL_BATCH || !x.device().is_cpu() {
+        let any_batch = matches!(&self.weight, LinearWeight::PackedQ8(p) if p.takes_any_batch());
+        if n == 0 || nx == 0 || (nx > SMALL_BATCH && !any_batch) || !x.device().is_cpu() {
             return Ok(None);
         }
         let xs = || -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };

@@ -42,30 +42,53 @@ pub(crate) fn par_rows_all(
     per_task: usize,
     row: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut t = vec![0f32; m * nx];
-    t.par_chunks_mut(per_task * nx)
-        .enumerate()
-        .for_each(|(c, ys)| match nx {
-            // One input (every single-sequence decode step): no per-row chunking.
-            1 => {
-                for (k, out) in ys.iter_mut().enumerate() {
-                    row(c * per_task + k, std::slice::from_mut(out));
-                }
-            }
-            _ => {
-                for (k, out) in ys.chunks_mut(nx).enumerate() {
-                    row(c * per_task + k, out);
-                }
+    if nx == 1 {
+        // One input (every single-sequence decode step): no per-row scatter.
+        let mut y = vec![0f32; m];
+        y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
+            for (k, out) in ys.iter_mut().enumerate() {
+                row(c * per_task + k, std::slice::from_mut(out));
             }
         });
-    if nx == 1 {
-        return t;
+        return y;
     }
-    // `t` is `[m, nx]`; the caller wants a row of outputs per input.
+    par_row_tiles(m, nx, per_task, |rows, part| {
+        let width = rows.len();
+        let mut out = vec![0f32; nx];
+        for (k, o) in rows.enumerate() {
+            row(o, &mut out);
+            for (j, v) in out.iter().enumerate() {
+                part[j * width + k] = *v;
+            }
+        }
+    })
+}
+
+/// `[nx, m]` outputs computed in parallel tasks of `per_task` consecutive weight rows:
+/// `tile(rows, part)` fills `part` (`[nx, rows.len()]`, an input's outputs together)
+/// for the weight rows `rows` and every input. For kernels that block over rows and
+/// inputs at once (a register tile); the others go through [`par_rows_all`].
+pub(crate) fn par_row_tiles(
+    m: usize,
+    nx: usize,
+    per_task: usize,
+    tile: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let tasks = m.div_ceil(per_task);
+    let parts: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|c| {
+            let rows = c * per_task..((c + 1) * per_task).min(m);
+            let mut part = vec![0f32; nx * rows.len()];
+            tile(rows, &mut part);
+            part
+        })
+        .collect();
     let mut y = vec![0f32; m * nx];
-    for (o, ts) in t.chunks_exact(nx).enumerate() {
-        for (j, v) in ts.iter().enumerate() {
-            y[j * m + o] = *v;
+    for (c, part) in parts.iter().enumerate() {
+        let (lo, width) = (c * per_task, part.len() / nx);
+        for (j, p) in part.chunks_exact(width).enumerate() {
+            y[j * m + lo..][..width].copy_from_slice(p);
         }
     }
     y

@@ -6,6 +6,7 @@ pub(crate) mod act_quant;
 pub(crate) mod gemv;
 pub(crate) mod kquant_gemv;
 pub(crate) mod q8_packed;
+pub(crate) mod q8_tiles;
 pub(crate) mod qmatmul;
 
 /// AVX2 and FMA: the f32/bf16 matrix–vector kernels, activation quantization, GELU.
@@ -23,6 +24,20 @@ pub fn has_avx2_fma_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         has_avx2_fma() && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// AVX-512 (F, BW) with VNNI, and F16C: the Q8_0 kernel of [`q8_tiles`], which takes
+/// every batch size, prefill included.
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2_fma_f16c()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

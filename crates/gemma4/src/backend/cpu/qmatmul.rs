@@ -122,37 +122,22 @@ fn par_rows<T: Sync, A: Sync>(
     let row = |o: usize| &w[o * nb..(o + 1) * nb];
     let per_x = xq.len() / nx;
     let x = |j: usize| &xq[j * per_x..(j + 1) * per_x];
-    let mut y = vec![0f32; m * nx];
-    let tasks = m.div_ceil(ROWS_PER_TASK);
-    let parts: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|c| {
-            let (lo, hi) = (c * ROWS_PER_TASK, ((c + 1) * ROWS_PER_TASK).min(m));
-            // `[nx, hi - lo]` for this task's rows.
-            let mut part = vec![0f32; nx * (hi - lo)];
-            let mut o = lo;
-            while o + 4 <= hi {
-                for j in 0..nx {
-                    let d = dot4([row(o), row(o + 1), row(o + 2), row(o + 3)], x(j));
-                    part[j * (hi - lo) + o - lo..][..4].copy_from_slice(&d);
-                }
-                o += 4;
+    crate::backend::cpu::gemv::par_row_tiles(m, nx, ROWS_PER_TASK, |rows, part| {
+        let (lo, hi) = (rows.start, rows.end);
+        let mut o = lo;
+        while o + 4 <= hi {
+            for j in 0..nx {
+                let d = dot4([row(o), row(o + 1), row(o + 2), row(o + 3)], x(j));
+                part[j * (hi - lo) + o - lo..][..4].copy_from_slice(&d);
             }
-            for o in o..hi {
-                for j in 0..nx {
-                    part[j * (hi - lo) + o - lo] = dot1(row(o), x(j));
-                }
-            }
-            part
-        })
-        .collect();
-    for (c, part) in parts.iter().enumerate() {
-        let (lo, width) = (c * ROWS_PER_TASK, part.len() / nx);
-        for j in 0..nx {
-            y[j * m + lo..][..width].copy_from_slice(&part[j * width..][..width]);
+            o += 4;
         }
-    }
-    y
+        for o in o..hi {
+            for j in 0..nx {
+                part[j * (hi - lo) + o - lo] = dot1(row(o), x(j));
+            }
+        }
+    })
 }
 
 fn run<T: GgmlType>(bytes: &[u8], m: usize, n: usize, x: &[f32]) -> Option<Vec<f32>> {
