@@ -80,8 +80,8 @@ impl Tiles {
             .zip(d.par_chunks_mut(nb))
             .enumerate()
             .for_each(|(t, (qs, d))| {
-                for b in 0..nb {
-                    for lane in 0..TILE {
+                for (b, db) in d.iter_mut().enumerate() {
+                    for (lane, dl) in db.iter_mut().enumerate() {
                         let r = t * TILE + lane;
                         let Some(blk) = (r < rows).then(|| &blocks[r * nb + b]) else {
                             // Padding rows: zero weights (stored as 128), zero scales.
@@ -90,7 +90,7 @@ impl Tiles {
                             }
                             continue;
                         };
-                        d[b][lane] = f16::from_bits(blk.d);
+                        *dl = f16::from_bits(blk.d);
                         for g in 0..8 {
                             for k in 0..4 {
                                 qs[b * 8 + g].0[4 * lane + k] =
