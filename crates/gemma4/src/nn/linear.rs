@@ -1,7 +1,14 @@
 //! The linear layer, `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch. Every
-//! projection of the model goes through this one type, which picks the kernel: candle's
-//! matmul (dense or block-quantized, [`crate::quant`]) for batches, and for one row (decoding)
-//! the matrix–vector kernels of `backend::cpu::gemv` (bf16/f32) and `backend::cpu::qmatmul` (quantized).
+//! projection of the model goes through this one type, which picks the kernel:
+//!
+//! - up to [`SMALL_BATCH`] rows (decoding one or a few sequences): the matrix–vector
+//!   kernels of `backend::cpu::gemv` (bf16/f32), `q8_packed`, `kquant_gemv` and
+//!   `qmatmul` (quantized), which read each weight row once for all the rows;
+//! - any number of rows, where the CPU has AVX-512 VNNI: Q8_0, Q4_K and Q6_K repacked
+//!   in tiles of sixteen rows (`backend::cpu::q8_tiles`, `kquant_tiles`), one integer
+//!   kernel for decode batches and prefill;
+//! - otherwise candle's matmul (dense, or block-quantized), Q8_0/Q4_0/Q5_0 batches on
+//!   weights dequantized to f32.
 //!
 //! It also covers `Gemma4ClippableLinear` (vision and audio towers): with
 //! `use_clipped_linears` the input is clamped to `[input_min, input_max]` and the output to
@@ -14,6 +21,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor, D};
 use half::bf16;
 
 use crate::backend::cpu::gemv::{gemv_bf16, gemv_f32, widen_bf16};
+use crate::backend::cpu::kquant_tiles::KTiles;
 use crate::backend::cpu::q8_packed::PackedQ8;
 use crate::backend::cpu::qmatmul;
 use crate::error::Result;
@@ -31,22 +39,27 @@ struct Clip {
 }
 
 /// A projection's `[out, in]` weight: a tensor at the compute dtype, or block-quantized
-/// (GGML's layout, or Q8_0 repacked for this CPU's kernel).
+/// (GGML's layout, or repacked for this CPU's kernels: Q8_0, and Q4_K/Q6_K in tiles).
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
     PackedQ8(Arc<PackedQ8>),
+    Tiled(Arc<KTiles>),
 }
 
 impl LinearWeight {
     /// A block-quantized weight, repacked when this machine has a faster kernel for the
-    /// repacked form (Q8_0 with AVX2, `backend::cpu::q8_packed`).
+    /// repacked form (Q8_0 with AVX2, `backend::cpu::q8_packed`; Q4_K and Q6_K with
+    /// AVX-512 VNNI, `backend::cpu::kquant_tiles`).
     pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
         if PackedQ8::available() {
             if let Some(p) = PackedQ8::from_qtensor(&q)? {
                 return Ok(LinearWeight::PackedQ8(Arc::new(p)));
             }
+        }
+        if let Some(t) = KTiles::from_qtensor(&q)? {
+            return Ok(LinearWeight::Tiled(Arc::new(t)));
         }
         Ok(LinearWeight::Quantized(q))
     }
@@ -57,6 +70,7 @@ impl LinearWeight {
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
             LinearWeight::PackedQ8(p) => p.size_in_bytes(),
+            LinearWeight::Tiled(t) => t.size_in_bytes(),
         }
     }
 
@@ -65,19 +79,33 @@ impl LinearWeight {
         Ok(match self {
             LinearWeight::Dense(t) => t.index_select(ids, 0)?.to_dtype(dtype)?,
             LinearWeight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
-            LinearWeight::PackedQ8(p) => {
+            LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) => {
                 let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-                let (rows, cols) = p.shape();
+                let (rows, cols) = self.shape();
                 if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
                     return Err(crate::error::Error::invalid_argument(
                         "token id",
                         format!("{bad} is outside the {rows} rows of the embedding"),
                     ));
                 }
-                let v = p.dequantize_rows(Some(&ids));
+                let v = match self {
+                    LinearWeight::PackedQ8(p) => p.dequantize_rows(Some(&ids)),
+                    LinearWeight::Tiled(t) => t.dequantize_rows(&ids),
+                    _ => unreachable!("matched above"),
+                };
                 Tensor::from_vec(v, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?
             }
         })
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Dense(t) => (t.dim(0).unwrap_or(0), t.dim(1).unwrap_or(0)),
+            LinearWeight::Quantized(q) => q.shape().dims2().unwrap_or((0, 0)),
+            LinearWeight::PackedQ8(p) => p.shape(),
+            LinearWeight::Tiled(t) => t.shape(),
+        }
     }
 }
 
@@ -210,7 +238,9 @@ impl Linear {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             LinearWeight::Dense(t) => t.dtype(),
-            LinearWeight::Quantized(_) | LinearWeight::PackedQ8(_) => DType::F32,
+            LinearWeight::Quantized(_) | LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) => {
+                DType::F32
+            }
         }
     }
 
@@ -218,7 +248,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(t) => t.device().clone(),
             LinearWeight::Quantized(q) => q.device(),
-            LinearWeight::PackedQ8(_) => Device::Cpu,
+            LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) => Device::Cpu,
         }
     }
 
@@ -231,7 +261,12 @@ impl Linear {
         let n = x.dim(D::Minus1)?;
         // A width mismatch is left to matmul's shape error.
         let nx = x.elem_count() / n.max(1);
-        let any_batch = matches!(&self.weight, LinearWeight::PackedQ8(p) if p.takes_any_batch());
+        // The tiled kernels are GEMMs too (prefill); the others are for decode batches.
+        let any_batch = match &self.weight {
+            LinearWeight::PackedQ8(p) => p.takes_any_batch(),
+            LinearWeight::Tiled(_) => true,
+            _ => false,
+        };
         if n == 0 || nx == 0 || (nx > SMALL_BATCH && !any_batch) || !x.device().is_cpu() {
             return Ok(None);
         }
@@ -242,6 +277,10 @@ impl Linear {
                 None => return Ok(None),
             },
             LinearWeight::PackedQ8(p) => match p.gemv(&xs()?, nx) {
+                Some(y) => y,
+                None => return Ok(None),
+            },
+            LinearWeight::Tiled(t) => match t.gemm(&xs()?, nx) {
                 Some(y) => y,
                 None => return Ok(None),
             },
@@ -288,6 +327,13 @@ impl Linear {
             // `backend::cpu::qmatmul`); the activations stay f32.
             (LinearWeight::PackedQ8(p), None) => {
                 let w = Tensor::from_vec(p.dequantize_rows(None), p.shape(), &Device::Cpu)?;
+                matmul_t_f32(&x, &w)?
+            }
+            // Only where the width does not match (the shape error's message).
+            (LinearWeight::Tiled(t), None) => {
+                let (rows, _) = t.shape();
+                let all: Vec<u32> = (0..rows as u32).collect();
+                let w = Tensor::from_vec(t.dequantize_rows(&all), t.shape(), &Device::Cpu)?;
                 matmul_t_f32(&x, &w)?
             }
             (LinearWeight::Quantized(q), None) if qmatmul::prefill_dequantizes(q) => {

@@ -33,19 +33,19 @@ const ROWS_PER_TASK: usize = 16;
 /// GGML's Q4_K block (candle's `BlockQ4K`, whose fields are private; the layout is fixed).
 #[repr(C)]
 pub(crate) struct BlockQ4K {
-    d: u16,
-    dmin: u16,
-    scales: [u8; 12],
-    qs: [u8; 128],
+    pub d: u16,
+    pub dmin: u16,
+    pub scales: [u8; 12],
+    pub qs: [u8; 128],
 }
 
 /// GGML's Q6_K block.
 #[repr(C)]
 pub(crate) struct BlockQ6K {
-    ql: [u8; 128],
-    qh: [u8; 64],
-    scales: [i8; 16],
-    d: u16,
+    pub ql: [u8; 128],
+    pub qh: [u8; 64],
+    pub scales: [i8; 16],
+    pub d: u16,
 }
 
 const _: () = {

@@ -5,6 +5,7 @@
 pub(crate) mod act_quant;
 pub(crate) mod gemv;
 pub(crate) mod kquant_gemv;
+pub(crate) mod kquant_tiles;
 pub(crate) mod q8_packed;
 pub(crate) mod q8_tiles;
 pub(crate) mod qmatmul;
