@@ -9,7 +9,7 @@
 //!
 //! Every failure names the file and, where there is one, the tensor.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,9 +52,6 @@ pub struct Checkpoint {
     total_bytes: Cell<u64>,
     resident_bytes: Cell<u64>,
     progress: Option<ProgressFn>,
-    /// When set, every projection quantized while loading is kept here by tensor name
-    /// (`gemma4 quantize` writes them out).
-    recorded: RefCell<Option<HashMap<String, Vec<Arc<QTensor>>>>>,
     /// For a llama.cpp GGUF file: its metadata and what its tensors say about the model.
     llama_cpp: Option<(gguf_metadata::Metadata, gguf_metadata::TensorFacts)>,
 }
@@ -185,7 +182,6 @@ impl Checkpoint {
             total_bytes: Cell::new(0),
             resident_bytes: Cell::new(0),
             progress: None,
-            recorded: RefCell::new(None),
             llama_cpp: None,
         }
     }
@@ -308,23 +304,6 @@ impl Checkpoint {
             .to_string()
             .ok()
             .cloned()
-    }
-
-    /// Starts keeping every projection quantized from now on (see [`Self::take_recorded`]).
-    pub fn record_quantized(&self) {
-        *self.recorded.borrow_mut() = Some(HashMap::new());
-    }
-
-    /// The projections quantized since [`Self::record_quantized`], by tensor name (MoE
-    /// expert stacks as one entry per expert).
-    pub fn take_recorded(&self) -> HashMap<String, Vec<Arc<QTensor>>> {
-        self.recorded.borrow_mut().take().unwrap_or_default()
-    }
-
-    fn record(&self, name: &str, q: &Arc<QTensor>) {
-        if let Some(map) = self.recorded.borrow_mut().as_mut() {
-            map.entry(name.to_string()).or_default().push(q.clone());
-        }
     }
 
     /// How tensor `name` is stored (an error naming it when missing or of a type this
@@ -608,6 +587,9 @@ pub struct Weights<'a> {
     pub device: Device,
     /// Projections loaded through [`Self::matrix`] are block-quantized to this scheme.
     pub quant: Option<QuantType>,
+    /// Block-quantized projections are repacked for this CPU's kernels (else they keep
+    /// GGML's layout, for `gemma4 quantize` to write out).
+    repack: bool,
 }
 
 impl<'a> Weights<'a> {
@@ -618,6 +600,24 @@ impl<'a> Weights<'a> {
             dtype,
             device: device.clone(),
             quant: None,
+            repack: true,
+        }
+    }
+
+    /// The same view, keeping block-quantized projections in GGML's layout (as
+    /// [`LinearWeight::Quantized`]) instead of repacking them for the kernels.
+    pub fn keeping_ggml_layout(&self) -> Self {
+        let mut w = self.clone();
+        w.repack = false;
+        w
+    }
+
+    /// `q` as a projection weight: repacked unless [`Self::keeping_ggml_layout`].
+    fn quantized_weight(&self, q: Arc<QTensor>) -> Result<LinearWeight> {
+        if self.repack {
+            LinearWeight::quantized(q)
+        } else {
+            Ok(LinearWeight::Quantized(q))
         }
     }
 
@@ -708,9 +708,7 @@ impl<'a> Weights<'a> {
         }
         let q = self.quant.and_then(|q| q.for_matrix(in_dim));
         let t = self.load_for(q, &full, &[n, out_dim, in_dim])?;
-        (0..n)
-            .map(|e| self.finish_matrix(q, &full, t.get(e)?))
-            .collect()
+        (0..n).map(|e| self.finish_matrix(q, t.get(e)?)).collect()
     }
 
     /// Loads `full` for [`Self::finish_matrix`]: in f32 on the CPU when it will be quantized
@@ -724,21 +722,17 @@ impl<'a> Weights<'a> {
 
     /// A projection weight stored quantized, its bytes counted as resident.
     fn stored_matrix(&self, qt: QTensor) -> Result<LinearWeight> {
-        let lw = LinearWeight::quantized(Arc::new(qt))?;
+        let lw = self.quantized_weight(Arc::new(qt))?;
         self.ckpt.note_resident(lw.size_in_bytes());
         Ok(lw)
     }
 
-    /// One `[out, in]` matrix of tensor `full` as a projection weight: quantized to `q`
-    /// (and recorded for `gemma4 quantize`) or kept dense; its bytes counted as resident.
-    fn finish_matrix(&self, q: Option<QuantType>, full: &str, m: Tensor) -> Result<LinearWeight> {
+    /// One `[out, in]` matrix as a projection weight: quantized to `q` or kept dense;
+    /// its bytes counted as resident.
+    fn finish_matrix(&self, q: Option<QuantType>, m: Tensor) -> Result<LinearWeight> {
         let lw = match q {
             None => LinearWeight::Dense(m),
-            Some(q) => {
-                let qt = Arc::new(quant::quantize(&m, q)?);
-                self.ckpt.record(full, &qt);
-                LinearWeight::quantized(qt)?
-            }
+            Some(q) => self.quantized_weight(Arc::new(quant::quantize(&m, q)?))?,
         };
         self.ckpt.note_resident(lw.size_in_bytes());
         Ok(lw)
@@ -757,7 +751,7 @@ impl<'a> Weights<'a> {
             return self.stored_matrix(stored);
         }
         let t = self.load_for(q, &full, &[out_dim, in_dim])?;
-        self.finish_matrix(q, &full, t)
+        self.finish_matrix(q, t)
     }
 
     pub fn row_table(&self, shape: [usize; 2], name: &str) -> Result<RowTable> {

@@ -109,11 +109,20 @@ impl LinearWeight {
     }
 }
 
+/// The checkpoint tensor a projection's weight was loaded from: its full name and, for
+/// one matrix of a stacked tensor (an MoE expert of `[E, out, in]`), its index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorSource {
+    pub name: String,
+    pub index: Option<usize>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
     clip: Option<Clip>,
+    source: Option<TensorSource>,
 }
 
 /// `x Wᵀ` for `x` `[.., in]` and a dense `W` `[out, in]`.
@@ -176,11 +185,11 @@ impl Linear {
     /// Loads `{name}.weight` with shape `[out_dim, in_dim]`.
     /// The weight is block-quantized when the view `w` carries a quantization scheme.
     pub fn new(in_dim: usize, out_dim: usize, w: &Weights, name: &str) -> Result<Self> {
-        Ok(Linear {
-            weight: w.matrix(out_dim, in_dim, &format!("{name}.weight"))?,
-            bias: None,
-            clip: None,
-        })
+        let name = format!("{name}.weight");
+        Ok(
+            Linear::from_linear_weight(w.matrix(out_dim, in_dim, &name)?)
+                .with_source(w.name(&name), None),
+        )
     }
 
     /// Loads `{name}.weight` and `{name}.bias`.
@@ -227,7 +236,20 @@ impl Linear {
             weight,
             bias: None,
             clip: None,
+            source: None,
         }
+    }
+
+    /// Records the checkpoint tensor the weight came from (`index`: which matrix of a
+    /// stacked tensor).
+    pub fn with_source(mut self, name: String, index: Option<usize>) -> Self {
+        self.source = Some(TensorSource { name, index });
+        self
+    }
+
+    /// The checkpoint tensor the weight came from, when loaded from one.
+    pub fn source(&self) -> Option<&TensorSource> {
+        self.source.as_ref()
     }
 
     pub fn weight(&self) -> &LinearWeight {

@@ -8,14 +8,18 @@
 //! decided by loading the text decoder with the scheme, so the file holds exactly what
 //! `--quant` at load time would compute.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::loading::gguf::{self, StoredType, TensorPlan};
 use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
 use crate::model::text_prefix;
+use crate::nn::linear::{LinearWeight, TensorSource};
 use crate::quant::QuantType;
 use crate::text::model::TextModel;
 
@@ -65,16 +69,29 @@ pub fn quantize_checkpoint(
     if let Some(p) = progress {
         ckpt.set_progress(ckpt.bytes_under(prefix), p);
     }
-    ckpt.record_quantized();
     let w = Weights::new(
         &ckpt,
         prefix,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )
-    .with_quant(Some(q));
-    drop(TextModel::new(&config.text, &w)?);
-    let recorded = ckpt.take_recorded();
+    .with_quant(Some(q))
+    .keeping_ggml_layout();
+    let model = TextModel::new(&config.text, &w)?;
+    // The projections the scheme quantized (not those stored quantized already), by
+    // tensor, an expert stack's matrices in order.
+    let mut parts: BTreeMap<&TensorSource, Arc<QTensor>> = BTreeMap::new();
+    for l in model.linears() {
+        if let (LinearWeight::Quantized(qt), Some(src)) = (l.weight(), l.source()) {
+            if !matches!(ckpt.stored_type(&src.name)?, StoredType::Quant(_)) {
+                parts.insert(src, qt.clone());
+            }
+        }
+    }
+    let mut recorded: HashMap<&str, Vec<Arc<QTensor>>> = HashMap::new();
+    for (src, qt) in parts {
+        recorded.entry(src.name.as_str()).or_default().push(qt);
+    }
 
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort();
@@ -118,7 +135,7 @@ pub fn quantize_checkpoint(
         &mut f,
         &meta,
         &plan,
-        |i| match recorded.get(&plan[i].name) {
+        |i| match recorded.get(plan[i].name.as_str()) {
             Some(parts) => {
                 let mut bytes = Vec::new();
                 for p in parts {

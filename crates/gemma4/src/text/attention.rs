@@ -41,6 +41,14 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The projections, in checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.q_proj];
+        v.extend(self.k_proj.iter().chain(&self.v_proj));
+        v.push(&self.o_proj);
+        v
+    }
+
     pub fn new(
         hidden: usize,
         num_heads: usize,

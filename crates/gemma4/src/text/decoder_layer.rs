@@ -52,6 +52,21 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Every projection of the layer: attention, MLP, the MoE branch's router and
+    /// experts, the per-layer-input gate.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.attn.linears();
+        v.extend(self.mlp.linears());
+        if let Some(m) = &self.moe {
+            v.extend(m.router.linears());
+            v.extend(m.experts.linears());
+        }
+        if let Some(p) = &self.ple {
+            v.extend([&p.gate, &p.projection]);
+        }
+        v
+    }
+
     /// Layer `index` of `cfg`; `w` is rooted at `layers.{index}`.
     pub fn new(cfg: &TextConfig, index: usize, w: &Weights) -> Result<Self> {
         let spec = cfg.layers.get(index).ok_or_else(|| {

@@ -17,6 +17,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// The projections.
+    pub fn linears(&self) -> Vec<&Linear> {
+        vec![&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
     pub fn new(hidden: usize, intermediate: usize, w: &Weights) -> Result<Self> {
         Ok(Mlp {
             gate_proj: Linear::new(hidden, intermediate, w, "gate_proj")?,

@@ -98,6 +98,19 @@ pub struct TextModel {
 }
 
 impl TextModel {
+    /// Every projection of the decoder (the embedding/LM head, the per-layer-embedding
+    /// projection, each layer's), each with the checkpoint tensor it came from: what
+    /// `gemma4 quantize` writes, and where adapters attach.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.embed_tokens];
+        v.extend(&self.lm_head);
+        v.extend(self.ple.as_ref().map(|p| p.linear()));
+        for l in &self.layers {
+            v.extend(l.linears());
+        }
+        v
+    }
+
     /// `w` is rooted at the text model (`model.language_model.` or `model.`).
     pub fn new(cfg: &TextConfig, w: &Weights) -> Result<Self> {
         if !cfg.tie_word_embeddings {
@@ -106,17 +119,17 @@ impl TextModel {
                 "untied LM heads are not used by Gemma 4 and are not supported",
             ));
         }
-        let embed_tokens = Linear::from_linear_weight(w.embedding_matrix(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            "embed_tokens.weight",
-        )?);
-        let lm_head = if w.contains("lm_head.weight") {
-            Some(Linear::from_linear_weight(w.embedding_matrix(
+        let embedding = |name: &str| -> Result<Linear> {
+            Ok(Linear::from_linear_weight(w.embedding_matrix(
                 cfg.vocab_size,
                 cfg.hidden_size,
-                "lm_head.weight",
-            )?))
+                name,
+            )?)
+            .with_source(w.name(name), None))
+        };
+        let embed_tokens = embedding("embed_tokens.weight")?;
+        let lm_head = if w.contains("lm_head.weight") {
+            Some(embedding("lm_head.weight")?)
         } else {
             None
         };

@@ -30,6 +30,11 @@ pub struct Router {
 pub type Routes = Vec<Vec<(usize, f32)>>;
 
 impl Router {
+    /// The routing projection.
+    pub fn linears(&self) -> Vec<&Linear> {
+        vec![&self.proj]
+    }
+
     pub fn new(hidden: usize, cfg: &MoeConfig, eps: f64, w: &Weights) -> Result<Self> {
         let per_expert_scale = w
             .get_f32(&[cfg.num_experts], "per_expert_scale")?
@@ -84,7 +89,8 @@ impl Experts {
         let per_expert = |out: usize, inp: usize, name: &str| -> Result<Vec<Linear>> {
             Ok(w.stacked_matrices(e, out, inp, name)?
                 .into_iter()
-                .map(Linear::from_linear_weight)
+                .enumerate()
+                .map(|(e, lw)| Linear::from_linear_weight(lw).with_source(w.name(name), Some(e)))
                 .collect())
         };
         Ok(Experts {
@@ -92,6 +98,11 @@ impl Experts {
             down: per_expert(hidden, i, "down_proj")?,
             width: i,
         })
+    }
+
+    /// Every expert's projections (gate/up, then down).
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.gate_up.iter().chain(&self.down).collect()
     }
 
     /// Expert `e` on the rows of `xs` `[S, H]`.

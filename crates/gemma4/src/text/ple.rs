@@ -24,6 +24,11 @@ pub struct PerLayerEmbeddings {
 }
 
 impl PerLayerEmbeddings {
+    /// The projection of the token embedding into every layer's input.
+    pub fn linear(&self) -> &Linear {
+        &self.projection
+    }
+
     /// `w` is the text model root (tensors `embed_tokens_per_layer`, `per_layer_model_projection`,
     /// `per_layer_projection_norm`).
     pub fn new(
