@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         let mut qtensors: Vec<Arc<QTensor>> = Vec::new();
         for w in &dense {
             linears.push(match q {
-                None => Linear::from_weight(w.to_dtype(DType::BF16)?),
+                None => Linear::from_linear_weight(LinearWeight::dense(w.to_dtype(DType::BF16)?)?),
                 Some(q) => {
                     let qt = Arc::new(quantize(w, q)?);
                     qtensors.push(qt.clone());

@@ -731,6 +731,7 @@ impl<'a> Weights<'a> {
     /// its bytes counted as resident.
     fn finish_matrix(&self, q: Option<QuantType>, m: Tensor) -> Result<LinearWeight> {
         let lw = match q {
+            None if self.repack => LinearWeight::dense(m)?,
             None => LinearWeight::Dense(m),
             Some(q) => self.quantized_weight(Arc::new(quant::quantize(&m, q)?))?,
         };

@@ -6,7 +6,8 @@
 //!   `qmatmul` (quantized), which read each weight row once for all the rows;
 //! - any number of rows, where the CPU has AVX-512 VNNI: Q8_0, Q4_K and Q6_K repacked
 //!   in tiles of sixteen rows (`backend::cpu::q8_tiles`, `kquant_tiles`), one integer
-//!   kernel for decode batches and prefill;
+//!   kernel for decode batches and prefill; likewise bf16 with AVX512-BF16
+//!   (`bf16_tiles`);
 //! - otherwise candle's matmul (dense, or block-quantized), Q8_0/Q4_0/Q5_0 batches on
 //!   weights dequantized to f32.
 //!
@@ -20,6 +21,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor, D};
 use half::bf16;
 
+use crate::backend::cpu::bf16_tiles::Bf16Tiles;
 use crate::backend::cpu::gemv::{gemv_bf16, gemv_f32, widen_bf16};
 use crate::backend::cpu::kquant_tiles::KTiles;
 use crate::backend::cpu::q8_packed::PackedQ8;
@@ -46,9 +48,30 @@ pub enum LinearWeight {
     Quantized(Arc<QTensor>),
     PackedQ8(Arc<PackedQ8>),
     Tiled(Arc<KTiles>),
+    /// bf16, tiled for AVX512-BF16 (`backend::cpu::bf16_tiles`).
+    Bf16Tiled(Arc<Bf16Tiles>),
 }
 
 impl LinearWeight {
+    /// A dense weight at the compute dtype: bf16 `[out, in]` matrices are tiled where the
+    /// CPU has AVX512-BF16 (one kernel for decode batches and prefill), others kept as
+    /// they are.
+    pub fn dense(t: Tensor) -> Result<Self> {
+        if t.dtype() == DType::BF16
+            && t.rank() == 2
+            && t.device().is_cpu()
+            && crate::backend::cpu::bf16_tiles::available()
+        {
+            let (rows, cols) = t.dims2()?;
+            if let Some(Some(tiles)) =
+                with_elements(&t, |w: &[bf16]| Bf16Tiles::new(w, rows, cols))?
+            {
+                return Ok(LinearWeight::Bf16Tiled(Arc::new(tiles)));
+            }
+        }
+        Ok(LinearWeight::Dense(t))
+    }
+
     /// A block-quantized weight, repacked when this machine has a faster kernel for the
     /// repacked form (Q8_0 with AVX2, `backend::cpu::q8_packed`; Q4_K and Q6_K with
     /// AVX-512 VNNI, `backend::cpu::kquant_tiles`).
@@ -71,6 +94,7 @@ impl LinearWeight {
             LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
             LinearWeight::PackedQ8(p) => p.size_in_bytes(),
             LinearWeight::Tiled(t) => t.size_in_bytes(),
+            LinearWeight::Bf16Tiled(t) => t.size_in_bytes(),
         }
     }
 
@@ -79,7 +103,7 @@ impl LinearWeight {
         Ok(match self {
             LinearWeight::Dense(t) => t.index_select(ids, 0)?.to_dtype(dtype)?,
             LinearWeight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
-            LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) => {
+            LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) | LinearWeight::Bf16Tiled(_) => {
                 let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
                 let (rows, cols) = self.shape();
                 if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
@@ -91,6 +115,11 @@ impl LinearWeight {
                 let v = match self {
                     LinearWeight::PackedQ8(p) => p.dequantize_rows(Some(&ids)),
                     LinearWeight::Tiled(t) => t.dequantize_rows(&ids),
+                    LinearWeight::Bf16Tiled(t) => {
+                        let v = t.rows(&ids);
+                        return Ok(Tensor::from_vec(v, (ids.len(), cols), &Device::Cpu)?
+                            .to_dtype(dtype)?);
+                    }
                     _ => unreachable!("matched above"),
                 };
                 Tensor::from_vec(v, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?
@@ -105,6 +134,7 @@ impl LinearWeight {
             LinearWeight::Quantized(q) => q.shape().dims2().unwrap_or((0, 0)),
             LinearWeight::PackedQ8(p) => p.shape(),
             LinearWeight::Tiled(t) => t.shape(),
+            LinearWeight::Bf16Tiled(t) => t.shape(),
         }
     }
 }
@@ -260,6 +290,7 @@ impl Linear {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             LinearWeight::Dense(t) => t.dtype(),
+            LinearWeight::Bf16Tiled(_) => DType::BF16,
             LinearWeight::Quantized(_) | LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) => {
                 DType::F32
             }
@@ -270,7 +301,9 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(t) => t.device().clone(),
             LinearWeight::Quantized(q) => q.device(),
-            LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) => Device::Cpu,
+            LinearWeight::PackedQ8(_) | LinearWeight::Tiled(_) | LinearWeight::Bf16Tiled(_) => {
+                Device::Cpu
+            }
         }
     }
 
@@ -287,6 +320,7 @@ impl Linear {
         let any_batch = match &self.weight {
             LinearWeight::PackedQ8(p) => p.takes_any_batch(),
             LinearWeight::Tiled(_) => true,
+            LinearWeight::Bf16Tiled(_) => x.dtype() == DType::BF16,
             _ => false,
         };
         if n == 0 || nx == 0 || (nx > SMALL_BATCH && !any_batch) || !x.device().is_cpu() {
@@ -306,6 +340,15 @@ impl Linear {
                 Some(y) => y,
                 None => return Ok(None),
             },
+            // bf16 inputs only: their values are the kernel's operands as they are.
+            LinearWeight::Bf16Tiled(t) if x.dtype() == DType::BF16 => {
+                let xb: Vec<bf16> = x.flatten_all()?.to_vec1()?;
+                match t.gemm(&xb, nx) {
+                    Some(y) => y,
+                    None => return Ok(None),
+                }
+            }
+            LinearWeight::Bf16Tiled(_) => return Ok(None),
             LinearWeight::Dense(w) => {
                 if !matches!(w.dtype(), DType::BF16 | DType::F32)
                     || !w.device().is_cpu()
@@ -350,6 +393,13 @@ impl Linear {
             (LinearWeight::PackedQ8(p), None) => {
                 let w = Tensor::from_vec(p.dequantize_rows(None), p.shape(), &Device::Cpu)?;
                 matmul_t_f32(&x, &w)?
+            }
+            // Other input dtypes, or a width mismatch (the shape error's message).
+            (LinearWeight::Bf16Tiled(t), None) => {
+                let (rows, cols) = t.shape();
+                let all: Vec<u32> = (0..rows as u32).collect();
+                let w = Tensor::from_vec(t.rows(&all), (rows, cols), &Device::Cpu)?;
+                matmul_t(&x, &w.to_dtype(x.dtype())?)?
             }
             // Only where the width does not match (the shape error's message).
             (LinearWeight::Tiled(t), None) => {
