@@ -605,7 +605,7 @@ impl<'a> Weights<'a> {
     }
 
     /// The same view, keeping block-quantized projections in GGML's layout (as
-    /// [`LinearWeight::Quantized`]) instead of repacking them for the kernels.
+    /// [`LinearWeight::ggml`]) instead of repacking them for the kernels.
     pub fn keeping_ggml_layout(&self) -> Self {
         let mut w = self.clone();
         w.repack = false;
@@ -617,7 +617,7 @@ impl<'a> Weights<'a> {
         if self.repack {
             LinearWeight::quantized(q)
         } else {
-            Ok(LinearWeight::Quantized(q))
+            Ok(LinearWeight::ggml(q))
         }
     }
 
@@ -732,7 +732,7 @@ impl<'a> Weights<'a> {
     fn finish_matrix(&self, q: Option<QuantType>, m: Tensor) -> Result<LinearWeight> {
         let lw = match q {
             None if self.repack => LinearWeight::dense(m)?,
-            None => LinearWeight::Dense(m),
+            None => LinearWeight::plain(m),
             Some(q) => self.quantized_weight(Arc::new(quant::quantize(&m, q)?))?,
         };
         self.ckpt.note_resident(lw.size_in_bytes());

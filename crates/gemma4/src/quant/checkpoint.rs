@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::loading::gguf::{self, StoredType, TensorPlan};
 use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
 use crate::model::text_prefix;
-use crate::nn::linear::{LinearWeight, TensorSource};
+use crate::nn::linear::TensorSource;
 use crate::quant::QuantType;
 use crate::text::model::TextModel;
 
@@ -82,7 +82,7 @@ pub fn quantize_checkpoint(
     // tensor, an expert stack's matrices in order.
     let mut parts: BTreeMap<&TensorSource, Arc<QTensor>> = BTreeMap::new();
     for l in model.linears() {
-        if let (LinearWeight::Quantized(qt), Some(src)) = (l.weight(), l.source()) {
+        if let (Some(qt), Some(src)) = (l.weight().as_ggml(), l.source()) {
             if !matches!(ckpt.stored_type(&src.name)?, StoredType::Quant(_)) {
                 parts.insert(src, qt.clone());
             }

@@ -142,7 +142,7 @@ impl Experts {
             let idx = Tensor::new(toks.as_slice(), x.device())?;
             let xs = x.index_select(&idx, 0)?;
             // The tokens routed to an expert go through it together: up to
-            // `linear::SMALL_BATCH` of them (every decode step, and the ~8 per expert of a
+            // `backend::matrix::SMALL_BATCH` of them (every decode step, and the ~8 per expert of a
             // prefill's tokens) through the small-batch kernels, which read the expert's
             // weights once for all of them; more through one batched product.
             let y = self.expert(e, &xs)?.to_dtype(DType::F32)?;
@@ -185,7 +185,7 @@ mod tests {
                 _ => vec![(0, 1.0)],
             })
             .collect();
-        let small = crate::nn::linear::SMALL_BATCH;
+        let small = crate::backend::matrix::SMALL_BATCH;
         assert!(s > small && s / 10 <= small && s / 10 > 1);
         let got = experts.forward(&x, &routes).unwrap();
         // Each token alone: every expert sees one row.

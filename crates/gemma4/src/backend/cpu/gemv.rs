@@ -20,7 +20,7 @@ const ROWS_PER_TASK: usize = 64;
 /// kernel's row loop). Each weight row is dotted with all `nx` inputs while it is in the
 /// L1 cache, so a batch of a few rows streams the weights from memory once, as one row
 /// does: decoding is bandwidth-bound, and the extra arithmetic is nearly free up to
-/// [`crate::nn::linear::SMALL_BATCH`] rows.
+/// [`crate::backend::matrix::SMALL_BATCH`] rows.
 pub(crate) fn par_rows(
     m: usize,
     nx: usize,
