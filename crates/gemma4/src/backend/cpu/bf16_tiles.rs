@@ -19,10 +19,9 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
+use crate::backend::cpu::gemv::{tiled_product, TILE};
 use crate::backend::cpu::q8_packed::Line;
 
-/// Rows per tile.
-const TILE: usize = 16;
 /// Tiles per parallel task.
 const TILES_PER_TASK: usize = 2;
 /// Inputs per kernel call, at most (each takes two accumulators).
@@ -118,28 +117,14 @@ impl Bf16Tiles {
         {
             let (rows, pairs) = (self.rows, self.cols / 2);
             let inputs: Vec<&[bf16]> = x.chunks_exact(self.cols).collect();
-            Some(crate::backend::cpu::gemv::par_row_tiles(
+            Some(tiled_product::<_, GROUP>(
                 rows,
-                nx,
-                TILES_PER_TASK * TILE,
-                |range, part| {
-                    let width = range.len();
-                    // Inputs a group at a time (outer), so that the task's tiles stay in
-                    // the cache while the inputs go by.
-                    for (g, xs) in inputs.chunks(GROUP).enumerate() {
-                        for r0 in range.clone().step_by(TILE) {
-                            let t = r0 / TILE;
-                            let lines = &self.lines[t * pairs..(t + 1) * pairs];
-                            // SAFETY: the CPU has the instructions (`available`); every
-                            // input has `2 · lines.len()` values.
-                            let sums = unsafe { dispatch(lines, xs) };
-                            let live = (rows - r0).min(TILE);
-                            for (jj, s) in sums.iter().enumerate().take(xs.len()) {
-                                part[(GROUP * g + jj) * width + r0 - range.start..][..live]
-                                    .copy_from_slice(&s[..live]);
-                            }
-                        }
-                    }
+                &inputs,
+                TILES_PER_TASK,
+                |t, xs| {
+                    // SAFETY: the CPU has the instructions (`available`); every input has
+                    // `2 · pairs` values.
+                    unsafe { dispatch(&self.lines[t * pairs..(t + 1) * pairs], xs) }
                 },
             ))
         }

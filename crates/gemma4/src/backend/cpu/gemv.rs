@@ -94,6 +94,35 @@ pub(crate) fn par_row_tiles(
     y
 }
 
+/// Rows per tile of the tiled kernels (`q8_tiles`, `kquant_tiles`, `bf16_tiles`): the
+/// sixteen f32/i32 lanes of an AVX-512 vector, one per weight row.
+pub(crate) const TILE: usize = 16;
+
+/// `[nx, rows]` outputs of a tiled kernel: `tile(t, xs)` gives tile `t`'s sixteen rows
+/// dotted with each input of `xs` (at most `G` of them; entries past `xs.len()` unused).
+/// Tasks of `tiles_per_task` tiles run in parallel; within one, the inputs go by `G` at
+/// a time (outer loop), so that the task's tiles stay in the cache while they do.
+pub(crate) fn tiled_product<I: Sync, const G: usize>(
+    rows: usize,
+    inputs: &[I],
+    tiles_per_task: usize,
+    tile: impl Fn(usize, &[I]) -> [[f32; TILE]; G] + Sync,
+) -> Vec<f32> {
+    par_row_tiles(rows, inputs.len(), tiles_per_task * TILE, |range, part| {
+        let width = range.len();
+        for (g, xs) in inputs.chunks(G).enumerate() {
+            for r0 in range.clone().step_by(TILE) {
+                let sums = tile(r0 / TILE, xs);
+                let live = (rows - r0).min(TILE);
+                for (j, s) in sums.iter().enumerate().take(xs.len()) {
+                    part[(G * g + j) * width + r0 - range.start..][..live]
+                        .copy_from_slice(&s[..live]);
+                }
+            }
+        }
+    })
+}
+
 /// `w` widened to f32 (exact: bf16 is the top half of an f32), in parallel.
 pub(crate) fn widen_bf16(w: &[bf16]) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;

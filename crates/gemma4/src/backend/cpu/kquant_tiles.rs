@@ -25,10 +25,9 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use crate::backend::cpu::act_quant::Q8KBlocks;
+use crate::backend::cpu::gemv::{tiled_product, TILE};
 use crate::backend::cpu::kquant_gemv::{BlockQ4K, BlockQ6K};
 
-/// Rows per tile.
-const TILE: usize = 16;
 /// Tiles per parallel task.
 const TILES_PER_TASK: usize = 2;
 /// Inputs per kernel call, at most (each takes three or four vector registers).
@@ -329,33 +328,20 @@ impl KTiles {
             let inputs: Vec<Q8KBlocks> =
                 x.par_chunks_exact(self.cols).map(Q8KBlocks::new).collect();
             let (rows, nsb) = (self.rows, self.cols / 256);
-            Some(crate::backend::cpu::gemv::par_row_tiles(
+            Some(tiled_product::<_, GROUP>(
                 rows,
-                nx,
-                TILES_PER_TASK * TILE,
-                |range, part| {
-                    let width = range.len();
-                    // Inputs a group at a time (outer), so that the task's tiles stay in
-                    // the cache while the inputs go by.
-                    for (g, xs) in inputs.chunks(GROUP).enumerate() {
-                        for r0 in range.clone().step_by(TILE) {
-                            let t = r0 / TILE;
-                            // SAFETY: the CPU has the instructions (`available`); the
-                            // tiles have `nsb` blocks and each input as many.
-                            let sums = unsafe {
-                                match &self.data {
-                                    Data::Q4K(tiles) => {
-                                        dispatch!(q4k_kernel, &tiles[t * nsb..(t + 1) * nsb], xs)
-                                    }
-                                    Data::Q6K(tiles) => {
-                                        dispatch!(q6k_kernel, &tiles[t * nsb..(t + 1) * nsb], xs)
-                                    }
-                                }
-                            };
-                            let live = (rows - r0).min(TILE);
-                            for (jj, s) in sums.iter().enumerate().take(xs.len()) {
-                                part[(GROUP * g + jj) * width + r0 - range.start..][..live]
-                                    .copy_from_slice(&s[..live]);
+                &inputs,
+                TILES_PER_TASK,
+                |t, xs| {
+                    // SAFETY: the CPU has the instructions (`available`); the tiles have
+                    // `nsb` blocks and each input as many.
+                    unsafe {
+                        match &self.data {
+                            Data::Q4K(tiles) => {
+                                dispatch!(q4k_kernel, &tiles[t * nsb..(t + 1) * nsb], xs)
+                            }
+                            Data::Q6K(tiles) => {
+                                dispatch!(q6k_kernel, &tiles[t * nsb..(t + 1) * nsb], xs)
                             }
                         }
                     }

@@ -25,10 +25,9 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use crate::backend::cpu::act_quant::Q8Blocks;
+use crate::backend::cpu::gemv::{tiled_product, TILE};
 use crate::backend::cpu::q8_packed::{Block, Line};
 
-/// Rows per tile (the lanes of one vector of i32).
-const TILE: usize = 16;
 /// Inputs per kernel call, at most.
 const GROUP: usize = 8;
 /// Tiles per parallel task.
@@ -135,29 +134,16 @@ impl Tiles {
             let inputs: Vec<Input> = x.par_chunks_exact(self.cols).map(Input::new).collect();
             let nb = self.cols / 32;
             let rows = self.rows;
-            Some(crate::backend::cpu::gemv::par_row_tiles(
+            Some(tiled_product::<_, GROUP>(
                 rows,
-                nx,
-                TILES_PER_TASK * TILE,
-                |range, part| {
-                    let width = range.len();
-                    // Inputs four at a time (outer), so that the task's tiles stay in
-                    // the cache while the inputs go by.
-                    for (g, xs) in inputs.chunks(GROUP).enumerate() {
-                        for r0 in range.clone().step_by(TILE) {
-                            let t = r0 / TILE;
-                            let qs = &self.qs[t * nb * 8..(t + 1) * nb * 8];
-                            let d = &self.d[t * nb..(t + 1) * nb];
-                            // SAFETY: the CPU has the instructions (`available`); the
-                            // tile has `nb` blocks and each input as many.
-                            let sums = unsafe { tile_dispatch(qs, d, xs) };
-                            let live = (rows - r0).min(TILE);
-                            for (jj, s) in sums.iter().enumerate().take(xs.len()) {
-                                part[(GROUP * g + jj) * width + r0 - range.start..][..live]
-                                    .copy_from_slice(&s[..live]);
-                            }
-                        }
-                    }
+                &inputs,
+                TILES_PER_TASK,
+                |t, xs| {
+                    let qs = &self.qs[t * nb * 8..(t + 1) * nb * 8];
+                    let d = &self.d[t * nb..(t + 1) * nb];
+                    // SAFETY: the CPU has the instructions (`available`); the tile has `nb`
+                    // blocks and each input as many.
+                    unsafe { tile_dispatch(qs, d, xs) }
                 },
             ))
         }
