@@ -6,7 +6,8 @@
 //!   on the CPU the matrix–vector kernels of `cpu::gemv` for decode batches;
 //! - [`GgmlMatrix`]: GGML's blocks as stored: `cpu::qmatmul`'s decode kernels, the
 //!   dequantized f32 GEMM or candle's quantized matmul for batches;
-//! - the CPU repacks: [`PackedQ8`] (Q8_0), [`KTiles`] (Q4_K/Q6_K), [`Bf16Tiles`] (bf16),
+//! - the CPU repacks: [`PackedQ8`] (Q8_0), [`KTiles`] (Q4_K/Q6_K), [`NibbleTiles`]
+//!   (Q4_0/Q5_0), [`Bf16Tiles`] (bf16),
 //!   whose kernels take decode batches and prefill alike where the CPU has them.
 //!
 //! A GPU backend adds its formats beside these; nothing above this trait changes.
@@ -20,6 +21,7 @@ use half::bf16;
 use crate::backend::cpu::bf16_tiles::Bf16Tiles;
 use crate::backend::cpu::gemv::{gemv_bf16, gemv_f32, widen_bf16};
 use crate::backend::cpu::kquant_tiles::KTiles;
+use crate::backend::cpu::q4_tiles::NibbleTiles;
 use crate::backend::cpu::q8_packed::PackedQ8;
 use crate::backend::cpu::qmatmul;
 use crate::error::Result;
@@ -299,6 +301,35 @@ impl Matrix for KTiles {
     }
     fn size_in_bytes(&self) -> usize {
         KTiles::size_in_bytes(self)
+    }
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let v = self.dequantize_rows(ids);
+        Ok(Tensor::from_vec(
+            v,
+            (ids.len(), self.shape().1),
+            &Device::Cpu,
+        )?)
+    }
+    fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self.shape().0;
+        repacked_matmul_t(self, x, |x| {
+            by_rows(x, out, |x: &[f32], nx| self.gemm(x, nx))
+        })
+    }
+}
+
+impl Matrix for NibbleTiles {
+    fn shape(&self) -> (usize, usize) {
+        NibbleTiles::shape(self)
+    }
+    fn size_in_bytes(&self) -> usize {
+        NibbleTiles::size_in_bytes(self)
     }
     fn dtype(&self) -> DType {
         DType::F32

@@ -18,6 +18,7 @@ use half::bf16;
 
 use crate::backend::cpu::bf16_tiles::{self, Bf16Tiles};
 use crate::backend::cpu::kquant_tiles::KTiles;
+use crate::backend::cpu::q4_tiles::NibbleTiles;
 use crate::backend::cpu::q8_packed::PackedQ8;
 use crate::backend::matrix::{with_elements, DenseMatrix, GgmlMatrix, Matrix};
 use crate::error::Result;
@@ -63,8 +64,8 @@ impl LinearWeight {
     }
 
     /// A block-quantized weight, repacked when this machine has a faster kernel for the
-    /// repacked form (Q8_0 with AVX2, `backend::cpu::q8_packed`; Q4_K and Q6_K with
-    /// AVX-512 VNNI, `backend::cpu::kquant_tiles`).
+    /// repacked form (Q8_0 with AVX2, `backend::cpu::q8_packed`; Q4_K, Q6_K, Q4_0 and
+    /// Q5_0 with AVX-512 VNNI, `backend::cpu::kquant_tiles`, `q4_tiles`).
     pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
         if PackedQ8::available() {
             if let Some(p) = PackedQ8::from_qtensor(&q)? {
@@ -72,6 +73,9 @@ impl LinearWeight {
             }
         }
         if let Some(t) = KTiles::from_qtensor(&q)? {
+            return Ok(LinearWeight(Arc::new(t)));
+        }
+        if let Some(t) = NibbleTiles::from_qtensor(&q)? {
             return Ok(LinearWeight(Arc::new(t)));
         }
         Ok(Self::ggml(q))

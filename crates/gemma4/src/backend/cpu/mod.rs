@@ -7,6 +7,7 @@ pub(crate) mod bf16_tiles;
 pub(crate) mod gemv;
 pub(crate) mod kquant_gemv;
 pub(crate) mod kquant_tiles;
+pub(crate) mod q4_tiles;
 pub(crate) mod q8_packed;
 pub(crate) mod q8_tiles;
 pub(crate) mod qmatmul;

@@ -48,21 +48,22 @@ pub(crate) struct Tiles {
     d: Vec<[f16; TILE]>,
 }
 
-/// One input row as the kernel reads it: its Q8_0 values and scales, and per block the
-/// `128 · Σ x` the stored `+128` adds.
-struct Input {
-    q: Q8Blocks,
-    offset: Vec<i32>,
+/// One input row as the tiled Q8_0/Q4_0/Q5_0 kernels read it: its Q8_0 values and
+/// scales, and per block the sum of its values (what an offset in the stored weights,
+/// `+128` here, multiplies).
+pub(crate) struct Input {
+    pub q: Q8Blocks,
+    pub sums: Vec<i32>,
 }
 
 impl Input {
-    fn new(x: &[f32]) -> Self {
+    pub fn new(x: &[f32]) -> Self {
         let q = Q8Blocks::new(x);
-        let offset =
+        let sums =
             q.qs.chunks_exact(32)
-                .map(|b| 128 * b.iter().map(|&v| v as i32).sum::<i32>())
+                .map(|b| b.iter().map(|&v| v as i32).sum::<i32>())
                 .collect();
-        Input { q, offset }
+        Input { q, sums }
     }
 }
 
@@ -183,14 +184,15 @@ unsafe fn tile<const J: usize>(qs: &[Line], d: &[[f16; TILE]], x: [&Input; J]) -
     let nb = d.len();
     assert!(qs.len() == nb * 8);
     for x in x {
-        assert!(x.q.qs.len() == nb * 32 && x.q.d.len() == nb && x.offset.len() == nb);
+        assert!(x.q.qs.len() == nb * 32 && x.q.d.len() == nb && x.sums.len() == nb);
     }
     let mut acc = [_mm512_setzero_ps(); J];
     for b in 0..nb {
         let lines = qs.as_ptr().add(b * 8) as *const u8;
         crate::backend::cpu::gemv::prefetch_ahead(lines, 8);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().add(b) as *const __m256i));
-        let mut isum: [__m512i; J] = std::array::from_fn(|j| _mm512_set1_epi32(-x[j].offset[b]));
+        let mut isum: [__m512i; J] =
+            std::array::from_fn(|j| _mm512_set1_epi32(-128 * x[j].sums[b]));
         for g in 0..8 {
             let w = _mm512_load_si512(lines.add(64 * g) as *const _);
             for j in 0..J {
