@@ -9,8 +9,8 @@
 //! Why the split rows: GGML's 34-byte blocks straddle cache lines every other block, and
 //! each block's scale is a separate 2-byte load and conversion. Split, every 32-byte load
 //! is aligned and eight scales convert with one F16C instruction. The bytes held are the
-//! same (34 per 32 weights). (`gemma4 quantize` writes the GGML-layout tensors it
-//! quantized before repacking, so nothing needs the layout back.)
+//! same (34 per 32 weights). (`gemma4 quantize` loads its weights with GGML's layout kept, so
+//! nothing needs the layout back.)
 //!
 //! The AVX2 kernel computes what candle's `vec_dot_q8_0_q8_0` computes (the activation quantized
 //! to Q8_0 as candle's `from_float` does, [`crate::backend::cpu::act_quant`], the same integer products and f32 scale products),

@@ -10,14 +10,15 @@
 //! [`crate::backend::cpu::gemv`]. candle's own decode path hands the same kernels to a second, spinning
 //! thread pool pinned to the cores, which contended with rayon's workers between
 //! projections and ran E2B Q8_0 decode at about a third of the memory-bandwidth bound.
-//! (On AVX2 machines Q8_0 weights are repacked at load and take the kernel of
-//! [`crate::backend::cpu::q8_packed`], and Q4_K/Q6_K take [`crate::backend::cpu::kquant_gemv`]; this path is their
-//! portable fallback and the reference their tests compare with.)
+//! (With AVX-512 VNNI every format is repacked at load into the tiles of `q8_tiles`,
+//! `q4_tiles` and `kquant_tiles`; with AVX2, Q8_0 takes [`crate::backend::cpu::q8_packed`]
+//! and Q4_K/Q6_K [`crate::backend::cpu::kquant_gemv`]. This path is the portable
+//! fallback, and the reference the repacked kernels' tests compare with.)
 //!
-//! Prefill ([`dequantize`]): candle has no fast AVX2 kernel for Q8_0, Q4_0 or Q5_0 batches
-//! (~18 GFLOP/s here, against ~120 for its repacked Q4_K/Q6_K), so those are dequantized
-//! to f32 in parallel and multiplied with the f32 GEMM; the activations then stay f32,
-//! which is closer to the unquantized model than llama.cpp's 8-bit activations.
+//! Prefill without the tiles ([`dequantize`]): candle has no fast AVX2 kernel for Q8_0,
+//! Q4_0 or Q5_0 batches (~18 GFLOP/s on the earlier sessions' machine), so those are
+//! dequantized to f32 in parallel and multiplied with the f32 GEMM; the activations then
+//! stay f32.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ5_0, BlockQ6K, BlockQ8_0};
 use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
