@@ -295,63 +295,42 @@ impl Matrix for PackedQ8 {
     }
 }
 
-impl Matrix for KTiles {
-    fn shape(&self) -> (usize, usize) {
-        KTiles::shape(self)
-    }
-    fn size_in_bytes(&self) -> usize {
-        KTiles::size_in_bytes(self)
-    }
-    fn dtype(&self) -> DType {
-        DType::F32
-    }
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let v = self.dequantize_rows(ids);
-        Ok(Tensor::from_vec(
-            v,
-            (ids.len(), self.shape().1),
-            &Device::Cpu,
-        )?)
-    }
-    fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        let out = self.shape().0;
-        repacked_matmul_t(self, x, |x| {
-            by_rows(x, out, |x: &[f32], nx| self.gemm(x, nx))
-        })
-    }
+/// `Matrix` for a CPU repack whose kernel takes f32 rows of any count
+/// (`gemm(x, nx)`) and whose rows dequantize to f32 (`dequantize_rows(ids)`).
+macro_rules! integer_tiles_matrix {
+    ($t:ty) => {
+        impl Matrix for $t {
+            fn shape(&self) -> (usize, usize) {
+                <$t>::shape(self)
+            }
+            fn size_in_bytes(&self) -> usize {
+                <$t>::size_in_bytes(self)
+            }
+            fn dtype(&self) -> DType {
+                DType::F32
+            }
+            fn device(&self) -> Device {
+                Device::Cpu
+            }
+            fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+                let v = self.dequantize_rows(ids);
+                Ok(Tensor::from_vec(
+                    v,
+                    (ids.len(), self.shape().1),
+                    &Device::Cpu,
+                )?)
+            }
+            fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+                let out = self.shape().0;
+                repacked_matmul_t(self, x, |x| {
+                    by_rows(x, out, |x: &[f32], nx| self.gemm(x, nx))
+                })
+            }
+        }
+    };
 }
-
-impl Matrix for NibbleTiles {
-    fn shape(&self) -> (usize, usize) {
-        NibbleTiles::shape(self)
-    }
-    fn size_in_bytes(&self) -> usize {
-        NibbleTiles::size_in_bytes(self)
-    }
-    fn dtype(&self) -> DType {
-        DType::F32
-    }
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let v = self.dequantize_rows(ids);
-        Ok(Tensor::from_vec(
-            v,
-            (ids.len(), self.shape().1),
-            &Device::Cpu,
-        )?)
-    }
-    fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        let out = self.shape().0;
-        repacked_matmul_t(self, x, |x| {
-            by_rows(x, out, |x: &[f32], nx| self.gemm(x, nx))
-        })
-    }
-}
+integer_tiles_matrix!(KTiles);
+integer_tiles_matrix!(NibbleTiles);
 
 impl Matrix for Bf16Tiles {
     fn shape(&self) -> (usize, usize) {
