@@ -1,7 +1,7 @@
 //! Throughput of the projection kernels on E2B-sized matrices, for each weight format:
 //! decode (one row, GB/s of weights streamed) and prefill (128 rows, GFLOP/s), through
-//! `Linear::forward` (what the model runs) and, for quantized weights, through candle's
-//! `QMatMul` on the same blocks.
+//! `Linear::forward` (what the model runs) and through candle: its `QMatMul` on the same
+//! blocks, or for f32/bf16 the weight as a plain tensor (candle's GEMM for prefill).
 //!
 //! `cargo run --release -p gemma4 --example kernels [-- --threads N] [--in-cache] [--batch N]`
 //!
@@ -54,40 +54,51 @@ fn main() -> anyhow::Result<()> {
     println!(
         "format  path    decode GB/s  batch-{batch} GFLOP/s (time ×1 row)  prefill GFLOP/s   (medians)"
     );
-    let formats = std::iter::once(None).chain(QuantType::ALL.into_iter().map(Some));
+    // Dense formats (None: f32, then bf16) and the quantized ones.
+    let formats = [Err(DType::F32), Err(DType::BF16)]
+        .into_iter()
+        .chain(QuantType::ALL.into_iter().map(Ok));
     for q in formats {
         let mut linears = Vec::new();
+        let mut plain = Vec::new();
         let mut qtensors: Vec<Arc<QTensor>> = Vec::new();
         for w in &dense {
             linears.push(match q {
-                None => Linear::from_linear_weight(LinearWeight::dense(w.to_dtype(DType::BF16)?)?),
-                Some(q) => {
+                Err(dtype) => {
+                    let w = w.to_dtype(dtype)?;
+                    plain.push(Linear::from_linear_weight(LinearWeight::plain(w.clone())));
+                    Linear::from_linear_weight(LinearWeight::dense(w)?)
+                }
+                Ok(q) => {
                     let qt = Arc::new(quantize(w, q)?);
                     qtensors.push(qt.clone());
                     Linear::from_linear_weight(LinearWeight::quantized(qt)?)
                 }
             });
         }
-        let name = q.map_or("bf16", QuantType::name);
+        let name = match q {
+            Err(DType::F32) => "f32",
+            Err(_) => "bf16",
+            Ok(q) => q.name(),
+        };
         let bytes: usize = linears.iter().map(|l| l.weight().size_in_bytes()).sum();
         let flops: f64 = dense
             .iter()
             .map(|w| 2.0 * 128.0 * w.elem_count() as f64)
             .sum();
-        let paths: &[&str] = if q.is_some() {
-            &["gemma4", "candle"]
-        } else {
-            &["gemma4"]
-        };
-        for &path in paths {
+        // "candle": candle's quantized matmul on the same blocks, or the dense weight
+        // as a plain tensor (candle's GEMM for prefill).
+        let paths = ["gemma4", "candle"];
+        for path in paths {
             let run = |m: usize, passes: usize| -> anyhow::Result<f64> {
                 let mut times = Vec::new();
                 for _ in 0..passes + 1 {
                     let t = Instant::now();
                     for (i, l) in linears.iter().enumerate() {
                         let x = Tensor::ones((1, m, dense[i].dim(1)?), l.dtype(), &dev)?;
-                        let y = match path {
-                            "candle" => QMatMul::QTensor(qtensors[i].clone()).forward(&x)?,
+                        let y = match (path, q) {
+                            ("candle", Ok(_)) => QMatMul::QTensor(qtensors[i].clone()).forward(&x)?,
+                            ("candle", Err(_)) => plain[i].forward(&x)?,
                             _ => l.forward(&x)?,
                         };
                         std::hint::black_box(y);

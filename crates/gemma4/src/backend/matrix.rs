@@ -7,7 +7,7 @@
 //! - [`GgmlMatrix`]: GGML's blocks as stored: `cpu::qmatmul`'s decode kernels, the
 //!   dequantized f32 GEMM or candle's quantized matmul for batches;
 //! - the CPU repacks: [`PackedQ8`] (Q8_0), [`KTiles`] (Q4_K/Q6_K), [`NibbleTiles`]
-//!   (Q4_0/Q5_0), [`Bf16Tiles`] (bf16),
+//!   (Q4_0/Q5_0), [`DenseTiles`] (bf16, f32),
 //!   whose kernels take decode batches and prefill alike where the CPU has them.
 //!
 //! A GPU backend adds its formats beside these; nothing above this trait changes.
@@ -18,7 +18,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor, D};
 use half::bf16;
 
-use crate::backend::cpu::bf16_tiles::Bf16Tiles;
+use crate::backend::cpu::dense_tiles::{DenseTiles, TileElem};
 use crate::backend::cpu::gemv::{gemv_bf16, gemv_f32, widen_bf16};
 use crate::backend::cpu::kquant_tiles::KTiles;
 use crate::backend::cpu::q4_tiles::NibbleTiles;
@@ -332,21 +332,21 @@ macro_rules! integer_tiles_matrix {
 integer_tiles_matrix!(KTiles);
 integer_tiles_matrix!(NibbleTiles);
 
-impl Matrix for Bf16Tiles {
+impl<T: TileElem + candle_core::WithDType> Matrix for DenseTiles<T> {
     fn shape(&self) -> (usize, usize) {
-        Bf16Tiles::shape(self)
+        DenseTiles::shape(self)
     }
     fn size_in_bytes(&self) -> usize {
-        Bf16Tiles::size_in_bytes(self)
+        DenseTiles::size_in_bytes(self)
     }
     fn dtype(&self) -> DType {
-        DType::BF16
+        T::DTYPE
     }
     fn device(&self) -> Device {
         Device::Cpu
     }
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let v = Bf16Tiles::rows(self, ids);
+        let v = DenseTiles::rows(self, ids);
         Ok(Tensor::from_vec(
             v,
             (ids.len(), self.shape().1),
@@ -356,11 +356,12 @@ impl Matrix for Bf16Tiles {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let out = self.shape().0;
         repacked_matmul_t(self, x, |x| {
-            // bf16 inputs only: their values are the kernel's operands as they are.
-            if x.dtype() != DType::BF16 {
+            // Inputs of the weight's dtype only: their values are the kernel's operands
+            // as they are.
+            if x.dtype() != T::DTYPE {
                 return Ok(None);
             }
-            by_rows(x, out, |x: &[bf16], nx| self.gemm(x, nx))
+            by_rows(x, out, |x: &[T], nx| self.gemm(x, nx))
         })
     }
 }

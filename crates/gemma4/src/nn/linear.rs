@@ -1,8 +1,8 @@
 //! The linear layer, `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch. Every
 //! projection of the model goes through this one type. Its weight ([`LinearWeight`]) is
 //! held in the format its kernels want, picked at load: a tensor at the compute dtype,
-//! GGML's blocks, or a repack for this CPU (Q8_0, Q4_K/Q6_K and bf16 in tiles of sixteen
-//! rows where the CPU has AVX-512 VNNI / AVX512-BF16); each format multiplies through the
+//! GGML's blocks, or a repack for this CPU (Q8_0, Q4_0/Q5_0, Q4_K/Q6_K, bf16 and f32 in
+//! tiles of sixteen rows where the CPU has AVX-512); each format multiplies through the
 //! `backend::matrix::Matrix` trait, with matrix–vector kernels for decode batches (up to
 //! 16 rows, each weight row read once for all) and GEMMs for prefill.
 //!
@@ -16,7 +16,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 
-use crate::backend::cpu::bf16_tiles::{self, Bf16Tiles};
+use crate::backend::cpu::dense_tiles::{DenseTiles, TileElem};
 use crate::backend::cpu::kquant_tiles::KTiles;
 use crate::backend::cpu::q4_tiles::NibbleTiles;
 use crate::backend::cpu::q8_packed::PackedQ8;
@@ -38,20 +38,27 @@ struct Clip {
 pub struct LinearWeight(Arc<dyn Matrix>);
 
 impl LinearWeight {
-    /// A dense weight at the compute dtype: bf16 `[out, in]` matrices are tiled where the
-    /// CPU has AVX512-BF16 (one kernel for decode batches and prefill), others kept as
-    /// they are.
+    /// A dense weight at the compute dtype: bf16 and f32 `[out, in]` matrices are tiled
+    /// where the CPU has AVX-512 (AVX512-BF16 for bf16: one kernel for decode batches and
+    /// prefill, `backend::cpu::dense_tiles`), others kept as they are.
     pub fn dense(t: Tensor) -> Result<Self> {
-        if t.dtype() == DType::BF16
-            && t.rank() == 2
-            && t.device().is_cpu()
-            && bf16_tiles::available()
-        {
+        fn tiled<T: TileElem + candle_core::WithDType>(t: &Tensor) -> Result<Option<LinearWeight>> {
+            if !T::available() {
+                return Ok(None);
+            }
             let (rows, cols) = t.dims2()?;
-            if let Some(Some(tiles)) =
-                with_elements(&t, |w: &[bf16]| Bf16Tiles::new(w, rows, cols))?
-            {
-                return Ok(LinearWeight(Arc::new(tiles)));
+            Ok(with_elements(t, |w: &[T]| DenseTiles::new(w, rows, cols))?
+                .flatten()
+                .map(|tiles| LinearWeight(Arc::new(tiles))))
+        }
+        if t.rank() == 2 && t.device().is_cpu() {
+            let tiles = match t.dtype() {
+                DType::BF16 => tiled::<bf16>(&t)?,
+                DType::F32 => tiled::<f32>(&t)?,
+                _ => None,
+            };
+            if let Some(tiles) = tiles {
+                return Ok(tiles);
             }
         }
         Ok(Self::plain(t))

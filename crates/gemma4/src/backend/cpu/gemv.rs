@@ -94,7 +94,7 @@ pub(crate) fn par_row_tiles(
     y
 }
 
-/// Rows per tile of the tiled kernels (`q8_tiles`, `kquant_tiles`, `bf16_tiles`): the
+/// Rows per tile of the tiled kernels (`q8_tiles`, `kquant_tiles`, `q4_tiles`, `dense_tiles`): the
 /// sixteen f32/i32 lanes of an AVX-512 vector, one per weight row.
 pub(crate) const TILE: usize = 16;
 

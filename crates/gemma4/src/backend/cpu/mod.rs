@@ -3,7 +3,7 @@
 //! no (the default build targets plain x86-64, so nothing beyond SSE2 is assumed).
 
 pub(crate) mod act_quant;
-pub(crate) mod bf16_tiles;
+pub(crate) mod dense_tiles;
 pub(crate) mod gemv;
 pub(crate) mod kquant_gemv;
 pub(crate) mod kquant_tiles;
