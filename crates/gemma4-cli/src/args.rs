@@ -172,7 +172,7 @@ pub(crate) fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
     let videos = a
         .video
         .iter()
-        .map(|p| gemma4::vision::video::load_video(p))
+        .map(|p| gemma4::vision::video::load_video(p, model.video_processor.num_frames))
         .collect::<gemma4::Result<Vec<_>>>()?;
     let audio = a
         .audio

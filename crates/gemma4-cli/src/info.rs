@@ -18,8 +18,8 @@ pub(crate) struct InfoArgs {
 }
 
 pub(crate) fn cmd_info(a: InfoArgs) -> Result<()> {
-    let cfg = ModelConfig::from_file(&a.model.join("config.json"))?;
     let ckpt = Checkpoint::open(&a.model)?;
+    let cfg = ModelConfig::for_checkpoint(&a.model, &ckpt)?;
     let counts = ParameterCounts::of(&ckpt, cfg.architecture);
     let t = &cfg.text;
     let layers: Vec<_> = t

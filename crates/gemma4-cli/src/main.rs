@@ -101,6 +101,9 @@ fn with_flag_names(e: anyhow::Error) -> anyhow::Error {
                 "images" => "--image".to_string(),
                 "videos" => "--video".to_string(),
                 "audio" => "--audio".to_string(),
+                "temperature" | "top_k" | "top_p" | "min_p" | "repetition_penalty" => {
+                    format!("--{}", arg.replace('_', "-"))
+                }
                 _ => arg,
             };
             gemma4::Error::InvalidArgument { arg, message }.into()

@@ -6,35 +6,35 @@ use std::path::PathBuf;
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Every text a variant prints goes through [`escaped`] (paths, names, messages, the
+/// underlying errors): much of it comes from files, and a message is one line without
+/// raw control characters whatever a file holds.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The underlying errors are part of the message, not a `source`: a reporter that
+    // prints the chain (anyhow's `{:#}`) would print them twice.
+    #[error("{}: {}", path_text(.path), escaped(&.error.to_string()))]
+    Io { path: PathBuf, error: std::io::Error },
 
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{}: invalid JSON: {}", path_text(.path), escaped(&.error.to_string()))]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 
-    #[error("{path}: invalid config: {message}")]
+    #[error("{}: invalid config: {}", path_text(.path), escaped(.message))]
     Config { path: PathBuf, message: String },
 
-    #[error("{path}: not a valid safetensors file: {message}")]
+    #[error("{}: not a valid safetensors file: {}", path_text(.path), escaped(.message))]
     Safetensors { path: PathBuf, message: String },
 
-    #[error("{path}: not a valid GGUF file: {message}")]
+    #[error("{}: not a valid GGUF file: {}", path_text(.path), escaped(.message))]
     Gguf { path: PathBuf, message: String },
 
-    #[error("tensor `{name}` not found in the checkpoint ({searched})")]
+    #[error("tensor `{}` not found in the checkpoint ({})", printable(.name), escaped(.searched))]
     MissingTensor { name: String, searched: String },
 
-    #[error("tensor `{name}` in {path}: expected shape {expected:?}, found {found:?}")]
+    #[error("tensor `{}` in {}: expected shape {expected:?}, found {found:?}", printable(.name), path_text(.path))]
     ShapeMismatch {
         name: String,
         path: PathBuf,
@@ -42,17 +42,17 @@ pub enum Error {
         found: Vec<usize>,
     },
 
-    #[error("tensor `{name}` in {path}: unsupported dtype {dtype}")]
+    #[error("tensor `{}` in {}: unsupported dtype {}", printable(.name), path_text(.path), escaped(.dtype))]
     UnsupportedDtype {
         name: String,
         path: PathBuf,
         dtype: String,
     },
 
-    #[error("tokenizer {path}: {message}")]
+    #[error("tokenizer {}: {}", path_text(.path), escaped(.message))]
     Tokenizer { path: PathBuf, message: String },
 
-    #[error("chat template: {0}")]
+    #[error("chat template: {}", escaped(.0))]
     Template(String),
 
     #[error("prompt of {prompt} tokens plus {new} new tokens exceeds the model's context of {max} tokens")]
@@ -62,33 +62,101 @@ pub enum Error {
         max: usize,
     },
 
-    #[error("image {name}: {message}")]
+    #[error("image {}: {}", escaped(.name), escaped(.message))]
     Image { name: String, message: String },
 
-    #[error("audio {name}: {message}")]
+    #[error("audio {}: {}", escaped(.name), escaped(.message))]
     Audio { name: String, message: String },
 
-    #[error("invalid argument `{arg}`: {message}")]
+    #[error("invalid argument `{}`: {}", escaped(.arg), escaped(.message))]
     InvalidArgument { arg: String, message: String },
 
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// From the tensor library: its first line only (with `RUST_BACKTRACE` set, candle
+    /// appends a backtrace to its message), escaped.
+    #[error("{}", escaped(.0.to_string().lines().next().unwrap_or_default()))]
+    Candle(candle_core::Error),
+}
+
+fn path_text(p: &std::path::Path) -> String {
+    escaped(&p.display().to_string())
+}
+
+/// `s` with control characters (and the invisible characters that reorder or hide text)
+/// escaped, so a hostile file cannot forge lines or send terminal sequences.
+pub(crate) fn escaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        let invisible = matches!(ch, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        if ch.is_control() || invisible {
+            out.extend(ch.escape_default());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
+/// A name or string from a file for a message: [`escaped`], and cut to 200 characters
+/// (a header may hold megabyte-long names).
+pub(crate) fn printable(s: &str) -> String {
+    const MAX: usize = 200;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => escaped(&s[..cut]) + "…",
+        None => escaped(s),
+    }
+}
+
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f`, with a panic inside it turned into `Err(message)`: for libraries that panic on
+/// malformed input (`tokenizers` on some hostile files, libjpeg on corrupt data). The
+/// panic is not printed: a process-wide hook, installed on first use, stays silent while
+/// this thread is inside a guard and hands every other panic to the hook before it.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    result.map_err(|payload| {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        printable(&text)
+    })
 }
 
 /// Reads and parses a JSON file; errors name the file.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let text = crate::loading::input::read_text(path)?;
+    serde_json::from_str(&text).map_err(|error| Error::Json {
         path: path.into(),
-        source,
+        error,
     })
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 

@@ -167,16 +167,7 @@ impl Gemma4 {
             ));
         }
         let mut ckpt = Checkpoint::open(dir)?;
-        // A llama.cpp GGUF file alone is a checkpoint: its metadata stands in for the
-        // config and tokenizer files when the directory has none.
-        let config_path = dir.join("config.json");
-        let config = match (config_path.exists(), ckpt.llama_cpp_config()) {
-            (false, Some(json)) => {
-                let origin = ckpt.single_file().unwrap_or(dir).to_path_buf();
-                ModelConfig::from_value(&json?).map_err(|m| Error::config(&origin, m))?
-            }
-            _ => ModelConfig::from_file(&config_path)?,
-        };
+        let config = ModelConfig::for_checkpoint(dir, &ckpt)?;
         let gen_path = dir.join("generation_config.json");
         let generation_config = if gen_path.exists() {
             GenerationConfig::from_file(&gen_path)?
@@ -198,7 +189,15 @@ impl Gemma4 {
             .iter()
             .any(|f| dir.join(f).exists());
         let chat_template = match ckpt.llama_cpp_chat_template() {
-            Some(src) if !own_template => ChatTemplate::new(Some(&src), "<bos>", "<eos>")?,
+            Some(src) if !own_template => ChatTemplate::from_source(
+                Some(&src),
+                "<bos>",
+                "<eos>",
+                &format!(
+                    "{} `tokenizer.chat_template`",
+                    ckpt.single_file().unwrap_or(dir).display()
+                ),
+            )?,
             _ => ChatTemplate::from_dir(dir)?,
         };
         let prefix = text_prefix(config.architecture);

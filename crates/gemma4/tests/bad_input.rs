@@ -2,26 +2,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::{generate, GenerateOptions};
 use gemma4::{Gemma4, LoadOptions, Prompt};
 
-use common::fixture;
+use common::{fixture, Scratch};
 
-/// A scratch copy of a fixture that a test may break.
-fn scratch(name: &str, tag: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("gemma4-bad-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-        }
-    }
-    dst
+/// A scratch copy of a fixture that a test may break (removed when dropped).
+fn scratch(name: &str, tag: &str) -> Scratch {
+    Scratch::of(name, &format!("bad-{tag}"))
 }
 
 fn load_err(dir: &Path) -> String {
@@ -308,5 +299,4 @@ fn bad_audio_inputs_and_configs_are_named() {
         e.contains("processor_config.json") && e.contains("per_bin_mean"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }

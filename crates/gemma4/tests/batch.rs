@@ -154,7 +154,7 @@ fn check_media(name: &str) {
                     .collect(),
                 videos: case["video"]
                     .as_str()
-                    .map(|f| vec![load_video(&images.join(f)).unwrap()])
+                    .map(|f| vec![load_video(&images.join(f), usize::MAX).unwrap()])
                     .unwrap_or_default(),
                 audio: list("audio")
                     .iter()

@@ -160,13 +160,23 @@ fn resize_and_budgets_match_the_reference_processor() {
 #[test]
 fn animated_gif_frames_match_pillow() {
     let dir = fixture("images");
-    let v = load_video(&dir.join("clip.gif")).unwrap();
+    let v = load_video(&dir.join("clip.gif"), usize::MAX).unwrap();
     let (shape, want) = u8_golden(&dir.join("golden/decoded_clip_frames.npy"));
     assert_eq!(shape[0], v.frames.len());
     let got: Vec<u8> = v.frames.iter().flat_map(|f| f.data.clone()).collect();
     assert_eq!(byte_diff(&got, &want).0, 0);
     let g = json(&dir.join("golden/cases.json"));
     assert!((v.fps.unwrap() - g["clip_fps"].as_f64().unwrap()).abs() < 1e-9);
+    // Loading only the frames a processor samples keeps exactly those, with their
+    // numbers in the whole clip (for the timestamps) and the whole clip's fps.
+    let total = v.frames.len();
+    assert!(total >= 3, "the clip has {total} frames");
+    let two = load_video(&dir.join("clip.gif"), 2).unwrap();
+    assert_eq!(two.indices, gemma4::vision::video::sample_indices(total, 2));
+    assert_eq!(two.fps, v.fps);
+    for (f, &i) in two.frames.iter().zip(&two.indices) {
+        assert_eq!(f, &v.frames[i], "frame {i}");
+    }
 }
 
 fn media_for(case: &Value, images_dir: &Path) -> Media {
@@ -178,7 +188,7 @@ fn media_for(case: &Value, images_dir: &Path) -> Media {
         .collect();
     let videos = case["video"]
         .as_str()
-        .map(|f| vec![load_video(&images_dir.join(f)).unwrap()])
+        .map(|f| vec![load_video(&images_dir.join(f), usize::MAX).unwrap()])
         .unwrap_or_default();
     Media {
         images,

@@ -20,6 +20,16 @@ use symphonia::core::meta::MetadataOptions;
 use crate::audio::resample::{resample_with, Resampler};
 use crate::error::{Error, Result};
 
+/// Sample rates a clip may have, in Hz (telephony's 8 kHz to studio 768 kHz, with room):
+/// outside them a file is refused before any resampler kernel is built.
+pub const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 1_000..=768_000;
+/// The longest stretch of a file that is decoded, in seconds; the rest is not read (the
+/// model hears the first 30 s).
+pub const MAX_DECODED_SECONDS: u64 = 600;
+/// The most interleaved samples decoded from one file (1 GiB of f32), whatever its rate
+/// and channel count.
+pub const MAX_DECODED_SAMPLES: u64 = 1 << 28;
+
 /// A mono clip: f32 samples in [-1, 1] at `sample_rate` Hz.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Audio {
@@ -30,8 +40,15 @@ pub struct Audio {
 impl Audio {
     /// Raw mono samples from the library API.
     pub fn new(samples: Vec<f32>, sample_rate: u32) -> Result<Self> {
-        if sample_rate == 0 {
-            return Err(Error::invalid_argument("sample_rate", "must be positive"));
+        if !SAMPLE_RATES.contains(&sample_rate) {
+            return Err(Error::invalid_argument(
+                "sample_rate",
+                format!(
+                    "{sample_rate} Hz is outside {}..={} Hz",
+                    SAMPLE_RATES.start(),
+                    SAMPLE_RATES.end()
+                ),
+            ));
         }
         if let Some(i) = samples.iter().position(|x| !x.is_finite()) {
             return Err(Error::invalid_argument(
@@ -147,6 +164,8 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
     let mut chunk: Vec<f32> = Vec::new();
     let mut channels = params.channels.as_ref().map(|c| c.count()).unwrap_or(0);
     let mut rate = params.sample_rate.unwrap_or(0);
+    let mut spec: Option<(usize, u32)> = None;
+    let mut capped = false;
     loop {
         let packet = match format.next_packet() {
             Ok(Some(p)) => p,
@@ -165,11 +184,42 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
         let buf = decoder
             .decode(&packet)
             .map_err(|e| audio_error(name, format!("corrupt audio data: {e}")))?;
-        let spec = buf.spec();
-        channels = spec.channels().count();
-        rate = spec.rate();
+        let this = (buf.spec().channels().count(), buf.spec().rate());
+        match spec {
+            None => {
+                (channels, rate) = this;
+                if channels == 0 || !SAMPLE_RATES.contains(&rate) {
+                    return Err(audio_error(
+                        name,
+                        format!(
+                            "{rate} Hz, {channels} channel(s): the sample rate must be within {}..={} Hz",
+                            SAMPLE_RATES.start(),
+                            SAMPLE_RATES.end()
+                        ),
+                    ));
+                }
+                spec = Some(this);
+            }
+            Some(first) if first != this => {
+                return Err(audio_error(
+                    name,
+                    format!(
+                        "the stream changes from {} Hz, {} channel(s) to {} Hz, {} channel(s)",
+                        first.1, first.0, this.1, this.0
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
         buf.copy_to_vec_interleaved(&mut chunk);
         interleaved.extend_from_slice(&chunk);
+        let cap = (MAX_DECODED_SECONDS * u64::from(rate) * channels as u64).min(MAX_DECODED_SAMPLES);
+        if interleaved.len() as u64 >= cap {
+            // Whole frames only; the rest of the file is not decoded.
+            interleaved.truncate((cap as usize) / channels * channels);
+            capped = true;
+            break;
+        }
     }
     if channels == 0 || rate == 0 {
         return Err(audio_error(
@@ -181,7 +231,7 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
     if frames == 0 {
         return Err(audio_error(name, "the file contains no audio samples"));
     }
-    if let Some(declared) = declared_frames {
+    if let Some(declared) = declared_frames.filter(|_| !capped) {
         if (frames as u64) < declared {
             return Err(audio_error(
                 name,

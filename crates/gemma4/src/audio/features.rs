@@ -143,10 +143,15 @@ impl AudioFeatureExtractor {
         let f = Fields(section.as_object().ok_or("the section is not an object")?);
         let rate = |d: u32| -> std::result::Result<u32, String> {
             let r = f.usize("sampling_rate", d as usize)?;
-            if r == 0 {
-                return Err("`sampling_rate` must be positive".into());
+            let range = crate::audio::decode::SAMPLE_RATES;
+            match u32::try_from(r) {
+                Ok(r) if range.contains(&r) => Ok(r),
+                _ => Err(format!(
+                    "`sampling_rate` is {r}; it must be within {}..={} Hz",
+                    range.start(),
+                    range.end()
+                )),
             }
-            Ok(r as u32)
         };
         match self {
             AudioFeatureExtractor::Frames {
@@ -155,8 +160,11 @@ impl AudioFeatureExtractor {
             } => {
                 *sampling_rate = rate(*sampling_rate)?;
                 *samples_per_token = f.usize("audio_samples_per_token", *samples_per_token)?;
-                if *samples_per_token == 0 {
-                    return Err("`audio_samples_per_token` must be positive".into());
+                if *samples_per_token == 0 || *samples_per_token > 1 << 20 {
+                    return Err(format!(
+                        "`audio_samples_per_token` is {samples_per_token}; it must be within 1..={}",
+                        1 << 20
+                    ));
                 }
             }
             AudioFeatureExtractor::Mel(c) => {
@@ -201,6 +209,25 @@ impl AudioFeatureExtractor {
                         ));
                     }
                 }
+                // Bounds before the derived lengths are computed (a huge value would
+                // overflow them or size the filter bank and FFT without limit).
+                for (k, v) in [
+                    ("frame_length_ms", c.frame_length_ms),
+                    ("hop_length_ms", c.hop_length_ms),
+                ] {
+                    if !(v > 0.0 && v <= 1000.0) {
+                        return Err(format!("`{k}` is {v}; it must be within (0, 1000]"));
+                    }
+                }
+                if c.feature_size > 1024 {
+                    return Err(format!(
+                        "`feature_size` is {}; at most 1024 mel bins are supported",
+                        c.feature_size
+                    ));
+                }
+                if !(c.mel_floor > 0.0) || !c.input_scale_factor.is_finite() {
+                    return Err("`mel_floor` must be positive and `input_scale_factor` finite".into());
+                }
                 if c.frame_length() < 2 || c.hop_length() == 0 || c.feature_size == 0 {
                     return Err(
                         "frame length, hop length and `feature_size` must be positive".into(),
@@ -225,7 +252,25 @@ impl AudioFeatureExtractor {
 
     /// Features of a clip, resampled with `resampler` when its rate differs.
     pub fn extract_with(&self, audio: &Audio, resampler: Resampler) -> Result<AudioFeatures> {
-        let audio = audio.resampled_with(self.sampling_rate(), resampler)?;
+        let rate = self.sampling_rate();
+        // The Mel extractor keeps the first `max_samples` at its rate: only the source
+        // samples those depend on are resampled (both resamplers are FIR filters whose
+        // taps reach far less than a second; one second of margin is kept).
+        let trimmed;
+        let audio = match self {
+            AudioFeatureExtractor::Mel(c) if audio.sample_rate != rate => {
+                let src = u64::from(audio.sample_rate);
+                let needed = (c.max_samples() as u64 * src).div_ceil(u64::from(rate.max(1))) + src;
+                let keep = audio.samples.len().min(usize::try_from(needed).unwrap_or(usize::MAX));
+                trimmed = Audio {
+                    samples: audio.samples[..keep].to_vec(),
+                    sample_rate: audio.sample_rate,
+                };
+                &trimmed
+            }
+            _ => audio,
+        };
+        let audio = audio.resampled_with(rate, resampler)?;
         match self {
             AudioFeatureExtractor::Mel(c) => MelExtractor::new(c).extract(&audio.samples),
             AudioFeatureExtractor::Frames {

@@ -82,7 +82,7 @@ impl AudioSpec {
         if unified {
             let c = UnifiedAudioConfig {
                 audio_embed_dim: f.usize("audio_embed_dim", 640)?,
-                rms_norm_eps: f.f64("rms_norm_eps", 1e-6)?,
+                rms_norm_eps: f.positive_f64("rms_norm_eps", 1e-6)?,
             };
             if c.audio_embed_dim == 0 {
                 return Err("`audio_embed_dim` must be positive".into());
@@ -129,13 +129,13 @@ impl AudioSpec {
             attention_context_left: f.usize("attention_context_left", d.attention_context_left)?,
             attention_context_right: f
                 .usize("attention_context_right", d.attention_context_right)?,
-            attention_logit_cap: f.f64("attention_logit_cap", d.attention_logit_cap)?,
+            attention_logit_cap: f.positive_f64("attention_logit_cap", d.attention_logit_cap)?,
             attention_invalid_logits_value: f.f64(
                 "attention_invalid_logits_value",
                 d.attention_invalid_logits_value,
             )?,
             use_clipped_linears: f.bool("use_clipped_linears", d.use_clipped_linears)?,
-            rms_norm_eps: f.f64("rms_norm_eps", d.rms_norm_eps)?,
+            rms_norm_eps: f.positive_f64("rms_norm_eps", d.rms_norm_eps)?,
             gradient_clipping: f.f64("gradient_clipping", d.gradient_clipping)?,
             output_proj_dims: f.usize("output_proj_dims", d.output_proj_dims)?,
         };

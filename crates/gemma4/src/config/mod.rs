@@ -164,6 +164,20 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The config of checkpoint `dir`: its `config.json`, or for a llama.cpp GGUF file
+    /// alone the file's metadata, which stands in for the config (and tokenizer) files
+    /// when the directory has none.
+    pub fn for_checkpoint(dir: &Path, ckpt: &crate::loading::weights::Checkpoint) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        match (config_path.exists(), ckpt.llama_cpp_config()) {
+            (false, Some(json)) => {
+                let origin = ckpt.single_file().unwrap_or(dir).to_path_buf();
+                ModelConfig::from_value(&json?).map_err(|m| Error::config(&origin, m))
+            }
+            _ => ModelConfig::from_file(&config_path),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let value = crate::error::read_json(path)?;
         Self::from_value(&value).map_err(|m| Error::config(path, m))
@@ -229,23 +243,21 @@ impl ModelConfig {
 }
 
 fn ids(v: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
+    let id = |x: &Value| {
+        x.as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| format!("bad id {x} (ids are integers below 2^32)"))
+    };
     match v {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(|x| vec![x as u32])
-            .ok_or_else(|| format!("bad id {n}")),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| {
-                x.as_u64()
-                    .map(|x| x as u32)
-                    .ok_or_else(|| format!("bad id {x}"))
-            })
-            .collect(),
+        Some(n @ Value::Number(_)) => Ok(vec![id(n)?]),
+        Some(Value::Array(a)) => a.iter().map(id).collect(),
         Some(other) => Err(format!("expected an id or a list of ids, found {other}")),
     }
 }
+
+/// The most decoder layers a config may declare (the released models have at most 60).
+pub const MAX_LAYERS: usize = 1024;
 
 /// Typed field access with the reference's defaults and errors naming the field (used by
 /// every config section: text, vision, processors).
@@ -263,6 +275,23 @@ impl Fields<'_> {
                 .map(|x| x as usize)
                 .ok_or_else(|| format!("`{key}` must be a non-negative integer, found {v}")),
         }
+    }
+    /// A token id or other u32, refused (not truncated) past `u32::MAX`.
+    pub(crate) fn u32(&self, key: &str, default: u32) -> std::result::Result<u32, String> {
+        let v = self.usize(key, default as usize)?;
+        u32::try_from(v).map_err(|_| format!("`{key}` is {v}, past the largest id (2^32 - 1)"))
+    }
+    pub(crate) fn opt_u32(&self, key: &str) -> std::result::Result<Option<u32>, String> {
+        self.get(key).map(|_| self.u32(key, 0)).transpose()
+    }
+    /// A finite number above zero (epsilons, rope bases, caps, scale factors: zero or
+    /// less gives NaN or infinite activations).
+    pub(crate) fn positive_f64(&self, key: &str, default: f64) -> std::result::Result<f64, String> {
+        let v = self.f64(key, default)?;
+        if !(v.is_finite() && v > 0.0) {
+            return Err(format!("`{key}` is {v}; it must be a finite number above 0"));
+        }
+        Ok(v)
     }
     pub(crate) fn opt_usize(&self, key: &str) -> std::result::Result<Option<usize>, String> {
         self.get(key).map(|_| self.usize(key, 0)).transpose()
@@ -291,8 +320,10 @@ impl TextConfig {
     pub fn from_object(o: &Map<String, Value>, unified: bool) -> std::result::Result<Self, String> {
         let f = Fields(o);
         let num_hidden_layers = f.usize("num_hidden_layers", 30)?;
-        if num_hidden_layers == 0 {
-            return Err("`num_hidden_layers` must be at least 1".into());
+        if num_hidden_layers == 0 || num_hidden_layers > MAX_LAYERS {
+            return Err(format!(
+                "`num_hidden_layers` is {num_hidden_layers}; it must be within 1..={MAX_LAYERS}"
+            ));
         }
         let act = f
             .get("hidden_activation")
@@ -510,7 +541,7 @@ impl TextConfig {
         }
         let softcap = match f.get("final_logit_softcapping") {
             None => None,
-            Some(_) => Some(f.f64("final_logit_softcapping", 0.0)?),
+            Some(_) => Some(f.positive_f64("final_logit_softcapping", 30.0)?),
         };
         let eos = ids(o.get("eos_token_id"))?;
         Ok(TextConfig {
@@ -521,7 +552,7 @@ impl TextConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: f.f64("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: f.positive_f64("rms_norm_eps", 1e-6)?,
             sliding_window,
             max_position_embeddings: f.usize(
                 "max_position_embeddings",
@@ -536,8 +567,8 @@ impl TextConfig {
             moe,
             bidirectional,
             tie_word_embeddings: f.bool("tie_word_embeddings", true)?,
-            pad_token_id: f.usize("pad_token_id", 0)? as u32,
-            bos_token_id: f.usize("bos_token_id", 2)? as u32,
+            pad_token_id: f.u32("pad_token_id", 0)?,
+            bos_token_id: f.u32("bos_token_id", 2)?,
             eos_token_ids: if eos.is_empty() { vec![1] } else { eos },
             rope,
             layers,
@@ -609,12 +640,21 @@ fn parse_rope(
                 let theta = f.get("rope_theta").ok_or_else(|| {
                     format!("`rope_parameters.{}` has no `rope_theta`", t.as_str())
                 })?;
-                let theta = theta.as_f64().ok_or("`rope_theta` must be a number")?;
+                let theta = theta
+                    .as_f64()
+                    .filter(|t| t.is_finite() && *t > 0.0)
+                    .ok_or("`rope_theta` must be a finite number above 0")?;
+                let partial_rotary_factor = f.f64("partial_rotary_factor", 1.0)?;
+                if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
+                    return Err(format!(
+                        "`partial_rotary_factor` is {partial_rotary_factor}; it must be within (0, 1]"
+                    ));
+                }
                 RopeConfig {
                     kind,
                     theta,
-                    partial_rotary_factor: f.f64("partial_rotary_factor", 1.0)?,
-                    factor: f.f64("factor", 1.0)?,
+                    partial_rotary_factor,
+                    factor: f.positive_f64("factor", 1.0)?,
                 }
             }
             Some(other) => {
@@ -653,17 +693,38 @@ impl GenerationConfig {
         let opt_f64 = |k: &str| -> Result<Option<f64>> {
             f.get(k).map(|_| f.f64(k, 0.0)).transpose().map_err(wrap)
         };
-        Ok(GenerationConfig {
+        GenerationConfig {
             eos_token_ids: ids(o.get("eos_token_id")).map_err(wrap)?,
-            bos_token_id: f.opt_usize("bos_token_id").map_err(wrap)?.map(|x| x as u32),
-            pad_token_id: f.opt_usize("pad_token_id").map_err(wrap)?.map(|x| x as u32),
+            bos_token_id: f.opt_u32("bos_token_id").map_err(wrap)?,
+            pad_token_id: f.opt_u32("pad_token_id").map_err(wrap)?,
             do_sample: f.bool("do_sample", false).map_err(wrap)?,
             temperature: opt_f64("temperature")?,
             top_k: f.opt_usize("top_k").map_err(wrap)?,
             top_p: opt_f64("top_p")?,
             min_p: opt_f64("min_p")?,
             repetition_penalty: opt_f64("repetition_penalty")?,
-        })
+        }
+        .checked()
+        .map_err(wrap)
+    }
+
+    /// The sampling values in the ranges the sampler takes (named by their keys here, so a
+    /// bad file is not blamed on a command-line flag later).
+    fn checked(self) -> std::result::Result<Self, String> {
+        let bad = |k: &str, v: f64, range: &str| Err(format!("`{k}` is {v}; it must be {range}"));
+        if let Some(t) = self.temperature.filter(|t| !(t.is_finite() && *t >= 0.0)) {
+            return bad("temperature", t, "a finite number >= 0");
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return bad("top_p", p, "within (0, 1]");
+        }
+        if let Some(p) = self.min_p.filter(|p| !(0.0..=1.0).contains(p)) {
+            return bad("min_p", p, "within [0, 1]");
+        }
+        if let Some(p) = self.repetition_penalty.filter(|p| !(p.is_finite() && *p > 0.0)) {
+            return bad("repetition_penalty", p, "a positive number");
+        }
+        Ok(self)
     }
 }
 

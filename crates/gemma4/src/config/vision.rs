@@ -88,7 +88,7 @@ impl MultimodalTokens {
     pub fn from_object(o: &Map<String, Value>) -> R<Self> {
         let d = MultimodalTokens::default();
         let f = Fields(o);
-        let id = |k: &str, d: u32| f.usize(k, d as usize).map(|x| x as u32);
+        let id = |k: &str, d: u32| f.u32(k, d);
         Ok(MultimodalTokens {
             boi: id("boi_token_id", d.boi)?,
             eoi: id("eoi_token_id", d.eoi)?,
@@ -107,7 +107,6 @@ impl VisionSpec {
     pub fn from_object(o: &Map<String, Value>, unified: bool) -> R<Self> {
         let f = Fields(o);
         let num = |k: &str, d: usize| f.usize(k, d);
-        let float = |k: &str, d: f64| f.f64(k, d);
         let flag = |k: &str, d: bool| f.bool(k, d);
         if unified {
             let mm_embed_dim = num("mm_embed_dim", 3840)?;
@@ -116,7 +115,7 @@ impl VisionSpec {
                 pooling_kernel_size: num("pooling_kernel_size", 3)?,
                 mm_embed_dim,
                 mm_posemb_size: num("mm_posemb_size", 1120)?,
-                rms_norm_eps: float("rms_norm_eps", 1e-6)?,
+                rms_norm_eps: f.positive_f64("rms_norm_eps", 1e-6)?,
                 output_proj_dims: num("output_proj_dims", 3840)?,
             };
             if c.output_proj_dims != c.mm_embed_dim {
@@ -142,7 +141,7 @@ impl VisionSpec {
         }
         let (mut theta, mut rope_type) = (100.0, "default".to_string());
         if let Some(rp) = o.get("rope_parameters").and_then(Value::as_object) {
-            theta = Fields(rp).f64("rope_theta", theta)?;
+            theta = Fields(rp).positive_f64("rope_theta", theta)?;
             if let Some(t) = rp.get("rope_type").and_then(Value::as_str) {
                 rope_type = t.to_string();
             }
@@ -161,7 +160,7 @@ impl VisionSpec {
             num_attention_heads,
             num_key_value_heads: num("num_key_value_heads", 12)?,
             head_dim: num("head_dim", 64)?,
-            rms_norm_eps: float("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: f.positive_f64("rms_norm_eps", 1e-6)?,
             rope_theta: theta,
             pooling_kernel_size: num("pooling_kernel_size", 3)?,
             patch_size: num("patch_size", 16)?,

@@ -37,19 +37,19 @@ impl SamplingParams {
             return bad("temperature", "must be a finite number >= 0");
         }
         if self.top_k == Some(0) {
-            return bad("top-k", "must be at least 1");
+            return bad("top_k", "must be at least 1");
         }
         if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return bad("top-p", "must be in (0, 1]");
+            return bad("top_p", "must be in (0, 1]");
         }
         if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-            return bad("min-p", "must be in [0, 1]");
+            return bad("min_p", "must be in [0, 1]");
         }
         if self
             .repetition_penalty
             .is_some_and(|p| !(p > 0.0 && p.is_finite()))
         {
-            return bad("repetition-penalty", "must be a positive number");
+            return bad("repetition_penalty", "must be a positive number");
         }
         Ok(())
     }
@@ -252,7 +252,7 @@ mod tests {
         })
         .err()
         .unwrap();
-        assert!(e.to_string().contains("top-p"));
+        assert!(e.to_string().contains("top_p"));
         let e = Sampler::new(SamplingParams {
             temperature: Some(-1.0),
             ..Default::default()

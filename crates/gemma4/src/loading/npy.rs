@@ -57,7 +57,7 @@ pub fn read_i64(path: &Path) -> Result<(Vec<usize>, Vec<i64>)> {
 }
 
 fn read_raw(path: &Path, descr: &str, width: usize) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::loading::input::read_file(path)?;
     let bad = |m: &str| Error::invalid_argument(path.display().to_string(), m.to_string());
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file"));

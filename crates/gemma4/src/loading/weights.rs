@@ -20,6 +20,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::loading::input::open_regular;
 use crate::loading::gguf::{self, StoredType};
 use crate::loading::gguf::{metadata as gguf_metadata, names as gguf_names};
 use crate::nn::linear::LinearWeight;
@@ -107,14 +108,29 @@ impl Checkpoint {
                 .ok_or_else(|| Error::config(&index, "no `weight_map` object"))?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
+                let tensor = crate::error::printable(tensor);
                 let file = file.as_str().ok_or_else(|| {
                     Error::config(&index, format!("`weight_map[{tensor}]` is not a file name"))
                 })?;
-                if !names.iter().any(|n| n == file) {
-                    names.push(file.to_string());
+                // A shard is a file of this directory: no path, `..` or absolute name
+                // reaches outside the checkpoint.
+                let mut parts = Path::new(file).components();
+                if !matches!(
+                    (parts.next(), parts.next()),
+                    (Some(std::path::Component::Normal(_)), None)
+                ) {
+                    return Err(Error::config(
+                        &index,
+                        format!(
+                            "`weight_map[{tensor}]` is `{}`, not the name of a file in the checkpoint directory",
+                            crate::error::printable(file)
+                        ),
+                    ));
                 }
+                names.push(file.to_string());
             }
             names.sort();
+            names.dedup();
             names
         } else if single.exists() {
             vec!["model.safetensors".to_string()]
@@ -132,7 +148,7 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for name in shard_names {
             let path = dir.join(&name);
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let file = open_regular(&path)?;
             // SAFETY: the mapping is read-only; a checkpoint modified while it is loaded is
             // outside what any loader can defend against (the same contract as safetensors).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
@@ -142,7 +158,18 @@ impl Checkpoint {
             };
             // `deserialize` validates the header and that every tensor lies inside the file,
             // so a truncated or corrupt file fails here.
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                use safetensors::SafeTensorError as E;
+                let text = crate::error::printable(&e.to_string());
+                bad(match e {
+                    // What a file cut short gives: the header's length or its last
+                    // tensor's end lies past the end.
+                    E::MetadataIncompleteBuffer | E::InvalidHeaderLength | E::HeaderTooSmall => {
+                        format!("{text} (the file has {} bytes): truncated?", mmap.len())
+                    }
+                    _ => text,
+                })
+            })?;
             let base = mmap.as_ptr() as usize;
             let file_idx = files.len();
             for (tname, view) in st.tensors() {
@@ -189,10 +216,10 @@ impl Checkpoint {
     /// A single GGUF file: Hugging Face tensor names (`gemma4 quantize`), or llama.cpp's
     /// (`general.architecture = "gemma4"`), mapped to Hugging Face names.
     fn open_gguf(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_regular(path)?;
         // SAFETY: as for safetensors above.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let header = gguf::read_header(path, mmap.len() as u64)?;
+        let header = gguf::read_header(path, &mmap)?;
         let llama_cpp = header
             .metadata
             .get("general.architecture")
@@ -236,9 +263,10 @@ impl Checkpoint {
                         return Err(Error::Gguf {
                             path: path.to_path_buf(),
                             message: format!(
-                                "tensor `{name}` is not a Gemma 4 text tensor this engine knows \
+                                "tensor `{}` is not a Gemma 4 text tensor this engine knows \
                                  (llama.cpp naming); a vision/audio projector file (mmproj) \
-                                 or a newer converter's output?"
+                                 or a newer converter's output?",
+                                crate::error::printable(&name)
                             ),
                         })
                     }
@@ -503,6 +531,21 @@ impl Checkpoint {
     pub fn row_table(&self, name: &str, expected: &[usize; 2]) -> Result<RowTable> {
         let e = self.entry(name)?;
         self.check_shape(name, e, expected)?;
+        let stored = self.stored(name, e)?;
+        // Every lookup slices the mapping: the stored bytes must be exactly the rows.
+        let row_bytes = stored.size_of(expected[1]);
+        if row_bytes.and_then(|b| b.checked_mul(expected[0])) != Some(e.end - e.start) {
+            return Err(Error::io(
+                &self.files[e.file].path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "tensor `{name}` holds {} bytes, not {expected:?} of {stored:?}",
+                        e.end - e.start
+                    ),
+                ),
+            ));
+        }
         self.loaded_bytes
             .set(self.loaded_bytes.get() + (e.end - e.start) as u64);
         Ok(RowTable {
@@ -511,7 +554,8 @@ impl Checkpoint {
             start: e.start,
             rows: expected[0],
             cols: expected[1],
-            stored: self.stored(name, e)?,
+            row_bytes: row_bytes.unwrap_or(0),
+            stored,
         })
     }
 }
@@ -537,13 +581,14 @@ pub struct RowTable {
     start: usize,
     rows: usize,
     cols: usize,
+    row_bytes: usize,
     stored: StoredType,
 }
 
 impl RowTable {
     /// Rows `ids` as a `[ids.len(), cols]` tensor of `dtype`.
     pub fn lookup(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
-        let row_bytes = self.stored.size_of(self.cols);
+        let row_bytes = self.row_bytes;
         let mut buf = Vec::with_capacity(ids.len() * row_bytes);
         for &id in ids {
             let id = id as usize;

@@ -3,13 +3,27 @@
 //! jinja2 sandbox (`trim_blocks`, `lstrip_blocks`, loop controls, Python string methods,
 //! `raise_exception`). Without a template, the Gemma 4 turn format is written directly:
 //! `<bos><|turn>user\n{text}<turn|>\n … <|turn>model\n`.
+//!
+//! A template is code from the checkpoint (or a GGUF file), so it runs within limits: fuel
+//! ([`TEMPLATE_FUEL`] instructions per render: no endless loops), tags of at most
+//! [`MAX_TAG_LEN`] characters (a long expression chain would overflow the stack when
+//! compiled) and output of at most [`MAX_OUTPUT`] bytes. Errors name the template's origin.
 
 use std::path::Path;
 
 use minijinja::{context, Environment};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{printable, Error, Result};
+
+/// Instructions one render may run (transformers' sandbox has no limit; the released
+/// templates take a few thousand per message).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Characters in one `{{ … }}` or `{% … %}` tag, at most (the released templates' longest
+/// is under 300).
+pub const MAX_TAG_LEN: usize = 2_000;
+/// Bytes one render may produce.
+pub const MAX_OUTPUT: usize = 64 << 20;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Message {
@@ -32,6 +46,17 @@ pub struct ChatTemplate {
     from_checkpoint: bool,
     bos_token: String,
     eos_token: String,
+    /// Where the template came from, for errors.
+    origin: String,
+}
+
+/// A `bos_token`/`eos_token` of `tokenizer_config.json`: a string, or transformers'
+/// `AddedToken` object with its `content`.
+fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
+    let v = v?;
+    v.as_str()
+        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+        .map(str::to_string)
 }
 
 impl ChatTemplate {
@@ -42,31 +67,73 @@ impl ChatTemplate {
         let mut bos = "<bos>".to_string();
         let mut eos = "<eos>".to_string();
         let mut source = None;
+        let mut origin = String::from("built-in chat template");
         if config.exists() {
             let v = crate::error::read_json(&config)?;
-            if let Some(b) = v.get("bos_token").and_then(|b| b.as_str()) {
-                bos = b.to_string();
-            }
-            if let Some(e) = v.get("eos_token").and_then(|e| e.as_str()) {
-                eos = e.to_string();
-            }
-            source = v
-                .get("chat_template")
-                .and_then(|t| t.as_str())
-                .map(str::to_string);
+            bos = token_text(v.get("bos_token")).unwrap_or(bos);
+            eos = token_text(v.get("eos_token")).unwrap_or(eos);
+            source = match v.get("chat_template") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                // transformers' list form: named templates, `default` for chat.
+                Some(serde_json::Value::Array(list)) => Some(
+                    list.iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                        .and_then(|t| t.get("template")?.as_str())
+                        .ok_or_else(|| {
+                            Error::config(
+                                &config,
+                                "`chat_template` is a list without a `default` template",
+                            )
+                        })?
+                        .to_string(),
+                ),
+                Some(_) => {
+                    return Err(Error::config(
+                        &config,
+                        "`chat_template` is neither a string nor a list of named templates",
+                    ))
+                }
+            };
+            origin = format!("{} `chat_template`", config.display());
         }
         if jinja.exists() {
-            source = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            source = Some(crate::loading::input::read_text(&jinja)?);
+            origin = jinja.display().to_string();
         }
-        Self::new(source.as_deref(), &bos, &eos)
+        Self::from_source(source.as_deref(), &bos, &eos, &origin)
     }
 
     /// `source = None` selects the built-in Gemma 4 turn format.
     pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let origin = if source.is_some() {
+            "chat template"
+        } else {
+            "built-in chat template"
+        };
+        Self::from_source(source, bos_token, eos_token, origin)
+    }
+
+    /// As [`Self::new`], `origin` naming the template in errors.
+    pub fn from_source(
+        source: Option<&str>,
+        bos_token: &str,
+        eos_token: &str,
+        origin: &str,
+    ) -> Result<Self> {
+        let bad = |message: String| Error::Template(format!("{origin}: {message}"));
+        if let Some(src) = source {
+            if let Some(len) = longest_tag(src).filter(|&l| l > MAX_TAG_LEN) {
+                return Err(bad(format!(
+                    "a tag of {len} characters (at most {MAX_TAG_LEN} are compiled)"
+                )));
+            }
+        }
         let mut env = Environment::new();
         let mut syntax = minijinja::syntax::SyntaxConfig::builder();
         syntax.trim_blocks(true).lstrip_blocks(true);
-        env.set_syntax(syntax.build().map_err(|e| Error::Template(e.to_string()))?);
+        env.set_syntax(syntax.build().map_err(|e| bad(e.to_string()))?);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -81,12 +148,13 @@ impl ChatTemplate {
         let from_checkpoint = source.is_some();
         let src = source.unwrap_or(BUILTIN_TEMPLATE).to_string();
         env.add_template_owned("chat", src)
-            .map_err(|e| Error::Template(e.to_string()))?;
+            .map_err(|e| bad(printable(&e.to_string())))?;
         Ok(ChatTemplate {
             env,
             from_checkpoint,
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
+            origin: origin.to_string(),
         })
     }
 
@@ -96,18 +164,72 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` opens the model's turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let bad = |message: String| Error::Template(format!("{}: {message}", self.origin));
         let tmpl = self
             .env
             .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(context! {
-            messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        })
-        .map_err(|e| Error::Template(format!("{e:#}")))
+            .map_err(|e| bad(printable(&e.to_string())))?;
+        let mut out = LimitedOutput::default();
+        let rendered = tmpl.render_captured_to(
+            context! {
+                messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => Ok(String::from_utf8_lossy(&out.bytes).into_owned()),
+            Err(_) if out.over => Err(bad(format!(
+                "the rendered prompt exceeds {MAX_OUTPUT} bytes"
+            ))),
+            Err(e) => Err(bad(printable(&e.to_string()))),
+        }
     }
+}
+
+/// A rendering target that refuses to grow past [`MAX_OUTPUT`] bytes.
+#[derive(Default)]
+struct LimitedOutput {
+    bytes: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT {
+            self.over = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length in characters of the longest `{{ … }}` / `{% … %}` tag of `src`.
+fn longest_tag(src: &str) -> Option<usize> {
+    let mut longest = None;
+    let mut rest = src;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = match after.chars().next() {
+            Some('{') => "}}",
+            Some('%') => "%}",
+            _ => {
+                rest = after;
+                continue;
+            }
+        };
+        let body = &after[1..];
+        let len = body.find(close).unwrap_or(body.len());
+        longest = longest.max(Some(body[..len].chars().count()));
+        rest = &body[len..];
+    }
+    longest
 }
 
 /// The Gemma 4 turn format (§8 of the spec) for checkpoints without a template.

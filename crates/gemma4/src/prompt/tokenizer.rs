@@ -15,7 +15,31 @@ use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, printable, Error, Result};
+
+/// `f` on the `tokenizers` crate, whose errors and panics (it panics on some malformed
+/// files: a truncated decoder, a bad precompiled charsmap, a post-processor naming a
+/// missing token) become an error naming the tokenizer's file.
+fn guarded<T>(
+    path: &Path,
+    f: impl FnOnce() -> std::result::Result<T, tokenizers::Error>,
+) -> Result<T> {
+    let message = match catch_panic(f) {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) => printable(&e.to_string()),
+        Err(panic) => format!("the tokenizer failed: {panic}"),
+    };
+    Err(Error::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// The most bytes of text one call tokenizes: the longest context (262,144 tokens) at 128
+/// bytes per token, far more than the released vocabulary's longest token covers. Longer
+/// text cannot fit the context and is refused before the tokenizer spends time and memory
+/// on it (a chat template can render tens of megabytes).
+pub const MAX_INPUT_BYTES: usize = 32 << 20;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -32,11 +56,8 @@ impl Tokenizer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found"),
             ));
         }
-        let err = |message: String| Error::Tokenizer {
-            path: path.clone(),
-            message,
-        };
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+        let bytes = crate::loading::input::read_file(&path)?;
+        let inner = guarded(&path, || tokenizers::Tokenizer::from_bytes(&bytes))?;
         let class = read_tokenizer_class(&dir.join("tokenizer_config.json"))?;
         Self::with_pipeline(inner, path, class.as_deref())
     }
@@ -44,13 +65,8 @@ impl Tokenizer {
     /// A tokenizer from the JSON of a `tokenizer.json` (a llama.cpp GGUF file's vocabulary,
     /// [`crate::loading::gguf::metadata::tokenizer_json`]); `origin` names it in errors.
     pub fn from_json(json: &serde_json::Value, origin: &Path) -> Result<Self> {
-        let inner = json
-            .to_string()
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| Error::Tokenizer {
-                path: origin.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let text = json.to_string();
+        let inner = guarded(origin, || text.parse::<tokenizers::Tokenizer>())?;
         Self::with_pipeline(inner, origin.to_path_buf(), None)
     }
 
@@ -61,28 +77,24 @@ impl Tokenizer {
         path: PathBuf,
         class: Option<&str>,
     ) -> Result<Self> {
-        let err = |message: String| Error::Tokenizer {
-            path: path.clone(),
-            message,
-        };
         if class.is_none_or(|c| c.starts_with("GemmaTokenizer")) {
-            let replace = Replace::new(" ", "\u{2581}").map_err(|e| err(e.to_string()))?;
-            inner
-                .with_normalizer(Some(NormalizerWrapper::Replace(replace)))
-                .map_err(|e| err(e.to_string()))?;
-            let split = Split::new(
-                SplitPattern::String(" ".into()),
-                SplitDelimiterBehavior::MergedWithPrevious,
-                false,
-            )
-            .map_err(|e| err(e.to_string()))?;
-            inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Split(split)));
-            let undo = Replace::new("\u{2581}", " ").map_err(|e| err(e.to_string()))?;
-            inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(vec![
-                DecoderWrapper::Replace(undo),
-                DecoderWrapper::ByteFallback(ByteFallback::new()),
-                DecoderWrapper::Fuse(Fuse::new()),
-            ]))));
+            guarded(&path, || {
+                let replace = Replace::new(" ", "\u{2581}")?;
+                inner.with_normalizer(Some(NormalizerWrapper::Replace(replace)))?;
+                let split = Split::new(
+                    SplitPattern::String(" ".into()),
+                    SplitDelimiterBehavior::MergedWithPrevious,
+                    false,
+                )?;
+                inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Split(split)));
+                let undo = Replace::new("\u{2581}", " ")?;
+                inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(vec![
+                    DecoderWrapper::Replace(undo),
+                    DecoderWrapper::ByteFallback(ByteFallback::new()),
+                    DecoderWrapper::Fuse(Fuse::new()),
+                ]))));
+                Ok(())
+            })?;
         }
         Ok(Tokenizer { inner, path })
     }
@@ -99,17 +111,22 @@ impl Tokenizer {
     }
 
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.err(e.to_string()))?;
+        if text.len() > MAX_INPUT_BYTES {
+            return Err(Error::invalid_argument(
+                "prompt",
+                format!(
+                    "{} bytes of text; at most {MAX_INPUT_BYTES} are tokenized (more than the \
+                     longest context holds)",
+                    text.len()
+                ),
+            ));
+        }
+        let enc = guarded(&self.path, || self.inner.encode(text, add_special_tokens))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| self.err(e.to_string()))
+        guarded(&self.path, || self.inner.decode(ids, skip_special_tokens))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -122,13 +139,6 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
-    }
-
-    fn err(&self, message: String) -> Error {
-        Error::Tokenizer {
-            path: self.path.clone(),
-            message,
-        }
     }
 }
 

@@ -114,7 +114,7 @@ pub fn quantize_checkpoint(
             }
             None => stored,
         };
-        report.bytes_out += ty.size_of(shape.iter().product()) as u64;
+        report.bytes_out += ty.size_of(shape.iter().product()).unwrap_or(0) as u64;
         plan.push(TensorPlan {
             name: name.to_string(),
             shape,

@@ -171,6 +171,25 @@ pub fn from_bytes(
             ),
         ));
     }
+    // candle views the bytes as blocks in place, which needs their alignment (f16 fields);
+    // a file's offsets need not give it, so misaligned bytes are copied first.
+    let aligned: Vec<u64>;
+    let bytes = if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u64>()) {
+        bytes
+    } else {
+        aligned = bytes
+            .chunks(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..c.len()].copy_from_slice(c);
+                u64::from_ne_bytes(b)
+            })
+            .collect();
+        // SAFETY: the u64s' bytes, as many as were copied in; u8 has no alignment.
+        Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(aligned.as_ptr() as *const u8, bytes.len())
+        })
+    };
     let storage = QStorage::from_data(bytes, device, q.ggml())?;
     Ok(QTensor::new(storage, (rows, cols))?)
 }
@@ -185,6 +204,35 @@ mod tests {
             .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * (1.0 + (i % 13) as f32))
             .collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// Blocks at an odd address (a GGUF file with `general.alignment = 1`): copied, not
+    /// viewed in place (candle asserts the blocks' alignment).
+    #[test]
+    fn misaligned_bytes_are_copied() {
+        let q = quantize(&sample(2, 64), QuantType::Q8_0).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        // A 2-byte-aligned buffer, its bytes from the second one on: an odd address.
+        let mut buf = vec![0u16; bytes.len() / 2 + 1];
+        // SAFETY: the u16s' own bytes.
+        let raw =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, buf.len() * 2) };
+        raw[1..=bytes.len()].copy_from_slice(&bytes);
+        let odd = &raw[1..=bytes.len()];
+        assert_eq!(odd.as_ptr() as usize % 2, 1);
+        assert_eq!(roundtrip(odd, &q), roundtrip(&bytes, &q));
+    }
+
+    fn roundtrip(bytes: &[u8], like: &QTensor) -> Vec<f32> {
+        let (rows, cols) = like.shape().dims2().unwrap();
+        from_bytes(Cow::Borrowed(bytes), QuantType::Q8_0, rows, cols, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     #[test]

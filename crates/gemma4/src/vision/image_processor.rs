@@ -23,6 +23,36 @@ use crate::config::Fields;
 use crate::error::{Error, Result};
 use crate::vision::resize::{resize, ResizeKernel};
 
+/// The most pixels an image may have: Pillow's decompression-bomb limit
+/// (`2 · Image.MAX_IMAGE_PIXELS`), above which the reference refuses to open it. Checked
+/// from the header, before anything is decoded.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+/// The image decoders' limits: sides and allocation bounded by [`MAX_IMAGE_PIXELS`] (at
+/// 16-bit RGBA, the widest layout the decoders produce).
+pub(crate) fn decoder_limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(1 << 20);
+    limits.max_image_height = Some(1 << 20);
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    limits
+}
+
+/// Refuses a `width × height` image over [`MAX_IMAGE_PIXELS`].
+pub(crate) fn check_pixels(width: u64, height: u64, name: &str) -> Result<()> {
+    let pixels = width.saturating_mul(height);
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(image_error(
+            name,
+            format!(
+                "{width}x{height} is {pixels} pixels, over the limit of {MAX_IMAGE_PIXELS} \
+                 (Pillow's decompression-bomb limit)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Soft-token budgets the reference accepts (`_SUPPORTED_SOFT_TOKENS`).
 pub const SUPPORTED_SOFT_TOKENS: [usize; 5] = [70, 140, 280, 560, 1120];
 
@@ -34,7 +64,7 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
-fn image_error(name: &str, message: impl Into<String>) -> Error {
+pub(crate) fn image_error(name: &str, message: impl Into<String>) -> Error {
     Error::Image {
         name: name.to_string(),
         message: message.into(),
@@ -79,11 +109,14 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
     if format == F::Jpeg {
         return decode_jpeg(bytes, name);
     }
+    let cannot = |e: image::ImageError| image_error(name, format!("cannot decode {format:?}: {e}"));
+    let (width, height) = image::ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(cannot)?;
+    check_pixels(width.into(), height.into(), name)?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    reader.no_limits();
-    let img = reader
-        .decode()
-        .map_err(|e| image_error(name, format!("cannot decode {format:?}: {e}")))?;
+    reader.limits(decoder_limits());
+    let img = reader.decode().map_err(cannot)?;
     from_dynamic(img, name)
 }
 
@@ -91,16 +124,30 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
 /// upsampling), so pixels equal Pillow's bit for bit; pure-Rust decoders differ by a few
 /// levels on chroma-subsampled files.
 fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
+    // libjpeg fills the rest of a file cut short with grey and only warns; Pillow refuses
+    // it ("image file is truncated"). A whole file ends its image with the EOI marker.
+    if !bytes.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(image_error(
+            name,
+            "cannot decode JPEG: the file is truncated (no end-of-image marker)",
+        ));
+    }
+    type Decoded = std::result::Result<(usize, usize, Vec<u8>), (u64, u64)>;
+    let decoded = crate::error::catch_panic(|| -> std::io::Result<Decoded> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let (w, h) = (d.width() as u64, d.height() as u64);
+        if w.saturating_mul(h) > MAX_IMAGE_PIXELS {
+            return Ok(Err((w, h)));
+        }
         let mut img = d.rgb()?;
         let (w, h) = (img.width(), img.height());
         let px: Vec<[u8; 3]> = img.read_scanlines()?;
         img.finish()?;
-        Ok((w, h, px.into_iter().flatten().collect()))
+        Ok(Ok((w, h, px.into_iter().flatten().collect())))
     });
     let (width, height, data) = match decoded {
-        Ok(Ok(v)) => v,
+        Ok(Ok(Ok(v))) => v,
+        Ok(Ok(Err((w, h)))) => return check_pixels(w, h, name).and(Err(image_error(name, "too large"))),
         Ok(Err(e)) => return Err(image_error(name, format!("cannot decode JPEG: {e}"))),
         Err(_) => return Err(image_error(name, "cannot decode JPEG: corrupt data")),
     };

@@ -4,6 +4,10 @@
 //! tokens by default) with torchvision's resize, and a `mm:ss` timestamp per frame
 //! (`index / fps`) that goes into the prompt.
 //!
+//! Only the sampled frames are kept: a GIF is decoded twice (to count, then to keep), one
+//! frame in memory at a time, within [`MAX_GIF_FRAMES`] and [`MAX_GIF_PIXELS`]; a
+//! directory's other files are never read.
+//!
 //! Sources: an animated GIF (frame delays give the fps) or a directory of frame images
 //! in name order (fps unknown: the reference then assumes 24). Other containers (mp4,
 //! webm) need a video demuxer and decoder, which this crate does not link.
@@ -15,7 +19,7 @@ use image::AnimationDecoder;
 use crate::config::Fields;
 use crate::error::{Error, Result};
 use crate::vision::image_processor::{
-    decode_image, from_dynamic, process_image, ImageProcessorConfig, PatchLayout, ProcessedImage,
+    check_pixels, decode_image, decoder_limits, from_dynamic, process_image, ImageProcessorConfig, PatchLayout, ProcessedImage,
     Rescale, RgbImage,
 };
 use crate::vision::resize::ResizeKernel;
@@ -23,9 +27,13 @@ use crate::vision::resize::ResizeKernel;
 /// Frames per second the reference assumes when a video carries none.
 pub const DEFAULT_FPS: f64 = 24.0;
 
+/// A video's sampled frames.
 #[derive(Debug, Clone)]
 pub struct Video {
+    /// The frames kept, in order.
     pub frames: Vec<RgbImage>,
+    /// Each kept frame's number in the whole video (its timestamp is `index / fps`).
+    pub indices: Vec<usize>,
     pub fps: Option<f64>,
 }
 
@@ -73,8 +81,16 @@ impl ProcessedVideo {
     }
 }
 
-/// Loads an animated GIF, or a directory of frames (sorted by file name).
-pub fn load_video(path: &Path) -> Result<Video> {
+/// The most frames a GIF may have (each is decoded to count them and time the video).
+pub const MAX_GIF_FRAMES: usize = 10_000;
+/// The most pixels all of a GIF's frames may cover together (each frame is composited on
+/// the whole canvas): ~4 GB of RGBA decoded, in passes of one frame.
+pub const MAX_GIF_PIXELS: u64 = 1 << 30;
+
+/// Loads an animated GIF, or a directory of frames (sorted by file name), keeping only the
+/// `num_frames` frames the processor samples ([`sample_indices`]): the others are never
+/// kept (GIF) or never decoded (directory).
+pub fn load_video(path: &Path, num_frames: usize) -> Result<Video> {
     let name = path.display().to_string();
     if path.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(path)
@@ -89,9 +105,10 @@ pub fn load_video(path: &Path) -> Result<Video> {
                 message: "directory holds no frames".into(),
             });
         }
-        let frames = files
+        let indices = sample_indices(files.len(), num_frames);
+        let frames = indices
             .iter()
-            .map(|f| crate::vision::image_processor::load_image(f))
+            .map(|&i| crate::vision::image_processor::load_image(&files[i]))
             .collect::<Result<Vec<_>>>()?;
         if frames
             .iter()
@@ -102,14 +119,19 @@ pub fn load_video(path: &Path) -> Result<Video> {
                 message: "frames differ in size".into(),
             });
         }
-        return Ok(Video { frames, fps: None });
+        return Ok(Video {
+            frames,
+            indices,
+            fps: None,
+        });
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_video(&bytes, &name)
+    let bytes = crate::loading::input::read_input(path)?;
+    decode_video(&bytes, &name, num_frames)
 }
 
-/// Decodes an animated GIF's frames (fully composited, as players show them).
-pub fn decode_video(bytes: &[u8], name: &str) -> Result<Video> {
+/// Decodes an animated GIF's frames (fully composited, as players show them), keeping the
+/// `num_frames` that [`sample_indices`] picks.
+pub fn decode_video(bytes: &[u8], name: &str, num_frames: usize) -> Result<Video> {
     let err = |m: String| Error::Image {
         name: name.to_string(),
         message: m,
@@ -124,27 +146,57 @@ pub fn decode_video(bytes: &[u8], name: &str) -> Result<Video> {
         })?;
         return Ok(Video {
             frames: vec![frame],
+            indices: vec![0],
             fps: None,
         });
     }
-    let decoder = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes))
-        .map_err(|e| err(format!("cannot decode GIF: {e}")))?;
-    let mut frames = Vec::new();
-    let mut millis = 0.0;
-    for f in decoder.into_frames() {
-        let f = f.map_err(|e| err(format!("cannot decode GIF frame {}: {e}", frames.len())))?;
+    let frames_of = || -> Result<_> {
+        let mut decoder = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes))
+            .map_err(|e| err(format!("cannot decode GIF: {e}")))?;
+        let (w, h) = image::ImageDecoder::dimensions(&decoder);
+        check_pixels(w.into(), h.into(), name)?;
+        image::ImageDecoder::set_limits(&mut decoder, decoder_limits())
+            .map_err(|e| err(format!("cannot decode GIF: {e}")))?;
+        Ok((decoder.into_frames(), u64::from(w) * u64::from(h)))
+    };
+    // First pass: count the frames and add up their delays, one frame in memory at a time.
+    let (frames, canvas) = frames_of()?;
+    let (mut total, mut millis) = (0usize, 0.0);
+    for f in frames {
+        let f = f.map_err(|e| err(format!("cannot decode GIF frame {total}: {e}")))?;
         let (n, d) = f.delay().numer_denom_ms();
         millis += n as f64 / d.max(1) as f64;
-        frames.push(from_dynamic(
-            image::DynamicImage::ImageRgba8(f.into_buffer()),
-            name,
-        )?);
+        total += 1;
+        if total > MAX_GIF_FRAMES || total as u64 * canvas > MAX_GIF_PIXELS {
+            return Err(err(format!(
+                "GIF of more than {} frames of {canvas} pixels (limits: {MAX_GIF_FRAMES} frames, \
+                 {MAX_GIF_PIXELS} pixels in all)",
+                total - 1
+            )));
+        }
     }
-    if frames.is_empty() {
+    if total == 0 {
         return Err(err("GIF has no frames".into()));
     }
-    let fps = (millis > 0.0).then(|| frames.len() as f64 / (millis / 1000.0));
-    Ok(Video { frames, fps })
+    // Second pass: keep the sampled frames.
+    let indices = sample_indices(total, num_frames);
+    let mut kept = Vec::with_capacity(indices.len());
+    let (frames, _) = frames_of()?;
+    for (i, f) in frames.enumerate().take(indices.last().map_or(0, |&l| l + 1)) {
+        let f = f.map_err(|e| err(format!("cannot decode GIF frame {i}: {e}")))?;
+        if indices.binary_search(&i).is_ok() {
+            kept.push(from_dynamic(
+                image::DynamicImage::ImageRgba8(f.into_buffer()),
+                name,
+            )?);
+        }
+    }
+    let fps = (millis > 0.0).then(|| total as f64 / (millis / 1000.0));
+    Ok(Video {
+        frames: kept,
+        indices,
+        fps,
+    })
 }
 
 /// The reference's `default_sample_indices_fn`: `n` indices `i·T // n`. Asking for more
@@ -156,6 +208,7 @@ pub fn sample_indices(total: usize, num_frames: usize) -> Vec<usize> {
 
 pub fn process_video(video: &Video, cfg: &VideoProcessorConfig) -> Result<ProcessedVideo> {
     let fps = video.fps.unwrap_or(DEFAULT_FPS);
+    // Loading kept the sampled frames already; sampling them again is the identity then.
     let idx = sample_indices(video.frames.len(), cfg.num_frames);
     let frames = idx
         .iter()
@@ -163,7 +216,10 @@ pub fn process_video(video: &Video, cfg: &VideoProcessorConfig) -> Result<Proces
         .collect::<Result<Vec<_>>>()?;
     Ok(ProcessedVideo {
         frames,
-        timestamps: idx.iter().map(|&i| i as f64 / fps).collect(),
+        timestamps: idx
+            .iter()
+            .map(|&i| video.indices.get(i).copied().unwrap_or(i) as f64 / fps)
+            .collect(),
     })
 }
 

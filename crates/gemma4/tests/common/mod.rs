@@ -14,6 +14,46 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A scratch copy of a fixture's files that a test may break, removed when dropped (also
+/// when the test fails). Derefs to its path.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn of(name: &str, tag: &str) -> Self {
+        let dst = std::env::temp_dir().join(format!("gemma4-scratch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dst);
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(fixture(name)).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+            }
+        }
+        Scratch(dst)
+    }
+
+    /// Rewrites the JSON file `file` of the copy with `f`.
+    pub fn edit_json(&self, file: &str, f: impl FnOnce(&mut Value)) {
+        let p = self.0.join(file);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }

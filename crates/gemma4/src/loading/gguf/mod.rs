@@ -8,6 +8,7 @@
 
 pub mod metadata;
 pub mod names;
+mod reader;
 
 use std::collections::HashMap;
 use std::io::{Seek, Write};
@@ -15,12 +16,13 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::GgmlDType;
+
 use candle_core::DType;
 
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
 
-const ALIGNMENT: u64 = 32;
+const ALIGNMENT: u64 = reader::DEFAULT_ALIGNMENT;
 
 /// How a tensor's elements are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,15 @@ impl StoredType {
         })
     }
 
+    /// The type of GGML's type id, where this engine reads it.
+    fn from_type_id(id: u32) -> Option<Self> {
+        let dense = [DType::F32, DType::F16, DType::BF16].map(StoredType::Dense);
+        dense
+            .into_iter()
+            .chain(QuantType::ALL.into_iter().map(StoredType::Quant))
+            .find(|t| t.type_id() == Some(id))
+    }
+
     pub fn from_ggml(t: GgmlDType) -> Option<Self> {
         match t {
             GgmlDType::F32 => Some(StoredType::Dense(DType::F32)),
@@ -54,11 +65,12 @@ impl StoredType {
         }
     }
 
-    /// Bytes of `elems` elements (a whole number of blocks for quantized types).
-    pub fn size_of(self, elems: usize) -> usize {
+    /// Bytes of `elems` elements (a whole number of blocks for quantized types); `None`
+    /// when that overflows.
+    pub fn size_of(self, elems: usize) -> Option<usize> {
         match self {
-            StoredType::Dense(d) => elems * d.size_in_bytes(),
-            StoredType::Quant(q) => elems / q.block_size() * q.ggml().type_size(),
+            StoredType::Dense(d) => elems.checked_mul(d.size_in_bytes()),
+            StoredType::Quant(q) => (elems / q.block_size()).checked_mul(q.ggml().type_size()),
         }
     }
 }
@@ -78,51 +90,29 @@ pub struct GgufHeader {
     pub tensors: HashMap<String, GgufTensor>,
 }
 
-/// Reads the header of `path` (whose length is `file_len`), checking every tensor lies
-/// inside the file and has a type this engine reads.
-pub fn read_header(path: &Path, file_len: u64) -> Result<GgufHeader> {
-    let bad = |message: String| Error::Gguf {
+/// Reads the header of the GGUF file `path`, whose whole contents are `bytes` (mapped),
+/// checking every tensor lies inside the file, apart from the others, and has a type this
+/// engine reads (see `reader`).
+pub fn read_header(path: &Path, bytes: &[u8]) -> Result<GgufHeader> {
+    let raw = reader::parse(bytes).map_err(|message| Error::Gguf {
         path: path.to_path_buf(),
         message,
-    };
-    let mut f = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
-    let content = gguf_file::Content::read(&mut f).map_err(|e| bad(format!("GGUF header: {e}")))?;
-    let mut tensors = HashMap::new();
-    for (name, info) in &content.tensor_infos {
-        let ty = StoredType::from_ggml(info.ggml_dtype).ok_or_else(|| {
-            bad(format!(
-                "tensor `{name}` has GGML type {:?}, which is not supported (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k are)",
-                info.ggml_dtype
-            ))
-        })?;
-        let shape = info.shape.dims().to_vec();
-        let elems: usize = shape.iter().product();
-        if let StoredType::Quant(q) = ty {
-            if shape.last().is_none_or(|&c| c % q.block_size() != 0) {
-                return Err(bad(format!(
-                    "tensor `{name}` {shape:?} is not whole {q} blocks"
-                )));
-            }
-        }
-        let start = content.tensor_data_offset + info.offset;
-        let end = start + ty.size_of(elems) as u64;
-        if end > file_len {
-            return Err(bad(format!(
-                "tensor `{name}` ends at byte {end}, past the end of the file ({file_len} bytes): truncated?"
-            )));
-        }
-        tensors.insert(
-            name.clone(),
-            GgufTensor {
-                ty,
-                shape,
-                start: start as usize,
-                end: end as usize,
-            },
-        );
-    }
+    })?;
+    let tensors = raw
+        .tensors
+        .into_iter()
+        .map(|t| {
+            let entry = GgufTensor {
+                ty: t.ty,
+                shape: t.shape,
+                start: t.start,
+                end: t.end,
+            };
+            (t.name, entry)
+        })
+        .collect();
     Ok(GgufHeader {
-        metadata: content.metadata,
+        metadata: raw.metadata,
         tensors,
     })
 }
@@ -184,7 +174,11 @@ pub fn write<W: Write + Seek>(
         }
         w.write_all(&id.to_le_bytes()).map_err(io)?;
         w.write_all(&offset.to_le_bytes()).map_err(io)?;
-        let size = t.ty.size_of(t.shape.iter().product()) as u64;
+        let size = t
+            .ty
+            .size_of(t.shape.iter().product())
+            .ok_or_else(|| Error::invalid_argument("tensor", format!("`{}`: too large", t.name)))?
+            as u64;
         sizes.push(size);
         offset += size.div_ceil(ALIGNMENT) * ALIGNMENT;
     }
@@ -230,7 +224,7 @@ mod tests {
             },
         ];
         let payload =
-            |i: usize| vec![i as u8 + 1; plan[i].ty.size_of(plan[i].shape.iter().product())];
+            |i: usize| vec![i as u8 + 1; plan[i].ty.size_of(plan[i].shape.iter().product()).unwrap()];
         let mut f = std::fs::File::create(&path).unwrap();
         write(
             &mut f,
@@ -242,7 +236,7 @@ mod tests {
         .unwrap();
         drop(f);
         let bytes = std::fs::read(&path).unwrap();
-        let h = read_header(&path, bytes.len() as u64).unwrap();
+        let h = read_header(&path, &bytes).unwrap();
         assert_eq!(
             h.metadata["general.architecture"].to_string().unwrap(),
             "gemma4"
@@ -255,7 +249,7 @@ mod tests {
         }
         // Truncation is caught from the header.
         std::fs::write(&path, &bytes[..bytes.len() - 40]).unwrap();
-        let err = read_header(&path, (bytes.len() - 40) as u64)
+        let err = read_header(&path, &bytes[..bytes.len() - 40])
             .err()
             .unwrap()
             .to_string();

@@ -1,0 +1,274 @@
+//! Hostile files (issue 19): each case that once panicked, hung, allocated what its header
+//! claimed or read outside the checkpoint now gets a one-line error naming the file, field
+//! or limit, with control characters escaped.
+
+mod common;
+
+use std::path::Path;
+
+use gemma4::audio::decode::decode_audio;
+use gemma4::prompt::chat::{ChatTemplate, Message};
+use gemma4::vision::image_processor::decode_image;
+use gemma4::{Gemma4, LoadOptions, Media, Prompt};
+
+use common::{fixture, Scratch};
+
+/// The message of an error: one line, no raw control character.
+fn one_line(e: impl std::fmt::Display) -> String {
+    let msg = e.to_string();
+    assert!(!msg.chars().any(char::is_control), "control character in: {msg:?}");
+    msg
+}
+
+fn load_err(dir: &Path) -> String {
+    one_line(
+        Gemma4::load(dir, LoadOptions::default())
+            .err()
+            .expect("loading must fail"),
+    )
+}
+
+#[test]
+fn shard_names_stay_inside_the_checkpoint() {
+    for (i, bad) in ["../../etc/passwd", "/proc/self/environ", "sub/../model.safetensors"]
+        .into_iter()
+        .enumerate()
+    {
+        let s = Scratch::of("dense_keqv", &format!("shard{i}"));
+        s.edit_json("model.safetensors.index.json", |v| {
+            let map = v["weight_map"].as_object_mut().unwrap();
+            let first = map.keys().next().unwrap().clone();
+            map[&first] = bad.into();
+        });
+        let e = load_err(&s.0);
+        assert!(
+            e.contains("not the name of a file in the checkpoint directory") && e.contains(bad),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn config_values_are_range_checked() {
+    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+        ("layers", |v| { v["num_hidden_layers"] = 1_000_000_000u64.into(); v.as_object_mut().unwrap().remove("layer_types"); }, "num_hidden_layers"),
+        ("bos", |v| v["bos_token_id"] = (1u64 << 40).into(), "bos_token_id"),
+        ("eos", |v| v["eos_token_id"] = serde_json::json!([1, 1u64 << 33]), "below 2^32"),
+        ("eps", |v| v["rms_norm_eps"] = 0.0.into(), "rms_norm_eps"),
+        ("cap", |v| v["final_logit_softcapping"] = (-1.0).into(), "final_logit_softcapping"),
+        ("rope", |v| v["rope_parameters"]["full_attention"]["partial_rotary_factor"] = 2.0.into(), "partial_rotary_factor"),
+    ];
+    for (tag, edit, field) in cases {
+        let s = Scratch::of("text_only", &format!("cfg-{tag}"));
+        s.edit_json("config.json", edit);
+        let e = load_err(&s.0);
+        assert!(e.contains("config.json") && e.contains(field), "{tag}: {e}");
+    }
+}
+
+#[test]
+fn errors_do_not_repeat_their_source() {
+    let e = load_err(Path::new("/nonexistent/gemma4-model"));
+    assert_eq!(e.matches("not found").count(), 1, "{e}");
+}
+
+/// Tokenizer files that panic inside the `tokenizers` crate give an error naming the file.
+#[test]
+fn tokenizer_panics_become_errors() {
+    let cases: [(&str, serde_json::Value); 2] = [
+        (
+            "fixed0",
+            serde_json::json!({"pre_tokenizer": {"type": "FixedLength", "length": 0}}),
+        ),
+        (
+            "template",
+            serde_json::json!({"post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<missing>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {}
+            }}),
+        ),
+    ];
+    for (tag, patch) in cases {
+        let s = Scratch::of("text_only", &format!("tok-{tag}"));
+        // Another tokenizer class, so the file's own pipeline is used as it is.
+        s.edit_json("tokenizer_config.json", |v| {
+            v["tokenizer_class"] = "PreTrainedTokenizerFast".into()
+        });
+        s.edit_json("tokenizer.json", |v| {
+            for (k, x) in patch.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+        });
+        let e = match Gemma4::load(&s.0, LoadOptions::default()) {
+            Err(e) => one_line(e),
+            Ok(model) => one_line(
+                model
+                    .prepare(&Prompt::Text("hello there".into()), &Media::default())
+                    .err()
+                    .unwrap_or_else(|| panic!("{tag}: the prompt must fail")),
+            ),
+        };
+        assert!(e.contains("tokenizer.json"), "{tag}: {e}");
+    }
+}
+
+#[test]
+fn templates_run_within_limits() {
+    let render = |src: &str| {
+        ChatTemplate::new(Some(src), "<bos>", "<eos>")
+            .and_then(|t| t.render(&[Message::new("user", "hi")], true))
+            .map_err(one_line)
+    };
+    // Nested loops: stopped by fuel instead of running for hours.
+    let e = render("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
+        .unwrap_err();
+    assert!(e.contains("fuel"), "{e}");
+    // A 100k-long expression chain: refused before compiling (it overflowed the stack).
+    let chain = format!("{{{{ {} }}}}", vec!["1"; 100_000].join(" + "));
+    let e = render(&chain).unwrap_err();
+    assert!(e.contains("characters"), "{e}");
+    // Output past the limit.
+    let e = render("{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}").unwrap_err();
+    assert!(e.contains("exceeds"), "{e}");
+    // Ordinary templates render.
+    assert_eq!(render("{{ messages[0]['content'] }}").unwrap(), "hi");
+}
+
+#[test]
+fn chat_template_in_the_list_form_is_used() {
+    let s = Scratch::of("text_only", "tmpl-list");
+    // `chat_template.jinja` would take precedence.
+    std::fs::remove_file(s.0.join("chat_template.jinja")).unwrap();
+    s.edit_json("tokenizer_config.json", |v| {
+        v["chat_template"] = serde_json::json!([
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": "DEFAULT {{ messages[0]['content'] }}"}
+        ]);
+    });
+    let t = ChatTemplate::from_dir(&s.0).unwrap();
+    assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "DEFAULT x");
+    s.edit_json("tokenizer_config.json", |v| {
+        v["chat_template"] = serde_json::json!([{"name": "tool_use", "template": "T"}]);
+    });
+    let e = one_line(ChatTemplate::from_dir(&s.0).err().unwrap());
+    assert!(e.contains("tokenizer_config.json") && e.contains("default"), "{e}");
+}
+
+/// A PNG of `w × h` with its header and the start of its pixel data only.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        let body = [kind, data].concat();
+        png.extend((data.len() as u32).to_be_bytes());
+        png.extend(&body);
+        png.extend(crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([1, 0, 0, 0, 0]); // 1-bit greyscale
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c]);
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[test]
+fn images_over_the_pixel_limit_are_refused_from_the_header() {
+    for (w, h) in [(65535, 65535), (20000, 20000)] {
+        let t = std::time::Instant::now();
+        let e = one_line(decode_image(&png_header(w, h), "bomb.png").unwrap_err());
+        assert!(e.contains("bomb.png") && e.contains("limit"), "{e}");
+        assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());
+    }
+    // A JPEG whose header claims 30000 × 30000 (its SOF0 frame patched).
+    let mut jpg = std::fs::read(fixture("images").join("portrait.jpg")).unwrap();
+    let sof = jpg
+        .windows(2)
+        .position(|w| w[0] == 0xFF && (w[1] == 0xC0 || w[1] == 0xC2))
+        .expect("SOF marker");
+    jpg[sof + 5..sof + 9].copy_from_slice(&[0x75, 0x30, 0x75, 0x30]);
+    let e = one_line(decode_image(&jpg, "big.jpg").unwrap_err());
+    assert!(e.contains("big.jpg") && e.contains("limit"), "{e}");
+    // A JPEG cut short is an error, as in Pillow.
+    let jpg = std::fs::read(fixture("images").join("large.jpg")).unwrap();
+    let e = one_line(decode_image(&jpg[..jpg.len() / 2], "cut.jpg").unwrap_err());
+    assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
+}
+
+/// A 16-bit mono WAV of `samples` zeros declaring `rate` Hz.
+fn wav(rate: u32, samples: usize) -> Vec<u8> {
+    let data = samples as u32 * 2;
+    let mut w = b"RIFF".to_vec();
+    w.extend((36 + data).to_le_bytes());
+    w.extend(b"WAVEfmt ");
+    w.extend(16u32.to_le_bytes());
+    w.extend(1u16.to_le_bytes());
+    w.extend(1u16.to_le_bytes());
+    w.extend(rate.to_le_bytes());
+    w.extend(rate.wrapping_mul(2).to_le_bytes());
+    w.extend(2u16.to_le_bytes());
+    w.extend(16u16.to_le_bytes());
+    w.extend(b"data");
+    w.extend(data.to_le_bytes());
+    w.resize(w.len() + data as usize, 0);
+    w
+}
+
+#[test]
+fn audio_sample_rates_are_range_checked() {
+    assert!(decode_audio(&wav(16_000, 1600), "ok.wav").is_ok());
+    for rate in [1, 4_294_967_291] {
+        let t = std::time::Instant::now();
+        let e = one_line(decode_audio(&wav(rate, 1600), "odd.wav").unwrap_err());
+        assert!(e.contains("odd.wav") && e.contains("Hz"), "{rate}: {e}");
+        assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());
+    }
+}
+
+#[test]
+fn processor_config_values_are_bounded() {
+    let s = Scratch::of("audio_small", "proc");
+    for (key, value) in [
+        ("sampling_rate", serde_json::json!(1u64 << 32)),
+        ("frame_length_ms", serde_json::json!(1e300)),
+        ("feature_size", serde_json::json!(1_000_000_000u64)),
+    ] {
+        s.edit_json("processor_config.json", |v| {
+            v["feature_extractor"][key] = value.clone();
+        });
+        let e = load_err(&s.0);
+        assert!(e.contains("processor_config.json") && e.contains(key), "{key}: {e}");
+        std::fs::copy(
+            fixture("audio_small").join("processor_config.json"),
+            s.0.join("processor_config.json"),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn text_too_long_for_any_context_is_refused_before_tokenizing() {
+    let model = Gemma4::load(&fixture("text_only"), LoadOptions::default()).unwrap();
+    let huge = "a ".repeat(17 << 20);
+    let t = std::time::Instant::now();
+    let e = one_line(
+        model
+            .prepare(&Prompt::Text(huge), &Media::default())
+            .err()
+            .expect("must be refused"),
+    );
+    assert!(e.contains("prompt") && e.contains("bytes"), "{e}");
+    assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());
+}
