@@ -3,7 +3,7 @@
 //! `Linear::forward` (what the model runs) and through candle: its `QMatMul` on the same
 //! blocks, or for f32/bf16 the weight as a plain tensor (candle's GEMM for prefill).
 //!
-//! `cargo run --release -p gemma4 --example kernels [-- --threads N] [--in-cache] [--batch N]`
+//! `cargo run --release -p gemma4 --example kernels [-- --threads N] [--in-cache] [--batch N] [--only q6_k,bf16]`
 //!
 //! `--batch N` (default 8) also times the small-batch path: N rows through the decode
 //! kernels, as N sequences decoding together (GFLOP/s, and how much longer than one row).
@@ -38,6 +38,12 @@ fn main() -> anyhow::Result<()> {
             .parse()?,
         None => 8,
     };
+    // `--only q6_k,bf16`: just those formats.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_string).collect());
     let dev = Device::Cpu;
     // Enough matrices that one pass is far larger than the caches (~0.9 GB of f32), or
     // with --in-cache a few with 1/16 of the rows (~2.4 MB of bf16).
@@ -59,6 +65,14 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .chain(QuantType::ALL.into_iter().map(Ok));
     for q in formats {
+        let name = match q {
+            Err(DType::F32) => "f32",
+            Err(_) => "bf16",
+            Ok(q) => q.name(),
+        };
+        if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+            continue;
+        }
         let mut linears = Vec::new();
         let mut plain = Vec::new();
         let mut qtensors: Vec<Arc<QTensor>> = Vec::new();
@@ -76,11 +90,6 @@ fn main() -> anyhow::Result<()> {
                 }
             });
         }
-        let name = match q {
-            Err(DType::F32) => "f32",
-            Err(_) => "bf16",
-            Ok(q) => q.name(),
-        };
         let bytes: usize = linears.iter().map(|l| l.weight().size_in_bytes()).sum();
         let flops: f64 = dense
             .iter()
@@ -97,7 +106,9 @@ fn main() -> anyhow::Result<()> {
                     for (i, l) in linears.iter().enumerate() {
                         let x = Tensor::ones((1, m, dense[i].dim(1)?), l.dtype(), &dev)?;
                         let y = match (path, q) {
-                            ("candle", Ok(_)) => QMatMul::QTensor(qtensors[i].clone()).forward(&x)?,
+                            ("candle", Ok(_)) => {
+                                QMatMul::QTensor(qtensors[i].clone()).forward(&x)?
+                            }
                             ("candle", Err(_)) => plain[i].forward(&x)?,
                             _ => l.forward(&x)?,
                         };

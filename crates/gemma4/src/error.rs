@@ -14,7 +14,10 @@ pub enum Error {
     // The underlying errors are part of the message, not a `source`: a reporter that
     // prints the chain (anyhow's `{:#}`) would print them twice.
     #[error("{}: {}", path_text(.path), escaped(&.error.to_string()))]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 
     #[error("{}: invalid JSON: {}", path_text(.path), escaped(&.error.to_string()))]
     Json {

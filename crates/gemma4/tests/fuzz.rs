@@ -1,7 +1,8 @@
 //! A seeded mutation fuzzer over every parser that takes a user's file (issue 19): GGUF and
 //! safetensors checkpoints, config, processor and tokenizer JSON, chat templates, images,
 //! GIF videos and audio. Each case mutates a fixture (bit flips, random bytes, integers at
-//! their edges, cut, repeated or removed spans, numbers in JSON swapped for extreme ones),
+//! their edges, cut, repeated or removed spans; for JSON, half the cases keep it JSON and
+//! swap values for extreme or ill-typed ones or remove them, so validation is reached),
 //! then runs it in a child process (this test binary again) limited to 4 GiB of address
 //! space and a time limit, and sorts the outcome: a result or a clean error is fine; a
 //! panic, a crash, a timeout, an allocation failure or a message with a raw control
@@ -13,7 +14,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,21 +51,40 @@ impl Rng {
 fn seeds(kind: &str) -> Vec<PathBuf> {
     let f = |d: &str, n: &str| fixture(d).join(n);
     match kind {
-        "gguf" => vec![f("llamacpp", "e2b_like-bf16.gguf"), f("llamacpp", "moe-bf16.gguf")],
+        "gguf" => vec![
+            f("llamacpp", "e2b_like-bf16.gguf"),
+            f("llamacpp", "moe-bf16.gguf"),
+        ],
         "safetensors" => vec![f("text_only", "model.safetensors")],
-        "config" => vec![f("text_only", "config.json"), f("audio_small", "config.json")],
+        "config" => vec![
+            f("text_only", "config.json"),
+            f("audio_small", "config.json"),
+        ],
         "processor" => vec![f("audio_small", "processor_config.json")],
         "tokenizer" => vec![f("text_only", "tokenizer.json")],
         "template" => vec![f("text_only", "chat_template.jinja")],
-        "image" => ["tiny.png", "alpha.png", "portrait.jpg", "icon.bmp", "palette.gif", "photo.webp"]
-            .iter()
-            .map(|n| f("images", n))
-            .collect(),
+        "image" => [
+            "tiny.png",
+            "alpha.png",
+            "portrait.jpg",
+            "icon.bmp",
+            "palette.gif",
+            "photo.webp",
+        ]
+        .iter()
+        .map(|n| f("images", n))
+        .collect(),
         "video" => vec![f("images", "clip.gif")],
-        "audio" => ["hello_16k.wav", "numbers_8k_u8.wav", "speech_16k.ogg", "speech_24k.mp3", "speech_48k.flac"]
-            .iter()
-            .map(|n| f("audio", n))
-            .collect(),
+        "audio" => [
+            "hello_16k.wav",
+            "numbers_8k_u8.wav",
+            "speech_16k.ogg",
+            "speech_24k.mp3",
+            "speech_48k.flac",
+        ]
+        .iter()
+        .map(|n| f("audio", n))
+        .collect(),
         _ => unreachable!("kind {kind}"),
     }
 }
@@ -81,7 +101,16 @@ const INTERESTING: [u64; 10] = [
     u64::MAX,
     1 << 40,
 ];
-const JSON_NUMBERS: [&str; 8] = ["0", "-1", "1e308", "4294967296", "1e999", "0.0", "1099511627776", "-0"];
+const JSON_NUMBERS: [&str; 8] = [
+    "0",
+    "-1",
+    "1e308",
+    "4294967296",
+    "1e999",
+    "0.0",
+    "1099511627776",
+    "-0",
+];
 
 /// `bytes` after 1–4 mutations; `focus` bytes at the front (a header) get most of them.
 fn mutate(mut b: Vec<u8>, rng: &mut Rng, focus: usize, json: bool) -> Vec<u8> {
@@ -89,7 +118,11 @@ fn mutate(mut b: Vec<u8>, rng: &mut Rng, focus: usize, json: bool) -> Vec<u8> {
         if b.is_empty() {
             b.push(0);
         }
-        let span = if rng.below(10) < 8 { focus.clamp(1, b.len()) } else { b.len() };
+        let span = if rng.below(10) < 8 {
+            focus.clamp(1, b.len())
+        } else {
+            b.len()
+        };
         let at = rng.below(span);
         match rng.below(if json { 8 } else { 7 }) {
             0 => b[at] ^= 1 << rng.below(8),
@@ -112,7 +145,10 @@ fn mutate(mut b: Vec<u8>, rng: &mut Rng, focus: usize, json: bool) -> Vec<u8> {
             5 => b.truncate(at),
             6 => {
                 let n = (1 + rng.below(16)).min(b.len() - at);
-                b.splice(at..at + n, std::iter::repeat_n(b"{[\"\\\x00\xff"[rng.below(6)], 1 + rng.below(4096)));
+                b.splice(
+                    at..at + n,
+                    std::iter::repeat_n(b"{[\"\\\x00\xff"[rng.below(6)], 1 + rng.below(4096)),
+                );
             }
             _ => {
                 // A number in the JSON swapped for an extreme one.
@@ -120,7 +156,9 @@ fn mutate(mut b: Vec<u8>, rng: &mut Rng, focus: usize, json: bool) -> Vec<u8> {
                     .filter(|&i| b[i].is_ascii_digit() && !b[i - 1].is_ascii_alphanumeric())
                     .collect();
                 if let Some(&s) = starts.get(rng.below(starts.len())) {
-                    let e = (s..b.len()).find(|&i| !(b[i].is_ascii_digit() || b".eE-+".contains(&b[i]))).unwrap_or(b.len());
+                    let e = (s..b.len())
+                        .find(|&i| !(b[i].is_ascii_digit() || b".eE-+".contains(&b[i])))
+                        .unwrap_or(b.len());
                     b.splice(s..e, JSON_NUMBERS[rng.below(JSON_NUMBERS.len())].bytes());
                 }
             }
@@ -142,7 +180,88 @@ fn case_input(kind: &str, seed: u64) -> (PathBuf, Vec<u8>) {
         _ => bytes.len(),
     };
     let json = file.extension().is_some_and(|e| e == "json");
+    if json && rng.below(2) == 0 {
+        // Half the JSON cases stay JSON: values swapped, so validation is reached.
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        for _ in 0..1 + rng.below(3) {
+            mutate_json(&mut v, &mut rng);
+        }
+        return (file, serde_json::to_vec(&v).unwrap());
+    }
     (file, mutate(bytes, &mut rng, focus, json))
+}
+
+/// One value somewhere in `v` replaced by an extreme or ill-typed one, or removed.
+fn mutate_json(v: &mut serde_json::Value, rng: &mut Rng) {
+    use serde_json::{json, Value};
+    fn paths(v: &Value, at: String, out: &mut Vec<String>) {
+        out.push(at.clone());
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    paths(
+                        x,
+                        format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                        out,
+                    );
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    paths(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    paths(v, String::new(), &mut all);
+    // Mostly the top levels (configs' fields), sometimes anywhere.
+    let shallow: Vec<&String> = all.iter().filter(|p| p.matches('/').count() <= 3).collect();
+    let path = if rng.below(4) > 0 && !shallow.is_empty() {
+        shallow[rng.below(shallow.len())].clone()
+    } else {
+        all[rng.below(all.len())].clone()
+    };
+    let replacement = match rng.below(16) {
+        0 => json!(0),
+        1 => json!(-1),
+        2 => json!(1e308),
+        3 => json!(4_294_967_296u64),
+        4 => json!(u64::MAX),
+        5 => json!(1e-300),
+        6 => json!(0.5),
+        7 => json!(1_000_000_000),
+        8 => json!(""),
+        9 => json!("\u{1b}[31m\nerror: forged"),
+        10 => json!("x".repeat(100_000)),
+        11 => Value::Null,
+        12 => json!(true),
+        13 => json!([]),
+        14 => json!({}),
+        _ => {
+            // Removed from its parent.
+            if let Some((parent, key)) = path.rsplit_once('/') {
+                match v.pointer_mut(parent) {
+                    Some(Value::Object(m)) => {
+                        m.remove(&key.replace("~1", "/").replace("~0", "~"));
+                    }
+                    Some(Value::Array(a)) => {
+                        if let Ok(i) = key.parse::<usize>() {
+                            if i < a.len() {
+                                a.remove(i);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+    };
+    if let Some(slot) = v.pointer_mut(&path) {
+        *slot = replacement;
+    }
 }
 
 /// Runs case `seed` of `kind` here: `Ok` for a result or a clean error (its message).
@@ -150,6 +269,14 @@ fn run_case(kind: &str, seed: u64) -> Result<String, String> {
     use gemma4::{Gemma4, LoadOptions, Media, Prompt};
     let (file, input) = case_input(kind, seed);
     let name = file.file_name().unwrap().to_string_lossy().to_string();
+    // `GEMMA4_FUZZ_DUMP=DIR` keeps the case's input, to look at or to reproduce elsewhere.
+    if let Ok(dir) = std::env::var("GEMMA4_FUZZ_DUMP") {
+        std::fs::write(
+            Path::new(&dir).join(format!("{kind}-{seed}-{name}")),
+            &input,
+        )
+        .unwrap();
+    }
     let err = |e: gemma4::Error| e.to_string();
     // Kinds that are a file of a checkpoint: a scratch copy of its directory.
     let checkpoint = || -> Result<PathBuf, String> {
@@ -260,7 +387,13 @@ impl Drop for RemoveOnDrop {
 /// How one case ended.
 fn outcome(kind: &str, seed: u64, timeout: Duration) -> String {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "fuzz_child", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "fuzz_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("GEMMA4_FUZZ_CASE", format!("{kind}:{seed}"))
         .env("RAYON_NUM_THREADS", "1")
         .env_remove("RUST_BACKTRACE")
@@ -303,7 +436,11 @@ fn outcome(kind: &str, seed: u64, timeout: Duration) -> String {
 
 /// Runs `runs` cases from `first_seed`, two at a time; counts by outcome and kind, and the
 /// failing cases.
-fn campaign(runs: u64, first_seed: u64, timeout: Duration) -> (BTreeMap<(String, String), usize>, Vec<String>) {
+fn campaign(
+    runs: u64,
+    first_seed: u64,
+    timeout: Duration,
+) -> (BTreeMap<(String, String), usize>, Vec<String>) {
     let counts = std::sync::Mutex::new(BTreeMap::new());
     let failures = std::sync::Mutex::new(Vec::new());
     let next = std::sync::atomic::AtomicU64::new(0);
@@ -318,9 +455,16 @@ fn campaign(runs: u64, first_seed: u64, timeout: Duration) -> (BTreeMap<(String,
                 let seed = first_seed + i;
                 let o = outcome(kind, seed, timeout);
                 if !matches!(o.as_str(), "ok" | "error") {
-                    failures.lock().unwrap().push(format!("{o}: GEMMA4_FUZZ_CASE={kind}:{seed}"));
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{o}: GEMMA4_FUZZ_CASE={kind}:{seed}"));
                 }
-                *counts.lock().unwrap().entry((o, kind.to_string())).or_insert(0) += 1;
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry((o, kind.to_string()))
+                    .or_insert(0) += 1;
             });
         }
     });
@@ -333,15 +477,28 @@ fn fuzz_briefly() {
     if std::env::var("GEMMA4_FUZZ_CASE").is_ok() {
         return;
     }
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let runs = env("GEMMA4_FUZZ_RUNS", 270);
     let seed = env("GEMMA4_FUZZ_SEED", 1);
-    let (counts, failures) = campaign(runs, seed, Duration::from_secs(env("GEMMA4_FUZZ_TIMEOUT", 30)));
+    let (counts, failures) = campaign(
+        runs,
+        seed,
+        Duration::from_secs(env("GEMMA4_FUZZ_TIMEOUT", 30)),
+    );
     let mut by_outcome: BTreeMap<&str, usize> = BTreeMap::new();
     for ((o, kind), n) in &counts {
         *by_outcome.entry(o).or_default() += n;
         println!("{o:>10} {kind:<12} {n}");
     }
     println!("{runs} cases from seed {seed}: {by_outcome:?}");
-    assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n")
+    );
 }

@@ -16,7 +16,10 @@ use common::{fixture, Scratch};
 /// The message of an error: one line, no raw control character.
 fn one_line(e: impl std::fmt::Display) -> String {
     let msg = e.to_string();
-    assert!(!msg.chars().any(char::is_control), "control character in: {msg:?}");
+    assert!(
+        !msg.chars().any(char::is_control),
+        "control character in: {msg:?}"
+    );
     msg
 }
 
@@ -30,9 +33,13 @@ fn load_err(dir: &Path) -> String {
 
 #[test]
 fn shard_names_stay_inside_the_checkpoint() {
-    for (i, bad) in ["../../etc/passwd", "/proc/self/environ", "sub/../model.safetensors"]
-        .into_iter()
-        .enumerate()
+    for (i, bad) in [
+        "../../etc/passwd",
+        "/proc/self/environ",
+        "sub/../model.safetensors",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let s = Scratch::of("dense_keqv", &format!("shard{i}"));
         s.edit_json("model.safetensors.index.json", |v| {
@@ -50,13 +57,46 @@ fn shard_names_stay_inside_the_checkpoint() {
 
 #[test]
 fn config_values_are_range_checked() {
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
-        ("layers", |v| { v["num_hidden_layers"] = 1_000_000_000u64.into(); v.as_object_mut().unwrap().remove("layer_types"); }, "num_hidden_layers"),
-        ("bos", |v| v["bos_token_id"] = (1u64 << 40).into(), "bos_token_id"),
-        ("eos", |v| v["eos_token_id"] = serde_json::json!([1, 1u64 << 33]), "below 2^32"),
+    let cases: [(&str, fn(&mut serde_json::Value), &str); 8] = [
+        (
+            "heads",
+            |v| v["num_attention_heads"] = u64::MAX.into(),
+            "over the limit",
+        ),
+        (
+            "ple",
+            |v| v["hidden_size_per_layer_input"] = u64::MAX.into(),
+            "over the limit",
+        ),
+        (
+            "layers",
+            |v| {
+                v["num_hidden_layers"] = 1_000_000_000u64.into();
+                v.as_object_mut().unwrap().remove("layer_types");
+            },
+            "num_hidden_layers",
+        ),
+        (
+            "bos",
+            |v| v["bos_token_id"] = (1u64 << 40).into(),
+            "bos_token_id",
+        ),
+        (
+            "eos",
+            |v| v["eos_token_id"] = serde_json::json!([1, 1u64 << 33]),
+            "below 2^32",
+        ),
         ("eps", |v| v["rms_norm_eps"] = 0.0.into(), "rms_norm_eps"),
-        ("cap", |v| v["final_logit_softcapping"] = (-1.0).into(), "final_logit_softcapping"),
-        ("rope", |v| v["rope_parameters"]["full_attention"]["partial_rotary_factor"] = 2.0.into(), "partial_rotary_factor"),
+        (
+            "cap",
+            |v| v["final_logit_softcapping"] = (-1.0).into(),
+            "final_logit_softcapping",
+        ),
+        (
+            "rope",
+            |v| v["rope_parameters"]["full_attention"]["partial_rotary_factor"] = 2.0.into(),
+            "partial_rotary_factor",
+        ),
     ];
     for (tag, edit, field) in cases {
         let s = Scratch::of("text_only", &format!("cfg-{tag}"));
@@ -122,8 +162,9 @@ fn templates_run_within_limits() {
             .map_err(one_line)
     };
     // Nested loops: stopped by fuel instead of running for hours.
-    let e = render("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
-        .unwrap_err();
+    let e =
+        render("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
+            .unwrap_err();
     assert!(e.contains("fuel"), "{e}");
     // A 100k-long expression chain: refused before compiling (it overflowed the stack).
     let chain = format!("{{{{ {} }}}}", vec!["1"; 100_000].join(" + "));
@@ -148,12 +189,18 @@ fn chat_template_in_the_list_form_is_used() {
         ]);
     });
     let t = ChatTemplate::from_dir(&s.0).unwrap();
-    assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "DEFAULT x");
+    assert_eq!(
+        t.render(&[Message::new("user", "x")], false).unwrap(),
+        "DEFAULT x"
+    );
     s.edit_json("tokenizer_config.json", |v| {
         v["chat_template"] = serde_json::json!([{"name": "tool_use", "template": "T"}]);
     });
     let e = one_line(ChatTemplate::from_dir(&s.0).err().unwrap());
-    assert!(e.contains("tokenizer_config.json") && e.contains("default"), "{e}");
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains("default"),
+        "{e}"
+    );
 }
 
 /// A PNG of `w × h` with its header and the start of its pixel data only.
@@ -163,7 +210,11 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
         for &b in bytes {
             c ^= b as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
         }
         !c
@@ -249,7 +300,10 @@ fn processor_config_values_are_bounded() {
             v["feature_extractor"][key] = value.clone();
         });
         let e = load_err(&s.0);
-        assert!(e.contains("processor_config.json") && e.contains(key), "{key}: {e}");
+        assert!(
+            e.contains("processor_config.json") && e.contains(key),
+            "{key}: {e}"
+        );
         std::fs::copy(
             fixture("audio_small").join("processor_config.json"),
             s.0.join("processor_config.json"),
@@ -271,4 +325,47 @@ fn text_too_long_for_any_context_is_refused_before_tokenizing() {
     );
     assert!(e.contains("prompt") && e.contains("bytes"), "{e}");
     assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_gguf_file_under_a_safetensors_name_is_recognised() {
+    let s = Scratch::of("text_only", "gguf-named");
+    std::fs::copy(
+        fixture("llamacpp").join("e2b_like-bf16.gguf"),
+        s.join("model.safetensors"),
+    )
+    .unwrap();
+    let e = load_err(&s);
+    assert!(
+        e.contains("model.safetensors") && e.contains("GGUF file"),
+        "{e}"
+    );
+}
+
+/// A sliding window far longer than any prompt allocates only what the sequence uses (a
+/// config's window of 2^24 once preallocated 2^24 slots per sliding layer).
+#[test]
+fn a_huge_sliding_window_costs_only_what_is_used() {
+    let s = Scratch::of("text_only", "window");
+    s.edit_json("config.json", |v| {
+        v["sliding_window"] = (1u64 << 24).into();
+        v["max_position_embeddings"] = (1u64 << 24).into();
+    });
+    let model = Gemma4::load(&s, LoadOptions::default()).unwrap();
+    let opts = gemma4::GenerateOptions {
+        max_new_tokens: 3,
+        sampling: gemma4::SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let mut seq = gemma4::Sequence::new(
+        &model.text,
+        gemma4::PromptInput::text(vec![2, 10, 11, 12]),
+        &opts,
+    )
+    .unwrap();
+    while !seq.is_finished() {
+        gemma4::step(&model.text, &mut [&mut seq], usize::MAX).unwrap();
+    }
+    let bytes = seq.cache().bytes();
+    assert!(bytes < 1 << 20, "the cache holds {bytes} bytes");
 }

@@ -213,7 +213,8 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
         }
         buf.copy_to_vec_interleaved(&mut chunk);
         interleaved.extend_from_slice(&chunk);
-        let cap = (MAX_DECODED_SECONDS * u64::from(rate) * channels as u64).min(MAX_DECODED_SAMPLES);
+        let cap =
+            (MAX_DECODED_SECONDS * u64::from(rate) * channels as u64).min(MAX_DECODED_SAMPLES);
         if interleaved.len() as u64 >= cap {
             // Whole frames only; the rest of the file is not decoded.
             interleaved.truncate((cap as usize) / channels * channels);

@@ -226,7 +226,9 @@ impl AudioFeatureExtractor {
                     ));
                 }
                 if !(c.mel_floor > 0.0) || !c.input_scale_factor.is_finite() {
-                    return Err("`mel_floor` must be positive and `input_scale_factor` finite".into());
+                    return Err(
+                        "`mel_floor` must be positive and `input_scale_factor` finite".into(),
+                    );
                 }
                 if c.frame_length() < 2 || c.hop_length() == 0 || c.feature_size == 0 {
                     return Err(
@@ -261,7 +263,10 @@ impl AudioFeatureExtractor {
             AudioFeatureExtractor::Mel(c) if audio.sample_rate != rate => {
                 let src = u64::from(audio.sample_rate);
                 let needed = (c.max_samples() as u64 * src).div_ceil(u64::from(rate.max(1))) + src;
-                let keep = audio.samples.len().min(usize::try_from(needed).unwrap_or(usize::MAX));
+                let keep = audio
+                    .samples
+                    .len()
+                    .min(usize::try_from(needed).unwrap_or(usize::MAX));
                 trimmed = Audio {
                     samples: audio.samples[..keep].to_vec(),
                     sample_rate: audio.sample_rate,

@@ -258,6 +258,9 @@ fn ids(v: Option<&Value>) -> std::result::Result<Vec<u32>, String> {
 
 /// The most decoder layers a config may declare (the released models have at most 60).
 pub const MAX_LAYERS: usize = 1024;
+/// The largest size or count a config field may hold (2^24: sixteen times the longest
+/// context of the released models).
+pub const MAX_CONFIG_INT: usize = 1 << 24;
 
 /// Typed field access with the reference's defaults and errors naming the field (used by
 /// every config section: text, vision, processors).
@@ -267,13 +270,18 @@ impl Fields<'_> {
     pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
+    /// A size or count, at most [`MAX_CONFIG_INT`]: products of two such values cannot
+    /// overflow, and nothing sized by one can claim more than the checkpoint backs.
     pub(crate) fn usize(&self, key: &str, default: usize) -> std::result::Result<usize, String> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| format!("`{key}` must be a non-negative integer, found {v}")),
+            Some(v) => match v.as_u64() {
+                Some(x) if x <= MAX_CONFIG_INT as u64 => Ok(x as usize),
+                Some(x) => Err(format!(
+                    "`{key}` is {x}, over the limit of {MAX_CONFIG_INT}"
+                )),
+                None => Err(format!("`{key}` must be a non-negative integer, found {v}")),
+            },
         }
     }
     /// A token id or other u32, refused (not truncated) past `u32::MAX`.
@@ -289,7 +297,9 @@ impl Fields<'_> {
     pub(crate) fn positive_f64(&self, key: &str, default: f64) -> std::result::Result<f64, String> {
         let v = self.f64(key, default)?;
         if !(v.is_finite() && v > 0.0) {
-            return Err(format!("`{key}` is {v}; it must be a finite number above 0"));
+            return Err(format!(
+                "`{key}` is {v}; it must be a finite number above 0"
+            ));
         }
         Ok(v)
     }
@@ -721,7 +731,10 @@ impl GenerationConfig {
         if let Some(p) = self.min_p.filter(|p| !(0.0..=1.0).contains(p)) {
             return bad("min_p", p, "within [0, 1]");
         }
-        if let Some(p) = self.repetition_penalty.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        if let Some(p) = self
+            .repetition_penalty
+            .filter(|p| !(p.is_finite() && *p > 0.0))
+        {
             return bad("repetition_penalty", p, "a positive number");
         }
         Ok(self)

@@ -124,9 +124,7 @@ impl VisionSpec {
                     c.output_proj_dims, c.mm_embed_dim
                 ));
             }
-            if c.patch_size == 0 || c.pooling_kernel_size == 0 {
-                return Err("`patch_size` and `pooling_kernel_size` must be positive".into());
-            }
+            check_patching(c.patch_size, c.pooling_kernel_size)?;
             return Ok(VisionSpec::Unified(c));
         }
         let act = o
@@ -182,9 +180,19 @@ impl VisionSpec {
                 c.head_dim
             ));
         }
-        if c.patch_size == 0 || c.pooling_kernel_size == 0 {
-            return Err("`patch_size` and `pooling_kernel_size` must be positive".into());
-        }
+        check_patching(c.patch_size, c.pooling_kernel_size)?;
         Ok(VisionSpec::Tower(c))
     }
+}
+
+/// Patch side and pooling kernel within what the image processor takes.
+fn check_patching(patch: usize, pooling: usize) -> R<()> {
+    use crate::vision::image_processor::{MAX_PATCH, MAX_POOLING};
+    if !(1..=MAX_PATCH).contains(&patch) || !(1..=MAX_POOLING).contains(&pooling) {
+        return Err(format!(
+            "`patch_size` ({patch}) and `pooling_kernel_size` ({pooling}) must be within \
+             1..={MAX_PATCH} and 1..={MAX_POOLING} (Gemma 4: 16 and 3)"
+        ));
+    }
+    Ok(())
 }

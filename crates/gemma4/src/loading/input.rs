@@ -21,10 +21,17 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
     let file = options.open(path).map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
-        let what = if meta.is_dir() { "a directory" } else { "not a regular file" };
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
         return Err(Error::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}, where a file was expected")),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{what}, where a file was expected"),
+            ),
         ));
     }
     Ok(file)
@@ -74,7 +81,10 @@ mod tests {
         std::fs::write(&file, "{}").unwrap();
         assert_eq!(read_text(&file).unwrap(), "{}");
         let err = read_file(&dir).unwrap_err().to_string();
-        assert!(err.contains("directory") && err.contains("gemma4-input"), "{err}");
+        assert!(
+            err.contains("directory") && err.contains("gemma4-input"),
+            "{err}"
+        );
         #[cfg(unix)]
         {
             // A FIFO with no writer: opening it would block forever without O_NONBLOCK.
@@ -83,8 +93,13 @@ mod tests {
             // SAFETY: a valid NUL-terminated path.
             assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
             let err = read_text(&fifo).unwrap_err().to_string();
-            assert!(err.contains("not a regular file") && err.contains("config.json"), "{err}");
-            let err = open_regular(Path::new("/dev/zero")).unwrap_err().to_string();
+            assert!(
+                err.contains("not a regular file") && err.contains("config.json"),
+                "{err}"
+            );
+            let err = open_regular(Path::new("/dev/zero"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("not a regular file"), "{err}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

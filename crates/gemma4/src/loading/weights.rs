@@ -20,9 +20,9 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::loading::input::open_regular;
 use crate::loading::gguf::{self, StoredType};
 use crate::loading::gguf::{metadata as gguf_metadata, names as gguf_names};
+use crate::loading::input::open_regular;
 use crate::nn::linear::LinearWeight;
 use crate::quant::{self, QuantType};
 
@@ -161,6 +161,12 @@ impl Checkpoint {
             let st = SafeTensors::deserialize(&mmap).map_err(|e| {
                 use safetensors::SafeTensorError as E;
                 let text = crate::error::printable(&e.to_string());
+                if mmap.starts_with(b"GGUF") {
+                    return bad(
+                        "it is a GGUF file; name it `model.gguf` (or `*.gguf` alone in the directory)"
+                            .to_string(),
+                    );
+                }
                 bad(match e {
                     // What a file cut short gives: the header's length or its last
                     // tensor's end lies past the end.

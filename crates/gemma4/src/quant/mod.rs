@@ -225,14 +225,20 @@ mod tests {
 
     fn roundtrip(bytes: &[u8], like: &QTensor) -> Vec<f32> {
         let (rows, cols) = like.shape().dims2().unwrap();
-        from_bytes(Cow::Borrowed(bytes), QuantType::Q8_0, rows, cols, &Device::Cpu)
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        from_bytes(
+            Cow::Borrowed(bytes),
+            QuantType::Q8_0,
+            rows,
+            cols,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
     }
 
     #[test]

@@ -295,9 +295,13 @@ impl KvCache {
         let end = self.seq_len + s;
         self.grow_full(end)?;
         if self.types.contains(&LayerType::Sliding) {
-            let need = self.window - 1 + s + self.spare;
+            // Never more slots than the positions so far need: a window longer than the
+            // sequence (or a hostile config's window) costs nothing until it fills. The
+            // ring doubles up to the window, so a growing sequence resizes it rarely.
+            let full = self.window - 1 + s + self.spare;
+            let need = (self.window - 1).min(self.seq_len) + s + self.spare;
             if self.ring.len() < need {
-                self.resize_ring(need)?;
+                self.resize_ring(need.max((2 * self.ring.len()).min(full)))?;
             }
             let cap = self.ring.len();
             for p in self.seq_len..end {

@@ -53,6 +53,11 @@ pub(crate) fn check_pixels(width: u64, height: u64, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The largest patch side and pooling kernel a config may ask for (an image is resized to
+/// about `budget · (pooling · patch)²` pixels).
+pub const MAX_PATCH: usize = 64;
+pub const MAX_POOLING: usize = 8;
+
 /// Soft-token budgets the reference accepts (`_SUPPORTED_SOFT_TOKENS`).
 pub const SUPPORTED_SOFT_TOKENS: [usize; 5] = [70, 140, 280, 560, 1120];
 
@@ -147,7 +152,9 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
     });
     let (width, height, data) = match decoded {
         Ok(Ok(Ok(v))) => v,
-        Ok(Ok(Err((w, h)))) => return check_pixels(w, h, name).and(Err(image_error(name, "too large"))),
+        Ok(Ok(Err((w, h)))) => {
+            return check_pixels(w, h, name).and(Err(image_error(name, "too large")))
+        }
         Ok(Err(e)) => return Err(image_error(name, format!("cannot decode JPEG: {e}"))),
         Err(_) => return Err(image_error(name, "cannot decode JPEG: corrupt data")),
     };
@@ -339,8 +346,14 @@ impl ImageProcessorConfig {
                 self.max_soft_tokens
             ));
         }
-        if self.patch_size == 0 || self.pooling_kernel_size == 0 {
-            return Err("`patch_size` and `pooling_kernel_size` must be positive".into());
+        if !(1..=MAX_PATCH).contains(&self.patch_size)
+            || !(1..=MAX_POOLING).contains(&self.pooling_kernel_size)
+        {
+            return Err(format!(
+                "`patch_size` ({}) and `pooling_kernel_size` ({}) must be within 1..={MAX_PATCH} \
+                 and 1..={MAX_POOLING} (Gemma 4: 16 and 3)",
+                self.patch_size, self.pooling_kernel_size
+            ));
         }
         Ok(())
     }

@@ -19,8 +19,8 @@ use image::AnimationDecoder;
 use crate::config::Fields;
 use crate::error::{Error, Result};
 use crate::vision::image_processor::{
-    check_pixels, decode_image, decoder_limits, from_dynamic, process_image, ImageProcessorConfig, PatchLayout, ProcessedImage,
-    Rescale, RgbImage,
+    check_pixels, decode_image, decoder_limits, from_dynamic, process_image, ImageProcessorConfig,
+    PatchLayout, ProcessedImage, Rescale, RgbImage,
 };
 use crate::vision::resize::ResizeKernel;
 
@@ -182,7 +182,10 @@ pub fn decode_video(bytes: &[u8], name: &str, num_frames: usize) -> Result<Video
     let indices = sample_indices(total, num_frames);
     let mut kept = Vec::with_capacity(indices.len());
     let (frames, _) = frames_of()?;
-    for (i, f) in frames.enumerate().take(indices.last().map_or(0, |&l| l + 1)) {
+    for (i, f) in frames
+        .enumerate()
+        .take(indices.last().map_or(0, |&l| l + 1))
+    {
         let f = f.map_err(|e| err(format!("cannot decode GIF frame {i}: {e}")))?;
         if indices.binary_search(&i).is_ok() {
             kept.push(from_dynamic(

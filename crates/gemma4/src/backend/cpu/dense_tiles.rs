@@ -105,7 +105,6 @@ impl TileElem for f32 {
     }
 }
 
-
 /// A `[rows, cols]` matrix in tiles, `cols` a multiple of `T::PER_LINE`.
 pub struct DenseTiles<T> {
     rows: usize,
@@ -117,7 +116,10 @@ pub struct DenseTiles<T> {
 
 impl<T> std::fmt::Debug for DenseTiles<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("?");
+        let name = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?");
         write!(f, "DenseTiles<{name}> {{ {}×{} }}", self.rows, self.cols)
     }
 }

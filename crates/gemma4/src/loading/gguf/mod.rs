@@ -174,11 +174,10 @@ pub fn write<W: Write + Seek>(
         }
         w.write_all(&id.to_le_bytes()).map_err(io)?;
         w.write_all(&offset.to_le_bytes()).map_err(io)?;
-        let size = t
-            .ty
-            .size_of(t.shape.iter().product())
-            .ok_or_else(|| Error::invalid_argument("tensor", format!("`{}`: too large", t.name)))?
-            as u64;
+        let size =
+            t.ty.size_of(t.shape.iter().product()).ok_or_else(|| {
+                Error::invalid_argument("tensor", format!("`{}`: too large", t.name))
+            })? as u64;
         sizes.push(size);
         offset += size.div_ceil(ALIGNMENT) * ALIGNMENT;
     }
@@ -223,8 +222,9 @@ mod tests {
                 ty: StoredType::Dense(DType::BF16),
             },
         ];
-        let payload =
-            |i: usize| vec![i as u8 + 1; plan[i].ty.size_of(plan[i].shape.iter().product()).unwrap()];
+        let payload = |i: usize| {
+            vec![i as u8 + 1; plan[i].ty.size_of(plan[i].shape.iter().product()).unwrap()]
+        };
         let mut f = std::fs::File::create(&path).unwrap();
         write(
             &mut f,

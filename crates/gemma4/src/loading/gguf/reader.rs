@@ -193,12 +193,17 @@ pub(super) fn parse(bytes: &[u8]) -> Result<RawHeader, String> {
         let what = || format!("tensor `{}`", shown(&name));
         let n_dims = c.u32(&what)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(format!("{} has {n_dims} dimensions (1 to {MAX_DIMS})", what()));
+            return Err(format!(
+                "{} has {n_dims} dimensions (1 to {MAX_DIMS})",
+                what()
+            ));
         }
         let mut shape = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             let d = c.u64(&what)?;
-            shape.push(usize::try_from(d).map_err(|_| format!("{} has a dimension of {d}", what()))?);
+            shape.push(
+                usize::try_from(d).map_err(|_| format!("{} has a dimension of {d}", what()))?,
+            );
         }
         // GGUF lists dimensions innermost first.
         shape.reverse();
@@ -324,14 +329,21 @@ mod tests {
 
     fn err(bytes: &[u8]) -> String {
         let e = parse(bytes).err().expect("must be refused");
-        assert!(!e.chars().any(char::is_control), "raw control character: {e:?}");
+        assert!(
+            !e.chars().any(char::is_control),
+            "raw control character: {e:?}"
+        );
         e
     }
 
     #[test]
     fn a_well_formed_header_parses() {
         let h = parse(&gguf(
-            &[("general.architecture", 8, [5u64.to_le_bytes().to_vec(), b"gemma".to_vec()].concat())],
+            &[(
+                "general.architecture",
+                8,
+                [5u64.to_le_bytes().to_vec(), b"gemma".to_vec()].concat(),
+            )],
             &[("a", vec![4, 2], 0, 0), ("b", vec![32], 8, 32)],
             32,
             66,
@@ -358,9 +370,19 @@ mod tests {
         let e = err(&gguf(&[], &[("t", vec![8], 0, 4)], 32, 64));
         assert!(e.contains("not a multiple of the alignment"), "{e}");
         // Two tensors over the same bytes, and one name twice.
-        let e = err(&gguf(&[], &[("a", vec![16], 0, 0), ("b", vec![8], 0, 32)], 32, 128));
+        let e = err(&gguf(
+            &[],
+            &[("a", vec![16], 0, 0), ("b", vec![8], 0, 32)],
+            32,
+            128,
+        ));
         assert!(e.contains("overlap"), "{e}");
-        let e = err(&gguf(&[], &[("a", vec![8], 0, 0), ("a", vec![8], 0, 32)], 32, 128));
+        let e = err(&gguf(
+            &[],
+            &[("a", vec![8], 0, 0), ("a", vec![8], 0, 32)],
+            32,
+            128,
+        ));
         assert!(e.contains("given twice"), "{e}");
         // Five dimensions; an unknown type; a quantized row that is not whole blocks.
         let e = err(&gguf(&[], &[("t", vec![1; 5], 0, 0)], 32, 64));
@@ -374,7 +396,16 @@ mod tests {
         huge_array.extend(u64::MAX.to_le_bytes());
         let e = err(&gguf(&[("k", 9, huge_array)], &[], 32, 0));
         assert!(e.contains("claims"), "{e}");
-        let mut b = gguf(&[("k", 8, [u64::MAX.to_le_bytes().to_vec(), b"x".to_vec()].concat())], &[], 32, 0);
+        let mut b = gguf(
+            &[(
+                "k",
+                8,
+                [u64::MAX.to_le_bytes().to_vec(), b"x".to_vec()].concat(),
+            )],
+            &[],
+            32,
+            0,
+        );
         b.truncate(60);
         assert!(err(&b).contains("truncated?"));
         let mut b = gguf(&[], &[], 32, 0);
@@ -392,7 +423,12 @@ mod tests {
         let e = err(&gguf(&[("k", 9, nested)], &[], 32, 0));
         assert!(e.contains("deeper"), "{e}");
         // A tensor name with terminal escapes and a newline is printed escaped.
-        let e = err(&gguf(&[], &[("\u{1b}[31mevil\nerror: forged", vec![8], 99, 0)], 32, 64));
+        let e = err(&gguf(
+            &[],
+            &[("\u{1b}[31mevil\nerror: forged", vec![8], 99, 0)],
+            32,
+            64,
+        ));
         assert!(e.contains("\\u{1b}[31mevil\\nerror: forged"), "{e}");
         // Not GGUF, and a version this reader does not know.
         assert!(err(b"GGML....").contains("GGUF"));
