@@ -170,6 +170,10 @@ fn templates_run_within_limits() {
     let chain = format!("{{{{ {} }}}}", vec!["1"; 100_000].join(" + "));
     let e = render(&chain).unwrap_err();
     assert!(e.contains("characters"), "{e}");
+    // A chain just under the limit compiles and runs on a test thread's 2 MiB stack.
+    let chain = format!("{{{{ {} }}}}", vec!["1"; 990].join("+"));
+    assert!(chain.len() < 2_000);
+    assert_eq!(render(&chain).unwrap(), "990");
     // Output past the limit.
     let e = render("{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}").unwrap_err();
     assert!(e.contains("exceeds"), "{e}");

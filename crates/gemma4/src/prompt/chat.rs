@@ -19,8 +19,9 @@ use crate::error::{printable, Error, Result};
 /// Instructions one render may run (transformers' sandbox has no limit; the released
 /// templates take a few thousand per message).
 pub const TEMPLATE_FUEL: u64 = 20_000_000;
-/// Characters in one `{{ … }}` or `{% … %}` tag, at most (the released templates' longest
-/// is under 300).
+/// Characters in one `{{ … }}` or `{% … %}` tag, at most: about a thousand chained
+/// operators, which compile within a 2 MiB thread stack (a template's tags are a line or
+/// two; a chain of 100,000 overflowed the stack).
 pub const MAX_TAG_LEN: usize = 2_000;
 /// Bytes one render may produce.
 pub const MAX_OUTPUT: usize = 64 << 20;
