@@ -206,6 +206,9 @@ pub(crate) fn parse_ids(s: &str) -> Result<Vec<u32>> {
 }
 
 pub(crate) fn prompt_of(p: &PromptArgs, system: Option<&str>) -> Result<Prompt> {
+    if system.is_some() && p.chat.is_none() {
+        bail!("--system goes with --chat (a raw --prompt or --prompt-ids is used as it is)");
+    }
     Ok(match (&p.prompt, &p.prompt_ids, &p.chat) {
         (Some(t), _, _) => Prompt::Text(t.clone()),
         (_, Some(ids), _) => Prompt::Ids(parse_ids(ids)?),

@@ -20,7 +20,7 @@ pub(crate) struct GenerateArgs {
     #[command(flatten)]
     pub(crate) media: MediaArgs,
     /// System message for --chat.
-    #[arg(long, requires = "chat")]
+    #[arg(long)]
     pub(crate) system: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub(crate) max_new_tokens: usize,

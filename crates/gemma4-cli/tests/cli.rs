@@ -173,6 +173,43 @@ fn bad_input_is_one_line_error_naming_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("`x` is not a token id"));
 }
 
+/// The error names the problem once (no cause printed twice), `--system` needs `--chat`,
+/// and `info` reads a directory holding only a llama.cpp GGUF file.
+#[test]
+fn errors_say_it_once_and_info_reads_a_gguf_alone() {
+    let out = gemma4(&["generate", "--model", "/no/such/model", "--prompt", "hi"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("not found").count(), 1, "{err}");
+    let dir = fixture("e2b_like");
+    let out = gemma4(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--system",
+        "be brief",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--system goes with --chat"));
+    let alone = std::env::temp_dir().join(format!("gemma4-cli-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(
+        fixture("llamacpp").join("e2b_like-bf16.gguf"),
+        alone.join("e2b_like-bf16.gguf"),
+    )
+    .unwrap();
+    let out = gemma4(&["info", "--model", alone.to_str().unwrap(), "--json"]);
+    std::fs::remove_dir_all(&alone).ok();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["num_layers"].as_u64().unwrap() > 0);
+}
+
 #[test]
 fn generate_with_images_reproduces_reference_greedy_ids() {
     let dir = fixture("vision_large");
