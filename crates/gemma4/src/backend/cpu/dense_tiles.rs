@@ -24,6 +24,8 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::gemv::by_input_count;
 use crate::backend::cpu::gemv::{tiled_product, TILE};
 use crate::backend::cpu::q8_packed::Line;
 
@@ -31,31 +33,6 @@ use crate::backend::cpu::q8_packed::Line;
 const TILES_PER_TASK: usize = 2;
 /// Inputs per kernel call, at most (each takes two accumulators).
 const GROUP: usize = 8;
-
-/// `$kernel::<J>` for `J = xs.len()` (1–[`GROUP`]), its sums in the first `J` entries.
-#[cfg(target_arch = "x86_64")]
-macro_rules! by_input_count {
-    ($kernel:ident, $lines:expr, $xs:expr) => {{
-        let (lines, xs) = ($lines, $xs);
-        let mut out = [[0f32; TILE]; GROUP];
-        macro_rules! run {
-            ($j:literal) => {
-                out[..$j].copy_from_slice(&$kernel::<$j>(lines, std::array::from_fn(|i| xs[i])))
-            };
-        }
-        match xs.len() {
-            1 => run!(1),
-            2 => run!(2),
-            3 => run!(3),
-            4 => run!(4),
-            5 => run!(5),
-            6 => run!(6),
-            7 => run!(7),
-            _ => run!(8),
-        }
-        out
-    }};
-}
 
 /// An element type with a tiled kernel.
 pub(crate) trait TileElem: Copy + Default + Send + Sync + 'static {
@@ -85,7 +62,7 @@ impl TileElem for bf16 {
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile(lines: &[Line], xs: &[&[bf16]]) -> [[f32; TILE]; GROUP] {
-        by_input_count!(tile_bf16, lines, xs)
+        by_input_count!(xs.len(), GROUP, [1, 2, 3, 4, 5, 6, 7, 8], J => tile_bf16::<J>(lines, std::array::from_fn(|i| xs[i])))
     }
 }
 
@@ -101,7 +78,7 @@ impl TileElem for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile(lines: &[Line], xs: &[&[f32]]) -> [[f32; TILE]; GROUP] {
-        by_input_count!(tile_f32, lines, xs)
+        by_input_count!(xs.len(), GROUP, [1, 2, 3, 4, 5, 6, 7, 8], J => tile_f32::<J>(lines, std::array::from_fn(|i| xs[i])))
     }
 }
 

@@ -123,6 +123,27 @@ pub(crate) fn tiled_product<I: Sync, const G: usize>(
     })
 }
 
+/// A tiled kernel's sums for `$n` inputs: `$call` run as the const-generic instance for
+/// `J = $n` (one of the counts listed, at most the group `$g`), its sums in the first `J`
+/// of `$g` entries. `$J` names the count inside `$call`, as in
+/// `by_input_count!(xs.len(), GROUP, [1, 2, 3, 4], J => kernel::<J>(tile, from_fn(|i| &xs[i])))`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_input_count {
+    ($n:expr, $g:expr, [$($k:literal),+], $J:ident => $call:expr) => {{
+        let mut out = [[0f32; $crate::backend::cpu::gemv::TILE]; $g];
+        match $n {
+            $($k => {
+                const $J: usize = $k;
+                out[..$k].copy_from_slice(&$call);
+            })+
+            n => unreachable!("{n} inputs for a group of {}", $g),
+        }
+        out
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use by_input_count;
+
 /// `w` widened to f32 (exact: bf16 is the top half of an f32), in parallel.
 pub(crate) fn widen_bf16(w: &[bf16]) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;

@@ -25,6 +25,8 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use crate::backend::cpu::act_quant::Q8KBlocks;
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::gemv::by_input_count;
 use crate::backend::cpu::gemv::{tiled_product, TILE};
 use crate::backend::cpu::kquant_gemv::{BlockQ4K, BlockQ6K};
 
@@ -154,23 +156,6 @@ fn build<B: Sync, T: Copy + Send>(
             }
         });
     tiles
-}
-
-/// `$kernel::<J>` for `J = $xs.len()` (1–[`GROUP`]) on the tiles: sixteen rows' sums
-/// per input, in the first `J` entries.
-#[cfg(target_arch = "x86_64")]
-macro_rules! dispatch {
-    ($kernel:ident, $tiles:expr, $xs:expr) => {{
-        let (tiles, xs) = ($tiles, $xs);
-        let mut out = [[0f32; TILE]; GROUP];
-        match xs.len() {
-            1 => out[..1].copy_from_slice(&$kernel::<1>(tiles, [&xs[0]])),
-            2 => out[..2].copy_from_slice(&$kernel::<2>(tiles, std::array::from_fn(|i| &xs[i]))),
-            3 => out[..3].copy_from_slice(&$kernel::<3>(tiles, std::array::from_fn(|i| &xs[i]))),
-            _ => out.copy_from_slice(&$kernel::<4>(tiles, std::array::from_fn(|i| &xs[i]))),
-        }
-        out
-    }};
 }
 
 impl KTiles {
@@ -338,10 +323,10 @@ impl KTiles {
                     unsafe {
                         match &self.data {
                             Data::Q4K(tiles) => {
-                                dispatch!(q4k_kernel, &tiles[t * nsb..(t + 1) * nsb], xs)
+                                by_input_count!(xs.len(), GROUP, [1, 2, 3, 4], J => q4k_kernel::<J>(&tiles[t * nsb..(t + 1) * nsb], std::array::from_fn(|i| &xs[i])))
                             }
                             Data::Q6K(tiles) => {
-                                dispatch!(q6k_kernel, &tiles[t * nsb..(t + 1) * nsb], xs)
+                                by_input_count!(xs.len(), GROUP, [1, 2, 3, 4], J => q6k_kernel::<J>(&tiles[t * nsb..(t + 1) * nsb], std::array::from_fn(|i| &xs[i])))
                             }
                         }
                     }

@@ -21,6 +21,8 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::gemv::by_input_count;
 use crate::backend::cpu::gemv::{tiled_product, TILE};
 use crate::backend::cpu::q8_packed::Line;
 use crate::backend::cpu::q8_tiles::Input;
@@ -227,47 +229,16 @@ impl NibbleTiles {
                 |t, xs| {
                     let nib = &self.nib[t * nb * 4..(t + 1) * nb * 4];
                     let d = &self.d[t * nb..(t + 1) * nb];
-                    let mut out = [[0f32; TILE]; GROUP];
-                    macro_rules! run {
-                        ($five:literal, $high:expr) => {
-                            // SAFETY: the CPU has the instructions (`available`); the tile
-                            // has `nb` blocks and each input as many.
-                            unsafe {
-                                match xs.len() {
-                                    1 => out[..1].copy_from_slice(&kernel::<1, $five>(
-                                        nib,
-                                        $high,
-                                        d,
-                                        [&xs[0]],
-                                    )),
-                                    2 => out[..2].copy_from_slice(&kernel::<2, $five>(
-                                        nib,
-                                        $high,
-                                        d,
-                                        std::array::from_fn(|i| &xs[i]),
-                                    )),
-                                    3 => out[..3].copy_from_slice(&kernel::<3, $five>(
-                                        nib,
-                                        $high,
-                                        d,
-                                        std::array::from_fn(|i| &xs[i]),
-                                    )),
-                                    _ => out.copy_from_slice(&kernel::<4, $five>(
-                                        nib,
-                                        $high,
-                                        d,
-                                        std::array::from_fn(|i| &xs[i]),
-                                    )),
-                                }
-                            }
-                        };
+                    // SAFETY: the CPU has the instructions (`available`); the tile has
+                    // `nb` blocks and each input as many.
+                    unsafe {
+                        if self.five {
+                            let high = &self.high[t * nb..(t + 1) * nb];
+                            by_input_count!(xs.len(), GROUP, [1, 2, 3, 4], J => kernel::<J, true>(nib, high, d, std::array::from_fn(|i| &xs[i])))
+                        } else {
+                            by_input_count!(xs.len(), GROUP, [1, 2, 3, 4], J => kernel::<J, false>(nib, &[], d, std::array::from_fn(|i| &xs[i])))
+                        }
                     }
-                    if self.five {
-                        run!(true, &self.high[t * nb..(t + 1) * nb]);
-                    } else {
-                        run!(false, &[]);
-                    }
-                    out
                 },
             ))
         }

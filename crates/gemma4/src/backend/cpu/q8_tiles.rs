@@ -25,6 +25,8 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use crate::backend::cpu::act_quant::Q8Blocks;
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::gemv::by_input_count;
 use crate::backend::cpu::gemv::{tiled_product, TILE};
 use crate::backend::cpu::q8_packed::{Block, Line};
 
@@ -144,36 +146,15 @@ impl Tiles {
                     let d = &self.d[t * nb..(t + 1) * nb];
                     // SAFETY: the CPU has the instructions (`available`); the tile has `nb`
                     // blocks and each input as many.
-                    unsafe { tile_dispatch(qs, d, xs) }
+                    unsafe {
+                        by_input_count!(xs.len(), GROUP, [1, 2, 3, 4, 5, 6, 7, 8], J => tile::<J>(qs, d, std::array::from_fn(|i| &xs[i])))
+                    }
                 },
             ))
         }
         #[cfg(not(target_arch = "x86_64"))]
         None
     }
-}
-
-/// The kernel instance for `xs.len()` (1–4) inputs: sixteen rows' sums per input.
-#[cfg(target_arch = "x86_64")]
-unsafe fn tile_dispatch(qs: &[Line], d: &[[f16; TILE]], xs: &[Input]) -> [[f32; TILE]; GROUP] {
-    let mut out = [[0f32; TILE]; GROUP];
-    macro_rules! run {
-        ($j:literal) => {{
-            let t = tile::<$j>(qs, d, std::array::from_fn(|i| &xs[i]));
-            out[..$j].copy_from_slice(&t);
-        }};
-    }
-    match xs.len() {
-        1 => run!(1),
-        2 => run!(2),
-        3 => run!(3),
-        4 => run!(4),
-        5 => run!(5),
-        6 => run!(6),
-        7 => run!(7),
-        _ => run!(8),
-    }
-    out
 }
 
 /// One tile (sixteen rows, `d.len()` blocks) dotted with each of the inputs `x`. Each
