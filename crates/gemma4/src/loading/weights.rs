@@ -108,9 +108,13 @@ impl Checkpoint {
                 .ok_or_else(|| Error::config(&index, "no `weight_map` object"))?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
-                let tensor = crate::error::printable(tensor);
+                // Names for messages only: escaped and cut when there is an error.
+                let tensor = || crate::error::printable(tensor);
                 let file = file.as_str().ok_or_else(|| {
-                    Error::config(&index, format!("`weight_map[{tensor}]` is not a file name"))
+                    Error::config(
+                        &index,
+                        format!("`weight_map[{}]` is not a file name", tensor()),
+                    )
                 })?;
                 // A shard is a file of this directory: no path, `..` or absolute name
                 // reaches outside the checkpoint.
@@ -122,7 +126,8 @@ impl Checkpoint {
                     return Err(Error::config(
                         &index,
                         format!(
-                            "`weight_map[{tensor}]` is `{}`, not the name of a file in the checkpoint directory",
+                            "`weight_map[{}]` is `{}`, not the name of a file in the checkpoint directory",
+                            tensor(),
                             crate::error::printable(file)
                         ),
                     ));
