@@ -7,13 +7,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
-use gemma4::audio::decode::load_audio;
 use gemma4::model::Media;
 use gemma4::prompt::chat::Message;
 use gemma4::quant::QuantType;
-use gemma4::vision::image_processor::load_image;
 use gemma4::vision::resize::ResizeKernel;
-use gemma4::{Gemma4, LoadOptions, Prompt};
+use gemma4::{Gemma4, Limits, LoadOptions, Prompt};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum DtypeArg {
@@ -46,6 +44,55 @@ pub(crate) struct ModelArgs {
     /// keep --dtype).
     #[arg(long, value_name = "FORMAT")]
     pub(crate) quant: Option<QuantType>,
+    #[command(flatten)]
+    pub(crate) limits: LimitArgs,
+}
+
+const LIMITS: &str = "Limits on untrusted input";
+
+/// Bounds on untrusted input ([`gemma4::Limits`]); an input over one is refused with an
+/// error naming the flag.
+#[derive(Args)]
+pub(crate) struct LimitArgs {
+    /// Pixels of one image or video frame (default: Pillow's decompression-bomb limit).
+    #[arg(long, help_heading = LIMITS, value_name = "N", default_value_t = Limits::DEFAULT.max_image_pixels)]
+    pub(crate) max_image_pixels: u64,
+    /// Frames of an animated GIF, or files of a frame directory.
+    #[arg(long, help_heading = LIMITS, value_name = "N", default_value_t = Limits::DEFAULT.max_video_frames)]
+    pub(crate) max_video_frames: usize,
+    /// Pixels of all of a GIF's frames together.
+    #[arg(long, help_heading = LIMITS, value_name = "N", default_value_t = Limits::DEFAULT.max_video_pixels)]
+    pub(crate) max_video_pixels: u64,
+    /// Seconds of an audio file that are decoded (the rest is not read).
+    #[arg(long, help_heading = LIMITS, value_name = "S", default_value_t = Limits::DEFAULT.max_audio_seconds)]
+    pub(crate) max_audio_seconds: u64,
+    /// Work one chat-template render may do: one per instruction, one per 64 bytes produced.
+    #[arg(long, help_heading = LIMITS, value_name = "N", default_value_t = Limits::DEFAULT.template_fuel)]
+    pub(crate) template_fuel: u64,
+    /// Characters of one chat-template tag (bounds the compiler's nesting depth).
+    #[arg(long, help_heading = LIMITS, value_name = "N", default_value_t = Limits::DEFAULT.max_template_tag_chars)]
+    pub(crate) max_template_tag_chars: usize,
+    /// Bytes one chat-template render may produce.
+    #[arg(long, help_heading = LIMITS, value_name = "BYTES", default_value_t = Limits::DEFAULT.max_template_output_bytes)]
+    pub(crate) max_template_output_bytes: usize,
+    /// Bytes of text one tokenizer call takes.
+    #[arg(long, help_heading = LIMITS, value_name = "BYTES", default_value_t = Limits::DEFAULT.max_prompt_bytes)]
+    pub(crate) max_prompt_bytes: usize,
+}
+
+impl LimitArgs {
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            max_image_pixels: self.max_image_pixels,
+            max_video_frames: self.max_video_frames,
+            max_video_pixels: self.max_video_pixels,
+            max_audio_seconds: self.max_audio_seconds,
+            template_fuel: self.template_fuel,
+            max_template_tag_chars: self.max_template_tag_chars,
+            max_template_output_bytes: self.max_template_output_bytes,
+            max_prompt_bytes: self.max_prompt_bytes,
+        }
+    }
 }
 
 impl ModelArgs {
@@ -135,6 +182,7 @@ pub(crate) fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
         vision: !media.image.is_empty() || !media.video.is_empty(),
         audio: !media.audio.is_empty(),
         quant: args.quant,
+        limits: args.limits.limits(),
     };
     Ok(Gemma4::load(&args.model, opts)?)
 }
@@ -167,17 +215,17 @@ pub(crate) fn media_of(a: &MediaArgs, model: &mut Gemma4) -> Result<Media> {
     let images = a
         .image
         .iter()
-        .map(|p| load_image(p))
+        .map(|p| model.load_image(p))
         .collect::<gemma4::Result<Vec<_>>>()?;
     let videos = a
         .video
         .iter()
-        .map(|p| gemma4::vision::video::load_video(p, model.video_processor.num_frames))
+        .map(|p| model.load_video(p))
         .collect::<gemma4::Result<Vec<_>>>()?;
     let audio = a
         .audio
         .iter()
-        .map(|p| load_audio(p))
+        .map(|p| model.load_audio(p))
         .collect::<gemma4::Result<Vec<_>>>()?;
     for (clip, path) in audio.iter().zip(&a.audio) {
         if let Some((kept, total)) = model.audio_truncation(clip) {

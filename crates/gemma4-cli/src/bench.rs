@@ -152,6 +152,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
             vision: false,
             audio: false,
             quant: a.model.quant,
+            limits: a.model.limits.limits(),
             ..Default::default()
         },
     )?;

@@ -704,3 +704,43 @@ fn bench_counts_quantized_bytes() {
         "q8_0 / f32 bytes {ratio}"
     );
 }
+
+#[test]
+fn limit_flags_reach_the_loaders_and_their_errors_name_the_flag() {
+    let dir = fixture("vision_small");
+    let img = fixture("images").join("landscape.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "<|image|> hi",
+            "--image",
+            img.to_str().unwrap(),
+            "--greedy",
+            "--max-new-tokens",
+            "1",
+            "--json",
+        ];
+        args.extend(extra);
+        gemma4(&args)
+    };
+    let out = run(&["--max-image-pixels", "100"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("landscape.png") && err.contains("--max-image-pixels"),
+        "{err}"
+    );
+    let out = run(&["--max-prompt-bytes", "3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-prompt-bytes"), "{err}");
+    // The defaults admit the fixture.
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

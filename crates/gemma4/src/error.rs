@@ -119,22 +119,33 @@ thread_local! {
     static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Guards running now, on any thread.
+static ACTIVE_GUARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// `f`, with a panic inside it turned into `Err(message)`: for libraries that panic on
 /// malformed input (`tokenizers` on some hostile files, libjpeg on corrupt data). The
 /// panic is not printed: a process-wide hook, installed on first use, stays silent while
-/// this thread is inside a guard and hands every other panic to the hook before it.
+/// this thread is inside a guard, and on rayon's workers while any guard runs (`tokenizers`
+/// hands work to rayon, which carries a worker's panic back to the thread that waits for
+/// it, here into the guard); it hands every other panic to the hook before it.
 pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    use std::sync::atomic::Ordering;
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !GUARDED.with(|g| g.get()) {
+            let silent = GUARDED.with(|g| g.get())
+                || (ACTIVE_GUARDS.load(Ordering::SeqCst) > 0
+                    && rayon::current_thread_index().is_some());
+            if !silent {
                 previous(info);
             }
         }));
     });
     let outer = GUARDED.with(|g| g.replace(true));
+    ACTIVE_GUARDS.fetch_add(1, Ordering::SeqCst);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    ACTIVE_GUARDS.fetch_sub(1, Ordering::SeqCst);
     GUARDED.with(|g| g.set(outer));
     result.map_err(|payload| {
         let text = payload
@@ -175,5 +186,38 @@ impl Error {
             arg: arg.into(),
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic on one of rayon's workers inside a guard comes back as the guard's error and
+    /// prints nothing; checked in a child process, whose stderr is all its own.
+    #[test]
+    fn worker_panics_inside_a_guard_are_caught_and_silent() {
+        use rayon::prelude::*;
+        const NAME: &str = "error::tests::worker_panics_inside_a_guard_are_caught_and_silent";
+        if std::env::var_os("GEMMA4_GUARD_CHILD").is_some() {
+            let r = catch_panic(|| {
+                (0..64).into_par_iter().for_each(|i| {
+                    if i == 63 {
+                        panic!("worker {i} failed");
+                    }
+                })
+            });
+            assert_eq!(r.unwrap_err(), "worker 63 failed");
+            eprintln!("child done");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env("GEMMA4_GUARD_CHILD", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(err.trim(), "child done");
     }
 }

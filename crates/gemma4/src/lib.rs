@@ -18,6 +18,8 @@
 //! - [`vision`] and [`audio`]: processors and towers, usable alone; [`multimodal`]
 //!   expands a prompt's markers and splices the soft tokens in.
 //! - [`prompt`]: tokenizer and chat template.
+//! - [`limits`]: bounds on what untrusted input may cost (pixels, frames, audio, template
+//!   work, prompt bytes), carried by [`LoadOptions`].
 //! - [`mod@generate`]: sampling, sequences, the batched step, the one-sequence loop.
 //! - [`quant`]: the block formats, the quantization policy and `gemma4 quantize`.
 //! - `backend` (crate-private): the CPU kernels behind [`nn::linear`], runtime-detected
@@ -32,6 +34,7 @@ mod backend;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod limits;
 pub mod loading;
 pub mod model;
 pub mod multimodal;
@@ -45,6 +48,7 @@ pub use error::{Error, Result};
 pub use generate::sampling::SamplingParams;
 pub use generate::sequence::{step, Sequence, StepOutput};
 pub use generate::{generate, generate_from, GenerateOptions, GenerationOutput, StopReason};
+pub use limits::Limits;
 pub use model::{default_dtype, Gemma4, LoadOptions, Media, Prompt};
 pub use quant::QuantType;
 pub use text::kv_cache::KvCache;

@@ -14,6 +14,7 @@ use crate::audio::resample::Resampler;
 use crate::config::audio::AudioSpec;
 use crate::config::{Architecture, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::loading::weights::{Checkpoint, ProgressFn, Weights};
 use crate::multimodal::{build_input, expand_prompt, MarkerStrings, ProcessedMedia, VisionEncoder};
 use crate::prompt::chat::{ChatTemplate, Message};
@@ -39,6 +40,9 @@ pub struct LoadOptions {
     /// Block-quantize the text decoder's projections and tied embedding at load time
     /// (see [`crate::quant`]); the towers keep `dtype`.
     pub quant: Option<QuantType>,
+    /// Bounds on untrusted input, kept in [`Gemma4::limits`]: the tokenizer and chat
+    /// template use them, and the media loaders take them.
+    pub limits: Limits,
 }
 
 impl Default for LoadOptions {
@@ -50,6 +54,7 @@ impl Default for LoadOptions {
             vision: true,
             audio: true,
             quant: None,
+            limits: Limits::DEFAULT,
         }
     }
 }
@@ -154,6 +159,9 @@ pub struct Gemma4 {
     /// Image processor settings (`processor_config.json`), adjustable before use.
     pub image_processor: ImageProcessorConfig,
     pub video_processor: VideoProcessorConfig,
+    /// Bounds on untrusted input ([`LoadOptions::limits`]). The tokenizer and chat template
+    /// took theirs at load; the media loaders read these.
+    pub limits: Limits,
 }
 
 impl Gemma4 {
@@ -184,7 +192,8 @@ impl Gemma4 {
                 ckpt.single_file().unwrap_or(dir),
             )?),
             (false, None) => None,
-        };
+        }
+        .map(|t| t.with_max_input_bytes(opts.limits.max_prompt_bytes));
         let own_template = ["chat_template.jinja", "tokenizer_config.json"]
             .iter()
             .any(|f| dir.join(f).exists());
@@ -197,8 +206,9 @@ impl Gemma4 {
                     "{} `tokenizer.chat_template`",
                     ckpt.single_file().unwrap_or(dir).display()
                 ),
+                &opts.limits,
             )?,
-            _ => ChatTemplate::from_dir(dir)?,
+            _ => ChatTemplate::from_dir_with(dir, &opts.limits)?,
         };
         let prefix = text_prefix(config.architecture);
         if let Some(p) = opts.progress {
@@ -243,7 +253,24 @@ impl Gemma4 {
             resampler: Resampler::default(),
             image_processor,
             video_processor,
+            limits: opts.limits,
         })
+    }
+
+    /// Reads an image file (`-`: standard input) within [`Self::limits`].
+    pub fn load_image(&self, path: &Path) -> Result<RgbImage> {
+        crate::vision::image_processor::load_image_with(path, &self.limits)
+    }
+
+    /// Reads a video (an animated GIF or a directory of frames) within [`Self::limits`],
+    /// keeping the frames the video processor samples.
+    pub fn load_video(&self, path: &Path) -> Result<Video> {
+        crate::vision::video::load_video(path, self.video_processor.num_frames, &self.limits)
+    }
+
+    /// Reads an audio file (`-`: standard input) within [`Self::limits`].
+    pub fn load_audio(&self, path: &Path) -> Result<Audio> {
+        crate::audio::decode::load_audio_with(path, &self.limits)
     }
 
     /// Resizes and patchifies images for this checkpoint's encoder.

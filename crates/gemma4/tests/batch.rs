@@ -154,7 +154,12 @@ fn check_media(name: &str) {
                     .collect(),
                 videos: case["video"]
                     .as_str()
-                    .map(|f| vec![load_video(&images.join(f), usize::MAX).unwrap()])
+                    .map(|f| {
+                        vec![
+                            load_video(&images.join(f), usize::MAX, &gemma4::Limits::DEFAULT)
+                                .unwrap(),
+                        ]
+                    })
                     .unwrap_or_default(),
                 audio: list("audio")
                     .iter()

@@ -112,18 +112,34 @@ const JSON_NUMBERS: [&str; 8] = [
     "-0",
 ];
 
-/// `bytes` after 1–4 mutations; `focus` bytes at the front (a header) get most of them.
-fn mutate(mut b: Vec<u8>, rng: &mut Rng, focus: usize, json: bool) -> Vec<u8> {
+/// Where a media file's structure lies beyond its header: JPEG/MP3 markers (0xFF and a
+/// non-zero, non-0xFF byte) and four-letter chunk and page tags (PNG chunks, RIFF, Ogg).
+fn markers(b: &[u8]) -> Vec<usize> {
+    (0..b.len().saturating_sub(4))
+        .filter(|&i| {
+            (b[i] == 0xFF && !matches!(b[i + 1], 0 | 0xFF))
+                || b[i..i + 4].iter().all(u8::is_ascii_alphabetic)
+        })
+        .collect()
+}
+
+/// `bytes` after 1–4 mutations; `focus` bytes at the front (a header) get most of them,
+/// and with `deep`, the bytes around the file's later structure ([`markers`]) many others.
+fn mutate(mut b: Vec<u8>, rng: &mut Rng, focus: usize, json: bool, deep: bool) -> Vec<u8> {
+    let marks = if deep { markers(&b) } else { Vec::new() };
     for _ in 0..1 + rng.below(4) {
         if b.is_empty() {
             b.push(0);
         }
-        let span = if rng.below(10) < 8 {
-            focus.clamp(1, b.len())
+        let roll = rng.below(10);
+        let at = if roll < 4 && !marks.is_empty() {
+            // Within 16 bytes after a marker: its length, type or first fields.
+            (marks[rng.below(marks.len())] + rng.below(16)).min(b.len() - 1)
+        } else if roll < 8 {
+            rng.below(focus.clamp(1, b.len()))
         } else {
-            b.len()
+            rng.below(b.len())
         };
-        let at = rng.below(span);
         match rng.below(if json { 8 } else { 7 }) {
             0 => b[at] ^= 1 << rng.below(8),
             1 => b[at] = rng.next() as u8,
@@ -188,7 +204,8 @@ fn case_input(kind: &str, seed: u64) -> (PathBuf, Vec<u8>) {
         }
         return (file, serde_json::to_vec(&v).unwrap());
     }
-    (file, mutate(bytes, &mut rng, focus, json))
+    let deep = matches!(kind, "image" | "video" | "audio");
+    (file, mutate(bytes, &mut rng, focus, json, deep))
 }
 
 /// One value somewhere in `v` replaced by an extreme or ill-typed one, or removed.
@@ -331,10 +348,12 @@ fn run_case(kind: &str, seed: u64) -> Result<String, String> {
             Err(e) => err(e),
             Ok(_) => "ok".into(),
         },
-        "video" => match gemma4::vision::video::decode_video(&input, &name, 8) {
-            Err(e) => err(e),
-            Ok(_) => "ok".into(),
-        },
+        "video" => {
+            match gemma4::vision::video::decode_video(&input, &name, 8, &gemma4::Limits::DEFAULT) {
+                Err(e) => err(e),
+                Ok(_) => "ok".into(),
+            }
+        }
         "audio" => match gemma4::audio::decode::decode_audio(&input, &name)
             .and_then(|a| a.resampled(16_000))
         {

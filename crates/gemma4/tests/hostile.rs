@@ -177,6 +177,19 @@ fn templates_run_within_limits() {
     // Output past the limit.
     let e = render("{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}").unwrap_err();
     assert!(e.contains("exceeds"), "{e}");
+    // Data is fuel too (minijinja charges one per 64 bytes produced): a string doubled in
+    // a loop, or indented by a billion columns, stops at the limit instead of taking
+    // gigabytes.
+    for bomb in [
+        "{% set ns = namespace(a='x' * 1000000) %}{% for i in range(14) %}\
+         {% set ns.a = ns.a ~ ns.a %}{% endfor %}{{ ns.a | length }}",
+        "{{ ('a\nb\nc\nd\ne\nf\ng\nh') | indent(1000000000) | length }}",
+    ] {
+        let t = std::time::Instant::now();
+        let e = render(bomb).unwrap_err();
+        assert!(e.contains("template_fuel"), "{e}");
+        assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+    }
     // Ordinary templates render.
     assert_eq!(render("{{ messages[0]['content'] }}").unwrap(), "hi");
 }
@@ -372,4 +385,185 @@ fn a_huge_sliding_window_costs_only_what_is_used() {
     }
     let bytes = seq.cache().bytes();
     assert!(bytes < 1 << 20, "the cache holds {bytes} bytes");
+}
+
+#[test]
+fn every_limit_can_be_set_and_its_error_names_it() {
+    use gemma4::audio::decode::decode_audio_with;
+    use gemma4::vision::image_processor::decode_image_with;
+    use gemma4::vision::video::decode_video;
+    use gemma4::Limits;
+    let d = Limits::DEFAULT;
+    let expect_named = |r: Result<(), String>, field: &str| {
+        let e = r.expect_err(field);
+        let flag = format!("--{}", field.replace('_', "-"));
+        assert!(e.contains(field) && e.contains(&flag), "{field}: {e}");
+    };
+    // Image pixels: exactly at the limit passes, one under refuses.
+    let png = std::fs::read(fixture("images").join("landscape.png")).unwrap();
+    let img = decode_image(&png, "l.png").unwrap();
+    let px = (img.width * img.height) as u64;
+    let at = |max_image_pixels| Limits {
+        max_image_pixels,
+        ..d
+    };
+    assert_eq!(decode_image_with(&png, "l.png", &at(px)).unwrap(), img);
+    expect_named(
+        decode_image_with(&png, "l.png", &at(px - 1))
+            .map(drop)
+            .map_err(one_line),
+        "max_image_pixels",
+    );
+    let jpg = std::fs::read(fixture("images").join("portrait.jpg")).unwrap();
+    expect_named(
+        decode_image_with(&jpg, "p.jpg", &at(100))
+            .map(drop)
+            .map_err(one_line),
+        "max_image_pixels",
+    );
+    // GIF frames and the pixels of all frames together.
+    let gif = std::fs::read(fixture("images").join("clip.gif")).unwrap();
+    let all = decode_video(&gif, "c.gif", usize::MAX, &d).unwrap();
+    let n = all.frames.len();
+    let frame_px = (all.frames[0].width * all.frames[0].height) as u64;
+    let frames = |max_video_frames| Limits {
+        max_video_frames,
+        ..d
+    };
+    assert_eq!(
+        decode_video(&gif, "c.gif", 2, &frames(n))
+            .unwrap()
+            .indices
+            .len(),
+        2
+    );
+    expect_named(
+        decode_video(&gif, "c.gif", 2, &frames(n - 1))
+            .map(drop)
+            .map_err(one_line),
+        "max_video_frames",
+    );
+    let pixels = |max_video_pixels| Limits {
+        max_video_pixels,
+        ..d
+    };
+    assert!(decode_video(&gif, "c.gif", 2, &pixels(frame_px * n as u64)).is_ok());
+    expect_named(
+        decode_video(&gif, "c.gif", 2, &pixels(frame_px * n as u64 - 1))
+            .map(drop)
+            .map_err(one_line),
+        "max_video_pixels",
+    );
+    // A frame directory with more files than allowed.
+    let s = Scratch::empty("frames");
+    for i in 0..3 {
+        std::fs::write(s.0.join(format!("{i}.png")), &png).unwrap();
+    }
+    let dir_video = |max_video_frames| {
+        gemma4::vision::video::load_video(
+            &s.0,
+            2,
+            &Limits {
+                max_video_frames,
+                ..d
+            },
+        )
+    };
+    assert_eq!(dir_video(3).unwrap().frames.len(), 2);
+    expect_named(dir_video(2).map(drop).map_err(one_line), "max_video_frames");
+    // Audio: decoding stops after the limit's seconds (the rest is not read).
+    let clip = wav(16_000, 48_000);
+    let secs = |max_audio_seconds| Limits {
+        max_audio_seconds,
+        ..d
+    };
+    assert_eq!(
+        decode_audio_with(&clip, "a.wav", &secs(1))
+            .unwrap()
+            .samples
+            .len(),
+        16_000
+    );
+    assert_eq!(
+        decode_audio_with(&clip, "a.wav", &d).unwrap().samples.len(),
+        48_000
+    );
+    // Templates: fuel, tag length, output size.
+    let render = |src: &str, limits: Limits| {
+        ChatTemplate::from_source(Some(src), "<bos>", "<eos>", "t.jinja", &limits)
+            .and_then(|t| t.render(&[Message::new("user", "hi")], true))
+            .map_err(one_line)
+    };
+    let looped = "{% for i in range(50) %}x{% endfor %}";
+    assert_eq!(render(looped, d).unwrap().len(), 50);
+    expect_named(
+        render(
+            looped,
+            Limits {
+                template_fuel: 20,
+                ..d
+            },
+        )
+        .map(drop),
+        "template_fuel",
+    );
+    let chain = format!("{{{{ {} }}}}", vec!["1"; 100].join("+"));
+    assert_eq!(render(&chain, d).unwrap(), "100");
+    expect_named(
+        render(
+            &chain,
+            Limits {
+                max_template_tag_chars: 100,
+                ..d
+            },
+        )
+        .map(drop),
+        "max_template_tag_chars",
+    );
+    let wide = "{{ 'x' * 1000 }}";
+    let out = |max_template_output_bytes| Limits {
+        max_template_output_bytes,
+        ..d
+    };
+    assert_eq!(render(wide, out(1000)).unwrap().len(), 1000);
+    expect_named(
+        render(wide, out(999)).map(drop),
+        "max_template_output_bytes",
+    );
+    // A loaded model keeps its limits: its tokenizer, chat template and media loaders use
+    // them.
+    let tight = Limits {
+        max_prompt_bytes: 64,
+        template_fuel: 5,
+        max_image_pixels: 100,
+        ..d
+    };
+    let model = Gemma4::load(
+        &fixture("text_only"),
+        LoadOptions {
+            limits: tight,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(model.limits, tight);
+    let prepare = |p: Prompt| {
+        model
+            .prepare(&p, &Media::default())
+            .map(drop)
+            .map_err(one_line)
+    };
+    assert!(prepare(Prompt::Text("a ".repeat(32))).is_ok());
+    expect_named(prepare(Prompt::Text("a ".repeat(33))), "max_prompt_bytes");
+    expect_named(
+        prepare(Prompt::Chat(vec![Message::new("user", "hi")])),
+        "template_fuel",
+    );
+    expect_named(
+        model
+            .load_image(&fixture("images").join("landscape.png"))
+            .map(drop)
+            .map_err(one_line),
+        "max_image_pixels",
+    );
 }

@@ -160,7 +160,7 @@ fn resize_and_budgets_match_the_reference_processor() {
 #[test]
 fn animated_gif_frames_match_pillow() {
     let dir = fixture("images");
-    let v = load_video(&dir.join("clip.gif"), usize::MAX).unwrap();
+    let v = load_video(&dir.join("clip.gif"), usize::MAX, &gemma4::Limits::DEFAULT).unwrap();
     let (shape, want) = u8_golden(&dir.join("golden/decoded_clip_frames.npy"));
     assert_eq!(shape[0], v.frames.len());
     let got: Vec<u8> = v.frames.iter().flat_map(|f| f.data.clone()).collect();
@@ -171,7 +171,7 @@ fn animated_gif_frames_match_pillow() {
     // numbers in the whole clip (for the timestamps) and the whole clip's fps.
     let total = v.frames.len();
     assert!(total >= 3, "the clip has {total} frames");
-    let two = load_video(&dir.join("clip.gif"), 2).unwrap();
+    let two = load_video(&dir.join("clip.gif"), 2, &gemma4::Limits::DEFAULT).unwrap();
     assert_eq!(two.indices, gemma4::vision::video::sample_indices(total, 2));
     assert_eq!(two.fps, v.fps);
     for (f, &i) in two.frames.iter().zip(&two.indices) {
@@ -188,7 +188,9 @@ fn media_for(case: &Value, images_dir: &Path) -> Media {
         .collect();
     let videos = case["video"]
         .as_str()
-        .map(|f| vec![load_video(&images_dir.join(f), usize::MAX).unwrap()])
+        .map(|f| {
+            vec![load_video(&images_dir.join(f), usize::MAX, &gemma4::Limits::DEFAULT).unwrap()]
+        })
         .unwrap_or_default();
     Media {
         images,

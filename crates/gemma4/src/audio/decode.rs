@@ -19,13 +19,11 @@ use symphonia::core::meta::MetadataOptions;
 
 use crate::audio::resample::{resample_with, Resampler};
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 
 /// Sample rates a clip may have, in Hz (telephony's 8 kHz to studio 768 kHz, with room):
 /// outside them a file is refused before any resampler kernel is built.
 pub const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 1_000..=768_000;
-/// The longest stretch of a file that is decoded, in seconds; the rest is not read (the
-/// model hears the first 30 s).
-pub const MAX_DECODED_SECONDS: u64 = 600;
 /// The most interleaved samples decoded from one file (1 GiB of f32), whatever its rate
 /// and channel count.
 pub const MAX_DECODED_SAMPLES: u64 = 1 << 28;
@@ -120,9 +118,15 @@ fn audio_error(name: &str, message: impl Into<String>) -> Error {
     }
 }
 
-/// Decodes a whole audio file held in memory; `name` is used in errors and as the format
-/// hint (its extension).
+/// Decodes an audio file held in memory, its first `max_audio_seconds` of the default
+/// [`Limits`]; `name` is used in errors and as the format hint (its extension).
 pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
+    decode_audio_with(bytes, name, &Limits::DEFAULT)
+}
+
+/// [`decode_audio`] within `limits`: the first `max_audio_seconds` of the file are decoded
+/// (and at most [`MAX_DECODED_SAMPLES`] samples); the rest is not read.
+pub fn decode_audio_with(bytes: &[u8], name: &str, limits: &Limits) -> Result<Audio> {
     if bytes.is_empty() {
         return Err(audio_error(name, "the file is empty"));
     }
@@ -213,8 +217,10 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
         }
         buf.copy_to_vec_interleaved(&mut chunk);
         interleaved.extend_from_slice(&chunk);
-        let cap =
-            (MAX_DECODED_SECONDS * u64::from(rate) * channels as u64).min(MAX_DECODED_SAMPLES);
+        let cap = (limits
+            .max_audio_seconds
+            .saturating_mul(u64::from(rate) * channels as u64))
+        .min(MAX_DECODED_SAMPLES);
         if interleaved.len() as u64 >= cap {
             // Whole frames only; the rest of the file is not decoded.
             interleaved.truncate((cap as usize) / channels * channels);
@@ -248,9 +254,15 @@ pub fn decode_audio(bytes: &[u8], name: &str) -> Result<Audio> {
 
 /// Reads and decodes an audio file; `-` reads standard input.
 pub fn load_audio(path: &Path) -> Result<Audio> {
-    decode_audio(
+    load_audio_with(path, &Limits::DEFAULT)
+}
+
+/// [`load_audio`] within `limits`.
+pub fn load_audio_with(path: &Path, limits: &Limits) -> Result<Audio> {
+    decode_audio_with(
         &crate::loading::input::read_input(path)?,
         &path.display().to_string(),
+        limits,
     )
 }
 

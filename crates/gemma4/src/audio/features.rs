@@ -225,7 +225,7 @@ impl AudioFeatureExtractor {
                         c.feature_size
                     ));
                 }
-                if !(c.mel_floor > 0.0) || !c.input_scale_factor.is_finite() {
+                if c.mel_floor.is_nan() || c.mel_floor <= 0.0 || !c.input_scale_factor.is_finite() {
                     return Err(
                         "`mel_floor` must be positive and `input_scale_factor` finite".into(),
                     );

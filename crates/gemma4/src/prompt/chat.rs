@@ -4,10 +4,12 @@
 //! `raise_exception`). Without a template, the Gemma 4 turn format is written directly:
 //! `<bos><|turn>user\n{text}<turn|>\n … <|turn>model\n`.
 //!
-//! A template is code from the checkpoint (or a GGUF file), so it runs within limits: fuel
-//! ([`TEMPLATE_FUEL`] instructions per render: no endless loops), tags of at most
-//! [`MAX_TAG_LEN`] characters (a long expression chain would overflow the stack when
-//! compiled) and output of at most [`MAX_OUTPUT`] bytes. Errors name the template's origin.
+//! A template is code from the checkpoint (or a GGUF file), so it runs within [`Limits`]:
+//! fuel (`template_fuel` per render, charged per instruction and per byte produced: no
+//! endless loops, no gigabyte strings), tags of at most
+//! `max_template_tag_chars` characters (a long expression chain would overflow the stack
+//! when compiled) and output of at most `max_template_output_bytes`. Errors name the
+//! template's origin and the limit.
 
 use std::path::Path;
 
@@ -15,16 +17,7 @@ use minijinja::{context, Environment};
 use serde::Serialize;
 
 use crate::error::{printable, Error, Result};
-
-/// Instructions one render may run (transformers' sandbox has no limit; the released
-/// templates take a few thousand per message).
-pub const TEMPLATE_FUEL: u64 = 20_000_000;
-/// Characters in one `{{ … }}` or `{% … %}` tag, at most: about a thousand chained
-/// operators, which compile within a 2 MiB thread stack (a template's tags are a line or
-/// two; a chain of 100,000 overflowed the stack).
-pub const MAX_TAG_LEN: usize = 2_000;
-/// Bytes one render may produce.
-pub const MAX_OUTPUT: usize = 64 << 20;
+use crate::limits::{named, Limits};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Message {
@@ -49,6 +42,8 @@ pub struct ChatTemplate {
     eos_token: String,
     /// Where the template came from, for errors.
     origin: String,
+    max_output: usize,
+    fuel: u64,
 }
 
 /// A `bos_token`/`eos_token` of `tokenizer_config.json`: a string, or transformers'
@@ -63,12 +58,17 @@ fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
 impl ChatTemplate {
     /// Loads the template of checkpoint `dir`, falling back to the built-in turn format.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_with(dir, &Limits::DEFAULT)
+    }
+
+    /// [`Self::from_dir`] within `limits`.
+    pub fn from_dir_with(dir: &Path, limits: &Limits) -> Result<Self> {
         let jinja = dir.join("chat_template.jinja");
         let config = dir.join("tokenizer_config.json");
         let mut bos = "<bos>".to_string();
         let mut eos = "<eos>".to_string();
         let mut source = None;
-        let mut origin = String::from("built-in chat template");
+        let mut origin = String::from("built-in");
         if config.exists() {
             let v = crate::error::read_json(&config)?;
             bos = token_text(v.get("bos_token")).unwrap_or(bos);
@@ -102,31 +102,34 @@ impl ChatTemplate {
             source = Some(crate::loading::input::read_text(&jinja)?);
             origin = jinja.display().to_string();
         }
-        Self::from_source(source.as_deref(), &bos, &eos, &origin)
+        Self::from_source(source.as_deref(), &bos, &eos, &origin, limits)
     }
 
     /// `source = None` selects the built-in Gemma 4 turn format.
     pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Result<Self> {
         let origin = if source.is_some() {
-            "chat template"
+            "given source"
         } else {
-            "built-in chat template"
+            "built-in"
         };
-        Self::from_source(source, bos_token, eos_token, origin)
+        Self::from_source(source, bos_token, eos_token, origin, &Limits::DEFAULT)
     }
 
-    /// As [`Self::new`], `origin` naming the template in errors.
+    /// As [`Self::new`], `origin` naming the template in errors, within `limits`.
     pub fn from_source(
         source: Option<&str>,
         bos_token: &str,
         eos_token: &str,
         origin: &str,
+        limits: &Limits,
     ) -> Result<Self> {
         let bad = |message: String| Error::Template(format!("{origin}: {message}"));
         if let Some(src) = source {
-            if let Some(len) = longest_tag(src).filter(|&l| l > MAX_TAG_LEN) {
+            let max = limits.max_template_tag_chars;
+            if let Some(len) = longest_tag(src).filter(|&l| l > max) {
                 return Err(bad(format!(
-                    "a tag of {len} characters (at most {MAX_TAG_LEN} are compiled)"
+                    "a tag of {len} characters, over {}",
+                    named("max_template_tag_chars", max)
                 )));
             }
         }
@@ -134,7 +137,7 @@ impl ChatTemplate {
         let mut syntax = minijinja::syntax::SyntaxConfig::builder();
         syntax.trim_blocks(true).lstrip_blocks(true);
         env.set_syntax(syntax.build().map_err(|e| bad(e.to_string()))?);
-        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_fuel(Some(limits.template_fuel));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -156,6 +159,8 @@ impl ChatTemplate {
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
             origin: origin.to_string(),
+            max_output: limits.max_template_output_bytes,
+            fuel: limits.template_fuel,
         })
     }
 
@@ -170,7 +175,11 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| bad(printable(&e.to_string())))?;
-        let mut out = LimitedOutput::default();
+        let mut out = LimitedOutput {
+            bytes: Vec::new(),
+            max: self.max_output,
+            over: false,
+        };
         let rendered = tmpl.render_captured_to(
             context! {
                 messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
@@ -183,23 +192,29 @@ impl ChatTemplate {
         match rendered {
             Ok(_) => Ok(String::from_utf8_lossy(&out.bytes).into_owned()),
             Err(_) if out.over => Err(bad(format!(
-                "the rendered prompt exceeds {MAX_OUTPUT} bytes"
+                "the rendered prompt exceeds {}",
+                named("max_template_output_bytes", self.max_output)
+            ))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(bad(format!(
+                "the template ran out of fuel (one per instruction, one per 64 bytes it \
+                 produces): it does more work than {}",
+                named("template_fuel", self.fuel)
             ))),
             Err(e) => Err(bad(printable(&e.to_string()))),
         }
     }
 }
 
-/// A rendering target that refuses to grow past [`MAX_OUTPUT`] bytes.
-#[derive(Default)]
+/// A rendering target that refuses to grow past `max` bytes.
 struct LimitedOutput {
     bytes: Vec<u8>,
+    max: usize,
     over: bool,
 }
 
 impl std::io::Write for LimitedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len() + buf.len() > MAX_OUTPUT {
+        if self.bytes.len().saturating_add(buf.len()) > self.max {
             self.over = true;
             return Err(std::io::Error::other("output limit"));
         }

@@ -16,6 +16,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{catch_panic, printable, Error, Result};
+use crate::limits::Limits;
 
 /// `f` on the `tokenizers` crate, whose errors and panics (it panics on some malformed
 /// files: a truncated decoder, a bad precompiled charsmap, a post-processor naming a
@@ -35,15 +36,12 @@ fn guarded<T>(
     })
 }
 
-/// The most bytes of text one call tokenizes: the longest context (262,144 tokens) at 128
-/// bytes per token, far more than the released vocabulary's longest token covers. Longer
-/// text cannot fit the context and is refused before the tokenizer spends time and memory
-/// on it (a chat template can render tens of megabytes).
-pub const MAX_INPUT_BYTES: usize = 32 << 20;
-
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    /// Longer text is refused before the tokenizer spends time and memory on it (a chat
+    /// template can render tens of megabytes): [`Limits::max_prompt_bytes`].
+    max_input_bytes: usize,
 }
 
 impl Tokenizer {
@@ -96,7 +94,17 @@ impl Tokenizer {
                 Ok(())
             })?;
         }
-        Ok(Tokenizer { inner, path })
+        Ok(Tokenizer {
+            inner,
+            path,
+            max_input_bytes: Limits::DEFAULT.max_prompt_bytes,
+        })
+    }
+
+    /// The most bytes of text one call tokenizes ([`Limits::max_prompt_bytes`]).
+    pub fn with_max_input_bytes(mut self, bytes: usize) -> Self {
+        self.max_input_bytes = bytes;
+        self
     }
 
     /// Token ids of `text` as the reference's `tokenizer(text).input_ids`.
@@ -111,13 +119,13 @@ impl Tokenizer {
     }
 
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        if text.len() > MAX_INPUT_BYTES {
+        if text.len() > self.max_input_bytes {
             return Err(Error::invalid_argument(
                 "prompt",
                 format!(
-                    "{} bytes of text; at most {MAX_INPUT_BYTES} are tokenized (more than the \
-                     longest context holds)",
-                    text.len()
+                    "{} bytes of text, over {}",
+                    text.len(),
+                    crate::limits::named("max_prompt_bytes", self.max_input_bytes)
                 ),
             ));
         }

@@ -21,32 +21,29 @@ use serde_json::Value;
 
 use crate::config::Fields;
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::vision::resize::{resize, ResizeKernel};
 
-/// The most pixels an image may have: Pillow's decompression-bomb limit
-/// (`2 · Image.MAX_IMAGE_PIXELS`), above which the reference refuses to open it. Checked
-/// from the header, before anything is decoded.
-pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
-
-/// The image decoders' limits: sides and allocation bounded by [`MAX_IMAGE_PIXELS`] (at
+/// The image decoders' limits: sides and allocation bounded by `max_image_pixels` (at
 /// 16-bit RGBA, the widest layout the decoders produce).
-pub(crate) fn decoder_limits() -> image::Limits {
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(1 << 20);
-    limits.max_image_height = Some(1 << 20);
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
-    limits
+pub(crate) fn decoder_limits(limits: &Limits) -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(1 << 20);
+    l.max_image_height = Some(1 << 20);
+    l.max_alloc = Some(limits.max_image_pixels.saturating_mul(8));
+    l
 }
 
-/// Refuses a `width × height` image over [`MAX_IMAGE_PIXELS`].
-pub(crate) fn check_pixels(width: u64, height: u64, name: &str) -> Result<()> {
+/// Refuses a `width × height` image over `max_image_pixels`.
+pub(crate) fn check_pixels(width: u64, height: u64, name: &str, limits: &Limits) -> Result<()> {
     let pixels = width.saturating_mul(height);
-    if pixels > MAX_IMAGE_PIXELS {
+    if pixels > limits.max_image_pixels {
         return Err(image_error(
             name,
             format!(
-                "{width}x{height} is {pixels} pixels, over the limit of {MAX_IMAGE_PIXELS} \
-                 (Pillow's decompression-bomb limit)"
+                "{width}x{height} is {pixels} pixels, over {} (by default Pillow's \
+                 decompression-bomb limit)",
+                crate::limits::named("max_image_pixels", limits.max_image_pixels)
             ),
         ));
     }
@@ -93,8 +90,14 @@ fn composite_over_white(v: u8, a: u8) -> u8 {
     (div255 >> 7) as u8
 }
 
-/// Decodes an image file's bytes; `name` (the file or `-`) is used in errors.
+/// Decodes an image file's bytes within the default [`Limits`]; `name` (the file or `-`)
+/// is used in errors.
 pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    decode_image_with(bytes, name, &Limits::DEFAULT)
+}
+
+/// [`decode_image`] within `limits`.
+pub fn decode_image_with(bytes: &[u8], name: &str, limits: &Limits) -> Result<RgbImage> {
     use image::ImageFormat as F;
     if bytes.is_empty() {
         return Err(image_error(name, "file is empty"));
@@ -112,15 +115,15 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
         ));
     }
     if format == F::Jpeg {
-        return decode_jpeg(bytes, name);
+        return decode_jpeg(bytes, name, limits);
     }
     let cannot = |e: image::ImageError| image_error(name, format!("cannot decode {format:?}: {e}"));
     let (width, height) = image::ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(cannot)?;
-    check_pixels(width.into(), height.into(), name)?;
+    check_pixels(width.into(), height.into(), name, limits)?;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(decoder_limits());
+    reader.limits(decoder_limits(limits));
     let img = reader.decode().map_err(cannot)?;
     from_dynamic(img, name)
 }
@@ -128,7 +131,7 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
 /// JPEG through libjpeg-turbo's decoder (the mozjpeg fork, same IDCT and fancy
 /// upsampling), so pixels equal Pillow's bit for bit; pure-Rust decoders differ by a few
 /// levels on chroma-subsampled files.
-fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_jpeg(bytes: &[u8], name: &str, limits: &Limits) -> Result<RgbImage> {
     // libjpeg fills the rest of a file cut short with grey and only warns; Pillow refuses
     // it ("image file is truncated"). A whole file ends its image with the EOI marker.
     if !bytes.windows(2).any(|w| w == [0xFF, 0xD9]) {
@@ -141,7 +144,7 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let decoded = crate::error::catch_panic(|| -> std::io::Result<Decoded> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
         let (w, h) = (d.width() as u64, d.height() as u64);
-        if w.saturating_mul(h) > MAX_IMAGE_PIXELS {
+        if w.saturating_mul(h) > limits.max_image_pixels {
             return Ok(Err((w, h)));
         }
         let mut img = d.rgb()?;
@@ -153,7 +156,7 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let (width, height, data) = match decoded {
         Ok(Ok(Ok(v))) => v,
         Ok(Ok(Err((w, h)))) => {
-            return check_pixels(w, h, name).and(Err(image_error(name, "too large")))
+            return check_pixels(w, h, name, limits).and(Err(image_error(name, "too large")))
         }
         Ok(Err(e)) => return Err(image_error(name, format!("cannot decode JPEG: {e}"))),
         Err(_) => return Err(image_error(name, "cannot decode JPEG: corrupt data")),
@@ -203,9 +206,15 @@ pub(crate) fn from_dynamic(img: image::DynamicImage, name: &str) -> Result<RgbIm
 
 /// Reads and decodes an image file; `-` reads standard input.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    decode_image(
+    load_image_with(path, &Limits::DEFAULT)
+}
+
+/// [`load_image`] within `limits`.
+pub fn load_image_with(path: &Path, limits: &Limits) -> Result<RgbImage> {
+    decode_image_with(
         &crate::loading::input::read_input(path)?,
         &path.display().to_string(),
+        limits,
     )
 }
 

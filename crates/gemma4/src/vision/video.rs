@@ -18,9 +18,10 @@ use image::AnimationDecoder;
 
 use crate::config::Fields;
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::vision::image_processor::{
-    check_pixels, decode_image, decoder_limits, from_dynamic, process_image, ImageProcessorConfig,
-    PatchLayout, ProcessedImage, Rescale, RgbImage,
+    check_pixels, decode_image_with, decoder_limits, from_dynamic, process_image,
+    ImageProcessorConfig, PatchLayout, ProcessedImage, Rescale, RgbImage,
 };
 use crate::vision::resize::ResizeKernel;
 
@@ -81,23 +82,31 @@ impl ProcessedVideo {
     }
 }
 
-/// The most frames a GIF may have (each is decoded to count them and time the video).
-pub const MAX_GIF_FRAMES: usize = 10_000;
-/// The most pixels all of a GIF's frames may cover together (each frame is composited on
-/// the whole canvas): ~4 GB of RGBA decoded, in passes of one frame.
-pub const MAX_GIF_PIXELS: u64 = 1 << 30;
-
 /// Loads an animated GIF, or a directory of frames (sorted by file name), keeping only the
 /// `num_frames` frames the processor samples ([`sample_indices`]): the others are never
-/// kept (GIF) or never decoded (directory).
-pub fn load_video(path: &Path, num_frames: usize) -> Result<Video> {
+/// kept (GIF) or never decoded (directory). Within `limits`: `max_video_frames` frames
+/// (files, for a directory), `max_video_pixels` for a GIF's frames together,
+/// `max_image_pixels` for each frame.
+pub fn load_video(path: &Path, num_frames: usize, limits: &Limits) -> Result<Video> {
     let name = path.display().to_string();
     if path.is_dir() {
-        let mut files: Vec<_> = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+            let p = entry.map_err(|e| Error::io(path, e))?.path();
+            if !p.is_file() {
+                continue;
+            }
+            if files.len() == limits.max_video_frames {
+                return Err(Error::Image {
+                    name,
+                    message: format!(
+                        "directory holds more than {} frames",
+                        crate::limits::named("max_video_frames", limits.max_video_frames)
+                    ),
+                });
+            }
+            files.push(p);
+        }
         files.sort();
         if files.is_empty() {
             return Err(Error::Image {
@@ -108,7 +117,7 @@ pub fn load_video(path: &Path, num_frames: usize) -> Result<Video> {
         let indices = sample_indices(files.len(), num_frames);
         let frames = indices
             .iter()
-            .map(|&i| crate::vision::image_processor::load_image(&files[i]))
+            .map(|&i| crate::vision::image_processor::load_image_with(&files[i], limits))
             .collect::<Result<Vec<_>>>()?;
         if frames
             .iter()
@@ -126,19 +135,19 @@ pub fn load_video(path: &Path, num_frames: usize) -> Result<Video> {
         });
     }
     let bytes = crate::loading::input::read_input(path)?;
-    decode_video(&bytes, &name, num_frames)
+    decode_video(&bytes, &name, num_frames, limits)
 }
 
 /// Decodes an animated GIF's frames (fully composited, as players show them), keeping the
 /// `num_frames` that [`sample_indices`] picks.
-pub fn decode_video(bytes: &[u8], name: &str, num_frames: usize) -> Result<Video> {
+pub fn decode_video(bytes: &[u8], name: &str, num_frames: usize, limits: &Limits) -> Result<Video> {
     let err = |m: String| Error::Image {
         name: name.to_string(),
         message: m,
     };
     if image::guess_format(bytes).ok() != Some(image::ImageFormat::Gif) {
         // A still image is a one-frame video.
-        let frame = decode_image(bytes, name).map_err(|e| match e {
+        let frame = decode_image_with(bytes, name, limits).map_err(|e| match e {
             Error::Image { message, .. } => err(format!(
                 "{message}; videos are read from animated GIFs or frame directories"
             )),
@@ -154,8 +163,8 @@ pub fn decode_video(bytes: &[u8], name: &str, num_frames: usize) -> Result<Video
         let mut decoder = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes))
             .map_err(|e| err(format!("cannot decode GIF: {e}")))?;
         let (w, h) = image::ImageDecoder::dimensions(&decoder);
-        check_pixels(w.into(), h.into(), name)?;
-        image::ImageDecoder::set_limits(&mut decoder, decoder_limits())
+        check_pixels(w.into(), h.into(), name, limits)?;
+        image::ImageDecoder::set_limits(&mut decoder, decoder_limits(limits))
             .map_err(|e| err(format!("cannot decode GIF: {e}")))?;
         Ok((decoder.into_frames(), u64::from(w) * u64::from(h)))
     };
@@ -167,11 +176,17 @@ pub fn decode_video(bytes: &[u8], name: &str, num_frames: usize) -> Result<Video
         let (n, d) = f.delay().numer_denom_ms();
         millis += n as f64 / d.max(1) as f64;
         total += 1;
-        if total > MAX_GIF_FRAMES || total as u64 * canvas > MAX_GIF_PIXELS {
+        if total > limits.max_video_frames {
             return Err(err(format!(
-                "GIF of more than {} frames of {canvas} pixels (limits: {MAX_GIF_FRAMES} frames, \
-                 {MAX_GIF_PIXELS} pixels in all)",
-                total - 1
+                "GIF of more than {} frames",
+                crate::limits::named("max_video_frames", limits.max_video_frames)
+            )));
+        }
+        if (total as u64).saturating_mul(canvas) > limits.max_video_pixels {
+            return Err(err(format!(
+                "GIF of more than {} frames of {canvas} pixels, over {} in all",
+                total - 1,
+                crate::limits::named("max_video_pixels", limits.max_video_pixels)
             )));
         }
     }

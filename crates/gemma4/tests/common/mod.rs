@@ -19,17 +19,24 @@ pub fn fixture(name: &str) -> PathBuf {
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {
-    pub fn of(name: &str, tag: &str) -> Self {
+    /// An empty scratch directory.
+    pub fn empty(tag: &str) -> Self {
         let dst = std::env::temp_dir().join(format!("gemma4-scratch-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dst);
         std::fs::create_dir_all(&dst).unwrap();
+        Scratch(dst)
+    }
+
+    pub fn of(name: &str, tag: &str) -> Self {
+        let s = Self::empty(tag);
+        let dst = s.0.clone();
         for e in std::fs::read_dir(fixture(name)).unwrap() {
             let e = e.unwrap();
             if e.file_type().unwrap().is_file() {
                 std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
             }
         }
-        Scratch(dst)
+        s
     }
 
     /// Rewrites the JSON file `file` of the copy with `f`.
