@@ -7,6 +7,7 @@
 //! - `gemma4 embed-image --model DIR --image PATH --out FILE.npy`: an image's soft tokens
 //! - `gemma4 embed-audio --model DIR --audio PATH --out FILE.npy`: a clip's soft tokens
 //! - `gemma4 info --model DIR`: sizes, layer plan and parameter counts
+//! - `gemma4 parse-output --model DIR --ids ...`: the message a completion reads as
 //!
 //! The library does the work; each command is a file of its own (`args.rs` holds what
 //! they share) that parses its arguments and prints.
@@ -20,6 +21,8 @@ mod embed;
 mod generate;
 mod info;
 mod logits;
+mod openai;
+mod parse_output;
 mod quantize;
 
 use bench::BenchArgs;
@@ -27,6 +30,7 @@ use embed::{EmbedAudioArgs, EmbedImageArgs};
 use generate::GenerateArgs;
 use info::InfoArgs;
 use logits::LogitsArgs;
+use parse_output::ParseOutputArgs;
 use quantize::QuantizeArgs;
 
 #[derive(Parser)]
@@ -60,6 +64,9 @@ enum Command {
     Quantize(QuantizeArgs),
     /// Measure load time, prefill and decode tokens/s (median of several runs) and peak RSS.
     Bench(BenchArgs),
+    /// Print, as JSON, the message (content, reasoning, tool calls) the server would return
+    /// for a completion given as ids or text.
+    ParseOutput(ParseOutputArgs),
 }
 
 fn main() {
@@ -122,5 +129,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::cmd_info(a),
         Command::Quantize(a) => quantize::cmd_quantize(a),
         Command::Bench(a) => bench::cmd_bench(a),
+        Command::ParseOutput(a) => parse_output::cmd_parse_output(a),
     }
 }

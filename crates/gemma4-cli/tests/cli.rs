@@ -744,3 +744,41 @@ fn limit_flags_reach_the_loaders_and_their_errors_name_the_flag() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn parse_output_prints_the_message_as_json() {
+    let dir = fixture("text_only");
+    let out = gemma4(&[
+        "parse-output",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        "<|channel>thought\nhm<channel|>ok<|tool_call>call:f{a:<|\"|>x<|\"|>,b:2}<tool_call|><|tool_response>",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["content"], "ok");
+    assert_eq!(v["reasoning_content"], "hm");
+    let call = &v["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "f");
+    let args: serde_json::Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, serde_json::json!({"a": "x", "b": 2}));
+    // The same completion as ids.
+    let out2 = gemma4(&[
+        "parse-output",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        "100,88,106",
+    ]);
+    assert!(
+        out2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
+}

@@ -131,6 +131,36 @@ pub fn default_dtype(dir: &Path) -> Result<DType> {
     Ok(DType::F32)
 }
 
+/// The tokenizer of checkpoint `dir`: its `tokenizer.json`, else a llama.cpp file's
+/// vocabulary; `None` when it has neither.
+pub fn checkpoint_tokenizer(dir: &Path, ckpt: &Checkpoint) -> Result<Option<Tokenizer>> {
+    Ok(
+        match (
+            dir.join("tokenizer.json").exists(),
+            ckpt.llama_cpp_tokenizer(),
+        ) {
+            (true, _) => Some(Tokenizer::from_dir(dir)?),
+            (false, Some(json)) => Some(Tokenizer::from_json(
+                &json?,
+                ckpt.single_file().unwrap_or(dir),
+            )?),
+            (false, None) => None,
+        },
+    )
+}
+
+/// The tokenizer of checkpoint directory `dir` alone, without its weights (see
+/// [`checkpoint_tokenizer`]).
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let ckpt = Checkpoint::open(dir)?;
+    checkpoint_tokenizer(dir, &ckpt)?.ok_or_else(|| {
+        Error::io(
+            dir.join("tokenizer.json"),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer"),
+        )
+    })
+}
+
 /// Name prefix of the text decoder's tensors for an architecture.
 pub fn text_prefix(arch: Architecture) -> &'static str {
     match arch {
@@ -182,18 +212,8 @@ impl Gemma4 {
         } else {
             GenerationConfig::default()
         };
-        let tokenizer = match (
-            dir.join("tokenizer.json").exists(),
-            ckpt.llama_cpp_tokenizer(),
-        ) {
-            (true, _) => Some(Tokenizer::from_dir(dir)?),
-            (false, Some(json)) => Some(Tokenizer::from_json(
-                &json?,
-                ckpt.single_file().unwrap_or(dir),
-            )?),
-            (false, None) => None,
-        }
-        .map(|t| t.with_max_input_bytes(opts.limits.max_prompt_bytes));
+        let tokenizer = checkpoint_tokenizer(dir, &ckpt)?
+            .map(|t| t.with_max_input_bytes(opts.limits.max_prompt_bytes));
         let own_template = ["chat_template.jinja", "tokenizer_config.json"]
             .iter()
             .any(|f| dir.join(f).exists());

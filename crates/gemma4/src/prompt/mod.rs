@@ -1,4 +1,8 @@
-//! Text into ids: the checkpoint's [`tokenizer`] and [`chat`] template.
+//! Text into ids and back: the checkpoint's [`tokenizer`] and [`chat`] template, and the
+//! model's output read into a message ([`output_parser`], with the tool-call arguments'
+//! [`object_notation`]).
 
 pub mod chat;
+pub mod object_notation;
+pub mod output_parser;
 pub mod tokenizer;
