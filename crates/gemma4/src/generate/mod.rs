@@ -3,6 +3,7 @@
 //! id, at `max_new_tokens`, or when the model's context is full. A thin loop over
 //! [`crate::generate::sequence`], which runs many sequences at once.
 
+pub mod engine;
 pub mod sampling;
 pub mod sequence;
 

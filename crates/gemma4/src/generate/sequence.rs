@@ -109,6 +109,11 @@ impl Sequence {
         self.stop.is_some()
     }
 
+    /// Prompt tokens run so far.
+    pub fn fed(&self) -> usize {
+        self.fed
+    }
+
     /// Whether the prompt has been run through (the sequence is decoding).
     pub fn is_prefilled(&self) -> bool {
         self.fed == self.prompt.ids.len()

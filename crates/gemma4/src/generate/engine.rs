@@ -1,0 +1,306 @@
+//! Continuous batching: one thread owns the decoder and runs [`step`] over every sequence
+//! in flight, while requests join and leave between steps.
+//!
+//! A request is a prepared prompt ([`crate::Gemma4::prepare`]) with its generation
+//! options; it gets a channel of [`Event`]s: a progress event per prompt chunk, then a
+//! token per step, then how it finished. Up to `parallel` sequences run at once; further
+//! requests wait in a queue of `max_queue`, and past that [`Engine::submit`] refuses them
+//! ([`SubmitError::QueueFull`]). Dropping the receiver cancels the request: the engine
+//! sees it at the next event it sends, within one step. Long prompts run in chunks of
+//! `prefill_chunk` tokens, so sequences already decoding keep producing tokens.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::generate::sequence::{step, Sequence};
+use crate::generate::{GenerateOptions, StopReason};
+use crate::text::model::{PromptInput, TextModel};
+
+/// How the engine schedules.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Sequences run at once.
+    pub parallel: usize,
+    /// Requests that may wait for a free slot.
+    pub max_queue: usize,
+    /// Prompt tokens a sequence runs per step while prefilling.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            parallel: 4,
+            max_queue: 64,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// A request for the engine.
+pub struct Job {
+    pub prompt: PromptInput,
+    pub options: GenerateOptions,
+    /// Also report the chosen token's log-probability and this many alternatives (0: the
+    /// chosen one only); `None`: no log-probabilities.
+    pub top_logprobs: Option<usize>,
+}
+
+/// A token's log-probability under the model (log-softmax of its logits, before any
+/// sampling adjustment) and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What happens to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Prompt tokens run so far, of `total`.
+    Prefill { done: usize, total: usize },
+    Token { id: u32, logprobs: Option<Logprobs> },
+    Finished { reason: StopReason, prompt_tokens: usize, generated_tokens: usize },
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// `max_queue` requests are waiting already.
+    QueueFull,
+    /// The engine thread has stopped.
+    Stopped,
+}
+
+/// Counters for monitoring, updated by the engine thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub queued: AtomicUsize,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    /// Time spent in steps that ran prompt tokens, and in steps that only decoded, in µs.
+    pub prefill_micros: AtomicU64,
+    pub decode_micros: AtomicU64,
+    /// Prompt tokens run in prefill steps and tokens made in decode-only steps.
+    pub prefill_step_tokens: AtomicU64,
+    pub decode_step_tokens: AtomicU64,
+    /// Bytes the KV caches of running sequences hold.
+    pub kv_cache_bytes: AtomicU64,
+}
+
+/// A handle to the engine thread; cloning shares it. The thread ends when every handle
+/// is dropped and the sequences in flight are done.
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<(Job, Sender<Event>)>,
+    stats: Arc<EngineStats>,
+}
+
+struct Running {
+    seq: Sequence,
+    events: Sender<Event>,
+    top_logprobs: Option<usize>,
+    total: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread for `model` (any owner of a [`TextModel`], such as an
+    /// `Arc<Gemma4>` through `text`). `pool`, when given, is the rayon pool the engine
+    /// runs on as one of its workers (the kernels' work is then shared out without waking
+    /// the thread each time).
+    pub fn start<M>(
+        model: Arc<M>,
+        text: fn(&M) -> &TextModel,
+        opts: EngineOptions,
+        pool: Option<Arc<rayon::ThreadPool>>,
+    ) -> Engine
+    where
+        M: Send + Sync + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(opts.max_queue);
+        let stats = Arc::new(EngineStats::default());
+        let s = stats.clone();
+        std::thread::Builder::new()
+            .name("gemma4-engine".into())
+            .spawn(move || {
+                let work = || run(text(&model), rx, opts, &s);
+                match pool {
+                    Some(p) => p.install(work),
+                    None => work(),
+                }
+            })
+            .expect("spawning the engine thread");
+        Engine { tx, stats }
+    }
+
+    /// Queues `job`; its events arrive on the returned channel.
+    pub fn submit(&self, job: Job) -> Result<Receiver<Event>, SubmitError> {
+        let (etx, erx) = mpsc::channel();
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send((job, etx)) {
+            Ok(()) => Ok(erx),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+}
+
+fn admit(model: &TextModel, job: Job, events: Sender<Event>, running: &mut Vec<Running>) {
+    let total = job.prompt.ids.len();
+    match Sequence::new(model, job.prompt, &job.options) {
+        Ok(seq) => running.push(Running {
+            seq,
+            events,
+            top_logprobs: job.top_logprobs,
+            total,
+        }),
+        Err(e) => {
+            let _ = events.send(Event::Failed(e.to_string()));
+        }
+    }
+}
+
+fn run(
+    model: &TextModel,
+    rx: Receiver<(Job, Sender<Event>)>,
+    opts: EngineOptions,
+    stats: &EngineStats,
+) {
+    let mut running: Vec<Running> = Vec::new();
+    let mut open = true;
+    loop {
+        while open && running.len() < opts.parallel.max(1) {
+            match rx.try_recv() {
+                Ok((job, events)) => {
+                    stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    admit(model, job, events, &mut running);
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if running.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv() {
+                Ok((job, events)) => {
+                    stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    admit(model, job, events, &mut running);
+                }
+                Err(_) => return,
+            }
+            continue;
+        }
+        stats.running.store(running.len(), Ordering::SeqCst);
+        let prefilling = running.iter().any(|r| !r.seq.is_prefilled());
+        let fed_before: usize = running.iter().map(|r| fed(&r.seq)).sum();
+        let t = Instant::now();
+        let outs = {
+            let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
+            step(model, &mut seqs, opts.prefill_chunk)
+        };
+        let micros = t.elapsed().as_micros() as u64;
+        let outs = match outs {
+            Ok(o) => o,
+            Err(e) => {
+                for r in running.drain(..) {
+                    let _ = r.events.send(Event::Failed(e.to_string()));
+                }
+                continue;
+            }
+        };
+        let fed_after: usize = running.iter().map(|r| fed(&r.seq)).sum();
+        let mut made = 0u64;
+        // Keep the sequences whose client still listens and that have not finished.
+        let mut keep = Vec::with_capacity(running.len());
+        for (r, out) in running.drain(..).zip(outs) {
+            let mut alive = true;
+            if let Some(out) = out {
+                let event = match out.token {
+                    Some(id) => {
+                        made += 1;
+                        let logprobs = r
+                            .top_logprobs
+                            .zip(out.logits.as_deref())
+                            .map(|(k, row)| logprobs_of(row, id, k));
+                        Event::Token { id, logprobs }
+                    }
+                    None => Event::Prefill {
+                        done: fed(&r.seq),
+                        total: r.total,
+                    },
+                };
+                alive = r.events.send(event).is_ok();
+            }
+            if alive {
+                if let Some(reason) = r.seq.stop_reason() {
+                    let _ = r.events.send(Event::Finished {
+                        reason,
+                        prompt_tokens: r.seq.prompt_ids().len(),
+                        generated_tokens: r.seq.generated().len(),
+                    });
+                } else {
+                    keep.push(r);
+                }
+            }
+        }
+        running = keep;
+        stats
+            .prompt_tokens
+            .fetch_add((fed_after.saturating_sub(fed_before)) as u64, Ordering::Relaxed);
+        stats.generated_tokens.fetch_add(made, Ordering::Relaxed);
+        if prefilling {
+            stats.prefill_micros.fetch_add(micros, Ordering::Relaxed);
+            stats
+                .prefill_step_tokens
+                .fetch_add(fed_after.saturating_sub(fed_before) as u64, Ordering::Relaxed);
+        } else {
+            stats.decode_micros.fetch_add(micros, Ordering::Relaxed);
+            stats.decode_step_tokens.fetch_add(made, Ordering::Relaxed);
+        }
+        stats.running.store(running.len(), Ordering::SeqCst);
+        stats.kv_cache_bytes.store(
+            running.iter().map(|r| r.seq.cache().bytes() as u64).sum(),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Prompt tokens a sequence has run.
+fn fed(seq: &Sequence) -> usize {
+    seq.fed()
+}
+
+/// Log-softmax of `row` at `id`, and the `k` largest.
+pub fn logprobs_of(row: &[f32], id: u32, k: usize) -> Logprobs {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |x: f32| (x as f64 - log_z) as f32;
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        let k = k.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        idx.truncate(k);
+        idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        top = idx.into_iter().map(|i| (i, lp(row[i as usize]))).collect();
+    }
+    Logprobs {
+        logprob: lp(row[id as usize]),
+        top,
+    }
+}

@@ -1,0 +1,166 @@
+//! The continuous-batching engine: requests submitted at once, more than run in
+//! parallel, each get the tokens they get alone; a dropped receiver frees its slot; a full
+//! queue refuses; log-probabilities are the model's.
+
+mod common;
+
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use gemma4::generate::engine::{logprobs_of, Engine, EngineOptions, Event, Job, SubmitError};
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::generate::{generate, GenerateOptions, StopReason};
+use gemma4::text::model::PromptInput;
+use gemma4::{Gemma4, LoadOptions};
+
+use common::fixture;
+
+fn opts(max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    }
+}
+
+fn model() -> Arc<Gemma4> {
+    Arc::new(Gemma4::load(&fixture("text_only"), LoadOptions::default()).unwrap())
+}
+
+fn start(m: &Arc<Gemma4>, parallel: usize, max_queue: usize, chunk: usize) -> Engine {
+    Engine::start(
+        m.clone(),
+        |g: &Gemma4| &g.text,
+        EngineOptions {
+            parallel,
+            max_queue,
+            prefill_chunk: chunk,
+        },
+        None,
+    )
+}
+
+fn job(ids: Vec<u32>, n: usize, top: Option<usize>) -> Job {
+    Job {
+        prompt: PromptInput::text(ids),
+        options: opts(n),
+        top_logprobs: top,
+    }
+}
+
+/// The ids of a finished request, checking its events are in order.
+fn collect(rx: Receiver<Event>) -> (Vec<u32>, StopReason) {
+    let mut ids = Vec::new();
+    for e in rx {
+        match e {
+            Event::Prefill { done, total } => assert!(ids.is_empty() && done < total),
+            Event::Token { id, .. } => ids.push(id),
+            Event::Finished {
+                reason,
+                generated_tokens,
+                ..
+            } => {
+                assert_eq!(generated_tokens, ids.len());
+                return (ids, reason);
+            }
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+    panic!("the engine dropped the request")
+}
+
+#[test]
+fn queued_requests_get_what_they_get_alone() {
+    let m = model();
+    let prompts: Vec<Vec<u32>> = (0..5)
+        .map(|i| (0..3 + 7 * i).map(|t| 2 + ((t * 31 + i * 7) % 400) as u32).collect())
+        .collect();
+    let news = [6, 3, 9, 1, 5];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(news)
+        .map(|(p, n)| generate(&m.text, p, &opts(n), |_| Ok(())).unwrap().generated_ids)
+        .collect();
+    // Two slots for five requests, prompts in chunks of 4: they queue, join and leave
+    // at different steps.
+    let engine = start(&m, 2, 8, 4);
+    let rxs: Vec<_> = prompts
+        .iter()
+        .zip(news)
+        .map(|(p, n)| engine.submit(job(p.clone(), n, None)).unwrap())
+        .collect();
+    for ((rx, want), n) in rxs.into_iter().zip(&alone).zip(news) {
+        let (got, reason) = collect(rx);
+        assert_eq!(&got, want);
+        assert_eq!(got.len(), n);
+        assert_eq!(reason, StopReason::MaxTokens);
+    }
+    // The engine updates its counters right after its last event.
+    let t = std::time::Instant::now();
+    while engine.stats().running.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+        assert!(t.elapsed().as_secs() < 5, "a sequence is still counted as running");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_slot_and_a_full_queue_refuses() {
+    let m = model();
+    let engine = start(&m, 1, 1, 512);
+    // A long generation, cancelled after its first token.
+    let long = engine.submit(job(vec![2, 10, 11], 100_000, None)).unwrap();
+    loop {
+        if let Event::Token { .. } = long.recv().unwrap() {
+            break;
+        }
+    }
+    // The slot is busy: one request may wait, the next is refused.
+    let waiting = engine.submit(job(vec![2, 12], 2, None)).unwrap();
+    let mut refused = false;
+    for _ in 0..50 {
+        match engine.submit(job(vec![2, 13], 2, None)) {
+            Err(SubmitError::QueueFull) => {
+                refused = true;
+                break;
+            }
+            Ok(rx) => drop(rx),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(refused);
+    drop(long);
+    // The waiting request runs to its end once the cancelled one is gone.
+    let (ids, reason) = collect(waiting);
+    assert_eq!((ids.len(), reason), (2, StopReason::MaxTokens));
+}
+
+#[test]
+fn logprobs_are_the_models_log_softmax() {
+    let m = model();
+    let engine = start(&m, 2, 4, 512);
+    let rx = engine.submit(job(vec![2, 40, 41, 42], 3, Some(5))).unwrap();
+    let mut n = 0;
+    for e in rx {
+        match e {
+            Event::Token { id, logprobs } => {
+                let lp = logprobs.expect("asked for");
+                assert_eq!(lp.top.len(), 5);
+                // Greedy: the chosen token is the most likely one.
+                assert_eq!(lp.top[0].0, id);
+                assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6);
+                assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+                assert!(lp.logprob <= 0.0);
+                n += 1;
+            }
+            Event::Finished { .. } => break,
+            Event::Failed(e) => panic!("{e}"),
+            Event::Prefill { .. } => {}
+        }
+    }
+    assert_eq!(n, 3);
+    let row = [1.0f32, 3.0, 2.0, -1.0];
+    let lp = logprobs_of(&row, 2, 2);
+    let z: f32 = row.iter().map(|x| x.exp()).sum();
+    assert!((lp.logprob - (2f32.exp() / z).ln()).abs() < 1e-6);
+    assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+}
