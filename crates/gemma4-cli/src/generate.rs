@@ -64,6 +64,7 @@ fn sampling_of(a: &GenerateArgs, model: &Gemma4) -> SamplingParams {
         min_p: a.min_p.or(g.min_p),
         repetition_penalty: a.repetition_penalty.or(g.repetition_penalty),
         seed: a.seed,
+        ..Default::default()
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `gemma4 embed-audio --model DIR --audio PATH --out FILE.npy`: a clip's soft tokens
 //! - `gemma4 info --model DIR`: sizes, layer plan and parameter counts
 //! - `gemma4 parse-output --model DIR --ids ...`: the message a completion reads as
+//! - `gemma4 serve --model DIR`: an OpenAI-compatible server
 //!
 //! The library does the work; each command is a file of its own (`args.rs` holds what
 //! they share) that parses its arguments and prints.
@@ -24,6 +25,7 @@ mod logits;
 mod openai;
 mod parse_output;
 mod quantize;
+mod serve;
 
 use bench::BenchArgs;
 use embed::{EmbedAudioArgs, EmbedImageArgs};
@@ -32,6 +34,7 @@ use info::InfoArgs;
 use logits::LogitsArgs;
 use parse_output::ParseOutputArgs;
 use quantize::QuantizeArgs;
+use serve::ServeArgs;
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +67,9 @@ enum Command {
     Quantize(QuantizeArgs),
     /// Measure load time, prefill and decode tokens/s (median of several runs) and peak RSS.
     Bench(BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions,
+    /// streaming, tool calls, images and audio), many requests at once.
+    Serve(ServeArgs),
     /// Print, as JSON, the message (content, reasoning, tool calls) the server would return
     /// for a completion given as ids or text.
     ParseOutput(ParseOutputArgs),
@@ -89,9 +95,11 @@ fn main() {
         .num_threads(cli.threads.unwrap_or(0))
         .stack_size(16 << 20)
         .build();
-    let result = match pool {
-        Ok(pool) => pool.install(|| run(cli)),
-        Err(e) => Err(anyhow::anyhow!("cannot start the thread pool: {e}")),
+    let result = match (pool, cli.command) {
+        // The server's engine thread joins the pool itself; its async threads stay out.
+        (Ok(pool), Command::Serve(a)) => serve::cmd_serve(a, std::sync::Arc::new(pool)),
+        (Ok(pool), command) => pool.install(|| run(command)),
+        (Err(e), _) => Err(anyhow::anyhow!("cannot start the thread pool: {e}")),
     };
     if let Err(e) = result {
         eprintln!("error: {:#}", with_flag_names(e));
@@ -120,8 +128,8 @@ fn with_flag_names(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Generate(a) => generate::cmd_generate(a),
         Command::Logits(a) => logits::cmd_logits(a),
         Command::EmbedImage(a) => embed::cmd_embed_image(a),
@@ -130,5 +138,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => quantize::cmd_quantize(a),
         Command::Bench(a) => bench::cmd_bench(a),
         Command::ParseOutput(a) => parse_output::cmd_parse_output(a),
+        Command::Serve(a) => anyhow::bail!(
+            "internal: `serve` runs outside the pool ({} requested)",
+            a.host
+        ),
     }
 }

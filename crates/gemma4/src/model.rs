@@ -77,6 +77,9 @@ pub enum Prompt {
     Ids(Vec<u32>),
     /// Messages rendered through the chat template, with the model's turn opened.
     Chat(Vec<Message>),
+    /// Text a chat template rendered already ([`ChatTemplate::render_json`]): special
+    /// tokens are written in it, so none is added.
+    Rendered(String),
 }
 
 /// The dtype checkpoint `dir` computes in when none is asked for. A checkpoint holding
@@ -402,6 +405,10 @@ impl Gemma4 {
                 let ids = self.tokenizer()?.encode_raw(&expand(&rendered)?)?;
                 self.prompt_ids(&Prompt::Ids(ids))?
             }
+            Prompt::Rendered(text) => {
+                let ids = self.tokenizer()?.encode_raw(&expand(text)?)?;
+                self.prompt_ids(&Prompt::Ids(ids))?
+            }
         };
         build_input(
             &self.text,
@@ -453,6 +460,7 @@ impl Gemma4 {
                 // The template writes `<bos>` itself: encode without adding special tokens.
                 self.tokenizer()?.encode_raw(&rendered)?
             }
+            Prompt::Rendered(text) => self.tokenizer()?.encode_raw(text)?,
         };
         if ids.is_empty() {
             return Err(Error::invalid_argument("prompt", "is empty"));

@@ -73,13 +73,21 @@ fn collect(rx: Receiver<Event>) -> (Vec<u32>, StopReason) {
 fn queued_requests_get_what_they_get_alone() {
     let m = model();
     let prompts: Vec<Vec<u32>> = (0..5)
-        .map(|i| (0..3 + 7 * i).map(|t| 2 + ((t * 31 + i * 7) % 400) as u32).collect())
+        .map(|i| {
+            (0..3 + 7 * i)
+                .map(|t| 2 + ((t * 31 + i * 7) % 400) as u32)
+                .collect()
+        })
         .collect();
     let news = [6, 3, 9, 1, 5];
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .zip(news)
-        .map(|(p, n)| generate(&m.text, p, &opts(n), |_| Ok(())).unwrap().generated_ids)
+        .map(|(p, n)| {
+            generate(&m.text, p, &opts(n), |_| Ok(()))
+                .unwrap()
+                .generated_ids
+        })
         .collect();
     // Two slots for five requests, prompts in chunks of 4: they queue, join and leave
     // at different steps.
@@ -97,8 +105,16 @@ fn queued_requests_get_what_they_get_alone() {
     }
     // The engine updates its counters right after its last event.
     let t = std::time::Instant::now();
-    while engine.stats().running.load(std::sync::atomic::Ordering::SeqCst) != 0 {
-        assert!(t.elapsed().as_secs() < 5, "a sequence is still counted as running");
+    while engine
+        .stats()
+        .running
+        .load(std::sync::atomic::Ordering::SeqCst)
+        != 0
+    {
+        assert!(
+            t.elapsed().as_secs() < 5,
+            "a sequence is still counted as running"
+        );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

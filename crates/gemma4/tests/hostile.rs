@@ -55,9 +55,12 @@ fn shard_names_stay_inside_the_checkpoint() {
     }
 }
 
+/// A config edit: what it breaks, how, and the word its error must contain.
+type ConfigCase = (&'static str, fn(&mut serde_json::Value), &'static str);
+
 #[test]
 fn config_values_are_range_checked() {
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 8] = [
+    let cases: [ConfigCase; 8] = [
         (
             "heads",
             |v| v["num_attention_heads"] = u64::MAX.into(),
@@ -337,8 +340,7 @@ fn text_too_long_for_any_context_is_refused_before_tokenizing() {
     let e = one_line(
         model
             .prepare(&Prompt::Text(huge), &Media::default())
-            .err()
-            .expect("must be refused"),
+            .expect_err("must be refused"),
     );
     assert!(e.contains("prompt") && e.contains("bytes"), "{e}");
     assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());

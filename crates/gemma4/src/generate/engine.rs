@@ -60,9 +60,19 @@ pub struct Logprobs {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Prompt tokens run so far, of `total`.
-    Prefill { done: usize, total: usize },
-    Token { id: u32, logprobs: Option<Logprobs> },
-    Finished { reason: StopReason, prompt_tokens: usize, generated_tokens: usize },
+    Prefill {
+        done: usize,
+        total: usize,
+    },
+    Token {
+        id: u32,
+        logprobs: Option<Logprobs>,
+    },
+    Finished {
+        reason: StopReason,
+        prompt_tokens: usize,
+        generated_tokens: usize,
+    },
     Failed(String),
 }
 
@@ -258,15 +268,17 @@ fn run(
             }
         }
         running = keep;
-        stats
-            .prompt_tokens
-            .fetch_add((fed_after.saturating_sub(fed_before)) as u64, Ordering::Relaxed);
+        stats.prompt_tokens.fetch_add(
+            (fed_after.saturating_sub(fed_before)) as u64,
+            Ordering::Relaxed,
+        );
         stats.generated_tokens.fetch_add(made, Ordering::Relaxed);
         if prefilling {
             stats.prefill_micros.fetch_add(micros, Ordering::Relaxed);
-            stats
-                .prefill_step_tokens
-                .fetch_add(fed_after.saturating_sub(fed_before) as u64, Ordering::Relaxed);
+            stats.prefill_step_tokens.fetch_add(
+                fed_after.saturating_sub(fed_before) as u64,
+                Ordering::Relaxed,
+            );
         } else {
             stats.decode_micros.fetch_add(micros, Ordering::Relaxed);
             stats.decode_step_tokens.fetch_add(made, Ordering::Relaxed);

@@ -1,5 +1,7 @@
 //! Next-token selection with transformers' processors and warpers, in its order:
-//! repetition penalty (also under greedy decoding), then, when sampling, temperature →
+//! repetition penalty (also under greedy decoding), then OpenAI's presence and frequency
+//! penalties (on generated tokens only, as vLLM applies them; transformers has none),
+//! then, when sampling, temperature →
 //! top-k → top-p → min-p on f32 logits, then a draw from a seeded RNG. Greedy decoding is
 //! the arg-max (first index among equal maxima, as `torch.argmax`).
 
@@ -16,6 +18,12 @@ pub struct SamplingParams {
     pub top_p: Option<f64>,
     pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
+    /// Subtracted once from the logit of every token generated so far (OpenAI's
+    /// `presence_penalty`, in [-2, 2]).
+    pub presence_penalty: Option<f64>,
+    /// Subtracted from a token's logit once per time it was generated
+    /// (`frequency_penalty`, in [-2, 2]).
+    pub frequency_penalty: Option<f64>,
     pub seed: u64,
 }
 
@@ -51,6 +59,18 @@ impl SamplingParams {
         {
             return bad("repetition_penalty", "must be a positive number");
         }
+        if self
+            .presence_penalty
+            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
+        {
+            return bad("presence_penalty", "must be in [-2, 2]");
+        }
+        if self
+            .frequency_penalty
+            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
+        {
+            return bad("frequency_penalty", "must be in [-2, 2]");
+        }
         Ok(())
     }
 }
@@ -72,9 +92,20 @@ impl Sampler {
     /// Picks the next token from `logits` given every token so far (`history`, prompt
     /// included, for the repetition penalty).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.sample_after(logits, history, &[])
+    }
+
+    /// [`Self::sample`], `generated` (the end of `history` the model produced) bearing the
+    /// presence and frequency penalties.
+    pub fn sample_after(&mut self, logits: &[f32], history: &[u32], generated: &[u32]) -> u32 {
         let mut scores = logits.to_vec();
         if let Some(p) = self.params.repetition_penalty {
             apply_repetition_penalty(&mut scores, history, p as f32);
+        }
+        let presence = self.params.presence_penalty.unwrap_or(0.0) as f32;
+        let frequency = self.params.frequency_penalty.unwrap_or(0.0) as f32;
+        if presence != 0.0 || frequency != 0.0 {
+            apply_openai_penalties(&mut scores, generated, presence, frequency);
         }
         if self.params.is_greedy() {
             return argmax(&scores);
@@ -136,6 +167,18 @@ fn apply_repetition_penalty(scores: &mut [f32], history: &[u32], penalty: f32) {
     }
 }
 
+fn apply_openai_penalties(scores: &mut [f32], generated: &[u32], presence: f32, frequency: f32) {
+    let mut counts = std::collections::HashMap::<u32, u32>::new();
+    for &id in generated {
+        *counts.entry(id).or_default() += 1;
+    }
+    for (id, n) in counts {
+        if let Some(s) = scores.get_mut(id as usize) {
+            *s -= presence + frequency * n as f32;
+        }
+    }
+}
+
 /// Keeps every score ≥ the k-th largest (ties at the boundary survive, as the reference).
 fn top_k(scores: &mut [f32], k: usize) {
     if k >= scores.len() {
@@ -193,6 +236,17 @@ mod tests {
         let mut v = vec![-1.0f32, 2.0];
         apply_repetition_penalty(&mut v, &[0, 1], 2.0);
         assert_eq!(v, [-2.0, 1.0]);
+        // Presence once per generated token, frequency per occurrence; the prompt is free.
+        let mut v = vec![0.0f32; 4];
+        apply_openai_penalties(&mut v, &[1, 2, 2], 0.5, 0.25);
+        assert_eq!(v, [0.0, -0.75, -1.0, 0.0]);
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: Some(2.0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.sample_after(&[0.0, 3.0, 2.0], &[1, 1], &[1]), 2);
+        assert_eq!(s.sample_after(&[0.0, 3.0, 2.0], &[1, 1], &[]), 1);
     }
 
     #[test]

@@ -193,7 +193,9 @@ impl Sequence {
             });
         };
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let next = self.sampler.sample(&row, &self.history);
+        let next = self
+            .sampler
+            .sample_after(&row, &self.history, &self.generated);
         self.generated.push(next);
         self.history.push(next);
         self.stop = if self.stop_ids.contains(&next) {

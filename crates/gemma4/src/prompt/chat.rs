@@ -170,6 +170,29 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` opens the model's turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let messages =
+            serde_json::to_value(messages).map_err(|e| Error::Template(e.to_string()))?;
+        self.render_json(
+            &messages,
+            None,
+            add_generation_prompt,
+            &serde_json::Map::new(),
+        )
+    }
+
+    /// Renders messages in transformers' form (`role`, `content` as a string or a list of
+    /// typed parts, `tool_calls`, ...) with `tools` (JSON schemas) and extra template
+    /// variables (`enable_thinking`, ...), as `apply_chat_template(messages, tools=tools,
+    /// add_generation_prompt=..., **kwargs)` does. A kwarg cannot replace `messages`,
+    /// `tools`, `add_generation_prompt` or the special tokens.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        use minijinja::value::{Serde, Value};
         let bad = |message: String| Error::Template(format!("{}: {message}", self.origin));
         let tmpl = self
             .env
@@ -180,15 +203,16 @@ impl ChatTemplate {
             max: self.max_output,
             over: false,
         };
-        let rendered = tmpl.render_captured_to(
-            context! {
-                messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            },
-            &mut out,
-        );
+        let base = context! {
+            messages => Value::from(Serde(messages)),
+            tools => tools.map(|t| Value::from(Serde(t))),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        // Earlier contexts win in a merge: the fixed variables go first.
+        let ctx = minijinja::context! { ..base, ..Value::from(Serde(kwargs)) };
+        let rendered = tmpl.render_captured_to(ctx, &mut out);
         match rendered {
             Ok(_) => Ok(String::from_utf8_lossy(&out.bytes).into_owned()),
             Err(_) if out.over => Err(bad(format!(

@@ -128,6 +128,11 @@ impl<'a> OutputParser<'a> {
         }
     }
 
+    /// Whether text read now would be `content` (not a thought or a call).
+    pub fn in_content(&self) -> bool {
+        self.state == State::Content
+    }
+
     /// Whether an end marker (`<turn|>`, `<|tool_response>`, `<eos>`) was read.
     pub fn is_done(&self) -> bool {
         self.state == State::Done

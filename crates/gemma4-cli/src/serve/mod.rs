@@ -1,0 +1,395 @@
+//! `gemma4 serve`: an OpenAI-compatible HTTP server over the library's continuous-batching
+//! engine ([`gemma4::generate::engine`]).
+//!
+//! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+//! `GET /health` (503 while the model loads; never needs the key), `GET /metrics`
+//! (Prometheus text), `POST /tokenize`, `POST /detokenize`. Requests are parsed in
+//! [`request`], run and answered (whole or as server-sent events) in [`respond`]. The
+//! socket is bound before the model loads, so `/health` answers from the start; SIGTERM
+//! or Ctrl-C stops accepting connections and lets the requests in flight finish.
+
+mod error;
+mod metrics;
+mod request;
+mod respond;
+mod stop;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Args;
+use gemma4::generate::engine::{Engine, EngineOptions};
+use gemma4::prompt::output_parser::Markers;
+use gemma4::Gemma4;
+use serde_json::{json, Value};
+
+use crate::args::ModelArgs;
+pub(crate) use error::ApiError;
+use metrics::Metrics;
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub(crate) port: u16,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health (also read from
+    /// GEMMA4_API_KEY).
+    #[arg(long, env = "GEMMA4_API_KEY", hide_env_values = true)]
+    pub(crate) api_key: Option<String>,
+    /// The model id clients use (default: the checkpoint directory's name).
+    #[arg(long)]
+    pub(crate) served_model_name: Option<String>,
+    /// Sequences generated at once (continuous batching).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) parallel: usize,
+    /// Requests that may wait for a free sequence; past it, 429.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_queue: usize,
+    /// Prompt tokens run per step while prefilling, so running streams keep going.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) prefill_chunk: usize,
+    /// Largest request body in MB (413 above it; base64 media make bodies large).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) max_body_mb: usize,
+    /// Images and audio clips one request may carry.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) max_media: usize,
+    /// Seconds a request may run before it is cut off.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) timeout: u64,
+    /// Let `image_url` / `input_audio` name local files (`file://` or a path); by default
+    /// only `data:` URIs are read.
+    #[arg(long)]
+    pub(crate) allow_local_media: bool,
+}
+
+/// What the handlers share.
+pub(crate) struct App {
+    pub(crate) loaded: OnceLock<Loaded>,
+    pub(crate) load_error: OnceLock<String>,
+    pub(crate) name: String,
+    pub(crate) api_key: Option<String>,
+    pub(crate) max_media: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) allow_local_media: bool,
+    pub(crate) metrics: Metrics,
+}
+
+/// The model, once loaded.
+pub(crate) struct Loaded {
+    pub(crate) model: Arc<Gemma4>,
+    pub(crate) engine: Engine,
+    pub(crate) markers: Option<Markers>,
+    pub(crate) created: u64,
+}
+
+impl App {
+    pub(crate) fn loaded(&self) -> Result<&Loaded, ApiError> {
+        self.loaded
+            .get()
+            .ok_or_else(|| match self.load_error.get() {
+                Some(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.clone()),
+                None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading"),
+            })
+    }
+}
+
+pub(crate) fn cmd_serve(a: ServeArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "gemma4".into())
+    });
+    let app = Arc::new(App {
+        loaded: OnceLock::new(),
+        load_error: OnceLock::new(),
+        name,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        max_media: a.max_media,
+        timeout: Duration::from_secs(a.timeout.max(1)),
+        allow_local_media: a.allow_local_media,
+        metrics: Metrics::default(),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(a, app, pool))
+}
+
+async fn serve(a: ServeArgs, app: Arc<App>, pool: Arc<rayon::ThreadPool>) -> Result<()> {
+    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (a.host.as_str(), a.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut i| i.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("--host: `{}` is not an address", a.host))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    eprintln!(
+        "listening on http://{local} (loading {})",
+        a.model.model.display()
+    );
+    // Load in the background: /health says 503 until the model is ready.
+    let loading = app.clone();
+    let engine_opts = EngineOptions {
+        parallel: a.parallel.max(1),
+        max_queue: a.max_queue,
+        prefill_chunk: a.prefill_chunk.max(1),
+    };
+    let model_args = a.model;
+    tokio::task::spawn_blocking(move || match load(&model_args, engine_opts, pool) {
+        Ok(l) => {
+            eprintln!("model ready: {}", loading.name);
+            let _ = loading.loaded.set(l);
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            eprintln!("error: {message}");
+            let _ = loading.load_error.set(message);
+        }
+    });
+    let max_body = a.max_body_mb.saturating_mul(1 << 20);
+    let router = router(app.clone(), max_body);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the server stopped")?;
+    Ok(())
+}
+
+fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> Result<Loaded> {
+    let dtype = args.dtype()?;
+    let model = Arc::new(pool.install(|| {
+        let load_opts = gemma4::LoadOptions {
+            dtype,
+            progress: crate::args::load_progress("loading"),
+            quant: args.quant,
+            limits: args.limits.limits(),
+            ..Default::default()
+        };
+        Gemma4::load(&args.model, load_opts)
+    })?);
+    let markers = model
+        .tokenizer()
+        .ok()
+        .and_then(|t| Markers::from_tokenizer(t).ok());
+    let engine = Engine::start(model.clone(), |g: &Gemma4| &g.text, opts, Some(pool));
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(Loaded {
+        model,
+        engine,
+        markers,
+        created,
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: finishing the requests in flight");
+}
+
+pub(crate) fn router(app: Arc<App>, max_body: usize) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(respond::chat_completions))
+        .route("/v1/completions", post(respond::completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics::metrics))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").code("not_found")
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            count_status,
+        ))
+        .with_state(app)
+}
+
+/// Checks the Bearer key, in constant time.
+async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == key.len()
+            && given
+                .bytes()
+                .zip(key.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "a missing or wrong API key")
+                .code("invalid_api_key")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn count_status(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    app.metrics.count_status(r.status().as_u16());
+    r
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    match app.loaded() {
+        Ok(_) => Json(json!({"status": "ok"})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let l = app.loaded()?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.name,
+            "object": "model",
+            "created": l.created,
+            "owned_by": "gemma4",
+            "max_model_len": l.model.config.text.max_position_embeddings,
+        }],
+    })))
+}
+
+/// A JSON body, or the OpenAI error for a body that is too large or not JSON.
+pub(crate) fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| {
+        let status = e.status();
+        ApiError::new(
+            status,
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "the request body is larger than the server's limit (--max-body-mb)".to_string()
+            } else {
+                e.body_text()
+            },
+        )
+    })?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    if !v.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object",
+        ));
+    }
+    Ok(v)
+}
+
+/// `{"content": text, "add_special": bool}` or a chat (`messages`, `tools`,
+/// `chat_template_kwargs`, `add_generation_prompt`) rendered with the checkpoint's
+/// template; answers the ids.
+async fn tokenize(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v = json_body(body)?;
+    let l = app.loaded()?;
+    let model = l.model.clone();
+    let max_media = app.max_media;
+    let ids = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+        let tok = model.tokenizer()?;
+        if v.get("messages").is_some() {
+            let chat = request::render_chat(&model, &v, max_media, false)?;
+            return Ok(tok.encode_raw(&chat.text)?);
+        }
+        let text = v
+            .get("content")
+            .or_else(|| v.get("prompt"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad("content", "a string is required"))?;
+        let special = v
+            .get("add_special")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(if special {
+            tok.encode(text)?
+        } else {
+            tok.encode_raw(text)?
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(json!({
+        "tokens": ids,
+        "count": ids.len(),
+        "max_model_len": l.model.config.text.max_position_embeddings,
+    })))
+}
+
+async fn detokenize(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v = json_body(body)?;
+    let l = app.loaded()?;
+    let ids = request::token_ids(v.get("tokens"), "tokens")?;
+    let vocab = l.model.config.text.vocab_size;
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(ApiError::bad(
+            "tokens",
+            format!("{bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let text = l.model.tokenizer()?.decode(&ids, false)?;
+    Ok(Json(json!({ "content": text })))
+}

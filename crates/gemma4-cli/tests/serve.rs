@@ -1,0 +1,514 @@
+//! `gemma4 serve` end to end: the binary on an ephemeral port, spoken to over plain HTTP.
+//! Answers are held to the library run in-process on the same prompt (greedy tokens
+//! through the same output parser), streamed answers to whole ones, and every error to
+//! the OpenAI shape.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use gemma4::generate::sampling::SamplingParams;
+use gemma4::generate::{generate_from, GenerateOptions};
+use gemma4::prompt::output_parser::{parse_output, Markers};
+use gemma4::{Gemma4, LoadOptions, Media, Prompt};
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+            .args([
+                "--threads",
+                "2",
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--port",
+                "0",
+            ])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("the server exited").unwrap();
+            if let Some(rest) = line.strip_prefix("listening on http://") {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        let s = Server { child, addr };
+        let t = Instant::now();
+        while s.get("/health").0 != 200 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the model never loaded"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn request(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
+        let mut c = TcpStream::connect(&self.addr).unwrap();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        c.write_all(req.as_bytes()).unwrap();
+        // A refused body may close the connection before all of it is written.
+        let _ = c.write_all(body);
+        let mut raw = Vec::new();
+        let _ = c.read_to_end(&mut raw);
+        parse_response(&raw)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, &[], b"")
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.request("POST", path, &[], body.to_string().as_bytes());
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// A streamed answer's events (the `data:` payloads; `[DONE]` as a string).
+    fn stream(&self, path: &str, body: &Value) -> (u16, Vec<Value>) {
+        let (status, text) = self.request("POST", path, &[], body.to_string().as_bytes());
+        let events = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or(Value::String(d.to_string())))
+            .collect();
+        (status, events)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status and body of an HTTP/1.1 response (chunked bodies joined).
+fn parse_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (status, body.to_string());
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    (status, out)
+}
+
+/// What the library answers for `prompt` greedily: the parsed message's content and the
+/// number of tokens.
+fn library_answer(
+    model: &Gemma4,
+    prompt: &Prompt,
+    media: &Media,
+    n: usize,
+) -> (String, usize, Vec<u32>) {
+    let input = model.prepare(prompt, media).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy(),
+        // The server's: the checkpoint's EOS ids and <eos>, <turn|>, <|tool_response>.
+        stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
+    };
+    let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let m = parse_output(
+        tok,
+        Markers::from_tokenizer(tok).unwrap(),
+        &out.generated_ids,
+    )
+    .unwrap();
+    (m.content, out.generated_ids.len(), out.generated_ids)
+}
+
+fn chat_body(text: &str, n: usize) -> Value {
+    json!({"model": "text_only", "messages": [{"role": "user", "content": text}], "max_tokens": n, "temperature": 0})
+}
+
+/// Content, finish reason and usage of a streamed chat answer, checking its shape.
+fn streamed(events: &[Value]) -> (String, String, Option<Value>) {
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut content = String::new();
+    let mut finishes = Vec::new();
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        if let Some(u) = e.get("usage") {
+            assert_eq!(e["choices"], json!([]));
+            usage = Some(u.clone());
+            continue;
+        }
+        let c = &e["choices"][0];
+        if let Some(t) = c["delta"]["content"].as_str() {
+            content.push_str(t);
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finishes.push(f.to_string());
+        }
+    }
+    assert_eq!(finishes.len(), 1, "exactly one chunk has a finish_reason");
+    (content, finishes.remove(0), usage)
+}
+
+#[test]
+fn chat_answers_equal_the_library_streamed_or_whole() {
+    let dir = fixture("text_only");
+    let s = Server::start(&dir, &[]);
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let (status, models) = s.post("/v1/models", &json!({}));
+    assert_eq!(status, 405, "{models}");
+    let (status, models) = s.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "text_only");
+    for (text, n) in [("Hello there", 12), ("What is 2+2?", 5)] {
+        let want = library_answer(
+            &model,
+            &Prompt::Chat(vec![gemma4::prompt::chat::Message::new("user", text)]),
+            &Media::default(),
+            n,
+        );
+        let (status, whole) = s.post("/v1/chat/completions", &chat_body(text, n));
+        assert_eq!(status, 200, "{whole}");
+        let choice = &whole["choices"][0];
+        assert_eq!(choice["message"]["content"], want.0.as_str(), "{whole}");
+        assert_eq!(whole["usage"]["completion_tokens"], want.1);
+        let finish = if want.1 == n { "length" } else { "stop" };
+        assert_eq!(choice["finish_reason"], finish);
+        assert!(whole["id"].as_str().unwrap().starts_with("chatcmpl-"));
+        let mut body = chat_body(text, n);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let (status, events) = s.stream("/v1/chat/completions", &body);
+        assert_eq!(status, 200);
+        let (content, f, usage) = streamed(&events);
+        assert_eq!(content, want.0);
+        assert_eq!(f, finish);
+        assert_eq!(usage.unwrap(), whole["usage"]);
+    }
+    // `stream_options` without `stream` is refused; so is more than one choice.
+    let mut body = chat_body("Hi", 2);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, e) = s.post("/v1/chat/completions", &body);
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("stream_options"))
+    );
+    let mut body = chat_body("Hi", 2);
+    body["n"] = json!(2);
+    let (status, e) = s.post("/v1/chat/completions", &body);
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("n")));
+    // Text completions on token ids equal the library too.
+    let ids = model.prompt_ids(&Prompt::Text("Once upon".into())).unwrap();
+    let input = model
+        .prepare(&Prompt::Ids(ids.clone()), &Media::default())
+        .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        sampling: SamplingParams::greedy(),
+        stop_ids: model.stop_ids(),
+    };
+    let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
+    let text = model
+        .tokenizer()
+        .unwrap()
+        .decode(&out.generated_ids, true)
+        .unwrap();
+    let (status, c) = s.post(
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["choices"][0]["text"], text.as_str());
+    assert_eq!(c["object"], "text_completion");
+}
+
+#[test]
+fn stop_strings_end_the_answer_and_are_not_returned() {
+    let dir = fixture("text_only");
+    let s = Server::start(&dir, &[]);
+    // The greedy answer without a stop string, then cut by a piece of its own middle.
+    let (_, whole) = s.post("/v1/chat/completions", &chat_body("Tell me a story", 24));
+    let content = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chars: Vec<char> = content.chars().collect();
+    assert!(
+        chars.len() >= 6,
+        "the answer is too short to cut: {content:?}"
+    );
+    let stop: String = chars[3..5].iter().collect();
+    let before = &content[..content.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let mut body = chat_body("Tell me a story", 24);
+        body["stop"] = json!([stop, "never appears"]);
+        body["stream"] = json!(stream);
+        let (got, finish) = if stream {
+            let (_, events) = s.stream("/v1/chat/completions", &body);
+            let (c, f, _) = streamed(&events);
+            (c, f)
+        } else {
+            let (_, v) = s.post("/v1/chat/completions", &body);
+            let c = &v["choices"][0];
+            (
+                c["message"]["content"].as_str().unwrap().to_string(),
+                c["finish_reason"].as_str().unwrap().to_string(),
+            )
+        };
+        assert_eq!(got, before, "stream {stream}");
+        assert_eq!(finish, "stop");
+    }
+}
+
+#[test]
+fn errors_have_the_openai_shape_and_the_key_guards_all_but_health() {
+    let dir = fixture("text_only");
+    let s = Server::start(&dir, &["--api-key", "sekrit", "--max-body-mb", "1"]);
+    let auth = ["Authorization: Bearer sekrit"];
+    assert_eq!(s.get("/health").0, 200);
+    let (status, body) = s.get("/v1/models");
+    assert_eq!(status, 401);
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["type"], "authentication_error");
+    let (status, _) = s.request("GET", "/v1/models", &["Authorization: Bearer wrong"], b"");
+    assert_eq!(status, 401);
+    assert_eq!(s.request("GET", "/v1/models", &auth, b"").0, 200);
+    let post = |body: &[u8]| {
+        let (status, text) = s.request("POST", "/v1/chat/completions", &auth, body);
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: {text}"));
+        assert!(
+            v["error"]["message"].is_string() && v["error"]["type"].is_string(),
+            "{v}"
+        );
+        (status, v)
+    };
+    assert_eq!(post(b"{not json").0, 400);
+    let (status, v) = post(
+        json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let big = vec![b' '; 2 << 20];
+    assert_eq!(post(&big).0, 413);
+    let image = |url: &str| {
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": url}}
+        ]}]})
+        .to_string()
+    };
+    let (status, v) = post(image("data:image/png;base64,@@@").as_bytes());
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["param"], "messages[0].content[1].image_url");
+    let (status, v) = post(image("https://example.com/cat.png").as_bytes());
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("data: URI"),
+        "{v}"
+    );
+    let (status, v) = post(image("/etc/passwd").as_bytes());
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-local-media"),
+        "{v}"
+    );
+    let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG\r\n\x1a\nnot really");
+    let (status, v) = post(image(&format!("data:image/png;base64,{png}")).as_bytes());
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = post(
+        json!({"messages": [{"role": "wizard", "content": "x"}]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("messages[0].role"))
+    );
+    let long = "word ".repeat(400);
+    let (status, v) = post(
+        json!({"messages": [{"role": "user", "content": long}]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded")),
+        "{v}"
+    );
+    let (status, _) = s.request("GET", "/no/such/thing", &auth, b"");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn concurrent_streams_equal_their_solo_answers_and_a_dropped_stream_frees_its_slot() {
+    let dir = fixture("text_only");
+    let s = Server::start(&dir, &["--parallel", "2", "--max-queue", "8"]);
+    let prompts = ["one fish", "two fish", "red fish", "blue fish"];
+    let solo: Vec<Value> = prompts
+        .iter()
+        .map(|p| s.post("/v1/chat/completions", &chat_body(p, 10)).1)
+        .collect();
+    let answers: Vec<(String, String)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let s = &s;
+                sc.spawn(move || {
+                    let mut body = chat_body(p, 10);
+                    body["stream"] = json!(true);
+                    let (_, events) = s.stream("/v1/chat/completions", &body);
+                    let (c, f, _) = streamed(&events);
+                    (c, f)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, w) in answers.iter().zip(&solo) {
+        assert_eq!(a.0, w["choices"][0]["message"]["content"].as_str().unwrap());
+        assert_eq!(a.1, w["choices"][0]["finish_reason"].as_str().unwrap());
+    }
+    // A long stream dropped after its first event: the engine lets the sequence go.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    let mut body = chat_body("go on forever", 100_000);
+    body["stream"] = json!(true);
+    let body = body.to_string();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    c.read_exact(&mut first).unwrap();
+    drop(c);
+    let t = Instant::now();
+    loop {
+        let (_, m) = s.get("/metrics");
+        if m.lines().any(|l| l == "gemma4_running_sequences 0") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the dropped stream kept running:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, _) = s.post("/v1/chat/completions", &chat_body("still here?", 2));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn an_image_in_a_data_uri_is_what_the_library_sees() {
+    // vision_small with a template that writes image parts as `<|image|>` (the fixture's
+    // own takes strings only).
+    let src = fixture("vision_small");
+    let dir = std::env::temp_dir().join(format!("gemma4-serve-vision-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n\
+         {% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}\
+         {% if p['type'] == 'image' %}<|image|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}\
+         <turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}",
+    )
+    .unwrap();
+    let png = std::fs::read(fixture("images").join("landscape.png")).unwrap();
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let media = Media {
+        images: vec![model
+            .load_image(&fixture("images").join("landscape.png"))
+            .unwrap()],
+        ..Default::default()
+    };
+    let want = library_answer(
+        &model,
+        &Prompt::Rendered(
+            "<bos><|turn>user\n<|image|>Describe this.<turn|>\n<|turn>model\n".into(),
+        ),
+        &media,
+        6,
+    );
+    let s = Server::start(&dir, &[]);
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Describe this."}
+        ]}]}),
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], want.0.as_str());
+    assert_eq!(v["usage"]["completion_tokens"], want.1);
+}
