@@ -180,3 +180,113 @@ fn logprobs_are_the_models_log_softmax() {
     assert!((lp.logprob - (2f32.exp() / z).ln()).abs() < 1e-6);
     assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
 }
+
+/// Steps `seq` to its end; the chosen ids and the logits of each.
+fn finish(m: &Gemma4, mut seq: gemma4::Sequence) -> (Vec<u32>, Vec<Vec<f32>>, gemma4::Sequence) {
+    let (mut ids, mut logits) = (Vec::new(), Vec::new());
+    while !seq.is_finished() {
+        let out = gemma4::step(&m.text, &mut [&mut seq], 3).unwrap();
+        if let Some(gemma4::StepOutput {
+            token: Some(id),
+            logits: Some(l),
+        }) = out.into_iter().next().flatten()
+        {
+            ids.push(id);
+            logits.push(l);
+        }
+    }
+    (ids, logits, seq)
+}
+
+fn assert_same(a: &(Vec<u32>, Vec<Vec<f32>>), b: &(Vec<u32>, Vec<Vec<f32>>)) {
+    assert_eq!(a.0, b.0);
+    for (x, y) in a.1.iter().zip(&b.1) {
+        assert!(common::max_abs(x, y) < common::TOL);
+    }
+}
+
+#[test]
+fn the_next_turn_reuses_the_cache_and_gets_what_a_fresh_prefill_gets() {
+    use gemma4::Sequence;
+    let m = model();
+    let turn1: Vec<u32> = (0..9).map(|t| 2 + (t * 37 % 300) as u32).collect();
+    let (gen1, _, prev) = finish(
+        &m,
+        Sequence::new(&m.text, PromptInput::text(turn1.clone()), &opts(4)).unwrap(),
+    );
+    // The next turn: the first turn, its answer, and more.
+    let turn2: Vec<u32> = [turn1.clone(), gen1.clone(), vec![105, 40, 41, 42, 106, 107]].concat();
+    let fresh = finish(
+        &m,
+        Sequence::new(&m.text, PromptInput::text(turn2.clone()), &opts(6)).unwrap(),
+    );
+    let cont =
+        Sequence::continue_from(&m.text, PromptInput::text(turn2.clone()), &opts(6), prev).unwrap();
+    // Everything the cache held is reused: the prompt and all but the last answer token.
+    assert_eq!(cont.fed(), turn1.len() + gen1.len() - 1);
+    let cont = finish(&m, cont);
+    assert_same(&(fresh.0.clone(), fresh.1.clone()), &(cont.0, cont.1));
+    // A prompt that departs early, after the sliding window (5) has moved on: the ring no
+    // longer holds what the shorter prefix needs, so it is run from the start, correctly.
+    let long: Vec<u32> = (0..40).map(|t| 2 + (t * 13 % 300) as u32).collect();
+    let (_, _, prev) = finish(
+        &m,
+        Sequence::new(&m.text, PromptInput::text(long.clone()), &opts(3)).unwrap(),
+    );
+    let edited: Vec<u32> = [&long[..6], &[77, 78, 79][..]].concat();
+    let fresh = finish(
+        &m,
+        Sequence::new(&m.text, PromptInput::text(edited.clone()), &opts(4)).unwrap(),
+    );
+    let cont = Sequence::continue_from(&m.text, PromptInput::text(edited), &opts(4), prev).unwrap();
+    assert_eq!(cont.fed(), 0);
+    let cont = finish(&m, cont);
+    assert_same(&(fresh.0, fresh.1), &(cont.0, cont.1));
+}
+
+#[test]
+fn a_new_image_behind_the_same_placeholders_is_not_taken_from_the_cache() {
+    use gemma4::{Media, Prompt, Sequence};
+    let m = Gemma4::load(&fixture("vision_small"), LoadOptions::default()).unwrap();
+    let photo = m
+        .load_image(&fixture("images").join("landscape.png"))
+        .unwrap();
+    // The same size, other pixels: the same placeholder ids, other embeddings.
+    let mut negative = photo.clone();
+    negative.data.iter_mut().for_each(|p| *p = 255 - *p);
+    let prompt = Prompt::Text("<|image|> What is it?".into());
+    let with = |img: &gemma4::vision::image_processor::RgbImage| {
+        m.prepare(
+            &prompt,
+            &Media {
+                images: vec![img.clone()],
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (a, b) = (with(&photo), with(&negative));
+    assert_eq!(a.ids, b.ids);
+    let (_, _, prev) = finish(&m, Sequence::new(&m.text, a.clone(), &opts(2)).unwrap());
+    // The same image again: everything but the last prompt token is reused.
+    let again = Sequence::continue_from(&m.text, a.clone(), &opts(2), prev).unwrap();
+    assert_eq!(again.fed(), a.ids.len() - 1);
+    let (_, _, prev) = finish(&m, again);
+    // The other image: nothing from its first soft token on is reused (here nothing at
+    // all: the sliding ring cannot roll back that far), and the answer is the one a
+    // fresh prefill gives.
+    let first_image = a
+        .spans
+        .as_ref()
+        .unwrap()
+        .iter()
+        .position(|&s| s >= 0)
+        .unwrap();
+    assert_eq!(prev.shared_prefix(&m.text, &a).unwrap(), a.ids.len() - 1);
+    assert_eq!(prev.shared_prefix(&m.text, &b).unwrap(), first_image);
+    let cont = Sequence::continue_from(&m.text, b.clone(), &opts(3), prev).unwrap();
+    assert!(cont.fed() <= first_image);
+    let cont = finish(&m, cont);
+    let fresh = finish(&m, Sequence::new(&m.text, b, &opts(3)).unwrap());
+    assert_same(&(fresh.0, fresh.1), &(cont.0, cont.1));
+}

@@ -21,6 +21,12 @@ use crate::text::model::{LogitsFor, PromptInput, StepInput, TextModel};
 /// (doubling), so a huge `max_new_tokens` does not reserve the whole context.
 const RESERVED_NEW_TOKENS: usize = 1024;
 
+/// Sliding-window positions a cache keeps beyond its window, so the next turn of a
+/// conversation can roll back the end of this one (the template writes an answer's last
+/// tokens differently from how the model generated them; see
+/// [`Sequence::continue_from`]).
+const ROLLBACK_SPARE: usize = 32;
+
 /// One generation in progress.
 pub struct Sequence {
     prompt: PromptInput,
@@ -76,7 +82,7 @@ impl Sequence {
                 "its ids, per-layer ids, spans and embeddings differ in length",
             ));
         }
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().with_spare(ROLLBACK_SPARE);
         let new = opts.max_new_tokens.min(RESERVED_NEW_TOKENS);
         cache.reserve(max.min(prompt.ids.len() + new))?;
         Ok(Sequence {
@@ -90,6 +96,79 @@ impl Sequence {
             stop: (opts.max_new_tokens == 0).then_some(StopReason::MaxTokens),
             prompt,
         })
+    }
+
+    /// A sequence for `prompt` that reuses `previous`'s KV cache for the longest prefix the
+    /// two share (the next turn of a conversation: the turns before it are not run again).
+    /// Shared means the same ids, per-layer ids and, where either prompt carries image or
+    /// audio embeddings, the same embedding rows, so a new image behind the same
+    /// placeholder ids is never mistaken for the old one. At least the last prompt token
+    /// is run (its logits choose the first new token). When a sliding-window layer's ring
+    /// no longer holds what the prefix needs, the prompt is run from the start.
+    pub fn continue_from(
+        model: &TextModel,
+        prompt: PromptInput,
+        opts: &GenerateOptions,
+        previous: Sequence,
+    ) -> Result<Self> {
+        let reuse = previous.shared_prefix(model, &prompt)?;
+        let mut seq = Sequence::new(model, prompt, opts)?;
+        let mut cache = previous.cache;
+        if reuse > 0 && cache.truncate(reuse).is_ok() {
+            let total = seq.prompt.ids.len() + opts.max_new_tokens.min(RESERVED_NEW_TOKENS);
+            cache.reserve(model.config().max_position_embeddings.min(total))?;
+            seq.cache = cache;
+            seq.fed = reuse;
+        }
+        Ok(seq)
+    }
+
+    /// Positions of `prompt` this sequence's cache holds already (what
+    /// [`Self::continue_from`] reuses, when the sliding rings can roll back to it).
+    pub fn shared_prefix(&self, model: &TextModel, prompt: &PromptInput) -> Result<usize> {
+        // The cache holds the prompt and every generated token but the last one.
+        let cached: Vec<u32> = self
+            .prompt
+            .ids
+            .iter()
+            .chain(&self.generated)
+            .copied()
+            .take(self.cache.seq_len())
+            .collect();
+        let ple_old = |i: usize| {
+            self.prompt
+                .ple_ids
+                .get(i)
+                .copied()
+                .unwrap_or_else(|| cached[i])
+        };
+        let limit = cached.len().min(prompt.ids.len().saturating_sub(1));
+        let mut n = (0..limit)
+            .find(|&i| cached[i] != prompt.ids[i] || ple_old(i) != prompt.ple_ids[i])
+            .unwrap_or(limit);
+        if n > 0 && (self.prompt.embeds.is_some() || prompt.embeds.is_some()) {
+            let rows = |p: &PromptInput, ids: &[u32], len: usize| -> Result<candle_core::Tensor> {
+                match &p.embeds {
+                    Some(e) => Ok(e.narrow(0, 0, len)?),
+                    None => model.embed(&ids[..len]),
+                }
+            };
+            let old_prompt = self.prompt.ids.len().min(n);
+            let mut old = rows(&self.prompt, &cached, old_prompt)?;
+            if old_prompt < n {
+                // Generated positions are plain token embeddings.
+                let tail = model.embed(&cached[old_prompt..n])?.to_dtype(old.dtype())?;
+                old = candle_core::Tensor::cat(&[old, tail], 0)?;
+            }
+            let new = rows(prompt, &prompt.ids, n)?;
+            let diff: Vec<f32> = (old.to_dtype(candle_core::DType::F32)?
+                - new.to_dtype(candle_core::DType::F32)?)?
+            .abs()?
+            .max(1)?
+            .to_vec1()?;
+            n = diff.iter().position(|&d| d != 0.0).unwrap_or(n);
+        }
+        Ok(n)
     }
 
     pub fn prompt_ids(&self) -> &[u32] {
