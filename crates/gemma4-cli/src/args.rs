@@ -174,13 +174,22 @@ pub(crate) fn load_progress(what: &'static str) -> Option<gemma4::loading::weigh
 /// Loads the checkpoint; the image and audio encoders only when the command has images,
 /// videos or clips, so text prompts never read their weights.
 pub(crate) fn load(args: &ModelArgs, media: &MediaArgs) -> Result<Gemma4> {
+    load_with(
+        args,
+        !media.image.is_empty() || !media.video.is_empty(),
+        !media.audio.is_empty(),
+    )
+}
+
+/// Loads the checkpoint, with its image and audio encoders when asked and present.
+pub(crate) fn load_with(args: &ModelArgs, vision: bool, audio: bool) -> Result<Gemma4> {
     let progress = load_progress("loading");
     let opts = LoadOptions {
         dtype: args.dtype()?,
         device: Device::Cpu,
         progress,
-        vision: !media.image.is_empty() || !media.video.is_empty(),
-        audio: !media.audio.is_empty(),
+        vision,
+        audio,
         quant: args.quant,
         limits: args.limits.limits(),
     };

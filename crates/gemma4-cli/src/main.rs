@@ -9,6 +9,7 @@
 //! - `gemma4 info --model DIR`: sizes, layer plan and parameter counts
 //! - `gemma4 parse-output --model DIR --ids ...`: the message a completion reads as
 //! - `gemma4 serve --model DIR`: an OpenAI-compatible server
+//! - `gemma4 chat --model DIR`: an interactive chat in the terminal
 //!
 //! The library does the work; each command is a file of its own (`args.rs` holds what
 //! they share) that parses its arguments and prints.
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod args;
 mod bench;
+mod chat;
 mod embed;
 mod generate;
 mod info;
@@ -28,6 +30,7 @@ mod quantize;
 mod serve;
 
 use bench::BenchArgs;
+use chat::ChatArgs;
 use embed::{EmbedAudioArgs, EmbedImageArgs};
 use generate::GenerateArgs;
 use info::InfoArgs;
@@ -67,6 +70,8 @@ enum Command {
     Quantize(QuantizeArgs),
     /// Measure load time, prefill and decode tokens/s (median of several runs) and peak RSS.
     Bench(BenchArgs),
+    /// Chat with the model in the terminal (multi-turn, streaming, /image and /audio).
+    Chat(ChatArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions,
     /// streaming, tool calls, images and audio), many requests at once.
     Serve(ServeArgs),
@@ -138,6 +143,7 @@ fn run(command: Command) -> Result<()> {
         Command::Quantize(a) => quantize::cmd_quantize(a),
         Command::Bench(a) => bench::cmd_bench(a),
         Command::ParseOutput(a) => parse_output::cmd_parse_output(a),
+        Command::Chat(a) => chat::cmd_chat(a),
         Command::Serve(a) => anyhow::bail!(
             "internal: `serve` runs outside the pool ({} requested)",
             a.host

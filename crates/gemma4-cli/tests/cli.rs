@@ -782,3 +782,76 @@ fn parse_output_prints_the_message_as_json() {
         String::from_utf8_lossy(&out2.stderr)
     );
 }
+
+#[test]
+fn chat_answers_each_turn_as_the_library_does_and_saves_the_conversation() {
+    use gemma4::generate::sampling::SamplingParams;
+    use gemma4::generate::{generate_from, GenerateOptions};
+    use gemma4::prompt::output_parser::{parse_output, Markers};
+    use gemma4::{Gemma4, LoadOptions, Media, Prompt};
+    use serde_json::{json, Value};
+    use std::io::Write;
+
+    let dir = fixture("text_only");
+    let save = std::env::temp_dir().join(format!("gemma4-chat-{}.json", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args([
+            "chat",
+            "--model",
+            dir.to_str().unwrap(),
+            "--greedy",
+            "--max-tokens",
+            "6",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    write!(
+        child.stdin.take().unwrap(),
+        "Hello there\n/bogus\nAnd again?\n/save {}\n/exit\n",
+        save.display()
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command /bogus"));
+    // The library, turn by turn, each from a fresh prefill (the CLI reuses the cache).
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let mut messages: Vec<Value> = Vec::new();
+    let mut want = String::new();
+    for text in ["Hello there", "And again?"] {
+        messages.push(json!({"role": "user", "content": text}));
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), json!(false));
+        let rendered = model
+            .chat_template
+            .render_json(&Value::Array(messages.clone()), None, true, &kwargs)
+            .unwrap();
+        let input = model
+            .prepare(&Prompt::Rendered(rendered), &Media::default())
+            .unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            sampling: SamplingParams::greedy(),
+            stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
+        };
+        let ids = generate_from(&model.text, &input, &opts, |_| Ok(()))
+            .unwrap()
+            .generated_ids;
+        let m = parse_output(tok, Markers::from_tokenizer(tok).unwrap(), &ids).unwrap();
+        want.push_str(&m.content);
+        want.push('\n');
+        messages.push(json!({"role": "assistant", "content": m.content}));
+    }
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&save).unwrap()).unwrap();
+    std::fs::remove_file(&save).ok();
+    assert_eq!(saved, Value::Array(messages));
+}

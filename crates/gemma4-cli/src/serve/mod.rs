@@ -36,6 +36,7 @@ use serde_json::{json, Value};
 use crate::args::ModelArgs;
 pub(crate) use error::ApiError;
 use metrics::Metrics;
+pub(crate) use request::message as message_for_template;
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {

@@ -338,7 +338,7 @@ fn content_part(
 }
 
 /// One message into transformers' form.
-fn message(
+pub(crate) fn message(
     model: &Gemma4,
     m: &Value,
     i: usize,
