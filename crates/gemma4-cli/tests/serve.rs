@@ -512,3 +512,43 @@ fn an_image_in_a_data_uri_is_what_the_library_sees() {
     assert_eq!(v["choices"][0]["message"]["content"], want.0.as_str());
     assert_eq!(v["usage"]["completion_tokens"], want.1);
 }
+
+#[test]
+fn the_next_turn_of_a_conversation_comes_from_the_prefix_cache() {
+    let dir = fixture("text_only");
+    let s = Server::start(&dir, &[]);
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let metric = |name: &str| -> f64 {
+        let (_, m) = s.get("/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("gemma4_{name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut messages = vec![json!({"role": "user", "content": "Hello there"})];
+    let (_, a1) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 5, "temperature": 0}),
+    );
+    let answer = a1["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(metric("prefix_cache_hits_total"), 0.0);
+    messages.push(json!({"role": "assistant", "content": answer}));
+    messages.push(json!({"role": "user", "content": "And then?"}));
+    let (_, a2) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(metric("prefix_cache_hits_total"), 1.0);
+    assert!(metric("prefix_cache_tokens_total") >= 10.0);
+    // The same answer as a fresh prefill.
+    let rendered = model
+        .chat_template
+        .render_json(&Value::Array(messages), None, true, &Default::default())
+        .unwrap();
+    let want = library_answer(&model, &Prompt::Rendered(rendered), &Media::default(), 5);
+    assert_eq!(a2["choices"][0]["message"]["content"], want.0.as_str());
+}

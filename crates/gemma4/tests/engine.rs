@@ -35,6 +35,7 @@ fn start(m: &Arc<Gemma4>, parallel: usize, max_queue: usize, chunk: usize) -> En
             parallel,
             max_queue,
             prefill_chunk: chunk,
+            cache_bytes: 64 << 20,
         },
         None,
     )
@@ -289,4 +290,36 @@ fn a_new_image_behind_the_same_placeholders_is_not_taken_from_the_cache() {
     let cont = finish(&m, cont);
     let fresh = finish(&m, Sequence::new(&m.text, b, &opts(3)).unwrap());
     assert_same(&(fresh.0, fresh.1), &(cont.0, cont.1));
+}
+
+#[test]
+fn the_prefix_cache_serves_the_next_turn_and_a_shared_system_prompt() {
+    use std::sync::atomic::Ordering;
+    let m = model();
+    let engine = start(&m, 2, 8, 512);
+    let stats = engine.stats();
+    let system: Vec<u32> = (0..20).map(|t| 2 + (t * 17 % 300) as u32).collect();
+    let alone = |ids: &[u32], n: usize| {
+        generate(&m.text, ids, &opts(n), |_| Ok(()))
+            .unwrap()
+            .generated_ids
+    };
+    let run = |ids: &[u32], n: usize| collect(engine.submit(job(ids.to_vec(), n, None)).unwrap()).0;
+    // Turn one, then turn two built on its answer: the second starts from the first's cache.
+    let turn1 = [system.clone(), vec![40, 41]].concat();
+    let gen1 = run(&turn1, 4);
+    assert_eq!(gen1, alone(&turn1, 4));
+    let turn2 = [turn1.clone(), gen1.clone(), vec![42, 43, 44]].concat();
+    assert_eq!(run(&turn2, 5), alone(&turn2, 5));
+    assert_eq!(stats.prefix_cache_hits.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.prefix_cache_tokens.load(Ordering::Relaxed),
+        (turn1.len() + gen1.len() - 1) as u64
+    );
+    // Another conversation with the same system prompt branches from it, and the kept
+    // conversation still serves its own next turn.
+    let other = [system.clone(), vec![90, 91, 92]].concat();
+    assert_eq!(run(&other, 3), alone(&other, 3));
+    assert_eq!(stats.prefix_cache_hits.load(Ordering::Relaxed), 2);
+    assert!(stats.prefix_cache_bytes.load(Ordering::Relaxed) > 0);
 }

@@ -98,6 +98,24 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResp
             &one(rate(get(&s.decode_step_tokens), get(&s.decode_micros))),
         );
         metric(
+            "prefix_cache_hits_total",
+            "counter",
+            "Requests that started from a kept sequence's cache.",
+            &one(get(&s.prefix_cache_hits)),
+        );
+        metric(
+            "prefix_cache_tokens_total",
+            "counter",
+            "Prompt tokens the prefix cache spared.",
+            &one(get(&s.prefix_cache_tokens)),
+        );
+        metric(
+            "prefix_cache_bytes",
+            "gauge",
+            "Bytes of KV cache kept for later prompts (--cache-mb).",
+            &one(get(&s.prefix_cache_bytes)),
+        );
+        metric(
             "kv_cache_bytes",
             "gauge",
             "Bytes the running sequences' KV caches hold.",

@@ -64,6 +64,10 @@ pub(crate) struct ServeArgs {
     /// Prompt tokens run per step while prefilling, so running streams keep going.
     #[arg(long, default_value_t = 256)]
     pub(crate) prefill_chunk: usize,
+    /// MB of KV cache kept from finished requests, so a conversation's next turn (or
+    /// another request with the same system prompt) skips the prefix it shares (0: off).
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) cache_mb: usize,
     /// Largest request body in MB (413 above it; base64 media make bodies large).
     #[arg(long, default_value_t = 32)]
     pub(crate) max_body_mb: usize,
@@ -162,6 +166,7 @@ async fn serve(a: ServeArgs, app: Arc<App>, pool: Arc<rayon::ThreadPool>) -> Res
         parallel: a.parallel.max(1),
         max_queue: a.max_queue,
         prefill_chunk: a.prefill_chunk.max(1),
+        cache_bytes: a.cache_mb.saturating_mul(1 << 20),
     };
     let model_args = a.model;
     tokio::task::spawn_blocking(move || match load(&model_args, engine_opts, pool) {

@@ -8,6 +8,14 @@
 //! ([`SubmitError::QueueFull`]). Dropping the receiver cancels the request: the engine
 //! sees it at the next event it sends, within one step. Long prompts run in chunks of
 //! `prefill_chunk` tokens, so sequences already decoding keep producing tokens.
+//!
+//! Prefix cache: finished sequences are kept, up to `cache_bytes` of KV cache, least
+//! recently used dropped first. A new request starts from the kept sequence that shares
+//! the longest prefix with its prompt ([`Sequence::shared_prefix`]: ids, per-layer ids
+//! and media embeddings all equal): the next turn of a conversation takes it over
+//! ([`Sequence::continue_from`]); a request that departs from it earlier, such as
+//! another conversation with the same system prompt, gets a copy
+//! ([`Sequence::branch_from`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
@@ -27,6 +35,9 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Prompt tokens a sequence runs per step while prefilling.
     pub prefill_chunk: usize,
+    /// Bytes of KV cache kept from finished sequences for later prompts that share their
+    /// prefix (0: none).
+    pub cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -35,6 +46,7 @@ impl Default for EngineOptions {
             parallel: 4,
             max_queue: 64,
             prefill_chunk: 512,
+            cache_bytes: 1 << 30,
         }
     }
 }
@@ -99,6 +111,11 @@ pub struct EngineStats {
     pub decode_step_tokens: AtomicU64,
     /// Bytes the KV caches of running sequences hold.
     pub kv_cache_bytes: AtomicU64,
+    /// Requests that started from a kept sequence, the prompt tokens that spared, and the
+    /// bytes the kept sequences hold.
+    pub prefix_cache_hits: AtomicU64,
+    pub prefix_cache_tokens: AtomicU64,
+    pub prefix_cache_bytes: AtomicU64,
 }
 
 /// A handle to the engine thread; cloning shares it. The thread ends when every handle
@@ -167,9 +184,81 @@ impl Engine {
     }
 }
 
-fn admit(model: &TextModel, job: Job, events: Sender<Event>, running: &mut Vec<Running>) {
+/// Finished sequences kept for their caches, least recently used first.
+struct Kept {
+    seqs: Vec<Sequence>,
+    max_bytes: usize,
+}
+
+impl Kept {
+    fn bytes(&self) -> usize {
+        self.seqs.iter().map(|s| s.cache().bytes()).sum()
+    }
+
+    fn keep(&mut self, seq: Sequence, stats: &EngineStats) {
+        if self.max_bytes > 0 && seq.cache().bytes() <= self.max_bytes {
+            self.seqs.push(seq);
+            while self.bytes() > self.max_bytes {
+                self.seqs.remove(0);
+            }
+        }
+        stats
+            .prefix_cache_bytes
+            .store(self.bytes() as u64, Ordering::Relaxed);
+    }
+
+    /// A sequence for `job`, from the kept one sharing the longest prefix when any does.
+    fn start(
+        &mut self,
+        model: &TextModel,
+        job: &Job,
+        stats: &EngineStats,
+    ) -> crate::Result<Sequence> {
+        let best = self
+            .seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.shared_prefix(model, &job.prompt).unwrap_or(0)))
+            .max_by_key(|&(i, n)| (n, i));
+        let seq = match best {
+            Some((i, n)) if n > 0 => {
+                let held = self.seqs[i].cache().seq_len();
+                // Within the rollback the ring allows: the conversation goes on.
+                if n + 32 >= held {
+                    let prev = self.seqs.remove(i);
+                    Sequence::continue_from(model, job.prompt.clone(), &job.options, prev)?
+                } else {
+                    let prev = self.seqs.remove(i);
+                    let seq = Sequence::branch_from(model, job.prompt.clone(), &job.options, &prev);
+                    self.seqs.push(prev);
+                    seq?
+                }
+            }
+            _ => Sequence::new(model, job.prompt.clone(), &job.options)?,
+        };
+        if seq.fed() > 0 {
+            stats.prefix_cache_hits.fetch_add(1, Ordering::Relaxed);
+            stats
+                .prefix_cache_tokens
+                .fetch_add(seq.fed() as u64, Ordering::Relaxed);
+        }
+        stats
+            .prefix_cache_bytes
+            .store(self.bytes() as u64, Ordering::Relaxed);
+        Ok(seq)
+    }
+}
+
+fn admit(
+    model: &TextModel,
+    job: Job,
+    events: Sender<Event>,
+    running: &mut Vec<Running>,
+    kept: &mut Kept,
+    stats: &EngineStats,
+) {
     let total = job.prompt.ids.len();
-    match Sequence::new(model, job.prompt, &job.options) {
+    match kept.start(model, &job, stats) {
         Ok(seq) => running.push(Running {
             seq,
             events,
@@ -189,13 +278,17 @@ fn run(
     stats: &EngineStats,
 ) {
     let mut running: Vec<Running> = Vec::new();
+    let mut kept = Kept {
+        seqs: Vec::new(),
+        max_bytes: opts.cache_bytes,
+    };
     let mut open = true;
     loop {
         while open && running.len() < opts.parallel.max(1) {
             match rx.try_recv() {
                 Ok((job, events)) => {
                     stats.queued.fetch_sub(1, Ordering::SeqCst);
-                    admit(model, job, events, &mut running);
+                    admit(model, job, events, &mut running, &mut kept, stats);
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => open = false,
@@ -208,7 +301,7 @@ fn run(
             match rx.recv() {
                 Ok((job, events)) => {
                     stats.queued.fetch_sub(1, Ordering::SeqCst);
-                    admit(model, job, events, &mut running);
+                    admit(model, job, events, &mut running, &mut kept, stats);
                 }
                 Err(_) => return,
             }
@@ -255,16 +348,18 @@ fn run(
                 };
                 alive = r.events.send(event).is_ok();
             }
-            if alive {
-                if let Some(reason) = r.seq.stop_reason() {
+            match (alive, r.seq.stop_reason()) {
+                (true, None) => keep.push(r),
+                (true, Some(reason)) => {
                     let _ = r.events.send(Event::Finished {
                         reason,
                         prompt_tokens: r.seq.prompt_ids().len(),
                         generated_tokens: r.seq.generated().len(),
                     });
-                } else {
-                    keep.push(r);
+                    kept.keep(r.seq, stats);
                 }
+                // Cancelled: what it ran may still serve the client's retry.
+                (false, _) => kept.keep(r.seq, stats),
             }
         }
         running = keep;

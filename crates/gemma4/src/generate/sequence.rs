@@ -112,8 +112,34 @@ impl Sequence {
         previous: Sequence,
     ) -> Result<Self> {
         let reuse = previous.shared_prefix(model, &prompt)?;
+        Self::resume(model, prompt, opts, previous.cache, reuse)
+    }
+
+    /// [`Self::continue_from`] leaving `previous` as it is: its cache is copied (for a
+    /// prefix many requests share, such as a system prompt).
+    pub fn branch_from(
+        model: &TextModel,
+        prompt: PromptInput,
+        opts: &GenerateOptions,
+        previous: &Sequence,
+    ) -> Result<Self> {
+        let reuse = previous.shared_prefix(model, &prompt)?;
+        if reuse == 0 {
+            return Sequence::new(model, prompt, opts);
+        }
+        Self::resume(model, prompt, opts, previous.cache.fork()?, reuse)
+    }
+
+    /// A sequence for `prompt` whose first `reuse` positions `cache` holds (it may hold
+    /// more, which are dropped).
+    fn resume(
+        model: &TextModel,
+        prompt: PromptInput,
+        opts: &GenerateOptions,
+        mut cache: KvCache,
+        reuse: usize,
+    ) -> Result<Self> {
         let mut seq = Sequence::new(model, prompt, opts)?;
-        let mut cache = previous.cache;
         if reuse > 0 && cache.truncate(reuse).is_ok() {
             let total = seq.prompt.ids.len() + opts.max_new_tokens.min(RESERVED_NEW_TOKENS);
             cache.reserve(model.config().max_position_embeddings.min(total))?;
