@@ -32,8 +32,9 @@ impl DtypeArg {
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json), or a Hugging Face
+    /// hub id (`google/gemma-4-E2B-it`, `@REVISION` optional) found in the local hub cache.
+    #[arg(long, value_parser = model_dir)]
     pub(crate) model: PathBuf,
     /// Compute dtype (default: the checkpoint's own, as `from_pretrained` loads it: bf16
     /// for the released checkpoints). f32 matches the reference run in f32 to 1e-4.
@@ -93,6 +94,11 @@ impl LimitArgs {
             max_prompt_bytes: self.max_prompt_bytes,
         }
     }
+}
+
+/// `--model`: a directory, or a hub id resolved in the local hub cache.
+pub(crate) fn model_dir(s: &str) -> std::result::Result<PathBuf, String> {
+    gemma4::loading::hub::resolve(std::path::Path::new(s)).map_err(|e| e.to_string())
 }
 
 impl ModelArgs {

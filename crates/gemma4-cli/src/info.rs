@@ -11,7 +11,7 @@ use serde_json::json;
 
 #[derive(Args)]
 pub(crate) struct InfoArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::model_dir)]
     pub(crate) model: PathBuf,
     #[arg(long)]
     pub(crate) json: bool,

@@ -9,8 +9,8 @@ use gemma4::prompt::output_parser::{parse_output, Markers};
 
 #[derive(Args)]
 pub(crate) struct ParseOutputArgs {
-    /// Checkpoint directory (only its tokenizer is read).
-    #[arg(long)]
+    /// Checkpoint directory or hub id (only its tokenizer is read).
+    #[arg(long, value_parser = crate::args::model_dir)]
     pub(crate) model: PathBuf,
     /// The completion as comma-separated token ids.
     #[arg(

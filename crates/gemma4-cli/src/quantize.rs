@@ -11,7 +11,7 @@ use serde_json::json;
 #[derive(Args)]
 pub(crate) struct QuantizeArgs {
     /// Source checkpoint directory (safetensors).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::model_dir)]
     pub(crate) model: PathBuf,
     /// q8_0, q4_k, q6_k, q4_0 or q5_0.
     #[arg(long, value_name = "FORMAT")]

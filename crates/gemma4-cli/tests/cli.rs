@@ -855,3 +855,43 @@ fn chat_answers_each_turn_as_the_library_does_and_saves_the_conversation() {
     std::fs::remove_file(&save).ok();
     assert_eq!(saved, Value::Array(messages));
 }
+
+#[test]
+fn a_hub_id_is_found_in_the_local_hub_cache() {
+    let cache = std::env::temp_dir().join(format!("gemma4-cli-hub-{}", std::process::id()));
+    let snap = cache.join("models--google--tiny-gemma/snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(cache.join("models--google--tiny-gemma/refs")).unwrap();
+    std::fs::write(
+        cache.join("models--google--tiny-gemma/refs/main"),
+        "0123abcd",
+    )
+    .unwrap();
+    for e in std::fs::read_dir(fixture("text_only")).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
+        }
+    }
+    let run = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gemma4"))
+            .args(["info", "--model", id, "--json"])
+            .env("HF_HUB_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    let ok = run("google/tiny-gemma");
+    let missing = run("google/other-gemma");
+    std::fs::remove_dir_all(&cache).ok();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success());
+    assert!(
+        err.contains("hub cache") && err.contains("download google/other-gemma"),
+        "{err}"
+    );
+}

@@ -114,14 +114,28 @@ impl App {
     }
 }
 
+/// The directory's name, or for a hub cache snapshot (`models--ORG--NAME/snapshots/REV`)
+/// its hub id.
+fn default_name(dir: &std::path::Path) -> String {
+    let parts: Vec<String> = dir
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if let [.., repo, snapshots, _rev] = parts.as_slice() {
+        if snapshots == "snapshots" {
+            if let Some(id) = repo.strip_prefix("models--") {
+                return id.replacen("--", "/", 1);
+            }
+        }
+    }
+    parts.last().cloned().unwrap_or_else(|| "gemma4".into())
+}
+
 pub(crate) fn cmd_serve(a: ServeArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
-    let name = a.served_model_name.clone().unwrap_or_else(|| {
-        a.model
-            .model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "gemma4".into())
-    });
+    let name = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_name(&a.model.model));
     let app = Arc::new(App {
         loaded: OnceLock::new(),
         load_error: OnceLock::new(),
