@@ -1,13 +1,15 @@
 """`gemma4 serve` spoken to by the official `openai` Python SDK (pinned in .ci/run).
 
-    python scripts/openai_conformance.py PATH/TO/gemma4 tests/fixtures/text_only
+    python scripts/openai_conformance.py PATH/TO/gemma4 tests/fixtures/text_only [tests/fixtures/chat_tools]
 
 Starts the server on a free port with an API key, then checks what SDK users rely on:
 streamed output equals whole output at temperature 0, `include_usage` (and its 400
 without `stream`), `finish_reason: length`, stop strings left out of the text, log
 probabilities, the error classes the SDK raises for 400/401/404/413, four concurrent
-streams equal to their solo answers, and a stream closed early freeing its sequence.
-Exits non-zero on the first failure.
+streams equal to their solo answers, and a stream closed early freeing its sequence. With
+the trained `chat_tools` fixture, a tool-call round trip: the call as the SDK parses it,
+the result sent back, the prompt ids equal to the reference's rendering of the same
+messages, and the model's answer. Exits non-zero on the first failure.
 """
 
 import json
@@ -71,7 +73,46 @@ def main():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    if len(sys.argv) > 3:
+        proc, addr = start(binary, sys.argv[3])
+        try:
+            tools(addr, sys.argv[3])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     print("all conformance checks passed")
+
+
+def tools(addr, model_dir):
+    with open(f"{model_dir}/golden/chat.json") as f:
+        golden = json.load(f)["cases"]
+    client = openai.OpenAI(base_url=f"{addr}/v1", api_key=KEY, max_retries=0)
+    name = client.models.list().data[0].id
+    weather = golden[0]["tools"]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model=name, messages=messages, tools=weather, temperature=0,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    msg = r.choices[0].message
+    call = msg.tool_calls[0]
+    check(r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+          and json.loads(call.function.arguments) == {"city": "Paris"},
+          "a tool call, as the SDK parses it")
+    check(getattr(msg, "reasoning_content", None) == "I need the weather tool.",
+          "reasoning_content beside the call")
+    messages.append({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": call.function.name, "arguments": call.function.arguments}}]})
+    messages.append({"role": "tool", "tool_call_id": "call_1", "content": "sunny"})
+    req = urllib.request.Request(f"{addr}/tokenize", method="POST",
+                                 data=json.dumps({"messages": messages, "tools": weather}).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        ids = json.loads(resp.read())["tokens"]
+    check(ids == golden[1]["prompt_ids"], "the round trip's prompt ids are the reference's")
+    r = client.chat.completions.create(model=name, messages=messages, tools=weather, temperature=0)
+    check(r.choices[0].message.content == "It is sunny in Paris."
+          and r.choices[0].finish_reason == "stop", "the answer after the tool's result")
 
 
 def run(addr):

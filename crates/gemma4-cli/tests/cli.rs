@@ -895,3 +895,32 @@ fn a_hub_id_is_found_in_the_local_hub_cache() {
         "{err}"
     );
 }
+
+#[test]
+fn chat_shows_the_thought_apart_from_the_answer() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args([
+            "chat",
+            "--model",
+            fixture("chat_tools").to_str().unwrap(),
+            "--think",
+            "--greedy",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is 2+2?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // The trained fixture's answer: the thought on stderr, the answer alone on stdout.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "The answer is 4.\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("thinking: Two plus two."));
+}

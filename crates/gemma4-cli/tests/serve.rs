@@ -552,3 +552,131 @@ fn the_next_turn_of_a_conversation_comes_from_the_prefix_cache() {
     let want = library_answer(&model, &Prompt::Rendered(rendered), &Media::default(), 5);
     assert_eq!(a2["choices"][0]["message"]["content"], want.0.as_str());
 }
+
+/// The `chat_tools` fixture's goldens.
+fn tools_golden() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture("chat_tools").join("golden/chat.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn weather_tool() -> Value {
+    tools_golden()["cases"][0]["tools"].clone()
+}
+
+#[test]
+fn a_tool_call_round_trip_on_a_trained_model() {
+    let s = Server::start(&fixture("chat_tools"), &[]);
+    let golden = tools_golden();
+    let ask = json!({"role": "user", "content": "Weather in Paris?"});
+    // Thinking on: a thought, then a call; the model stops to wait for the result.
+    let body = json!({"messages": [ask], "tools": weather_tool(), "temperature": 0,
+                      "chat_template_kwargs": {"enable_thinking": true}});
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls");
+    assert_eq!(c["message"]["content"], Value::Null);
+    assert_eq!(
+        c["message"]["reasoning_content"],
+        "I need the weather tool."
+    );
+    let call = &c["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+    // The same streamed: reasoning deltas, one tool-call delta with index, id and name.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (_, events) = s.stream("/v1/chat/completions", &sbody);
+    let mut reasoning = String::new();
+    let mut calls = Vec::new();
+    let mut finish = Vec::new();
+    for e in &events[..events.len() - 1] {
+        let c = &e["choices"][0];
+        reasoning.push_str(c["delta"]["reasoning_content"].as_str().unwrap_or(""));
+        assert!(
+            c["delta"]["content"].as_str().unwrap_or("").is_empty(),
+            "{e}"
+        );
+        if let Some(tc) = c["delta"]["tool_calls"].as_array() {
+            calls.extend(tc.iter().cloned());
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish.push(f.to_string());
+        }
+    }
+    assert_eq!(reasoning, "I need the weather tool.");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["index"], 0);
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    assert_eq!(finish, ["tool_calls"]);
+    // The client runs the tool and sends the result back, arguments as a JSON string as
+    // the API has them: the prompt is the reference's, and so is the answer.
+    let messages = json!([
+        ask,
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    ]);
+    let (_, t) = s.post(
+        "/tokenize",
+        &json!({"messages": messages, "tools": weather_tool()}),
+    );
+    assert_eq!(t["tokens"], golden["cases"][1]["prompt_ids"]);
+    let (_, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "tools": weather_tool(), "temperature": 0}),
+    );
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "It is sunny in Paris."
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // Two calls in a row; one only when parallel calls are off.
+    let two = json!({"messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
+                     "tools": weather_tool(), "temperature": 0});
+    let (_, v) = s.post("/v1/chat/completions", &two);
+    let cities: Vec<Value> = v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(cities, [json!({"city": "Paris"}), json!({"city": "Rome"})]);
+    let mut one = two.clone();
+    one["parallel_tool_calls"] = json!(false);
+    let (_, v) = s.post("/v1/chat/completions", &one);
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Thinking without tools: the thought apart from the answer.
+    let (_, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0,
+                "chat_template_kwargs": {"enable_thinking": true}}),
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], "The answer is 4.");
+    assert_eq!(
+        v["choices"][0]["message"]["reasoning_content"],
+        "Two plus two."
+    );
+    // `tool_choice: none` leaves the tools out of the prompt.
+    let (_, with) = s.post(
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "x"}], "tools": weather_tool()}),
+    );
+    let (_, without) = s.post(
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": "x"}], "tools": weather_tool(), "tool_choice": "none"}),
+    );
+    assert!(with["count"].as_u64() > without["count"].as_u64());
+}
