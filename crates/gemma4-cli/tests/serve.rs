@@ -457,12 +457,11 @@ fn concurrent_streams_equal_their_solo_answers_and_a_dropped_stream_frees_its_sl
     assert_eq!(status, 200);
 }
 
-#[test]
-fn an_image_in_a_data_uri_is_what_the_library_sees() {
-    // vision_small with a template that writes image parts as `<|image|>` (the fixture's
-    // own takes strings only).
-    let src = fixture("vision_small");
-    let dir = std::env::temp_dir().join(format!("gemma4-serve-vision-{}", std::process::id()));
+/// A copy of fixture `name` whose template writes image and audio parts as their markers
+/// (the fixtures' own take strings only).
+fn with_parts_template(name: &str) -> PathBuf {
+    let src = fixture(name);
+    let dir = std::env::temp_dir().join(format!("gemma4-serve-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
@@ -475,10 +474,17 @@ fn an_image_in_a_data_uri_is_what_the_library_sees() {
         dir.join("chat_template.jinja"),
         "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n\
          {% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}\
-         {% if p['type'] == 'image' %}<|image|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}\
+         {% if p['type'] == 'image' %}<|image|>{% elif p['type'] == 'audio' %}<|audio|>\
+         {% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}\
          <turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}",
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn an_image_in_a_data_uri_is_what_the_library_sees() {
+    let dir = with_parts_template("vision_small");
     let png = std::fs::read(fixture("images").join("landscape.png")).unwrap();
     let url = format!(
         "data:image/png;base64,{}",
@@ -679,4 +685,46 @@ fn a_tool_call_round_trip_on_a_trained_model() {
         &json!({"messages": [{"role": "user", "content": "x"}], "tools": weather_tool(), "tool_choice": "none"}),
     );
     assert!(with["count"].as_u64() > without["count"].as_u64());
+}
+
+#[test]
+fn an_audio_clip_in_input_audio_is_what_the_library_sees() {
+    let dir = with_parts_template("audio_small");
+    let wav = fixture("audio").join("hello_16k.wav");
+    let data = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&wav).unwrap());
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let media = Media {
+        audio: vec![model.load_audio(&wav).unwrap()],
+        ..Default::default()
+    };
+    let want = library_answer(
+        &model,
+        &Prompt::Rendered("<bos><|turn>user\n<|audio|>Transcribe.<turn|>\n<|turn>model\n".into()),
+        &media,
+        6,
+    );
+    let s = Server::start(&dir, &[]);
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+            {"type": "text", "text": "Transcribe."}
+        ]}]}),
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], want.0.as_str());
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        model
+            .prepare(
+                &Prompt::Rendered(
+                    "<bos><|turn>user\n<|audio|>Transcribe.<turn|>\n<|turn>model\n".into()
+                ),
+                &media
+            )
+            .unwrap()
+            .ids
+            .len()
+    );
 }
