@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use gemma4::generate::sampling::SamplingParams;
 use gemma4::model::Media;
 use gemma4::prompt::chat::Message;
 use gemma4::quant::QuantType;
@@ -111,6 +112,56 @@ impl ModelArgs {
             None if self.quant.is_some() || !self.model.is_dir() => DType::F32,
             None => gemma4::default_dtype(&self.model)?,
         })
+    }
+}
+
+/// Sampling flags; unset ones take the checkpoint's `generation_config.json` values.
+#[derive(Args)]
+pub(crate) struct SamplingArgs {
+    /// Always pick the most likely token (overrides the checkpoint's sampling defaults).
+    #[arg(long)]
+    pub(crate) greedy: bool,
+    /// Sampling temperature (0 = greedy). Unset sampling flags take the checkpoint's
+    /// generation_config.json values.
+    #[arg(long)]
+    pub(crate) temperature: Option<f64>,
+    #[arg(long)]
+    pub(crate) top_k: Option<usize>,
+    #[arg(long)]
+    pub(crate) top_p: Option<f64>,
+    #[arg(long)]
+    pub(crate) min_p: Option<f64>,
+    #[arg(long)]
+    pub(crate) repetition_penalty: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+}
+
+impl SamplingArgs {
+    /// Greedy with `--greedy`, or when no sampling flag is given and the checkpoint does
+    /// not sample; otherwise the flags over the checkpoint's values.
+    pub(crate) fn params(&self, model: &Gemma4) -> SamplingParams {
+        let g = &model.generation_config;
+        let any_flag = self.temperature.is_some()
+            || self.top_k.is_some()
+            || self.top_p.is_some()
+            || self.min_p.is_some();
+        if self.greedy || (!any_flag && !g.do_sample) {
+            return SamplingParams {
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+                ..Default::default()
+            };
+        }
+        SamplingParams {
+            temperature: self.temperature.or(g.temperature).or(Some(1.0)),
+            top_k: self.top_k.or(g.top_k),
+            top_p: self.top_p.or(g.top_p),
+            min_p: self.min_p.or(g.min_p),
+            repetition_penalty: self.repetition_penalty.or(g.repetition_penalty),
+            seed: self.seed,
+            ..Default::default()
+        }
     }
 }
 

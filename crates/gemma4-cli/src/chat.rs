@@ -13,14 +13,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::GenerateOptions;
 use gemma4::model::Media;
 use gemma4::prompt::output_parser::{Delta, Markers, OutputParser};
 use gemma4::{step, Gemma4, Prompt, Sequence};
 use serde_json::{json, Map, Value};
 
-use crate::args::ModelArgs;
+use crate::args::{ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub(crate) struct ChatArgs {
@@ -38,38 +37,8 @@ pub(crate) struct ChatArgs {
     /// Most tokens per answer.
     #[arg(long, default_value_t = 1024)]
     pub(crate) max_tokens: usize,
-    /// Always pick the most likely token.
-    #[arg(long)]
-    pub(crate) greedy: bool,
-    /// Sampling temperature (default: the checkpoint's generation_config.json).
-    #[arg(long)]
-    pub(crate) temperature: Option<f64>,
-    #[arg(long)]
-    pub(crate) top_p: Option<f64>,
-    #[arg(long)]
-    pub(crate) top_k: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub(crate) seed: u64,
-}
-
-fn sampling(a: &ChatArgs, m: &Gemma4) -> SamplingParams {
-    let g = &m.generation_config;
-    let any = a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some();
-    if a.greedy || (!any && !g.do_sample) {
-        return SamplingParams {
-            seed: a.seed,
-            ..Default::default()
-        };
-    }
-    SamplingParams {
-        temperature: a.temperature.or(g.temperature).or(Some(1.0)),
-        top_k: a.top_k.or(g.top_k),
-        top_p: a.top_p.or(g.top_p),
-        min_p: g.min_p,
-        repetition_penalty: g.repetition_penalty,
-        seed: a.seed,
-        ..Default::default()
-    }
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
 }
 
 struct Chat {
@@ -240,10 +209,10 @@ fn turn(
         );
     }
     let mut stop_ids = model.stop_ids();
-    stop_ids.extend([markers.eos, markers.turn_close, markers.tool_response_open]);
+    stop_ids.extend(markers.message_ends());
     let opts = GenerateOptions {
         max_new_tokens: a.max_tokens.min(room),
-        sampling: sampling(a, model),
+        sampling: a.sampling.params(model),
         stop_ids,
     };
     let mut seq = match chat.previous.take() {

@@ -2,13 +2,12 @@
 
 use std::io::Write;
 
-use crate::args::{load, media_of, prompt_of, MediaArgs, ModelArgs, PromptArgs};
+use crate::args::{load, media_of, prompt_of, MediaArgs, ModelArgs, PromptArgs, SamplingArgs};
 use anyhow::Result;
 use clap::Args;
-use gemma4::generate::sampling::SamplingParams;
 use gemma4::generate::{generate_from, GenerateOptions};
 use gemma4::prompt::tokenizer::StreamDecoder;
-use gemma4::Gemma4;
+
 use serde_json::json;
 
 #[derive(Args)]
@@ -24,48 +23,11 @@ pub(crate) struct GenerateArgs {
     pub(crate) system: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub(crate) max_new_tokens: usize,
-    /// Always pick the most likely token (overrides the checkpoint's sampling defaults).
-    #[arg(long)]
-    pub(crate) greedy: bool,
-    /// Sampling temperature (0 = greedy). Unset sampling flags take the checkpoint's
-    /// generation_config.json values.
-    #[arg(long)]
-    pub(crate) temperature: Option<f64>,
-    #[arg(long)]
-    pub(crate) top_k: Option<usize>,
-    #[arg(long)]
-    pub(crate) top_p: Option<f64>,
-    #[arg(long)]
-    pub(crate) min_p: Option<f64>,
-    #[arg(long)]
-    pub(crate) repetition_penalty: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    pub(crate) seed: u64,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub(crate) json: bool,
-}
-
-fn sampling_of(a: &GenerateArgs, model: &Gemma4) -> SamplingParams {
-    let g = &model.generation_config;
-    let any_flag =
-        a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some() || a.min_p.is_some();
-    if a.greedy || (!any_flag && !g.do_sample) {
-        return SamplingParams {
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-            ..Default::default()
-        };
-    }
-    SamplingParams {
-        temperature: a.temperature.or(g.temperature).or(Some(1.0)),
-        top_k: a.top_k.or(g.top_k),
-        top_p: a.top_p.or(g.top_p),
-        min_p: a.min_p.or(g.min_p),
-        repetition_penalty: a.repetition_penalty.or(g.repetition_penalty),
-        seed: a.seed,
-        ..Default::default()
-    }
 }
 
 pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
@@ -75,7 +37,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let input = model.prepare(&prompt, &media)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        sampling: sampling_of(&a, &model),
+        sampling: a.sampling.params(&model),
         stop_ids: model.stop_ids(),
     };
     let tok = model.tokenizer.as_ref();

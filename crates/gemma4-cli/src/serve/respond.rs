@@ -222,7 +222,7 @@ fn check_model(app: &App, v: &Value) -> Result<(), ApiError> {
 fn stop_ids(l: &Loaded) -> Vec<u32> {
     let mut ids = l.model.stop_ids();
     if let Some(m) = l.markers {
-        ids.extend([m.eos, m.turn_close, m.tool_response_open]);
+        ids.extend(m.message_ends());
     }
     ids.sort_unstable();
     ids.dedup();
@@ -320,12 +320,6 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
     })
     .await?;
     let (events, prompt_tokens) = submit(l, input, &s)?;
-    let meta = Meta {
-        id: format!("chatcmpl-{}", random_id()),
-        created: now(),
-        model: app.name.clone(),
-        prompt_tokens,
-    };
     answer(
         &app,
         l.model.clone(),
@@ -333,7 +327,7 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
         forced,
         events,
         s,
-        meta,
+        prompt_tokens,
         Kind::Chat,
     )
     .await
@@ -376,12 +370,6 @@ async fn completion(
     let model = l.model.clone();
     let input = blocking(move || Ok(model.prepare(&prompt, &Default::default())?)).await?;
     let (events, prompt_tokens) = submit(l, input, &s)?;
-    let meta = Meta {
-        id: format!("cmpl-{}", random_id()),
-        created: now(),
-        model: app.name.clone(),
-        prompt_tokens,
-    };
     answer(
         &app,
         l.model.clone(),
@@ -389,7 +377,7 @@ async fn completion(
         Vec::new(),
         events,
         s,
-        meta,
+        prompt_tokens,
         Kind::Text,
     )
     .await
@@ -434,10 +422,19 @@ async fn answer(
     forced: Vec<u32>,
     events: mpsc::UnboundedReceiver<Event>,
     s: Settings,
-    meta: Meta,
+    prompt_tokens: usize,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let deadline = Instant::now() + app.timeout;
+    let meta = Meta {
+        id: match kind {
+            Kind::Chat => format!("chatcmpl-{}", random_id()),
+            Kind::Text => format!("cmpl-{}", random_id()),
+        },
+        created: now(),
+        model: app.name.clone(),
+        prompt_tokens,
+    };
     if s.stream {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         tokio::spawn(async move {
@@ -549,6 +546,39 @@ fn legacy_logprobs(entries: &[Value]) -> Value {
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
+/// What the next engine event means for an answer.
+enum Step {
+    /// A prompt chunk ran: `done` of `total` tokens.
+    Progress(usize, usize),
+    /// A token, as the pieces of answer it completed (check `Output::stopped` after).
+    Pieces(Vec<Piece>),
+    /// The engine finished the sequence, for this reason.
+    End(StopReason),
+}
+
+/// Waits for the engine's next event (until `deadline`) and reads it through `out`.
+async fn next_step(
+    out: &mut Output<'_>,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    deadline: Instant,
+) -> Result<Step, ApiError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, events.recv()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the request ran past the server's --timeout",
+        )),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the engine dropped the request",
+        )),
+        Ok(Some(Event::Prefill { done, total })) => Ok(Step::Progress(done, total)),
+        Ok(Some(Event::Token { id, logprobs })) => Ok(Step::Pieces(out.token(id, logprobs)?)),
+        Ok(Some(Event::Finished { reason, .. })) => Ok(Step::End(reason)),
+        Ok(Some(Event::Failed(m))) => Err(ApiError::new(StatusCode::BAD_REQUEST, m)),
+    }
+}
+
 /// Reads the engine's events until the answer is complete, handing each piece to `emit`
 /// (which says whether the client still listens). Returns the engine's stop reason
 /// (`None` when a stop string or the client ended it).
@@ -559,26 +589,10 @@ async fn run(
     mut emit: impl FnMut(Piece) -> bool,
 ) -> Result<Option<StopReason>, ApiError> {
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let e = match tokio::time::timeout(left, events.recv()).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the request ran past the server's --timeout",
-                ))
-            }
-            Ok(None) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the engine dropped the request",
-                ))
-            }
-            Ok(Some(e)) => e,
-        };
-        match e {
-            Event::Prefill { .. } => {}
-            Event::Token { id, logprobs } => {
-                for p in out.token(id, logprobs)? {
+        match next_step(out, &mut events, deadline).await? {
+            Step::Progress(..) => {}
+            Step::Pieces(pieces) => {
+                for p in pieces {
                     if !emit(p) {
                         return Ok(None);
                     }
@@ -587,8 +601,7 @@ async fn run(
                     return Ok(None);
                 }
             }
-            Event::Finished { reason, .. } => return Ok(Some(reason)),
-            Event::Failed(m) => return Err(ApiError::new(StatusCode::BAD_REQUEST, m)),
+            Step::End(reason) => return Ok(Some(reason)),
         }
     }
 }
@@ -663,28 +676,12 @@ async fn stream(
     }
     let mut reason = None;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let e = match tokio::time::timeout(left, events.recv()).await {
-            Err(_) => {
-                let e = ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the request ran past the server's --timeout",
-                );
+        match next_step(&mut out, &mut events, deadline).await {
+            Err(e) => {
                 let _ = tx.send(sse(&e.body())).await;
                 return;
             }
-            Ok(None) => {
-                let e = ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the engine dropped the request",
-                );
-                let _ = tx.send(sse(&e.body())).await;
-                return;
-            }
-            Ok(Some(e)) => e,
-        };
-        match e {
-            Event::Prefill { done, total } => {
+            Ok(Step::Progress(done, total)) => {
                 // A comment: keeps proxies and clients from timing out a long prefill.
                 if tx
                     .send(Bytes::from(format!(": prefill {done}/{total}\n\n")))
@@ -694,14 +691,7 @@ async fn stream(
                     return;
                 }
             }
-            Event::Token { id, logprobs } => {
-                let pieces = match out.token(id, logprobs) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(sse(&e.body())).await;
-                        return;
-                    }
-                };
+            Ok(Step::Pieces(pieces)) => {
                 for p in pieces {
                     if let Some(b) = piece(p) {
                         if tx.send(b).await.is_err() {
@@ -713,14 +703,9 @@ async fn stream(
                     break;
                 }
             }
-            Event::Finished { reason: r, .. } => {
+            Ok(Step::End(r)) => {
                 reason = Some(r);
                 break;
-            }
-            Event::Failed(m) => {
-                let e = ApiError::new(StatusCode::BAD_REQUEST, m);
-                let _ = tx.send(sse(&e.body())).await;
-                return;
             }
         }
     }

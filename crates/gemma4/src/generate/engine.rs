@@ -309,7 +309,7 @@ fn run(
         }
         stats.running.store(running.len(), Ordering::SeqCst);
         let prefilling = running.iter().any(|r| !r.seq.is_prefilled());
-        let fed_before: usize = running.iter().map(|r| fed(&r.seq)).sum();
+        let fed_before: usize = running.iter().map(|r| r.seq.fed()).sum();
         let t = Instant::now();
         let outs = {
             let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
@@ -325,7 +325,7 @@ fn run(
                 continue;
             }
         };
-        let fed_after: usize = running.iter().map(|r| fed(&r.seq)).sum();
+        let fed_after: usize = running.iter().map(|r| r.seq.fed()).sum();
         let mut made = 0u64;
         // Keep the sequences whose client still listens and that have not finished.
         let mut keep = Vec::with_capacity(running.len());
@@ -342,7 +342,7 @@ fn run(
                         Event::Token { id, logprobs }
                     }
                     None => Event::Prefill {
-                        done: fed(&r.seq),
+                        done: r.seq.fed(),
                         total: r.total,
                     },
                 };
@@ -384,11 +384,6 @@ fn run(
             Ordering::Relaxed,
         );
     }
-}
-
-/// Prompt tokens a sequence has run.
-fn fed(seq: &Sequence) -> usize {
-    seq.fed()
 }
 
 /// Log-softmax of `row` at `id`, and the `k` largest.

@@ -35,6 +35,12 @@ pub struct Markers {
 }
 
 impl Markers {
+    /// The ids that end the model's message: `<turn|>`, `<|tool_response>` (the model
+    /// waits for the tool's answer) and `<eos>`. Generation stops at them.
+    pub fn message_ends(&self) -> [u32; 3] {
+        [self.turn_close, self.tool_response_open, self.eos]
+    }
+
     pub fn from_tokenizer(tok: &Tokenizer) -> Result<Self> {
         let id = |s: &str| {
             tok.token_to_id(s).ok_or_else(|| {
@@ -210,7 +216,7 @@ impl<'a> OutputParser<'a> {
     }
 
     fn ends_message(&self, id: u32) -> bool {
-        id == self.m.turn_close || id == self.m.tool_response_open || id == self.m.eos
+        self.m.message_ends().contains(&id)
     }
 
     fn text_piece(&mut self, piece: String, out: &mut Vec<Delta>) {
