@@ -9,7 +9,8 @@ probabilities, the error classes the SDK raises for 400/401/404/413, four concur
 streams equal to their solo answers, and a stream closed early freeing its sequence. With
 the trained `chat_tools` fixture, a tool-call round trip: the call as the SDK parses it,
 the result sent back, the prompt ids equal to the reference's rendering of the same
-messages, and the model's answer. Exits non-zero on the first failure.
+messages, and the model's answer; and a pydantic model as `response_format`, parsed by
+the SDK. Exits non-zero on the first failure.
 """
 
 import json
@@ -113,6 +114,20 @@ def tools(addr, model_dir):
     r = client.chat.completions.create(model=name, messages=messages, tools=weather, temperature=0)
     check(r.choices[0].message.content == "It is sunny in Paris."
           and r.choices[0].finish_reason == "stop", "the answer after the tool's result")
+    # Structured outputs as the SDK does them: a pydantic model becomes a strict
+    # json_schema response_format and the answer is parsed back into it; the thought
+    # before it runs free.
+    import pydantic
+
+    class Sum(pydantic.BaseModel):
+        answer: int
+
+    r = client.chat.completions.parse(model=name, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                      response_format=Sum, temperature=0,
+                                      extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    msg = r.choices[0].message
+    check(isinstance(msg.parsed, Sum) and getattr(msg, "reasoning_content", None) == "Two plus two.",
+          "a pydantic response_format, parsed by the SDK after a free thought")
 
 
 def run(addr):

@@ -94,6 +94,7 @@ fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
         max_new_tokens: gen + 1,
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
+        constraint: None,
     };
     let mut seqs = prompts
         .iter()

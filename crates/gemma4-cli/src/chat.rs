@@ -214,6 +214,7 @@ fn turn(
         max_new_tokens: a.max_tokens.min(room),
         sampling: a.sampling.params(model),
         stop_ids,
+        constraint: None,
     };
     let mut seq = match chat.previous.take() {
         Some(prev) => Sequence::continue_from(&model.text, input, &opts, prev)?,

@@ -841,6 +841,7 @@ fn chat_answers_each_turn_as_the_library_does_and_saves_the_conversation() {
             max_new_tokens: 6,
             sampling: SamplingParams::greedy(),
             stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
+            constraint: None,
         };
         let ids = generate_from(&model.text, &input, &opts, |_| Ok(()))
             .unwrap()

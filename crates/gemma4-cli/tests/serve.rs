@@ -157,6 +157,7 @@ fn library_answer(
         sampling: SamplingParams::greedy(),
         // The server's: the checkpoint's EOS ids and <eos>, <turn|>, <|tool_response>.
         stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
+        constraint: None,
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
     let tok = model.tokenizer().unwrap();
@@ -255,6 +256,7 @@ fn chat_answers_equal_the_library_streamed_or_whole() {
         max_new_tokens: 6,
         sampling: SamplingParams::greedy(),
         stop_ids: model.stop_ids(),
+        constraint: None,
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
     let text = model
@@ -727,4 +729,64 @@ fn an_audio_clip_in_input_audio_is_what_the_library_sees() {
             .ids
             .len()
     );
+}
+
+#[test]
+fn response_format_holds_the_answer_to_its_schema_after_a_free_thought() {
+    let s = Server::start(&fixture("chat_tools"), &[]);
+    let schema = json!({"type": "object", "properties": {"answer": {"type": "integer"}},
+                        "required": ["answer"], "additionalProperties": false});
+    let format = json!({"type": "json_schema", "json_schema": {"name": "sum", "schema": schema}});
+    // The trained model thinks first ("Two plus two."), then answers under the schema.
+    let body = json!({"messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0,
+                      "chat_template_kwargs": {"enable_thinking": true}, "response_format": format});
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "Two plus two.");
+    let answer: Value = serde_json::from_str(m["content"].as_str().unwrap()).unwrap();
+    assert!(answer["answer"].is_i64(), "{answer}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // Streamed: the same content.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (status, events) = s.stream("/v1/chat/completions", &sbody);
+    assert_eq!(status, 200);
+    assert_eq!(streamed(&events).0, m["content"].as_str().unwrap());
+    // json_object through the completions endpoint: the text opens an object, and when
+    // the answer ended by itself it is one.
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "Any JSON:", "max_tokens": 40, "temperature": 0,
+                "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with('{'), "{text}");
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(serde_json::from_str::<Value>(text).unwrap().is_object());
+    }
+    // Bad formats are 400s naming the field.
+    for (format, param) in [
+        (json!({"type": "xml"}), "response_format"),
+        (
+            json!({"type": "json_schema"}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"schema": [1]}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}),
+            "response_format",
+        ),
+    ] {
+        let (status, v) = s.post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}], "response_format": format}),
+        );
+        assert_eq!(status, 400, "{format}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
 }

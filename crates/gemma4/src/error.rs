@@ -74,6 +74,10 @@ pub enum Error {
     #[error("invalid argument `{}`: {}", escaped(.arg), escaped(.message))]
     InvalidArgument { arg: String, message: String },
 
+    /// Constrained decoding failed mid-answer (the grammar engine's own error).
+    #[error("constrained decoding: {}", escaped(.0))]
+    Constraint(String),
+
     /// From the tensor library: its first line only (with `RUST_BACKTRACE` set, candle
     /// appends a backtrace to its message), escaped.
     #[error("{}", escaped(.0.to_string().lines().next().unwrap_or_default()))]

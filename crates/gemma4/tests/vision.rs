@@ -323,6 +323,7 @@ fn check_model(name: &str) {
             max_new_tokens: want_greedy.len(),
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
+            constraint: None,
         };
         let out = generate_from(tm, &input, &opts, |_| Ok(())).unwrap();
         assert_eq!(

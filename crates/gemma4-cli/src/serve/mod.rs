@@ -28,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
+use gemma4::generate::constraint::ConstraintCompiler;
 use gemma4::generate::engine::{Engine, EngineOptions};
 use gemma4::prompt::output_parser::Markers;
 use gemma4::Gemma4;
@@ -101,6 +102,9 @@ pub(crate) struct Loaded {
     pub(crate) engine: Engine,
     pub(crate) markers: Option<Markers>,
     pub(crate) created: u64,
+    /// Made on the first request with a `response_format` (the token trie of a large
+    /// vocabulary takes a moment).
+    pub(crate) constraints: std::sync::OnceLock<Result<ConstraintCompiler, String>>,
 }
 
 impl App {
@@ -228,6 +232,7 @@ fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> 
         engine,
         markers,
         created,
+        constraints: std::sync::OnceLock::new(),
     })
 }
 

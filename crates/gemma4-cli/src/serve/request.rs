@@ -6,6 +6,7 @@
 
 use base64::Engine as _;
 use gemma4::audio::decode::{decode_audio_with, load_audio_with};
+use gemma4::generate::constraint::ResponseFormat;
 use gemma4::generate::sampling::SamplingParams;
 use gemma4::model::Media;
 use gemma4::vision::image_processor::{decode_image_with, load_image_with};
@@ -34,6 +35,8 @@ pub(crate) struct Settings {
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
     pub(crate) parallel_tool_calls: bool,
+    /// `response_format` `json_object` / `json_schema`.
+    pub(crate) response_format: Option<ResponseFormat>,
 }
 
 fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -197,18 +200,7 @@ pub(crate) fn settings(model: &Gemma4, v: &Value) -> Result<Settings, ApiError> 
             .map_err(|_| ApiError::bad("stream_options.include_usage", "must be true or false"))?
             .unwrap_or(false),
     };
-    if let Some(rf) = field(v, "response_format") {
-        match rf.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(t @ ("json_object" | "json_schema")) => {
-                return Err(ApiError::bad(
-                    "response_format",
-                    format!("`{t}` (constrained decoding) is not supported yet"),
-                ))
-            }
-            _ => return Err(ApiError::bad("response_format", "unknown `type`")),
-        }
-    }
+    let response_format = response_format(v)?;
     Ok(Settings {
         max_tokens,
         sampling,
@@ -217,6 +209,7 @@ pub(crate) fn settings(model: &Gemma4, v: &Value) -> Result<Settings, ApiError> 
         stream,
         include_usage,
         parallel_tool_calls: as_bool(v, "parallel_tool_calls")?.unwrap_or(true),
+        response_format,
     })
 }
 
@@ -510,4 +503,38 @@ pub(crate) fn render_chat(
         media,
         forced,
     })
+}
+
+/// OpenAI's `response_format`: `text` (free), `json_object`, or `json_schema` with its
+/// `schema` (missing: any JSON value).
+fn response_format(v: &Value) -> Result<Option<ResponseFormat>, ApiError> {
+    let Some(rf) = field(v, "response_format") else {
+        return Ok(None);
+    };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => {
+            let spec = field(rf, "json_schema").ok_or_else(|| {
+                ApiError::bad(
+                    "response_format.json_schema",
+                    "is required for `json_schema`",
+                )
+            })?;
+            match field(spec, "schema") {
+                None => Ok(Some(ResponseFormat::JsonSchema(Value::Bool(true)))),
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Ok(Some(ResponseFormat::JsonSchema(schema.clone())))
+                }
+                Some(_) => Err(ApiError::bad(
+                    "response_format.json_schema.schema",
+                    "must be a JSON schema (an object)",
+                )),
+            }
+        }
+        _ => Err(ApiError::bad(
+            "response_format",
+            "`type` must be `text`, `json_object` or `json_schema`",
+        )),
+    }
 }

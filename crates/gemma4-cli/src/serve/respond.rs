@@ -20,6 +20,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use gemma4::generate::constraint::{Constraint, ConstraintCompiler, ResponseFormat};
 use gemma4::generate::engine::{Event, Job, Logprobs, SubmitError};
 use gemma4::generate::{GenerateOptions, StopReason};
 use gemma4::prompt::output_parser::{Delta, Markers, OutputParser, ToolCall};
@@ -229,6 +230,19 @@ fn stop_ids(l: &Loaded) -> Vec<u32> {
     ids
 }
 
+/// `format` compiled for the model (the first call builds the compiler). Blocking.
+fn constraint(l: &Loaded, format: &ResponseFormat) -> Result<Constraint, ApiError> {
+    let compiler = l.constraints.get_or_init(|| {
+        let tok = l.model.tokenizer().map_err(|e| e.to_string())?;
+        let end = *stop_ids(l).first().ok_or("the model has no stop ids")?;
+        ConstraintCompiler::new(tok, l.model.config.text.vocab_size, end).map_err(|e| e.to_string())
+    });
+    match compiler {
+        Ok(c) => Ok(c.compile(format)?),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.clone())),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -243,6 +257,7 @@ fn submit(
     l: &Loaded,
     input: PromptInput,
     s: &Settings,
+    constraint: Option<Constraint>,
 ) -> Result<(mpsc::UnboundedReceiver<Event>, usize), ApiError> {
     let prompt_tokens = input.ids.len();
     let ctx = l.model.config.text.max_position_embeddings;
@@ -258,6 +273,7 @@ fn submit(
         max_new_tokens: s.max_tokens.unwrap_or(room).min(room),
         sampling: s.sampling.clone(),
         stop_ids: stop_ids(l),
+        constraint,
     };
     let job = Job {
         prompt: input,
@@ -307,19 +323,34 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
             "the tokenizer lacks Gemma 4's output markers",
         )
     })?;
-    let model = l.model.clone();
     let (max_media, allow) = (app.max_media, app.allow_local_media);
-    let (input, forced) = blocking(move || {
-        let chat = render_chat(&model, &v, max_media, allow)?;
-        let input = model.prepare(&Prompt::Rendered(chat.text), &chat.media)?;
+    let format = s.response_format.clone();
+    let a = app.clone();
+    let (input, forced, constraint) = blocking(move || {
+        let l = a.loaded()?;
+        let chat = render_chat(&l.model, &v, max_media, allow)?;
+        if format.is_some() && !chat.forced.is_empty() {
+            return Err(ApiError::bad(
+                "response_format",
+                "cannot hold an answer that `tool_choice` forces to be a tool call",
+            ));
+        }
+        let input = l.model.prepare(&Prompt::Rendered(chat.text), &chat.media)?;
         let forced = match chat.forced.is_empty() {
             true => Vec::new(),
-            false => model.tokenizer()?.encode_raw(&chat.forced)?,
+            false => l.model.tokenizer()?.encode_raw(&chat.forced)?,
         };
-        Ok((input, forced))
+        // A thought may come first, free; the grammar holds the answer after it.
+        let constraint = format
+            .map(|f| {
+                let c = constraint(l, &f)?;
+                Ok::<_, ApiError>(c.after_reasoning(markers.channel_open, markers.channel_close))
+            })
+            .transpose()?;
+        Ok((input, forced, constraint))
     })
     .await?;
-    let (events, prompt_tokens) = submit(l, input, &s)?;
+    let (events, prompt_tokens) = submit(l, input, &s, constraint)?;
     answer(
         &app,
         l.model.clone(),
@@ -367,9 +398,15 @@ async fn completion(
             ))
         }
     };
-    let model = l.model.clone();
-    let input = blocking(move || Ok(model.prepare(&prompt, &Default::default())?)).await?;
-    let (events, prompt_tokens) = submit(l, input, &s)?;
+    let format = s.response_format.clone();
+    let a = app.clone();
+    let (input, constraint) = blocking(move || {
+        let l = a.loaded()?;
+        let input = l.model.prepare(&prompt, &Default::default())?;
+        Ok((input, format.map(|f| constraint(l, &f)).transpose()?))
+    })
+    .await?;
+    let (events, prompt_tokens) = submit(l, input, &s, constraint)?;
     answer(
         &app,
         l.model.clone(),

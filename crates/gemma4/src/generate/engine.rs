@@ -331,6 +331,10 @@ fn run(
         let mut keep = Vec::with_capacity(running.len());
         for (r, out) in running.drain(..).zip(outs) {
             let mut alive = true;
+            if let Some(why) = r.seq.failure() {
+                let _ = r.events.send(Event::Failed(why.to_string()));
+                continue;
+            }
             if let Some(out) = out {
                 let event = match out.token {
                     Some(id) => {

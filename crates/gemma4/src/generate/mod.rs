@@ -3,6 +3,7 @@
 //! id, at `max_new_tokens`, or when the model's context is full. A thin loop over
 //! [`crate::generate::sequence`], which runs many sequences at once.
 
+pub mod constraint;
 pub mod engine;
 pub mod sampling;
 pub mod sequence;
@@ -21,6 +22,8 @@ pub struct GenerateOptions {
     /// Ids that end generation (every EOS id of the checkpoint); the stop id itself is
     /// included in the output.
     pub stop_ids: Vec<u32>,
+    /// Holds the answer to a grammar (a JSON schema); `None`: free.
+    pub constraint: Option<constraint::Constraint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,8 @@ pub enum StopReason {
     StopToken,
     MaxTokens,
     ContextFull,
+    /// The sequence could not go on (its constraint failed); [`Sequence::failure`] says why.
+    Failed,
 }
 
 impl StopReason {
@@ -36,6 +41,7 @@ impl StopReason {
             StopReason::StopToken => "stop_token",
             StopReason::MaxTokens => "max_new_tokens",
             StopReason::ContextFull => "context_full",
+            StopReason::Failed => "failed",
         }
     }
 }
@@ -103,6 +109,9 @@ pub fn generate_from(
         if let Some(id) = out.into_iter().flatten().find_map(|o| o.token) {
             on_token(id)?;
         }
+    }
+    if let Some(why) = seq.failure() {
+        return Err(crate::Error::Constraint(why.to_string()));
     }
     Ok(GenerationOutput {
         prompt_ids: prompt.ids.clone(),

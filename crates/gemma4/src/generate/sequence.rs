@@ -12,6 +12,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::generate::constraint::Constraint;
 use crate::generate::sampling::Sampler;
 use crate::generate::{GenerateOptions, StopReason};
 use crate::text::kv_cache::KvCache;
@@ -34,6 +35,9 @@ pub struct Sequence {
     sampler: Sampler,
     max_new_tokens: usize,
     stop_ids: Vec<u32>,
+    constraint: Option<Constraint>,
+    /// Why the sequence failed ([`StopReason::Failed`]).
+    failure: Option<String>,
     /// Prompt tokens already run.
     fed: usize,
     /// Prompt and generated ids (the repetition penalty reads them).
@@ -91,6 +95,8 @@ impl Sequence {
             cache,
             max_new_tokens: opts.max_new_tokens,
             stop_ids: opts.stop_ids.clone(),
+            constraint: opts.constraint.clone(),
+            failure: None,
             fed: 0,
             generated: Vec::new(),
             stop: (opts.max_new_tokens == 0).then_some(StopReason::MaxTokens),
@@ -210,6 +216,11 @@ impl Sequence {
         self.stop
     }
 
+    /// Why the sequence stopped with [`StopReason::Failed`].
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
     pub fn is_finished(&self) -> bool {
         self.stop.is_some()
     }
@@ -298,9 +309,35 @@ impl Sequence {
             });
         };
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let next = self
-            .sampler
-            .sample_after(&row, &self.history, &self.generated);
+        let next = match self.constraint.take() {
+            Some(mut c) => {
+                let mut allowed = row.clone();
+                let chosen = c.mask(&mut allowed, &self.stop_ids).and_then(|()| {
+                    let next = self
+                        .sampler
+                        .sample_after(&allowed, &self.history, &self.generated);
+                    c.accept(next, &self.stop_ids).map(|()| next)
+                });
+                match chosen {
+                    Ok(next) => {
+                        self.constraint = Some(c);
+                        next
+                    }
+                    // This sequence ends; the others of the step go on.
+                    Err(e) => {
+                        self.failure = Some(e.to_string());
+                        self.stop = Some(StopReason::Failed);
+                        return Ok(StepOutput {
+                            token: None,
+                            logits: None,
+                        });
+                    }
+                }
+            }
+            None => self
+                .sampler
+                .sample_after(&row, &self.history, &self.generated),
+        };
         self.generated.push(next);
         self.history.push(next);
         self.stop = if self.stop_ids.contains(&next) {

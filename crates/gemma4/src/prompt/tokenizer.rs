@@ -145,6 +145,16 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Ids of the added tokens marked special (Gemma's markers and control tokens).
+    pub fn special_ids(&self) -> std::collections::HashSet<u32> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
