@@ -57,13 +57,7 @@ def run_gemma4(model: Path, fmt: str, a, batch: int = 1) -> dict:
             (gdir / gguf.name).symlink_to(gguf)
         model, flag = gdir, (["--dtype", "bf16"] if fmt == "gguf-bf16" else [])
     elif fmt in QUANTS:
-        # Quantized once with `gemma4 quantize`, as a user would, so load time and peak RSS
-        # are those of the quantized checkpoint (not of quantizing at load).
-        qdir = a.llama_dir / f"{model.name}-gemma4-{fmt}"
-        if not (qdir / "model.gguf").exists():
-            subprocess.run([str(BIN), "quantize", "--model", str(model), "--quant", fmt, "--out", str(qdir)],
-                           check=True)
-        model, flag = qdir, []
+        model, flag = gemma4_quantized(model, fmt, a), []
     out = subprocess.run(
         [str(BIN), "--threads", str(a.threads), "bench", "--model", str(model), *flag,
          "--prompt-len", str(a.prompt_len), "--gen", str(a.gen), "--runs", str(a.runs), "--batch", str(batch),
@@ -74,6 +68,16 @@ def run_gemma4(model: Path, fmt: str, a, batch: int = 1) -> dict:
             "decode_tok_s": r["decode_tok_s"], "peak_rss_bytes": r["peak_rss_bytes"],
             "load_s": r["load_s"], "decode_fraction_of_bound": r["decode_fraction_of_bound"],
             "read_bandwidth_bytes_s": r["read_bandwidth_bytes_s"]}
+
+
+def gemma4_quantized(model: Path, fmt: str, a) -> Path:
+    """`model` quantized once with `gemma4 quantize`, as a user would, so load time and
+    peak RSS are those of the quantized checkpoint (not of quantizing at load)."""
+    qdir = a.llama_dir / f"{model.name}-gemma4-{fmt}"
+    if not (qdir / "model.gguf").exists():
+        subprocess.run([str(BIN), "quantize", "--model", str(model), "--quant", fmt, "--out", str(qdir)],
+                       check=True)
+    return qdir
 
 
 def transformers_child(model: str, prompt_len: int, gen: int, runs: int, threads: int) -> None:

@@ -790,3 +790,47 @@ fn response_format_holds_the_answer_to_its_schema_after_a_free_thought() {
         assert_eq!(v["error"]["param"], param, "{v}");
     }
 }
+
+#[test]
+fn idle_connections_and_stalled_bodies_are_closed() {
+    let s = Server::start(&fixture("text_only"), &["--idle-timeout", "1"]);
+    let closes_within = |c: &mut TcpStream, secs: u64| -> Vec<u8> {
+        c.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+        let mut raw = Vec::new();
+        // EOF (the server closed it) ends the read; a timeout would be an error.
+        c.read_to_end(&mut raw)
+            .expect("the server kept the connection open");
+        raw
+    };
+    // A connection that never sends a request.
+    let t = Instant::now();
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    closes_within(&mut c, 10);
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    // Headers begun and never finished.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    closes_within(&mut c, 10);
+    // A body that stops halfway: a 400 naming the pause, then the connection closes.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":",
+    )
+    .unwrap();
+    let (status, body) = parse_response(&closes_within(&mut c, 10));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("--idle-timeout"), "{body}");
+    // A kept-alive connection, idle after its answer.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let raw = closes_within(&mut c, 10);
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
+    // The server still answers.
+    assert_eq!(s.get("/health").0, 200);
+}

@@ -78,6 +78,11 @@ pub(crate) struct ServeArgs {
     /// Seconds a request may run before it is cut off.
     #[arg(long, default_value_t = 600)]
     pub(crate) timeout: u64,
+    /// Seconds a connection may sit without sending a request's headers (an idle
+    /// keep-alive connection, or a client that never finishes its headers), and the
+    /// longest pause inside a request's body; past it the connection is closed.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) idle_timeout: u64,
     /// Let `image_url` / `input_audio` name local files (`file://` or a path); by default
     /// only `data:` URIs are read.
     #[arg(long)]
@@ -199,12 +204,90 @@ async fn serve(a: ServeArgs, app: Arc<App>, pool: Arc<rayon::ThreadPool>) -> Res
         }
     });
     let max_body = a.max_body_mb.saturating_mul(1 << 20);
-    let router = router(app.clone(), max_body);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the server stopped")?;
+    let idle = Duration::from_secs(a.idle_timeout.max(1));
+    let router = router(app.clone(), max_body)
+        .layer(axum::middleware::from_fn_with_state(idle, body_within));
+    accept(listener, router, idle).await;
     Ok(())
+}
+
+/// Serves connections until SIGTERM or Ctrl-C, then waits for the requests in flight.
+/// (Our own loop rather than `axum::serve`: hyper closes a connection that sends no
+/// request headers for `idle` only when given a timer, which `axum::serve` does not set.)
+async fn accept(listener: tokio::net::TcpListener, router: Router, idle: Duration) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle);
+    let builder = builder.http1_only();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(shutdown_signal());
+    loop {
+        let stream = tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: wait, do not spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // hyper's timer starts with the first byte: a connection that never sends
+            // one is closed here.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(idle, stream.peek(&mut first)).await,
+                Ok(Ok(1))
+            ) {
+                return;
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// The request's body, cut off (400, as a body that cannot be read) when it pauses for
+/// longer than `idle`.
+async fn body_within(State(idle): State<Duration>, req: Request, next: Next) -> Response {
+    use futures_util::StreamExt;
+    let (parts, body) = req.into_parts();
+    let frames = futures_util::stream::unfold(Some(body.into_data_stream()), move |s| async move {
+        let mut s = s?;
+        match tokio::time::timeout(idle, s.next()).await {
+            Ok(Some(item)) => Some((item, Some(s))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(axum::Error::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the request body paused for over {} s (--idle-timeout)",
+                        idle.as_secs()
+                    ),
+                ))),
+                None,
+            )),
+        }
+    });
+    next.run(Request::from_parts(
+        parts,
+        axum::body::Body::from_stream(frames),
+    ))
+    .await
 }
 
 fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> Result<Loaded> {

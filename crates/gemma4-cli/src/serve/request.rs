@@ -37,6 +37,10 @@ pub(crate) struct Settings {
     pub(crate) parallel_tool_calls: bool,
     /// `response_format` `json_object` / `json_schema`.
     pub(crate) response_format: Option<ResponseFormat>,
+    /// vLLM's `ignore_eos`: no stop id ends the answer (benchmarks on random weights).
+    pub(crate) ignore_eos: bool,
+    /// vLLM's `return_token_ids`: a whole answer also carries its generated ids.
+    pub(crate) return_token_ids: bool,
 }
 
 fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -210,6 +214,8 @@ pub(crate) fn settings(model: &Gemma4, v: &Value) -> Result<Settings, ApiError> 
         include_usage,
         parallel_tool_calls: as_bool(v, "parallel_tool_calls")?.unwrap_or(true),
         response_format,
+        ignore_eos: as_bool(v, "ignore_eos")?.unwrap_or(false),
+        return_token_ids: as_bool(v, "return_token_ids")?.unwrap_or(false),
     })
 }
 

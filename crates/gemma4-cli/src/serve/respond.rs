@@ -54,7 +54,8 @@ struct Output<'a> {
     parallel_tool_calls: bool,
     /// A stop string ended the answer.
     stopped: bool,
-    generated: usize,
+    /// The ids generated so far.
+    ids: Vec<u32>,
 }
 
 impl<'a> Output<'a> {
@@ -69,7 +70,7 @@ impl<'a> Output<'a> {
             calls: 0,
             parallel_tool_calls: s.parallel_tool_calls,
             stopped: false,
-            generated: 0,
+            ids: Vec::new(),
         }
     }
 
@@ -84,7 +85,7 @@ impl<'a> Output<'a> {
     }
 
     fn token(&mut self, id: u32, lp: Option<Logprobs>) -> Result<Vec<Piece>, ApiError> {
-        self.generated += 1;
+        self.ids.push(id);
         let was_content = self.parser.as_ref().is_none_or(|p| p.in_content());
         let deltas = match &mut self.parser {
             Some(p) => p.push(id)?,
@@ -272,7 +273,11 @@ fn submit(
     let options = GenerateOptions {
         max_new_tokens: s.max_tokens.unwrap_or(room).min(room),
         sampling: s.sampling.clone(),
-        stop_ids: stop_ids(l),
+        stop_ids: if s.ignore_eos {
+            Vec::new()
+        } else {
+            stop_ids(l)
+        },
         constraint,
     };
     let job = Job {
@@ -509,7 +514,7 @@ async fn answer(
         whole.add(&p);
     }
     let finish = out.finish_reason(reason);
-    let usage = usage(&meta, out.generated);
+    let usage = usage(&meta, out.ids.len());
     let body = match kind {
         Kind::Chat => {
             let mut message = json!({
@@ -546,6 +551,10 @@ async fn answer(
             "usage": usage,
         }),
     };
+    let mut body = body;
+    if s.return_token_ids {
+        body["choices"][0]["token_ids"] = json!(out.ids);
+    }
     Ok(Json(body).into_response())
 }
 
@@ -770,7 +779,7 @@ async fn stream(
     if s.include_usage {
         let u = sse(&json!({
             "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-            "choices": [], "usage": usage(&meta, out.generated),
+            "choices": [], "usage": usage(&meta, out.ids.len()),
         }));
         if tx.send(u).await.is_err() {
             return;
