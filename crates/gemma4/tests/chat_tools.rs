@@ -77,3 +77,51 @@ fn tools_render_generate_and_parse_as_the_reference() {
     assert_eq!(parsed[3].content, "The answer is 4.");
     assert_eq!(parsed[4].content, "Hello! How can I help?");
 }
+
+#[test]
+fn a_launch_era_template_reads_tool_results_folded_into_the_call() {
+    use gemma4::prompt::chat::ChatTemplate;
+    // The fixture's template rewritten the launch-era way: tool results only from the
+    // assistant message's `tool_responses`, no `tool` role.
+    let dir = fixture("chat_tools");
+    let src = std::fs::read_to_string(dir.join("chat_template_launch_era.jinja")).unwrap();
+    let launch = ChatTemplate::from_source(
+        Some(&src),
+        "<bos>",
+        "<eos>",
+        "launch-era",
+        &gemma4::Limits::DEFAULT,
+    )
+    .unwrap();
+    let golden = read_json(&dir.join("golden/chat.json"));
+    // OpenAI-style messages (`role: "tool"`) render to the reference's prompt.
+    for case in golden["cases"].as_array().unwrap() {
+        let kwargs = case["kwargs"].as_object().cloned().unwrap_or_default();
+        let tools = case.get("tools").filter(|t| !t.is_null());
+        let rendered = launch
+            .render_json(&case["messages"], tools, true, &kwargs)
+            .unwrap();
+        assert_eq!(rendered, case["rendered"].as_str().unwrap());
+    }
+    // The answer after the results, then the next question: the same as the template
+    // that reads `tool` messages.
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let mut messages = golden["cases"][1]["messages"].clone();
+    let more = messages.as_array_mut().unwrap();
+    more.push(json!({"role": "assistant", "content": "It is sunny in Paris."}));
+    more.push(json!({"role": "user", "content": "And tomorrow?"}));
+    let tools = golden["cases"][1].get("tools").filter(|t| !t.is_null());
+    let none = serde_json::Map::new();
+    let want = model
+        .chat_template
+        .render_json(&messages, tools, true, &none)
+        .unwrap();
+    assert_eq!(
+        launch.render_json(&messages, tools, true, &none).unwrap(),
+        want
+    );
+    assert!(
+        want.contains("<tool_response|>It is sunny in Paris.<turn|>"),
+        "{want}"
+    );
+}

@@ -44,6 +44,9 @@ pub struct ChatTemplate {
     origin: String,
     max_output: usize,
     fuel: u64,
+    /// A launch-era template, which reads tool results only from `tool_responses`
+    /// ([`super::tool_responses`]).
+    fold_tool_results: bool,
 }
 
 /// A `bos_token`/`eos_token` of `tokenizer_config.json`: a string, or transformers'
@@ -150,6 +153,8 @@ impl ChatTemplate {
             },
         );
         let from_checkpoint = source.is_some();
+        let fold_tool_results =
+            source.is_some_and(super::tool_responses::reads_only_tool_responses);
         let src = source.unwrap_or(BUILTIN_TEMPLATE).to_string();
         env.add_template_owned("chat", src)
             .map_err(|e| bad(printable(&e.to_string())))?;
@@ -161,6 +166,7 @@ impl ChatTemplate {
             origin: origin.to_string(),
             max_output: limits.max_template_output_bytes,
             fuel: limits.template_fuel,
+            fold_tool_results,
         })
     }
 
@@ -202,6 +208,13 @@ impl ChatTemplate {
             bytes: Vec::new(),
             max: self.max_output,
             over: false,
+        };
+        let folded;
+        let messages = if self.fold_tool_results {
+            folded = super::tool_responses::fold_tool_results(messages);
+            &folded
+        } else {
+            messages
         };
         let base = context! {
             messages => Value::from(Serde(messages)),

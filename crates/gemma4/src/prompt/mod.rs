@@ -1,4 +1,5 @@
-//! Text into ids and back: the checkpoint's [`tokenizer`] and [`chat`] template, and the
+//! Text into ids and back: the checkpoint's [`tokenizer`] and [`chat`] template (with
+//! [`tool_responses`] for the launch-era templates), and the
 //! model's output read into a message ([`output_parser`], with the tool-call arguments'
 //! [`object_notation`]).
 
@@ -6,3 +7,4 @@ pub mod chat;
 pub mod object_notation;
 pub mod output_parser;
 pub mod tokenizer;
+pub mod tool_responses;
