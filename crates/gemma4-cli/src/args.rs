@@ -97,9 +97,18 @@ impl LimitArgs {
     }
 }
 
-/// `--model`: a directory, or a hub id resolved in the local hub cache.
+/// `--model`: a directory, or a hub id resolved in the local hub cache, downloaded into
+/// it when missing ([`crate::download`]).
 pub(crate) fn model_dir(s: &str) -> std::result::Result<PathBuf, String> {
-    gemma4::loading::hub::resolve(std::path::Path::new(s)).map_err(|e| e.to_string())
+    use gemma4::loading::hub;
+    let missing = match hub::resolve(std::path::Path::new(s)) {
+        Ok(dir) => return Ok(dir),
+        Err(e) => e.to_string(),
+    };
+    let cache = hub::cache_dir().ok_or_else(|| missing.clone())?;
+    crate::download::download(&cache, s)
+        .and_then(|_| hub::resolve_in(&cache, s).map_err(|e| e.to_string()))
+        .map_err(|why| format!("{missing}; {why}"))
 }
 
 impl ModelArgs {

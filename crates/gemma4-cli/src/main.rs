@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 mod args;
 mod bench;
 mod chat;
+mod download;
 mod embed;
 mod generate;
 mod info;

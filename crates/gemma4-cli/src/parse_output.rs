@@ -24,6 +24,11 @@ pub(crate) struct ParseOutputArgs {
     /// the marker ids.
     #[arg(long)]
     pub(crate) text: Option<String>,
+    /// The completion continues a prompt that opened the thought channel (ending in
+    /// `<|channel>thought\n`, as a template that forces thinking writes it): it is read
+    /// as a thought until `<channel|>`.
+    #[arg(long)]
+    pub(crate) thinking: bool,
 }
 
 pub(crate) fn cmd_parse_output(a: ParseOutputArgs) -> Result<()> {
@@ -34,6 +39,14 @@ pub(crate) fn cmd_parse_output(a: ParseOutputArgs) -> Result<()> {
         _ => anyhow::bail!("one of --ids or --text is required"),
     };
     let markers = Markers::from_tokenizer(&tok)?;
+    let ids = if a.thinking {
+        let mut opened = vec![markers.channel_open];
+        opened.extend(tok.encode_raw("thought\n")?);
+        opened.extend(ids);
+        opened
+    } else {
+        ids
+    };
     let message = parse_output(&tok, markers, &ids)?;
     let json = crate::openai::message_json(&message, |i| format!("call_{i}"));
     println!("{}", serde_json::to_string_pretty(&json)?);

@@ -781,6 +781,37 @@ fn parse_output_prints_the_message_as_json() {
         "{}",
         String::from_utf8_lossy(&out2.stderr)
     );
+    // --thinking: the prompt opened the thought, so the completion is one until
+    // `<channel|>`; without it the stray close is dropped and all is content.
+    let read = |thinking: bool| -> serde_json::Value {
+        let mut args = vec![
+            "parse-output",
+            "--model",
+            dir.to_str().unwrap(),
+            "--text",
+            "Two plus two.<channel|>Four.",
+        ];
+        if thinking {
+            args.push("--thinking");
+        }
+        let out = gemma4(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = read(true);
+    assert_eq!(
+        (v["reasoning_content"].as_str(), v["content"].as_str()),
+        (Some("Two plus two."), Some("Four."))
+    );
+    let v = read(false);
+    assert_eq!(
+        (v.get("reasoning_content"), v["content"].as_str()),
+        (None, Some("Two plus two.Four."))
+    );
 }
 
 #[test]
@@ -882,7 +913,13 @@ fn a_hub_id_is_found_in_the_local_hub_cache() {
             .unwrap()
     };
     let ok = run("google/tiny-gemma");
-    let missing = run("google/other-gemma");
+    // Offline: not downloaded, and the error says how to fetch it.
+    let missing = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args(["info", "--model", "google/other-gemma", "--json"])
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
     std::fs::remove_dir_all(&cache).ok();
     assert!(
         ok.status.success(),
@@ -924,4 +961,137 @@ fn chat_shows_the_thought_apart_from_the_answer() {
     // The trained fixture's answer: the thought on stderr, the answer alone on stdout.
     assert_eq!(String::from_utf8_lossy(&out.stdout), "The answer is 4.\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("thinking: Two plus two."));
+}
+
+/// A stand-in for the Hugging Face hub on a local port, serving the `text_only` fixture as
+/// repository `google/tiny-gemma` at commit `feedbeef` the way the hub answers `hf-hub`:
+/// the revision's file list, and files by range with their etag and commit headers.
+fn fake_hub() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let dir = fixture("text_only");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.push("README.md".into());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut range = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(r) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    let (a, b) = r.trim().split_once('-').unwrap();
+                    range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().ok()));
+                }
+            }
+            log.lock().unwrap().push(path.clone());
+            let (status, headers, body) = if path == "/api/models/google/tiny-gemma/revision/main" {
+                let siblings: Vec<serde_json::Value> = names
+                    .iter()
+                    .map(|n| serde_json::json!({"rfilename": n}))
+                    .collect();
+                let body = serde_json::json!({"sha": "feedbeef", "siblings": siblings}).to_string();
+                ("200 OK", String::new(), body.into_bytes())
+            } else if let Some(name) = path.strip_prefix("/google/tiny-gemma/resolve/main/") {
+                let bytes = std::fs::read(dir.join(name)).unwrap_or_default();
+                let (a, b) = range.unwrap_or((0, None));
+                let end = b
+                    .unwrap_or(bytes.len().saturating_sub(1))
+                    .min(bytes.len().saturating_sub(1));
+                let headers = format!(
+                    "ETag: \"etag-{name}\"\r\nX-Repo-Commit: feedbeef\r\nContent-Range: bytes {a}-{end}/{}\r\n",
+                    bytes.len()
+                );
+                (
+                    "206 Partial Content",
+                    headers,
+                    bytes[a.min(bytes.len())..=end].to_vec(),
+                )
+            } else {
+                ("404 Not Found", String::new(), Vec::new())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    (addr, asked)
+}
+
+#[test]
+fn a_hub_id_missing_from_the_cache_is_downloaded_into_it() {
+    let (endpoint, asked) = fake_hub();
+    let cache = std::env::temp_dir().join(format!("gemma4-cli-download-{}", std::process::id()));
+    let run = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gemma4"))
+            .args(["info", "--model", id, "--json"])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_ENDPOINT", &endpoint)
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap()
+    };
+    let out = run("google/tiny-gemma");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snap = cache.join("models--google--tiny-gemma/snapshots/feedbeef");
+    // The engine's files, in huggingface_hub's layout; not the README.
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert_eq!(
+            std::fs::read(snap.join(f)).unwrap(),
+            std::fs::read(fixture("text_only").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert!(!snap.join("README.md").exists());
+    assert_eq!(
+        std::fs::read_to_string(cache.join("models--google--tiny-gemma/refs/main")).unwrap(),
+        "feedbeef"
+    );
+    // The same as the fixture loaded from its directory.
+    let local = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args([
+            "info",
+            "--model",
+            fixture("text_only").to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let local: serde_json::Value = serde_json::from_slice(&local.stdout).unwrap();
+    assert_eq!(info["parameters"], local["parameters"]);
+    // The next run finds it in the cache: nothing more is asked of the hub.
+    let before = asked.lock().unwrap().len();
+    assert!(run("google/tiny-gemma").status.success());
+    assert_eq!(asked.lock().unwrap().len(), before);
+    // A repository the hub does not have: an error naming it.
+    let out = run("google/no-such-gemma");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("google/no-such-gemma") && err.contains("hub"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&cache).ok();
 }
