@@ -14,7 +14,11 @@ and p95 over every request of every round.
 
 Then a conversation, one client: turn 1 streams the prompt's answer; turn 2 sends the
 prompt, that answer's ids and 16 new ids, as a chat's next turn does. With a prefix
-cache, turn 2's time to first token is far below turn 1's. (The answer's ids come from
+cache, turn 2's time to first token is far below turn 1's. These two stream with
+`logprobs: 1`, so that the first token sends a chunk even when its text is held back
+(part of a UTF-8 character): the time is that of the first token itself, not of the
+first printable one, which on random weights can be a step or two later. (`--clients`
+with no value runs the conversation alone.) (The answer's ids come from
 a second, non-streamed request for turn 1 (greedy: the same answer), which leaves the
 server's cache as turn 1 did: `return_token_ids` on ours, `return_tokens` on llama-server's
 `/completion`.)
@@ -70,7 +74,7 @@ class Server:
 
     def __init__(self, kind: str, fmt: str, a):
         self.kind, self.port = kind, free_port()
-        slots = max(a.clients)
+        slots = max(a.clients, default=4)
         if kind == "gemma4":
             model = bench.gemma4_quantized(a.model, fmt, a)
             cmd = [str(bench.BIN), "--threads", str(a.threads), "serve", "--model", str(model),
@@ -109,9 +113,14 @@ class Server:
         with urllib.request.urlopen(req, timeout=3600) as r:
             return json.loads(r.read())
 
-    def stream(self, ids: list[int], gen: int) -> tuple[float, float, int]:
-        """Streams one completion: (time to first token, total time, text chunks)."""
+    def stream(self, ids: list[int], gen: int, per_token: bool = False) -> tuple[float, float, int]:
+        """Streams one completion: (time to first token, total time, chunks). The first
+        token is the first chunk with text; with `per_token`, log-probabilities are asked
+        for so that every token sends a chunk (one whose text is held back, such as part
+        of a UTF-8 character, too), and the first chunk counts."""
         body = {"prompt": ids, "max_tokens": gen, "temperature": 0, "stream": True, "ignore_eos": True}
+        if per_token:
+            body["logprobs"] = 1
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
@@ -125,7 +134,7 @@ class Server:
                 if "error" in ev:
                     raise RuntimeError(ev["error"])
                 choices = ev.get("choices") or []
-                if choices and choices[0].get("text"):
+                if choices and (choices[0].get("text") or (per_token and choices[0].get("logprobs"))):
                     chunks += 1
                     if first is None:
                         first = time.perf_counter() - t0
@@ -193,9 +202,10 @@ def measure(kind: str, fmt: str, a) -> dict:
         turns = []
         for _ in range(a.runs):
             p = prompt(rng, a.prompt_len)
-            first = server.stream(p, a.gen)[0]
+            first = server.stream(p, a.gen, per_token=True)[0]
             answer = server.answer_ids(p, a.gen)
-            second = server.stream(p + answer + [rng.randrange(LOW, HIGH) for _ in range(16)], a.gen)[0]
+            second = server.stream(p + answer + [rng.randrange(LOW, HIGH) for _ in range(16)], a.gen,
+                                   per_token=True)[0]
             turns.append((first, second))
         conv = {"turn1_ttft": statistics.median(t[0] for t in turns),
                 "turn2_ttft": statistics.median(t[1] for t in turns)}

@@ -100,6 +100,20 @@ def tools(addr, model_dir):
           "a tool call, as the SDK parses it")
     check(getattr(msg, "reasoning_content", None) == "I need the weather tool.",
           "reasoning_content beside the call")
+    # Streamed, accumulated as client code does: name and id from the first delta of an
+    # index, arguments concatenated.
+    acc = {}
+    for chunk in client.chat.completions.create(
+            model=name, messages=messages, tools=weather, temperature=0, stream=True,
+            extra_body={"chat_template_kwargs": {"enable_thinking": True}}):
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            a = acc.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            a["id"] = a["id"] or tc.id
+            a["name"] = a["name"] or (tc.function.name if tc.function else None)
+            a["arguments"] += (tc.function.arguments or "") if tc.function else ""
+    check(list(acc) == [0] and acc[0]["name"] == "get_weather" and acc[0]["id"]
+          and json.loads(acc[0]["arguments"]) == {"city": "Paris"},
+          "a streamed tool call, accumulated from its deltas")
     messages.append({"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function",
          "function": {"name": call.function.name, "arguments": call.function.arguments}}]})

@@ -618,10 +618,19 @@ fn a_tool_call_round_trip_on_a_trained_model() {
         }
     }
     assert_eq!(reasoning, "I need the weather tool.");
-    assert_eq!(calls.len(), 1);
+    // OpenAI's shape: the call's first delta has its index, id, type and name with empty
+    // arguments; the arguments follow in a delta with the index only.
+    assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0]["index"], 0);
     assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(calls[0]["type"], "function");
     assert_eq!(calls[0]["function"]["name"], "get_weather");
+    assert_eq!(calls[0]["function"]["arguments"], "");
+    assert_eq!(calls[1]["index"], 0);
+    assert!(calls[1].get("id").is_none() && calls[1]["function"].get("name").is_none());
+    let streamed_args: Value =
+        serde_json::from_str(calls[1]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(streamed_args, json!({"city": "Paris"}));
     assert_eq!(finish, ["tool_calls"]);
     // The client runs the tool and sends the result back, arguments as a JSON string as
     // the API has them: the prompt is the reference's, and so is the answer.

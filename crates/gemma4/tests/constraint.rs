@@ -98,6 +98,29 @@ fn random_weights_answer_under_the_schema_and_stop_where_it_ends() {
 }
 
 #[test]
+fn without_stop_ids_the_answer_goes_on_after_the_grammar_ends() {
+    // `ignore_eos`: the grammar's end id marks where the JSON ends, and generation runs on
+    // to max_new_tokens, free.
+    let model = Gemma4::load(&fixture("text_only"), LoadOptions::default()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let prompt = tok.encode("Describe the sky as JSON:").unwrap();
+    let opts = GenerateOptions {
+        stop_ids: vec![],
+        ..options(
+            &model,
+            &ResponseFormat::JsonSchema(schema()),
+            SamplingParams::greedy(),
+        )
+    };
+    let out = generate(&model.text, &prompt, &opts, |_| Ok(())).unwrap();
+    assert_eq!(out.stop_reason, StopReason::MaxTokens);
+    assert_eq!(out.generated_ids.len(), opts.max_new_tokens);
+    let end = model.stop_ids()[0];
+    let at = out.generated_ids.iter().position(|&t| t == end).unwrap();
+    check_answer(&tok.decode(&out.generated_ids[..at], false).unwrap());
+}
+
+#[test]
 fn json_object_opens_an_object() {
     let model = Gemma4::load(&fixture("text_only"), LoadOptions::default()).unwrap();
     let tok = model.tokenizer().unwrap();

@@ -299,7 +299,7 @@ fn the_prefix_cache_serves_the_next_turn_and_a_shared_system_prompt() {
     let m = model();
     let engine = start(&m, 2, 8, 512);
     let stats = engine.stats();
-    let system: Vec<u32> = (0..20).map(|t| 2 + (t * 17 % 300) as u32).collect();
+    let system: Vec<u32> = (0..40).map(|t| 2 + (t * 17 % 300) as u32).collect();
     let alone = |ids: &[u32], n: usize| {
         generate(&m.text, ids, &opts(n), |_| Ok(()))
             .unwrap()
@@ -323,4 +323,9 @@ fn the_prefix_cache_serves_the_next_turn_and_a_shared_system_prompt() {
     assert_eq!(run(&other, 3), alone(&other, 3));
     assert_eq!(stats.prefix_cache_hits.load(Ordering::Relaxed), 2);
     assert!(stats.prefix_cache_bytes.load(Ordering::Relaxed) > 0);
+    // A prompt sharing only a few tokens with the kept ones is prefilled afresh: copying
+    // a kept cache would cost more than it spares.
+    let short = [system[..5].to_vec(), vec![93, 94, 95]].concat();
+    assert_eq!(run(&short, 3), alone(&short, 3));
+    assert_eq!(stats.prefix_cache_hits.load(Ordering::Relaxed), 2);
 }

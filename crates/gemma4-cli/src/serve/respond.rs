@@ -697,10 +697,18 @@ async fn stream(
             }
             Piece::Content(..) => None,
             Piece::Reasoning(t) => Some(delta(json!({ "reasoning_content": t }), Value::Null)),
+            // OpenAI's shape: the first delta names the call (arguments empty), the
+            // arguments follow. The call is parsed whole (its object notation becomes
+            // JSON only once it closes), so they follow at once, in one piece.
             Piece::Call(i, c) => {
                 let mut call = crate::openai::tool_call_json(&c, &format!("call_{}", random_id()));
                 call["index"] = json!(i);
-                Some(delta(json!({ "tool_calls": [call] }), Value::Null))
+                let arguments = std::mem::take(&mut call["function"]["arguments"]);
+                call["function"]["arguments"] = json!("");
+                let rest = json!({"index": i, "function": {"arguments": arguments}});
+                let mut both = delta(json!({ "tool_calls": [call] }), Value::Null).to_vec();
+                both.extend_from_slice(&delta(json!({ "tool_calls": [rest] }), Value::Null));
+                Some(Bytes::from(both))
             }
         }
     };

@@ -187,6 +187,8 @@ enum Phase {
     Thinking,
     /// The answer: held to the grammar.
     Answer,
+    /// The grammar ended (at its end id, with no stop ids to end the sequence): free.
+    After,
 }
 
 /// One answer's constraint: the grammar's state, advanced token by token.
@@ -219,7 +221,7 @@ impl Constraint {
     /// Sets the logit of every token the grammar does not allow next to −∞; `stop_ids`
     /// are allowed where the grammar may end.
     pub(crate) fn mask(&mut self, logits: &mut [f32], stop_ids: &[u32]) -> Result<()> {
-        if self.phase == Phase::Thinking {
+        if matches!(self.phase, Phase::Thinking | Phase::After) {
             return Ok(());
         }
         let allowed = self.matcher.compute_mask_or_eos().map_err(grammar_error)?;
@@ -231,7 +233,8 @@ impl Constraint {
         let mut any = false;
         for (id, logit) in logits.iter_mut().enumerate() {
             let id = id as u32;
-            let ok = if stop_ids.contains(&id) {
+            // Without stop ids (`ignore_eos`) the grammar's own end id marks the end.
+            let ok = if stop_ids.contains(&id) || (stop_ids.is_empty() && id == self.end) {
                 end
             } else {
                 (id != self.end && allowed.is_allowed(id)) || open == Some(id)
@@ -261,9 +264,14 @@ impl Constraint {
                 }
                 return Ok(());
             }
+            (Phase::After, _) => return Ok(()),
             _ => self.phase = Phase::Answer,
         }
         if stop_ids.contains(&id) {
+            return Ok(());
+        }
+        if stop_ids.is_empty() && id == self.end && self.matcher.is_accepting().unwrap_or(false) {
+            self.phase = Phase::After;
             return Ok(());
         }
         self.matcher.consume_token(id).map_err(grammar_error)
