@@ -171,6 +171,9 @@ def llama_gguf(model: Path, fmt: str, a) -> Path:
     """`model` converted by llama.cpp's own tools to `fmt`, cached in --llama-dir."""
     src = llama_cpp_tree(a)
     bf16 = a.llama_dir / f"{model.name}-bf16.gguf"
+    out = a.llama_dir / f"{model.name}-{fmt}.gguf"
+    if LLAMA_FORMATS[fmt] is not None and out.exists():
+        return out  # made before (the bf16 file it came from may be gone)
     if not bf16.exists():
         if not (model / "tokenizer.json").exists():
             subprocess.run([sys.executable, str(ROOT / "benches" / "make_tokenizer.py"), "--out", str(model)],
