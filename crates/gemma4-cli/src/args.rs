@@ -22,7 +22,7 @@ pub(crate) enum DtypeArg {
 }
 
 impl DtypeArg {
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
@@ -46,8 +46,60 @@ pub(crate) struct ModelArgs {
     /// keep --dtype).
     #[arg(long, value_name = "FORMAT")]
     pub(crate) quant: Option<QuantType>,
+    /// A LoRA adapter in peft's format (`adapter_config.json`, `adapter_model.safetensors`),
+    /// applied unmerged; `:SCALE` multiplies its updates. Repeatable: all given adapters
+    /// are on together, except in the server, where a request picks one by name (its
+    /// directory's name) in `model`.
+    #[arg(long, value_name = "DIR[:SCALE]", value_parser = lora_arg)]
+    pub(crate) lora: Vec<LoraArg>,
     #[command(flatten)]
     pub(crate) limits: LimitArgs,
+}
+
+/// `--lora DIR[:SCALE]`.
+#[derive(Clone, Debug)]
+pub(crate) struct LoraArg {
+    pub(crate) dir: PathBuf,
+    pub(crate) scale: f64,
+}
+
+pub(crate) fn lora_arg(s: &str) -> std::result::Result<LoraArg, String> {
+    // `:SCALE` only when what follows the last colon is a number, so a directory with a
+    // colon in its name still works.
+    if let Some((dir, scale)) = s.rsplit_once(':') {
+        if let Ok(scale) = scale.parse::<f64>() {
+            if !scale.is_finite() {
+                return Err(format!("scale `{scale}` is not a finite number"));
+            }
+            return Ok(LoraArg {
+                dir: dir.into(),
+                scale,
+            });
+        }
+    }
+    Ok(LoraArg {
+        dir: s.into(),
+        scale: 1.0,
+    })
+}
+
+/// Loads and attaches every `--lora`, reporting each on stderr (an adapter that patched
+/// nothing cannot load: [`gemma4::Gemma4::attach_adapter`] refuses it).
+pub(crate) fn attach_loras(model: &mut Gemma4, loras: &[LoraArg]) -> Result<()> {
+    for l in loras {
+        // The library's messages name the adapter's directory; the flag goes in front
+        // (as text: `main` unwraps library errors to rename their arguments).
+        let flag = |e: gemma4::Error| anyhow::anyhow!("--lora: {e}");
+        let adapter = gemma4::lora::LoraAdapter::load(&l.dir)
+            .map_err(flag)?
+            .scaled(l.scale);
+        let a = model.attach_adapter(&adapter).map_err(flag)?;
+        eprintln!(
+            "lora: `{}` patched {} projections (rank {}, scale {})",
+            a.name, a.modules, a.rank, l.scale
+        );
+    }
+    Ok(())
 }
 
 const LIMITS: &str = "Limits on untrusted input";
@@ -259,7 +311,9 @@ pub(crate) fn load_with(args: &ModelArgs, vision: bool, audio: bool) -> Result<G
         quant: args.quant,
         limits: args.limits.limits(),
     };
-    Ok(Gemma4::load(&args.model, opts)?)
+    let mut model = Gemma4::load(&args.model, opts)?;
+    attach_loras(&mut model, &args.lora)?;
+    Ok(model)
 }
 
 /// Applies the media flags to the model's processors and loads the files.

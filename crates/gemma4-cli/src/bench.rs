@@ -94,6 +94,7 @@ fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
         max_new_tokens: gen + 1,
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
+        adapters: model.all_adapters(),
         constraint: None,
     };
     let mut seqs = prompts
@@ -146,7 +147,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let compute = a.model.dtype()?;
     let t = Instant::now();
-    let model = Gemma4::load(
+    let mut model = Gemma4::load(
         &a.model.model,
         LoadOptions {
             dtype: compute,
@@ -157,6 +158,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
             ..Default::default()
         },
     )?;
+    crate::args::attach_loras(&mut model, &a.model.lora)?;
     let load_s = t.elapsed().as_secs_f64();
     // Bytes a decode step streams: every text weight once as it is held in memory, less
     // what a step does not read (the experts a token is not routed to; an embedding table

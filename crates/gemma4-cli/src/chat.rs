@@ -214,6 +214,7 @@ fn turn(
         max_new_tokens: a.max_tokens.min(room),
         sampling: a.sampling.params(model),
         stop_ids,
+        adapters: model.all_adapters(),
         constraint: None,
     };
     let mut seq = match chat.previous.take() {

@@ -39,6 +39,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         sampling: a.sampling.params(&model),
         stop_ids: model.stop_ids(),
+        adapters: model.all_adapters(),
         constraint: None,
     };
     let tok = model.tokenizer.as_ref();

@@ -24,9 +24,11 @@ pub(crate) fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let mut model = load(&a.model, &a.media)?;
     let media = media_of(&a.media, &mut model)?;
     let input = model.prepare(&prompt_of(&a.prompt, None)?, &media)?;
-    let logits = model
-        .text
-        .forward_input(&input, &mut model.text.new_cache(), LogitsFor::All)?;
+    let logits = gemma4::lora::with_adapters(model.all_adapters(), || {
+        model
+            .text
+            .forward_input(&input, &mut model.text.new_cache(), LogitsFor::All)
+    })?;
     let (s, v) = logits.dims2()?;
     let data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     gemma4::loading::npy::write_f32(&a.out, &[s, v], &data)?;

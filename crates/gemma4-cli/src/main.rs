@@ -25,6 +25,7 @@ mod embed;
 mod generate;
 mod info;
 mod logits;
+mod merge_lora;
 mod openai;
 mod parse_output;
 mod quantize;
@@ -36,6 +37,7 @@ use embed::{EmbedAudioArgs, EmbedImageArgs};
 use generate::GenerateArgs;
 use info::InfoArgs;
 use logits::LogitsArgs;
+use merge_lora::MergeLoraArgs;
 use parse_output::ParseOutputArgs;
 use quantize::QuantizeArgs;
 use serve::ServeArgs;
@@ -69,6 +71,9 @@ enum Command {
     /// Write a checkpoint with the text decoder block-quantized (model.gguf plus the
     /// source's config and tokenizer files), which loads without re-quantizing.
     Quantize(QuantizeArgs),
+    /// Write a checkpoint with LoRA adapters (peft's format) merged into its weights;
+    /// `quantize` then makes a GGUF of it.
+    MergeLora(MergeLoraArgs),
     /// Measure load time, prefill and decode tokens/s (median of several runs) and peak RSS.
     Bench(BenchArgs),
     /// Chat with the model in the terminal (multi-turn, streaming, /image and /audio).
@@ -142,6 +147,7 @@ fn run(command: Command) -> Result<()> {
         Command::EmbedAudio(a) => embed::cmd_embed_audio(a),
         Command::Info(a) => info::cmd_info(a),
         Command::Quantize(a) => quantize::cmd_quantize(a),
+        Command::MergeLora(a) => merge_lora::cmd_merge_lora(a),
         Command::Bench(a) => bench::cmd_bench(a),
         Command::ParseOutput(a) => parse_output::cmd_parse_output(a),
         Command::Chat(a) => chat::cmd_chat(a),

@@ -872,6 +872,7 @@ fn chat_answers_each_turn_as_the_library_does_and_saves_the_conversation() {
             max_new_tokens: 6,
             sampling: SamplingParams::greedy(),
             stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
+            adapters: Default::default(),
             constraint: None,
         };
         let ids = generate_from(&model.text, &input, &opts, |_| Ok(()))
@@ -1094,4 +1095,157 @@ fn a_hub_id_missing_from_the_cache_is_downloaded_into_it() {
         "{err}"
     );
     std::fs::remove_dir_all(&cache).ok();
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// `--lora` on `logits` and `generate` gives peft's numbers; `merge-lora` writes a
+/// checkpoint whose logits are `merge_and_unload`'s, which `quantize` takes; a bad adapter
+/// is one line naming the flag.
+#[test]
+fn lora_adapters_run_unmerged_and_merge_into_a_checkpoint() {
+    let lora = fixture("lora").join("e2b_all_linear");
+    let base = fixture("e2b_like");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora.join("golden/prompts.json")).unwrap())
+            .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let prompt = ids(&g["cases"][0]["prompt_ids"]);
+    let greedy = ids(&g["cases"][0]["greedy_ids"]);
+    let prompt_arg = prompt
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let tmp = std::env::temp_dir().join(format!("gemma4-cli-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let npy = tmp.join("logits.npy");
+    let logits = |model: &Path, extra: &[&str]| -> Vec<f32> {
+        let mut args = vec![
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--prompt-ids",
+            &prompt_arg,
+            "--out",
+            npy.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = gemma4(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if !extra.is_empty() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("lora: `e2b_all_linear` patched 58 projections"),
+                "{err}"
+            );
+        }
+        gemma4::loading::npy::read_f32(&npy).unwrap().1
+    };
+    let (_, want) = gemma4::loading::npy::read_f32(&lora.join("golden/logits_0.npy")).unwrap();
+    let d = max_diff(&logits(&base, &["--lora", lora.to_str().unwrap()]), &want);
+    assert!(d <= 1e-4, "unmerged: {d}");
+    // `:SCALE`: 0 turns the adapter off.
+    let (_, plain) = gemma4::loading::npy::read_f32(&base.join("golden/logits_0.npy")).unwrap();
+    let off = format!("{}:0", lora.display());
+    assert!(max_diff(&logits(&base, &["--lora", &off]), &plain) <= 1e-4);
+
+    let n = greedy.len().to_string();
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        base.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--lora",
+        lora.to_str().unwrap(),
+        "--prompt-ids",
+        &prompt_arg,
+        "--max-new-tokens",
+        &n,
+        "--greedy",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ids(&v["generated_ids"]), greedy);
+
+    let merged = tmp.join("merged");
+    let o = gemma4(&[
+        "merge-lora",
+        "--model",
+        base.to_str().unwrap(),
+        "--lora",
+        lora.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["patched"], 58);
+    let (_, want) =
+        gemma4::loading::npy::read_f32(&lora.join("golden/merged_logits_0.npy")).unwrap();
+    let d = max_diff(&logits(&merged, &[]), &want);
+    assert!(d <= 1e-4, "merged: {d}");
+    // Into a non-empty directory: refused, nothing overwritten.
+    let o = gemma4(&[
+        "merge-lora",
+        "--model",
+        base.to_str().unwrap(),
+        "--lora",
+        lora.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
+    let gguf = tmp.join("gguf");
+    let o = gemma4(&[
+        "quantize",
+        "--model",
+        merged.to_str().unwrap(),
+        "--quant",
+        "q8_0",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(gguf.join("model.gguf").exists());
+
+    // An adapter for another model: one line, naming the flag and the module.
+    let other = fixture("lora").join("moe_all_linear");
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        base.to_str().unwrap(),
+        "--lora",
+        other.to_str().unwrap(),
+        "--prompt",
+        "a",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--lora") && err.contains("router.proj"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -157,6 +157,7 @@ fn library_answer(
         sampling: SamplingParams::greedy(),
         // The server's: the checkpoint's EOS ids and <eos>, <turn|>, <|tool_response>.
         stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
+        adapters: Default::default(),
         constraint: None,
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
@@ -256,6 +257,7 @@ fn chat_answers_equal_the_library_streamed_or_whole() {
         max_new_tokens: 6,
         sampling: SamplingParams::greedy(),
         stop_ids: model.stop_ids(),
+        adapters: Default::default(),
         constraint: None,
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
@@ -842,4 +844,108 @@ fn idle_connections_and_stalled_bodies_are_closed() {
     assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
     // The server still answers.
     assert_eq!(s.get("/health").0, 200);
+}
+
+/// The `lora` fixtures' goldens: prompt ids and peft's greedy ids.
+fn lora_case(case: &str, k: usize) -> (Vec<u64>, Vec<u64>) {
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("lora").join(case).join("golden/prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    (
+        ids(&g["cases"][k]["prompt_ids"]),
+        ids(&g["cases"][k]["greedy_ids"]),
+    )
+}
+
+#[test]
+fn a_request_picks_a_lora_adapter_by_name_and_gets_pefts_answer() {
+    let lora = fixture("lora").join("e2b_all_linear");
+    let s = Server::start(
+        &fixture("e2b_like"),
+        &[
+            "--dtype",
+            "f32",
+            "--lora",
+            lora.to_str().unwrap(),
+            "--parallel",
+            "4",
+        ],
+    );
+    // The adapter is a model of its own, its parent the served one.
+    let (status, models) = s.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["e2b_like", "e2b_all_linear"]);
+    assert_eq!(models["data"][1]["parent"], "e2b_like");
+
+    let body = |model: &str, prompt: &[u64], n: usize| {
+        json!({"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
+               "ignore_eos": true, "return_token_ids": true})
+    };
+    let token_ids = |v: &Value| -> Vec<u64> {
+        v["choices"][0]["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    // Base and adapter requests at once: they never share a step, and each gets the
+    // reference's greedy ids (peft's with the adapter, transformers' without).
+    let cases: Vec<(String, Vec<u64>, Vec<u64>)> = (0..3)
+        .flat_map(|k| {
+            let (p, want) = lora_case("e2b_all_linear", k);
+            let g: Value = serde_json::from_str(
+                &std::fs::read_to_string(fixture("e2b_like").join("golden/prompts.json")).unwrap(),
+            )
+            .unwrap();
+            let base: Vec<u64> = g["cases"][k]["greedy_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            let n = want.len();
+            [
+                ("e2b_all_linear".to_string(), p.clone(), want),
+                ("e2b_like".to_string(), p, base[..n].to_vec()),
+            ]
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(model, prompt, want)| {
+                let s = &s;
+                scope.spawn(move || {
+                    let (status, v) = s.post("/v1/completions", &body(model, prompt, want.len()));
+                    assert_eq!(status, 200, "{v}");
+                    assert_eq!(v["model"], model.as_str());
+                    assert_eq!(&token_ids(&v), want, "{model}: greedy ids");
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+    // An unknown name lists what is served.
+    let (status, err) = s.post("/v1/completions", &body("other", &[2], 1));
+    assert_eq!(status, 404);
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("`e2b_like`, `e2b_all_linear`"), "{msg}");
 }

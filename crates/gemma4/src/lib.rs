@@ -21,6 +21,7 @@
 //! - [`limits`]: bounds on what untrusted input may cost (pixels, frames, audio, template
 //!   work, prompt bytes), carried by [`LoadOptions`].
 //! - [`mod@generate`]: sampling, sequences, the batched step, the one-sequence loop.
+//! - [`lora`]: LoRA adapters in peft's format, attached unmerged or merged into a checkpoint.
 //! - [`quant`]: the block formats, the quantization policy and `gemma4 quantize`.
 //! - `backend` (crate-private): the CPU kernels behind [`nn::linear`], runtime-detected
 //!   with portable fallbacks. They split their rows over rayon's pool: call the model from
@@ -36,6 +37,7 @@ pub mod error;
 pub mod generate;
 pub mod limits;
 pub mod loading;
+pub mod lora;
 pub mod model;
 pub mod multimodal;
 pub mod nn;

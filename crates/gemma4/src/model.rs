@@ -195,6 +195,8 @@ pub struct Gemma4 {
     /// Bounds on untrusted input ([`LoadOptions::limits`]). The tokenizer and chat template
     /// took theirs at load; the media loaders read these.
     pub limits: Limits,
+    /// LoRA adapters attached to the text decoder ([`Self::attach_adapter`]), by id.
+    pub(crate) adapters: Vec<crate::lora::AttachedAdapter>,
 }
 
 impl Gemma4 {
@@ -277,6 +279,7 @@ impl Gemma4 {
             image_processor,
             video_processor,
             limits: opts.limits,
+            adapters: Vec::new(),
         })
     }
 

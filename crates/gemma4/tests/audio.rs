@@ -322,6 +322,7 @@ fn check_model(name: &str) {
             max_new_tokens: want_greedy.len(),
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
+            adapters: Default::default(),
             constraint: None,
         };
         let out = generate_from(tm, &input, &opts, |_| Ok(())).unwrap();

@@ -166,6 +166,7 @@ fn prompts_beyond_context_or_vocabulary_are_errors() {
         max_new_tokens: 4,
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
+        adapters: Default::default(),
         constraint: None,
     };
     let long = vec![5u32; max + 1];
@@ -194,6 +195,7 @@ fn generation_stops_at_context_end_and_on_stop_ids() {
         max_new_tokens: 50,
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
+        adapters: Default::default(),
         constraint: None,
     };
     let prompt = vec![2u32; max - 3];

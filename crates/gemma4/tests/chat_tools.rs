@@ -39,6 +39,7 @@ fn tools_render_generate_and_parse_as_the_reference() {
             max_new_tokens: 80,
             sampling: SamplingParams::greedy(),
             stop_ids: model.stop_ids(),
+            adapters: Default::default(),
             constraint: None,
         };
         let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();

@@ -53,6 +53,7 @@ fn options(model: &Gemma4, format: &ResponseFormat, sampling: SamplingParams) ->
         max_new_tokens: 60,
         sampling,
         stop_ids: model.stop_ids(),
+        adapters: Default::default(),
         constraint: Some(compiler(model).compile(format).unwrap()),
     }
 }
@@ -89,6 +90,7 @@ fn random_weights_answer_under_the_schema_and_stop_where_it_ends() {
     assert!(answers.len() > 1, "{answers:?}");
     // Unconstrained, the same model writes no JSON at all.
     let free = GenerateOptions {
+        adapters: Default::default(),
         constraint: None,
         ..options(&model, &format, SamplingParams::greedy())
     };
@@ -147,6 +149,7 @@ fn the_engine_holds_a_request_to_its_schema_beside_a_free_one() {
     let held = options(&model, &format, SamplingParams::greedy());
     let alone = generate(&model.text, &prompt, &held, |_| Ok(())).unwrap();
     let free = GenerateOptions {
+        adapters: Default::default(),
         constraint: None,
         ..held.clone()
     };
@@ -213,6 +216,7 @@ fn a_thought_runs_free_before_the_held_answer() {
         max_new_tokens: 80,
         sampling: SamplingParams::greedy(),
         stop_ids: model.stop_ids(),
+        adapters: Default::default(),
         constraint: Some(held.clone().after_reasoning(open, close)),
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
@@ -224,6 +228,7 @@ fn a_thought_runs_free_before_the_held_answer() {
     // Without `after_reasoning` the thought cannot open: the answer is JSON from its
     // first token.
     let opts = GenerateOptions {
+        adapters: Default::default(),
         constraint: Some(held),
         ..opts
     };

@@ -20,6 +20,7 @@ fn opts(max_new_tokens: usize) -> GenerateOptions {
         max_new_tokens,
         sampling: SamplingParams::greedy(),
         stop_ids: vec![],
+        adapters: Default::default(),
         constraint: None,
     }
 }

@@ -324,6 +324,7 @@ fn run_case(kind: &str, seed: u64) -> Result<String, String> {
                                 max_new_tokens: 2,
                                 sampling: gemma4::SamplingParams::greedy(),
                                 stop_ids: vec![],
+                                adapters: Default::default(),
                                 constraint: None,
                             };
                             match gemma4::generate_from(&model.text, &input, &opts, |_| Ok(())) {

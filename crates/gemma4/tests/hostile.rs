@@ -375,6 +375,7 @@ fn a_huge_sliding_window_costs_only_what_is_used() {
         max_new_tokens: 3,
         sampling: gemma4::SamplingParams::greedy(),
         stop_ids: vec![],
+        adapters: Default::default(),
         constraint: None,
     };
     let mut seq = gemma4::Sequence::new(

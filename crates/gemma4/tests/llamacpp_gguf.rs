@@ -58,6 +58,7 @@ fn check_against_golden(dir: &Path, golden_of: &str) {
             max_new_tokens: want_greedy.len(),
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
+            adapters: Default::default(),
             constraint: None,
         };
         let out = generate(tm, &prompt, &opts, |_| Ok(())).unwrap();
@@ -124,6 +125,7 @@ fn llama_quantized_q8_0_file_agrees_with_the_reference() {
             max_new_tokens: greedy.len(),
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
+            adapters: Default::default(),
             constraint: None,
         };
         let out = generate(&model.text, &ids(&case["prompt_ids"]), &opts, |_| Ok(())).unwrap();

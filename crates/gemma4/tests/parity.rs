@@ -72,6 +72,7 @@ fn check_fixture(name: &str) {
             max_new_tokens: want_greedy.len(),
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
+            adapters: Default::default(),
             constraint: None,
         };
         let out = generate(tm, &prompt, &opts, |_| Ok(())).unwrap();

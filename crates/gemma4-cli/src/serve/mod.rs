@@ -292,7 +292,7 @@ async fn body_within(State(idle): State<Duration>, req: Request, next: Next) -> 
 
 fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> Result<Loaded> {
     let dtype = args.dtype()?;
-    let model = Arc::new(pool.install(|| {
+    let model = Arc::new(pool.install(|| -> Result<Gemma4> {
         let load_opts = gemma4::LoadOptions {
             dtype,
             progress: crate::args::load_progress("loading"),
@@ -300,7 +300,9 @@ fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> 
             limits: args.limits.limits(),
             ..Default::default()
         };
-        Gemma4::load(&args.model, load_opts)
+        let mut model = Gemma4::load(&args.model, load_opts)?;
+        crate::args::attach_loras(&mut model, &args.lora)?;
+        Ok(model)
     })?);
     let markers = model
         .tokenizer()
@@ -403,16 +405,27 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 
 async fn models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
     let l = app.loaded()?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": app.name,
+    let max_len = l.model.config.text.max_position_embeddings;
+    let mut data = vec![json!({
+        "id": app.name,
+        "object": "model",
+        "created": l.created,
+        "owned_by": "gemma4",
+        "max_model_len": max_len,
+    })];
+    // Each `--lora` adapter is a model of its own, as vLLM lists LoRA modules.
+    for a in l.model.adapters() {
+        data.push(json!({
+            "id": a.name,
             "object": "model",
             "created": l.created,
             "owned_by": "gemma4",
-            "max_model_len": l.model.config.text.max_position_embeddings,
-        }],
-    })))
+            "root": a.dir.display().to_string(),
+            "parent": app.name,
+            "max_model_len": max_len,
+        }));
+    }
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 /// A JSON body, or the OpenAI error for a body that is too large or not JSON.

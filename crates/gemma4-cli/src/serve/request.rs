@@ -41,6 +41,9 @@ pub(crate) struct Settings {
     pub(crate) ignore_eos: bool,
     /// vLLM's `return_token_ids`: a whole answer also carries its generated ids.
     pub(crate) return_token_ids: bool,
+    /// The adapters `model` names (none: the base model), and the name it was asked by.
+    pub(crate) adapters: gemma4::lora::AdapterSet,
+    pub(crate) served_as: Option<String>,
 }
 
 fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -216,6 +219,8 @@ pub(crate) fn settings(model: &Gemma4, v: &Value) -> Result<Settings, ApiError> 
         response_format,
         ignore_eos: as_bool(v, "ignore_eos")?.unwrap_or(false),
         return_token_ids: as_bool(v, "return_token_ids")?.unwrap_or(false),
+        adapters: Default::default(),
+        served_as: None,
     })
 }
 

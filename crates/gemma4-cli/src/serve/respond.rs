@@ -23,6 +23,7 @@ use axum::Json;
 use gemma4::generate::constraint::{Constraint, ConstraintCompiler, ResponseFormat};
 use gemma4::generate::engine::{Event, Job, Logprobs, SubmitError};
 use gemma4::generate::{GenerateOptions, StopReason};
+use gemma4::lora::AdapterSet;
 use gemma4::prompt::output_parser::{Delta, Markers, OutputParser, ToolCall};
 use gemma4::prompt::tokenizer::{StreamDecoder, Tokenizer};
 use gemma4::text::model::PromptInput;
@@ -204,18 +205,29 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The request's `model` must be the served one when given.
-fn check_model(app: &App, v: &Value) -> Result<(), ApiError> {
+/// The request's `model`, when given: the served model (its base weights) or one of its
+/// `--lora` adapters by name, which the answer then runs with (as vLLM serves LoRA
+/// modules). The name is echoed in the answer.
+fn requested_model(app: &App, l: &Loaded, v: &Value) -> Result<(String, AdapterSet), ApiError> {
+    let adapters = l.model.adapters();
     match v.get("model").and_then(Value::as_str) {
-        Some(m) if m != app.name => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "the model `{m}` does not exist; this server serves `{}`",
-                app.name
-            ),
-        )
-        .code("model_not_found")),
-        _ => Ok(()),
+        None => Ok((app.name.clone(), AdapterSet::NONE)),
+        Some(m) if m == app.name => Ok((app.name.clone(), AdapterSet::NONE)),
+        Some(m) => match adapters.iter().find(|a| a.name == m) {
+            Some(a) => Ok((a.name.clone(), a.set())),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{m}` does not exist; this server serves {}",
+                    std::iter::once(&app.name)
+                        .chain(adapters.iter().map(|a| &a.name))
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+            .code("model_not_found")),
+        },
     }
 }
 
@@ -278,6 +290,7 @@ fn submit(
         } else {
             stop_ids(l)
         },
+        adapters: s.adapters,
         constraint,
     };
     let job = Job {
@@ -320,8 +333,9 @@ pub(crate) async fn chat_completions(
 async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let v = json_body(body)?;
     let l = app.loaded()?;
-    check_model(&app, &v)?;
-    let s = settings(&l.model, &v)?;
+    let (served_as, adapters) = requested_model(&app, l, &v)?;
+    let mut s = settings(&l.model, &v)?;
+    (s.served_as, s.adapters) = (Some(served_as), adapters);
     let markers = l.markers.ok_or_else(|| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -385,8 +399,9 @@ async fn completion(
 ) -> Result<Response, ApiError> {
     let v = json_body(body)?;
     let l = app.loaded()?;
-    check_model(&app, &v)?;
-    let s = settings(&l.model, &v)?;
+    let (served_as, adapters) = requested_model(&app, l, &v)?;
+    let mut s = settings(&l.model, &v)?;
+    (s.served_as, s.adapters) = (Some(served_as), adapters);
     let prompt = match v.get("prompt") {
         Some(Value::String(t)) => Prompt::Text(t.clone()),
         Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
@@ -474,7 +489,7 @@ async fn answer(
             Kind::Text => format!("cmpl-{}", random_id()),
         },
         created: now(),
-        model: app.name.clone(),
+        model: s.served_as.clone().unwrap_or_else(|| app.name.clone()),
         prompt_tokens,
     };
     if s.stream {

@@ -8,6 +8,8 @@
 //! ([`SubmitError::QueueFull`]). Dropping the receiver cancels the request: the engine
 //! sees it at the next event it sends, within one step. Long prompts run in chunks of
 //! `prefill_chunk` tokens, so sequences already decoding keep producing tokens.
+//! Sequences with different LoRA adapters ([`GenerateOptions::adapters`]) never share a
+//! step: the adapter sets in flight take turns, one step each.
 //!
 //! Prefix cache: finished sequences are kept, up to `cache_bytes` of KV cache, least
 //! recently used dropped first. A new request starts from the kept sequence that shares
@@ -15,7 +17,7 @@
 //! and media embeddings all equal): the next turn of a conversation takes it over
 //! ([`Sequence::continue_from`]); a request that departs from it earlier, such as
 //! another conversation with the same system prompt, gets a copy
-//! ([`Sequence::branch_from`]).
+//! ([`Sequence::branch_from`]). Only a kept sequence with the request's adapters counts.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
@@ -24,6 +26,7 @@ use std::time::Instant;
 
 use crate::generate::sequence::{step, Sequence};
 use crate::generate::{GenerateOptions, StopReason};
+use crate::lora::AdapterSet;
 use crate::text::model::{PromptInput, TextModel};
 
 /// How the engine schedules.
@@ -224,6 +227,8 @@ impl Kept {
             .seqs
             .iter()
             .enumerate()
+            // A cache computed with other adapters holds other keys and values.
+            .filter(|(_, s)| s.adapters() == job.options.adapters)
             .map(|(i, s)| (i, s.shared_prefix(model, &job.prompt).unwrap_or(0)))
             .max_by_key(|&(i, n)| (n, i));
         let held = |i: usize| self.seqs[i].cache().seq_len();
@@ -289,6 +294,7 @@ fn run(
         max_bytes: opts.cache_bytes,
     };
     let mut open = true;
+    let mut last_set = None;
     loop {
         while open && running.len() < opts.parallel.max(1) {
             match rx.try_recv() {
@@ -317,25 +323,41 @@ fn run(
         let prefilling = running.iter().any(|r| !r.seq.is_prefilled());
         let fed_before: usize = running.iter().map(|r| r.seq.fed()).sum();
         let t = Instant::now();
+        // Sequences with different adapters never share a step: each step runs one
+        // adapter set's sequences, the sets taking turns.
+        let set = next_set(&running, &mut last_set);
         let outs = {
-            let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
+            let mut seqs: Vec<&mut Sequence> = running
+                .iter_mut()
+                .filter(|r| r.seq.adapters() == set)
+                .map(|r| &mut r.seq)
+                .collect();
             step(model, &mut seqs, opts.prefill_chunk)
         };
         let micros = t.elapsed().as_micros() as u64;
         let outs = match outs {
             Ok(o) => o,
             Err(e) => {
-                for r in running.drain(..) {
-                    let _ = r.events.send(Event::Failed(e.to_string()));
-                }
+                running.retain(|r| {
+                    let in_step = r.seq.adapters() == set;
+                    if in_step {
+                        let _ = r.events.send(Event::Failed(e.to_string()));
+                    }
+                    !in_step
+                });
                 continue;
             }
         };
+        let mut outs = outs.into_iter();
         let fed_after: usize = running.iter().map(|r| r.seq.fed()).sum();
         let mut made = 0u64;
         // Keep the sequences whose client still listens and that have not finished.
         let mut keep = Vec::with_capacity(running.len());
-        for (r, out) in running.drain(..).zip(outs) {
+        for r in running.drain(..) {
+            let out = match r.seq.adapters() == set {
+                true => outs.next().flatten(),
+                false => None,
+            };
             let mut alive = true;
             if let Some(why) = r.seq.failure() {
                 let _ = r.events.send(Event::Failed(why.to_string()));
@@ -394,6 +416,21 @@ fn run(
             Ordering::Relaxed,
         );
     }
+}
+
+/// The adapter set whose sequences run this step: the next one after `last` among the
+/// running sequences' sets, in order, wrapping around.
+fn next_set(running: &[Running], last: &mut Option<AdapterSet>) -> AdapterSet {
+    let sets: std::collections::BTreeSet<AdapterSet> =
+        running.iter().map(|r| r.seq.adapters()).collect();
+    let set = match *last {
+        Some(l) => sets.range(l..).find(|&&s| s != l).or_else(|| sets.first()),
+        None => sets.first(),
+    }
+    .copied()
+    .unwrap_or_default();
+    *last = Some(set);
+    set
 }
 
 /// Log-softmax of `row` at `id`, and the `k` largest.

@@ -13,6 +13,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::generate::sampling::SamplingParams;
 use crate::generate::sequence::{step, Sequence};
+use crate::lora::AdapterSet;
 use crate::text::model::{PromptInput, TextModel};
 
 #[derive(Debug, Clone)]
@@ -24,6 +25,9 @@ pub struct GenerateOptions {
     pub stop_ids: Vec<u32>,
     /// Holds the answer to a grammar (a JSON schema); `None`: free.
     pub constraint: Option<constraint::Constraint>,
+    /// The attached LoRA adapters to run with ([`crate::Gemma4::attach_adapter`]);
+    /// [`AdapterSet::NONE`]: the base model.
+    pub adapters: AdapterSet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

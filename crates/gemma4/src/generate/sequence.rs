@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::generate::constraint::Constraint;
 use crate::generate::sampling::Sampler;
 use crate::generate::{GenerateOptions, StopReason};
+use crate::lora::AdapterSet;
 use crate::text::kv_cache::KvCache;
 use crate::text::model::{LogitsFor, PromptInput, StepInput, TextModel};
 
@@ -36,6 +37,8 @@ pub struct Sequence {
     max_new_tokens: usize,
     stop_ids: Vec<u32>,
     constraint: Option<Constraint>,
+    /// The adapters its steps run with.
+    adapters: AdapterSet,
     /// Why the sequence failed ([`StopReason::Failed`]).
     failure: Option<String>,
     /// Prompt tokens already run.
@@ -96,6 +99,7 @@ impl Sequence {
             max_new_tokens: opts.max_new_tokens,
             stop_ids: opts.stop_ids.clone(),
             constraint: opts.constraint.clone(),
+            adapters: opts.adapters,
             failure: None,
             fed: 0,
             generated: Vec::new(),
@@ -117,7 +121,10 @@ impl Sequence {
         opts: &GenerateOptions,
         previous: Sequence,
     ) -> Result<Self> {
-        let reuse = previous.shared_prefix(model, &prompt)?;
+        let reuse = match previous.adapters == opts.adapters {
+            true => previous.shared_prefix(model, &prompt)?,
+            false => 0,
+        };
         Self::resume(model, prompt, opts, previous.cache, reuse)
     }
 
@@ -129,7 +136,10 @@ impl Sequence {
         opts: &GenerateOptions,
         previous: &Sequence,
     ) -> Result<Self> {
-        let reuse = previous.shared_prefix(model, &prompt)?;
+        let reuse = match previous.adapters == opts.adapters {
+            true => previous.shared_prefix(model, &prompt)?,
+            false => 0,
+        };
         if reuse == 0 {
             return Sequence::new(model, prompt, opts);
         }
@@ -201,6 +211,13 @@ impl Sequence {
             n = diff.iter().position(|&d| d != 0.0).unwrap_or(n);
         }
         Ok(n)
+    }
+
+    /// The adapters this sequence runs with ([`GenerateOptions::adapters`]): sequences
+    /// share a [`step`] only when these are equal, and a cache is reused only by a
+    /// sequence with the same adapters.
+    pub fn adapters(&self) -> AdapterSet {
+        self.adapters
     }
 
     pub fn prompt_ids(&self) -> &[u32] {
@@ -370,11 +387,25 @@ pub fn step(
         .iter()
         .map(|s| s.next_rows(prefill_chunk).len().max(1))
         .collect();
+    let adapters = seqs
+        .iter()
+        .zip(&active)
+        .filter(|(_, a)| **a)
+        .map(|(s, _)| s.adapters)
+        .collect::<std::collections::BTreeSet<_>>();
+    if adapters.len() > 1 {
+        return Err(Error::invalid_argument(
+            "sequences",
+            "sequences with different adapters cannot share a step",
+        ));
+    }
+    let set = adapters.into_iter().next().unwrap_or_default();
     let mut inputs = Vec::new();
     for (s, _) in seqs.iter_mut().zip(&active).filter(|(_, a)| **a) {
         inputs.push(s.input(model, prefill_chunk)?);
     }
-    let mut logits = model.forward_batch(&mut inputs)?.into_iter();
+    let mut logits =
+        crate::lora::with_adapters(set, || model.forward_batch(&mut inputs))?.into_iter();
     drop(inputs);
     let max = model.config().max_position_embeddings;
     let mut out = Vec::with_capacity(seqs.len());

@@ -152,64 +152,83 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for name in shard_names {
-            let path = dir.join(&name);
-            let file = open_regular(&path)?;
-            // SAFETY: the mapping is read-only; a checkpoint modified while it is loaded is
-            // outside what any loader can defend against (the same contract as safetensors).
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let bad = |message: String| Error::Safetensors {
-                path: path.clone(),
-                message,
-            };
-            // `deserialize` validates the header and that every tensor lies inside the file,
-            // so a truncated or corrupt file fails here.
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-                use safetensors::SafeTensorError as E;
-                let text = crate::error::printable(&e.to_string());
-                if mmap.starts_with(b"GGUF") {
-                    return bad(
-                        "it is a GGUF file; name it `model.gguf` (or `*.gguf` alone in the directory)"
-                            .to_string(),
-                    );
-                }
-                bad(match e {
-                    // What a file cut short gives: the header's length or its last
-                    // tensor's end lies past the end.
-                    E::MetadataIncompleteBuffer | E::InvalidHeaderLength | E::HeaderTooSmall => {
-                        format!("{text} (the file has {} bytes): truncated?", mmap.len())
-                    }
-                    _ => text,
-                })
-            })?;
-            let base = mmap.as_ptr() as usize;
-            let file_idx = files.len();
-            for (tname, view) in st.tensors() {
-                let data = view.data();
-                let start = data.as_ptr() as usize - base;
-                let dtype = match view.dtype() {
-                    StDtype::F32 => Ok(StoredType::Dense(DType::F32)),
-                    StDtype::F16 => Ok(StoredType::Dense(DType::F16)),
-                    StDtype::BF16 => Ok(StoredType::Dense(DType::BF16)),
-                    other => Err(format!("{other:?}")),
-                };
-                tensors.insert(
-                    tname,
-                    TensorEntry {
-                        file: file_idx,
-                        dtype,
-                        shape: view.shape().to_vec(),
-                        start,
-                        end: start + data.len(),
-                    },
-                );
-            }
-            drop(st);
-            files.push(MappedFile {
-                path,
-                mmap: Arc::new(mmap),
-            });
+            Self::map_safetensors(&dir.join(&name), &mut files, &mut tensors)?;
         }
         Ok(Self::from_parts(files, tensors))
+    }
+
+    /// One safetensors file that is not a model checkpoint (a LoRA adapter's
+    /// `adapter_model.safetensors`), with the same checks as a checkpoint's shards.
+    pub fn open_safetensors(path: &Path) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        Self::map_safetensors(path, &mut files, &mut tensors)?;
+        Ok(Self::from_parts(files, tensors))
+    }
+
+    /// Maps safetensors file `path`, validating its header, and records its tensors.
+    fn map_safetensors(
+        path: &Path,
+        files: &mut Vec<MappedFile>,
+        tensors: &mut HashMap<String, TensorEntry>,
+    ) -> Result<()> {
+        let path = path.to_path_buf();
+        let file = open_regular(&path)?;
+        // SAFETY: the mapping is read-only; a checkpoint modified while it is loaded is
+        // outside what any loader can defend against (the same contract as safetensors).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let bad = |message: String| Error::Safetensors {
+            path: path.clone(),
+            message,
+        };
+        // `deserialize` validates the header and that every tensor lies inside the file,
+        // so a truncated or corrupt file fails here.
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+            use safetensors::SafeTensorError as E;
+            let text = crate::error::printable(&e.to_string());
+            if mmap.starts_with(b"GGUF") {
+                return bad(
+                    "it is a GGUF file; name it `model.gguf` (or `*.gguf` alone in the directory)"
+                        .to_string(),
+                );
+            }
+            bad(match e {
+                // What a file cut short gives: the header's length or its last
+                // tensor's end lies past the end.
+                E::MetadataIncompleteBuffer | E::InvalidHeaderLength | E::HeaderTooSmall => {
+                    format!("{text} (the file has {} bytes): truncated?", mmap.len())
+                }
+                _ => text,
+            })
+        })?;
+        let base = mmap.as_ptr() as usize;
+        let file_idx = files.len();
+        for (tname, view) in st.tensors() {
+            let data = view.data();
+            let start = data.as_ptr() as usize - base;
+            let dtype = match view.dtype() {
+                StDtype::F32 => Ok(StoredType::Dense(DType::F32)),
+                StDtype::F16 => Ok(StoredType::Dense(DType::F16)),
+                StDtype::BF16 => Ok(StoredType::Dense(DType::BF16)),
+                other => Err(format!("{other:?}")),
+            };
+            tensors.insert(
+                tname,
+                TensorEntry {
+                    file: file_idx,
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + data.len(),
+                },
+            );
+        }
+        drop(st);
+        files.push(MappedFile {
+            path,
+            mmap: Arc::new(mmap),
+        });
+        Ok(())
     }
 
     fn from_parts(files: Vec<MappedFile>, tensors: HashMap<String, TensorEntry>) -> Self {
@@ -380,6 +399,22 @@ impl Checkpoint {
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
+    }
+
+    /// The file tensor `name` is stored in, if present.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors
+            .get(name)
+            .map(|t| self.files[t.file].path.as_path())
+    }
+
+    /// Whether this is a GGUF file (whose tensors may be block-quantized).
+    pub fn is_gguf(&self) -> bool {
+        self.files.len() == 1
+            && self.files[0]
+                .path
+                .extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
     }
 
     /// Shape of a stored tensor, if present.

@@ -10,7 +10,7 @@
 //! `use_clipped_linears` the input is clamped to `[input_min, input_max]` and the output to
 //! `[output_min, output_max]`, bounds read from the checkpoint's 0-d buffers (±∞ = off).
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
@@ -23,6 +23,7 @@ use crate::backend::cpu::q8_packed::PackedQ8;
 use crate::backend::matrix::{with_elements, DenseMatrix, GgmlMatrix, Matrix};
 use crate::error::Result;
 use crate::loading::weights::Weights;
+use crate::nn::lora::{self, AdapterSet, LoraDelta};
 use crate::text::model::round_to;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -152,6 +153,10 @@ pub struct Linear {
     bias: Option<Tensor>,
     clip: Option<Clip>,
     source: Option<TensorSource>,
+    /// LoRA updates attached to this projection, one per adapter that patches it; added to
+    /// the output while their adapter is on ([`lora::with_adapters`]). Shared behind a
+    /// lock so that adapters attach to a loaded model through `&self`.
+    adapters: Arc<RwLock<Vec<LoraDelta>>>,
 }
 
 fn clamp(x: Tensor, (lo, hi): (f64, f64)) -> Result<Tensor> {
@@ -217,7 +222,45 @@ impl Linear {
             bias: None,
             clip: None,
             source: None,
+            adapters: Arc::default(),
         }
+    }
+
+    /// Attaches `delta` (its adapter's update of this projection); it is added to the
+    /// output while its adapter is on. An adapter patches a projection at most once.
+    pub(crate) fn attach(&self, delta: LoraDelta) -> Result<()> {
+        let mut list = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        if list.iter().any(|d| d.id == delta.id) {
+            return Err(crate::error::Error::invalid_argument(
+                "adapter",
+                format!("adapter {} patches this projection twice", delta.id),
+            ));
+        }
+        list.push(delta);
+        Ok(())
+    }
+
+    /// Removes adapter `id`'s update, if it has one here.
+    pub(crate) fn detach(&self, id: usize) {
+        let mut list = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        list.retain(|d| d.id != id);
+    }
+
+    /// `y` plus the updates of the adapters of `set` that patch this projection.
+    fn add_adapters(&self, x: &Tensor, y: Tensor, set: AdapterSet) -> Result<Tensor> {
+        let list = self.adapters.read().unwrap_or_else(|e| e.into_inner());
+        let mut sum: Option<Tensor> = None;
+        for d in list.iter().filter(|d| set.contains(d.id)) {
+            let u = d.apply(x)?;
+            sum = Some(match sum {
+                None => u,
+                Some(s) => (s + u)?,
+            });
+        }
+        Ok(match sum {
+            None => y,
+            Some(u) => (y.to_dtype(DType::F32)? + u)?.to_dtype(y.dtype())?,
+        })
     }
 
     /// Records the checkpoint tensor the weight came from (`index`: which matrix of a
@@ -254,6 +297,10 @@ impl Linear {
         let mut y = self.weight.matmul_t(&x)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
+        }
+        let set = lora::active();
+        if !set.is_empty() {
+            y = self.add_adapters(&x, y, set)?;
         }
         match &self.clip {
             Some(c) => clamp(y, c.output),

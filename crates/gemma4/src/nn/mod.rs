@@ -1,8 +1,9 @@
 //! Building blocks shared by the towers: the one [`linear`] layer every projection goes
-//! through, [`norm`] (RMSNorm), [`rope`], the attention [`mask`]s and the vectorised [`activation`]s.
+//! through (with the [`lora`] updates adapters add to it), [`norm`] (RMSNorm), [`rope`], the attention [`mask`]s and the vectorised [`activation`]s.
 
 pub mod activation;
 pub mod linear;
+pub mod lora;
 pub mod mask;
 pub mod norm;
 pub mod rope;

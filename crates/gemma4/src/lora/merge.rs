@@ -1,0 +1,250 @@
+//! Merging adapters into a checkpoint's weights: `W + Σ scaling · B A` for every patched
+//! projection, as peft's `merge_and_unload` computes it (the update in f32, the sum
+//! rounded to the weight's stored dtype), written as a checkpoint of the same layout.
+//!
+//! The source must be a safetensors checkpoint (merging into GGML blocks would round the
+//! update away); quantize the merged checkpoint afterwards (`gemma4 quantize`). Each shard
+//! is rewritten on its own, so memory holds one shard's merged tensors at a time, and each
+//! is written atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+
+use super::{canonical, unmatched, LoraAdapter, LoraDelta, PEFT_PREFIX};
+use crate::error::{Error, Result};
+use crate::loading::gguf::StoredType;
+use crate::loading::weights::Checkpoint;
+
+/// What [`merge`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeReport {
+    /// Weights changed (one per patched projection, whatever the number of adapters).
+    pub patched: usize,
+    /// Tensors written in all.
+    pub tensors: usize,
+    /// Files written or copied into the output directory.
+    pub files: Vec<String>,
+}
+
+/// Writes checkpoint `model_dir` with `adapters` merged into its weights to `out_dir`
+/// (created if missing; must not be `model_dir`). Every other file of the directory
+/// (config, tokenizer, chat template, shard index) is copied as it is. Tensors keep their
+/// stored dtype, or all take `dtype` when given (f32: the merged weights unrounded).
+/// `progress` sees the tensors done and the total.
+pub fn merge(
+    model_dir: &Path,
+    adapters: &[LoraAdapter],
+    out_dir: &Path,
+    dtype: Option<DType>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<MergeReport> {
+    if let Some(d) = dtype {
+        if !matches!(d, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::invalid_argument(
+                "dtype",
+                format!("{d:?}: merged weights are written as f32, f16 or bf16"),
+            ));
+        }
+    }
+    let ckpt = Checkpoint::open(model_dir)?;
+    if ckpt.is_gguf() {
+        return Err(Error::invalid_argument(
+            "model",
+            format!(
+                "{}: adapters merge into a safetensors checkpoint (the GGUF's blocks would \
+                 round the update away); merge into the original weights, then quantize",
+                model_dir.display()
+            ),
+        ));
+    }
+    if out_dir.exists()
+        && std::fs::canonicalize(out_dir).ok() == std::fs::canonicalize(model_dir).ok()
+    {
+        return Err(Error::invalid_argument(
+            "out",
+            "is the model directory: write the merged checkpoint somewhere else",
+        ));
+    }
+    // Weight name by canonical module path.
+    let weights: HashMap<String, &str> = ckpt
+        .tensor_names()
+        .filter_map(|n| {
+            let module = n.strip_suffix(".weight")?;
+            (!super::is_embedding(module)).then(|| (canonical(module), n))
+        })
+        .collect();
+    let mut updates: HashMap<&str, Vec<LoraDelta>> = HashMap::new();
+    for adapter in adapters {
+        for m in &adapter.modules {
+            let name = *weights
+                .get(&canonical(&m.module))
+                .ok_or_else(|| unmatched(adapter, &m.module))?;
+            let shape = ckpt.shape(name).unwrap_or_default();
+            let out_in = match shape {
+                [o, i] => (*o, *i),
+                _ => return Err(unmatched(adapter, &m.module)),
+            };
+            let delta = LoraDelta::new(
+                0,
+                m.a.clone(),
+                m.b.clone(),
+                m.scaling,
+                out_in,
+                &format!("{PEFT_PREFIX}{}", m.module),
+            )?;
+            updates.entry(name).or_default().push(delta);
+        }
+    }
+
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let mut by_file: BTreeMap<&Path, Vec<&str>> = BTreeMap::new();
+    for name in ckpt.tensor_names() {
+        by_file
+            .entry(ckpt.file_of(name).expect("listed tensor"))
+            .or_default()
+            .push(name);
+    }
+    let total: usize = by_file.values().map(Vec::len).sum();
+    let mut done = 0;
+    let mut files = Vec::new();
+    for (file, mut names) in by_file {
+        names.sort_unstable();
+        let mut rewritten: HashMap<&str, (DType, Vec<u8>)> = HashMap::new();
+        for &name in &names {
+            let StoredType::Dense(stored) = ckpt.stored_type(name)? else {
+                return Err(Error::invalid_argument(
+                    "model",
+                    format!("tensor `{name}` is block-quantized: merge into the original weights"),
+                ));
+            };
+            let target = dtype.unwrap_or(stored);
+            let deltas = updates.get(name).map(Vec::as_slice).unwrap_or_default();
+            if !deltas.is_empty() || target != stored {
+                rewritten.insert(name, (target, merged_bytes(&ckpt, name, deltas, target)?));
+            }
+        }
+        let mut views = Vec::with_capacity(names.len());
+        for &name in &names {
+            let (written, bytes) = match rewritten.get(name) {
+                Some((d, b)) => (*d, b.as_slice()),
+                None => match ckpt.stored_type(name)? {
+                    StoredType::Dense(d) => (d, ckpt.raw_bytes(name)?),
+                    StoredType::Quant(_) => unreachable!("refused above"),
+                },
+            };
+            let dtype =
+                match written {
+                    DType::F32 => StDtype::F32,
+                    DType::F16 => StDtype::F16,
+                    DType::BF16 => StDtype::BF16,
+                    other => return Err(Error::invalid_argument(
+                        "model",
+                        format!(
+                            "tensor `{name}` is stored as {other:?}, which merging does not write"
+                        ),
+                    )),
+                };
+            let shape = ckpt.shape(name).unwrap_or_default().to_vec();
+            let view = TensorView::new(dtype, shape, bytes).map_err(|e| Error::Safetensors {
+                path: file.to_path_buf(),
+                message: format!("tensor `{name}`: {e}"),
+            })?;
+            views.push((name, view));
+        }
+        let file_name = file.file_name().unwrap_or_default();
+        let target = out_dir.join(file_name);
+        let tmp = crate::loading::atomic::temporary(&target);
+        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        safetensors::tensor::serialize_to_file(views, metadata, &tmp).map_err(|e| {
+            Error::Safetensors {
+                path: tmp.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        crate::loading::atomic::commit(&target)?;
+        files.push(file_name.to_string_lossy().into_owned());
+        done += names.len();
+        progress(done, total);
+    }
+    // Everything else the checkpoint directory holds (config, tokenizer, template, index).
+    let entries = std::fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))?;
+    let mut others = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(model_dir, e))?.path();
+        let is_weights = path.extension().is_some_and(|x| x == "safetensors");
+        if path.is_file() && !is_weights {
+            others.push(path);
+        }
+    }
+    others.sort();
+    for path in others {
+        let name = path.file_name().unwrap_or_default();
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        crate::loading::atomic::write_atomic(&out_dir.join(name), &bytes)?;
+        files.push(name.to_string_lossy().into_owned());
+    }
+    Ok(MergeReport {
+        patched: updates.len(),
+        tensors: total,
+        files,
+    })
+}
+
+/// `name`'s weight plus every delta, in f32, rounded to `dtype`, as bytes.
+fn merged_bytes(
+    ckpt: &Checkpoint,
+    name: &str,
+    deltas: &[LoraDelta],
+    dtype: DType,
+) -> Result<Vec<u8>> {
+    let shape = ckpt.shape(name).unwrap_or_default().to_vec();
+    let mut w = ckpt.load(name, &shape, DType::F32, &Device::Cpu)?;
+    for d in deltas {
+        w = (w + d.dense()?)?;
+    }
+    let w = w.to_dtype(dtype)?.flatten_all()?;
+    Ok(match dtype {
+        DType::F32 => bytes_of(&w.to_vec1::<f32>()?),
+        DType::F16 => bytes_of(&w.to_vec1::<half::f16>()?),
+        DType::BF16 => bytes_of(&w.to_vec1::<half::bf16>()?),
+        other => {
+            return Err(Error::invalid_argument(
+                "model",
+                format!("tensor `{name}` is {other:?}, which merging does not write"),
+            ))
+        }
+    })
+}
+
+fn bytes_of<T: Copy + ToLeBytes>(v: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(std::mem::size_of_val(v));
+    for x in v {
+        x.extend_le(&mut out);
+    }
+    out
+}
+
+trait ToLeBytes {
+    fn extend_le(&self, out: &mut Vec<u8>);
+}
+
+impl ToLeBytes for f32 {
+    fn extend_le(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl ToLeBytes for half::f16 {
+    fn extend_le(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl ToLeBytes for half::bf16 {
+    fn extend_le(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}

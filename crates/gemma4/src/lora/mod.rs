@@ -1,0 +1,340 @@
+//! LoRA adapters in peft's format: loading them ([`LoraAdapter::load`]), attaching them to
+//! a loaded model to run unmerged ([`crate::Gemma4::attach_adapter`], then
+//! [`with_adapters`] or [`crate::GenerateOptions::adapters`] to turn them on), and merging
+//! them into a checkpoint's weights ([`merge`]).
+//!
+//! The files are what `PeftModel.save_pretrained` writes ([`config`] for
+//! `adapter_config.json`); `adapter_model.safetensors` holds
+//! `base_model.model.{module}.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`,
+//! where `{module}` is the projection's path in the model
+//! (`model.language_model.layers.{i}.self_attn.q_proj` for `Gemma4ForConditionalGeneration`,
+//! `model.layers.{i}...` for `Gemma4ForCausalLM`; either form loads on either checkpoint, as
+//! vLLM maps one onto the other). Every key must patch a projection of the model: an
+//! adapter that loads and silently does nothing is refused, and attaching reports how many
+//! projections it patched.
+
+pub mod config;
+pub mod merge;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::loading::weights::Checkpoint;
+use crate::nn::linear::Linear;
+pub use crate::nn::lora::{with_adapters, AdapterSet, LoraDelta, MAX_ADAPTERS};
+use config::AdapterConfig;
+
+/// The prefix peft puts before every module path (`PeftModel.base_model.model`).
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// One projection's update in an adapter file.
+#[derive(Debug, Clone)]
+pub struct ModuleLora {
+    /// The projection's path in the model, as the file names it (without peft's prefix).
+    pub module: String,
+    /// `[r, in]`, f32.
+    pub a: Tensor,
+    /// `[out, r]`, f32.
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / √r` with rsLoRA), times any scale given at load.
+    pub scaling: f64,
+}
+
+impl ModuleLora {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+}
+
+/// A LoRA adapter read from a peft adapter directory.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub dir: PathBuf,
+    /// The directory's name: what the server and the CLI call the adapter.
+    pub name: String,
+    pub config: AdapterConfig,
+    /// One entry per patched projection, ordered by module path.
+    pub modules: Vec<ModuleLora>,
+}
+
+impl LoraAdapter {
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "adapter directory not found"),
+            ));
+        }
+        let config = AdapterConfig::from_file(&config::config_path(dir))?;
+        let path = dir.join("adapter_model.safetensors");
+        if !path.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(Error::io(
+                dir.join("adapter_model.bin"),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "pickled adapters are not read (they can run code); save it with \
+                     `save_pretrained(..., safe_serialization=True)`",
+                ),
+            ));
+        }
+        let file = Checkpoint::open_safetensors(&path)?;
+        let bad = |message: String| Error::Safetensors {
+            path: path.clone(),
+            message,
+        };
+        let mut pairs: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+        let mut names: Vec<&str> = file.tensor_names().collect();
+        names.sort_unstable();
+        for key in names {
+            let printable = crate::error::printable(key);
+            let rest = key.strip_prefix(PEFT_PREFIX).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{printable}` does not start with `{PEFT_PREFIX}` (not a peft adapter?)"
+                ))
+            })?;
+            let (module, slot) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+                (m, 0)
+            } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+                (m, 1)
+            } else {
+                return Err(bad(format!(
+                    "tensor `{printable}` is not a `lora_A`/`lora_B` weight (embedding \
+                     adapters, DoRA magnitudes and saved modules are not supported)"
+                )));
+            };
+            pairs.entry(module.to_string()).or_default()[slot] = Some(key.to_string());
+        }
+        if pairs.is_empty() {
+            return Err(bad("no LoRA tensors".into()));
+        }
+        let mut modules = Vec::with_capacity(pairs.len());
+        for (module, [a, b]) in pairs {
+            let (a, b) = match (a, b) {
+                (Some(a), Some(b)) => (a, b),
+                (a, _) => {
+                    return Err(bad(format!(
+                        "`{}` has {} but no {}",
+                        crate::error::printable(&module),
+                        if a.is_some() { "lora_A" } else { "lora_B" },
+                        if a.is_some() { "lora_B" } else { "lora_A" },
+                    )))
+                }
+            };
+            let load = |key: &str| -> Result<Tensor> {
+                let shape = file.shape(key).unwrap_or_default().to_vec();
+                if shape.len() != 2 {
+                    return Err(bad(format!(
+                        "`{}` has shape {shape:?}, not a matrix",
+                        crate::error::printable(key)
+                    )));
+                }
+                file.load(key, &shape, DType::F32, &Device::Cpu)
+            };
+            let (a, b) = (load(&a)?, load(&b)?);
+            let rank = a.dims()[0];
+            let (r, alpha) = config.rank_and_alpha(&module);
+            if r != rank {
+                return Err(bad(format!(
+                    "`{}` has rank {rank}, but adapter_config.json gives it rank {r}",
+                    crate::error::printable(&module)
+                )));
+            }
+            let scaling = config.scaling(rank, alpha);
+            modules.push(ModuleLora {
+                module,
+                a,
+                b,
+                scaling,
+            });
+        }
+        Ok(LoraAdapter {
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "adapter".into()),
+            dir: dir.to_path_buf(),
+            config,
+            modules,
+        })
+    }
+
+    /// The same adapter with every update multiplied by `scale` (llama.cpp's `--lora-scaled`).
+    pub fn scaled(mut self, scale: f64) -> Self {
+        for m in &mut self.modules {
+            m.scaling *= scale;
+        }
+        self
+    }
+}
+
+/// A module path with the text decoder's prefix made one: `model.language_model.` (the
+/// multimodal classes) and `model.` (`Gemma4ForCausalLM`) name the same projections.
+pub(crate) fn canonical(module: &str) -> String {
+    match module.strip_prefix("model.language_model.") {
+        Some(rest) => format!("model.{rest}"),
+        None => module.to_string(),
+    }
+}
+
+/// The embedding tables: the tied head/embedding and the per-layer embeddings, which peft
+/// adapts with `lora_embedding_A`/`_B` (not supported), never with `lora_A`/`lora_B`.
+pub(crate) fn is_embedding(module: &str) -> bool {
+    module.ends_with("embed_tokens") || module.ends_with("embed_tokens_per_layer")
+}
+
+/// Why an adapter module matched nothing, for the error.
+fn unmatched(adapter: &LoraAdapter, module: &str) -> Error {
+    let why = if ["vision_tower", "audio_tower", "embed_vision", "embed_audio"]
+        .iter()
+        .any(|t| module.contains(t))
+    {
+        "adapters on the vision and audio encoders are not supported yet".to_string()
+    } else {
+        format!(
+            "it matches no projection of this model (an adapter for another model? it names \
+             `{}` as its base)",
+            adapter
+                .config
+                .base_model_name_or_path
+                .as_deref()
+                .unwrap_or("no model")
+        )
+    };
+    Error::invalid_argument(
+        "adapter",
+        format!(
+            "{}: module `{}`: {why}",
+            adapter.dir.display(),
+            crate::error::printable(module)
+        ),
+    )
+}
+
+/// The projections adapters may patch, by canonical module path: every projection loaded
+/// from its own checkpoint matrix except the embedding table (which is also the tied LM
+/// head, and which peft adapts with other tensors than `lora_A`/`lora_B`). MoE experts,
+/// one matrix of a stacked tensor each, are not `nn.Linear`s in the reference either.
+fn patchable(linears: Vec<&Linear>) -> HashMap<String, &Linear> {
+    linears
+        .into_iter()
+        .filter_map(|l| {
+            let src = l.source()?;
+            let module = src.name.strip_suffix(".weight")?;
+            (src.index.is_none() && !is_embedding(module)).then(|| (canonical(module), l))
+        })
+        .collect()
+}
+
+/// Attaches every update of `adapter` to `linears` as adapter `id`: all or nothing, so a
+/// failure leaves the model as it was. Returns how many projections were patched.
+pub(crate) fn patch(linears: Vec<&Linear>, id: usize, adapter: &LoraAdapter) -> Result<usize> {
+    let targets = patchable(linears);
+    // Names first: an adapter for another model is reported as such, not as the first
+    // shape that happens to differ.
+    let mut matched = Vec::with_capacity(adapter.modules.len());
+    for m in &adapter.modules {
+        let linear = targets
+            .get(&canonical(&m.module))
+            .ok_or_else(|| unmatched(adapter, &m.module))?;
+        matched.push((*linear, m));
+    }
+    let mut planned = Vec::with_capacity(matched.len());
+    for (linear, m) in matched {
+        let delta = LoraDelta::new(
+            id,
+            m.a.clone(),
+            m.b.clone(),
+            m.scaling,
+            linear.weight().shape(),
+            &format!("{}: {}{}", adapter.dir.display(), PEFT_PREFIX, m.module),
+        )?;
+        planned.push((linear, delta));
+    }
+    for (i, (linear, delta)) in planned.iter().enumerate() {
+        if let Err(e) = linear.attach(delta.clone()) {
+            for (l, _) in &planned[..i] {
+                l.detach(id);
+            }
+            return Err(e);
+        }
+    }
+    Ok(planned.len())
+}
+
+/// An adapter attached to a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedAdapter {
+    /// Its id in the model's [`AdapterSet`]s.
+    pub id: usize,
+    pub name: String,
+    pub dir: PathBuf,
+    /// How many projections it patches.
+    pub modules: usize,
+    /// The largest rank among them.
+    pub rank: usize,
+}
+
+impl AttachedAdapter {
+    /// The set holding only this adapter.
+    pub fn set(&self) -> AdapterSet {
+        AdapterSet::only(self.id)
+    }
+}
+
+impl crate::Gemma4 {
+    /// Attaches `adapter` to the text decoder, unmerged: the base weights are untouched and
+    /// the adapter's updates are added to the projections it patches while it is on
+    /// ([`with_adapters`], [`crate::GenerateOptions::adapters`]). Fails, leaving the model
+    /// as it was, when any of its modules matches no projection or has the wrong shape.
+    pub fn attach_adapter(&mut self, adapter: &LoraAdapter) -> Result<AttachedAdapter> {
+        let id = self.adapters.len();
+        if id >= MAX_ADAPTERS {
+            return Err(Error::invalid_argument(
+                "adapter",
+                format!("at most {MAX_ADAPTERS} adapters can be attached to one model"),
+            ));
+        }
+        if self.adapters.iter().any(|a| a.name == adapter.name) {
+            return Err(Error::invalid_argument(
+                "adapter",
+                format!(
+                    "{}: an adapter named `{}` is already attached (adapters are named after \
+                     their directory)",
+                    adapter.dir.display(),
+                    adapter.name
+                ),
+            ));
+        }
+        let modules = patch(self.text.linears(), id, adapter)?;
+        let attached = AttachedAdapter {
+            id,
+            name: adapter.name.clone(),
+            dir: adapter.dir.clone(),
+            modules,
+            rank: adapter
+                .modules
+                .iter()
+                .map(ModuleLora::rank)
+                .max()
+                .unwrap_or(0),
+        };
+        self.adapters.push(attached.clone());
+        Ok(attached)
+    }
+
+    /// The adapters attached so far, by id.
+    pub fn adapters(&self) -> &[AttachedAdapter] {
+        &self.adapters
+    }
+
+    /// Every attached adapter at once (what `--lora` on the CLI turns on).
+    pub fn all_adapters(&self) -> AdapterSet {
+        self.adapters
+            .iter()
+            .fold(AdapterSet::NONE, |s, a| s.with(a.id))
+    }
+}
