@@ -23,6 +23,8 @@
 //! - [`mod@generate`]: sampling, sequences, the batched step, the one-sequence loop.
 //! - [`lora`]: LoRA adapters in peft's format, attached unmerged or merged into a checkpoint.
 //! - [`quant`]: the block formats, the quantization policy and `gemma4 quantize`.
+//! - [`train`]: LoRA fine-tuning (loss, layer-wise backprop through the frozen decoder,
+//!   AdamW, schedules).
 //! - `backend` (crate-private): the CPU kernels behind [`nn::linear`], runtime-detected
 //!   with portable fallbacks. They split their rows over rayon's pool: call the model from
 //!   a worker of that pool (`rayon::ThreadPool::install`, as the CLI does); called from
@@ -44,6 +46,7 @@ pub mod nn;
 pub mod prompt;
 pub mod quant;
 pub mod text;
+pub mod train;
 pub mod vision;
 
 pub use error::{Error, Result};

@@ -198,7 +198,14 @@ fn merging_keeps_the_stored_dtype_and_rounds_once() {
     let base_dir = fixture("e2b_like");
     let adapter = LoraAdapter::load(&case_dir("e2b_all_linear")).unwrap();
     let out = Scratch::empty("lora-merged-bf16");
-    lora::merge::merge(&base_dir, std::slice::from_ref(&adapter), &out, None, &|_, _| {}).unwrap();
+    lora::merge::merge(
+        &base_dir,
+        std::slice::from_ref(&adapter),
+        &out,
+        None,
+        &|_, _| {},
+    )
+    .unwrap();
     let read = |dir: &Path, name: &str| -> (safetensors::Dtype, Vec<u8>) {
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

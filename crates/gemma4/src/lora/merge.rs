@@ -135,18 +135,19 @@ pub fn merge(
                     StoredType::Quant(_) => unreachable!("refused above"),
                 },
             };
-            let dtype =
-                match written {
-                    DType::F32 => StDtype::F32,
-                    DType::F16 => StDtype::F16,
-                    DType::BF16 => StDtype::BF16,
-                    other => return Err(Error::invalid_argument(
+            let dtype = match written {
+                DType::F32 => StDtype::F32,
+                DType::F16 => StDtype::F16,
+                DType::BF16 => StDtype::BF16,
+                other => {
+                    return Err(Error::invalid_argument(
                         "model",
                         format!(
                             "tensor `{name}` is stored as {other:?}, which merging does not write"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let shape = ckpt.shape(name).unwrap_or_default().to_vec();
             let view = TensorView::new(dtype, shape, bytes).map_err(|e| Error::Safetensors {
                 path: file.to_path_buf(),

@@ -20,6 +20,9 @@ use crate::error::Result;
 
 /// `gelu_pytorch_tanh(x)`.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if crate::nn::autograd::tracked(x) {
+        return Ok(x.gelu()?);
+    }
     match map_f32(x, Kernel::Gelu)? {
         Some(y) => Ok(y),
         None => Ok(x.gelu()?),
@@ -28,6 +31,9 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// `cap · tanh(x / cap)`.
 pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    if crate::nn::autograd::tracked(x) {
+        return Ok(((x / cap)?.tanh()? * cap)?);
+    }
     match map_f32(x, Kernel::SoftCap(cap as f32))? {
         Some(y) => Ok(y),
         None => Ok(((x / cap)?.tanh()? * cap)?),

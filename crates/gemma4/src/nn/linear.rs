@@ -23,6 +23,7 @@ use crate::backend::cpu::q8_packed::PackedQ8;
 use crate::backend::matrix::{with_elements, DenseMatrix, GgmlMatrix, Matrix};
 use crate::error::Result;
 use crate::loading::weights::Weights;
+use crate::nn::autograd;
 use crate::nn::lora::{self, AdapterSet, LoraDelta};
 use crate::text::model::round_to;
 
@@ -294,7 +295,10 @@ impl Linear {
             Some(c) => clamp(x.clone(), c.input)?,
             None => x.clone(),
         };
-        let mut y = self.weight.matmul_t(&x)?;
+        let mut y = match autograd::tracked(&x) {
+            true => autograd::frozen_product(&self.weight, &x)?,
+            false => self.weight.matmul_t(&x)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

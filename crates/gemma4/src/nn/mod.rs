@@ -2,6 +2,7 @@
 //! through (with the [`lora`] updates adapters add to it), [`norm`] (RMSNorm), [`rope`], the attention [`mask`]s and the vectorised [`activation`]s.
 
 pub mod activation;
+pub(crate) mod autograd;
 pub mod linear;
 pub mod lora;
 pub mod mask;

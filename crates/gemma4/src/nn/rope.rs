@@ -82,6 +82,9 @@ impl Rope {
 /// Rotate-half RoPE on `x` of shape `[heads, seq, D]` with cos/sin `[seq, D/2]`.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x4 = x.unsqueeze(0)?.contiguous()?;
+    if crate::nn::autograd::tracked(x) {
+        return Ok(candle_nn::rotary_emb::rope_slow(&x4, cos, sin)?.squeeze(0)?);
+    }
     Ok(candle_nn::rotary_emb::rope(&x4, cos, sin)?.squeeze(0)?)
 }
 

@@ -165,7 +165,11 @@ impl Attention {
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let probs = match crate::nn::autograd::tracked(&scores) {
+            true => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+            false => candle_nn::ops::softmax_last_dim(&scores)?,
+        }
+        .to_dtype(dtype)?;
         let out = probs.reshape((kv, g * s, t))?.matmul(v)?; // [K, G·S, D]
         Ok(out
             .reshape((h, s, d))?

@@ -138,6 +138,36 @@ impl DecoderLayer {
         self.finish(h, &attn, ple)
     }
 
+    /// The layer over one whole sequence with no cache (what training runs): `mask` is
+    /// this layer type's mask over the sequence, `shared` the keys and values `[K, S, D]`
+    /// of this layer's producer when it shares them. Returns the residual stream and, for a
+    /// layer that computes its own, its keys and values.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn forward_full(
+        &self,
+        h: &Tensor,
+        rot: &dyn Fn(&Tensor) -> Result<Tensor>,
+        ple: Option<&Tensor>,
+        shared: Option<(&Tensor, &Tensor)>,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let x = self.input_layernorm.forward(h)?;
+        let q = self.attn.queries(&x, rot)?;
+        let (out, own) = match shared {
+            Some((k, v)) => (self.attn.attend(&q, k, v, mask)?, None),
+            None => {
+                let (k, v) = self.attn.keys_values(&x, rot)?;
+                (self.attn.attend(&q, &k, &v, mask)?, Some((k, v)))
+            }
+        };
+        Ok((self.finish(h, &out, ple)?, own))
+    }
+
+    /// Whether the layer has an MoE block.
+    pub(crate) fn has_moe(&self) -> bool {
+        self.moe.is_some()
+    }
+
     /// Everything after attention: `h` is the residual stream `[S, hidden]`, `attn_out` the
     /// attention output, `ple` this layer's per-layer input `[S, P]`.
     fn finish(&self, h: &Tensor, attn_out: &Tensor, ple: Option<&Tensor>) -> Result<Tensor> {

@@ -81,20 +81,20 @@ impl PromptInput {
 }
 
 pub struct TextModel {
-    cfg: TextConfig,
+    pub(super) cfg: TextConfig,
     /// The tied embedding table, which is also the LM head.
-    embed_tokens: Linear,
+    pub(super) embed_tokens: Linear,
     /// A separately stored copy of the head, when the checkpoint has one: llama.cpp's
     /// `output.weight`, which llama-quantize may keep in a finer format than the
     /// embedding (see [`crate::loading::gguf::names`]). Safetensors checkpoints have none.
-    lm_head: Option<Linear>,
-    embed_scale: f64,
-    ple: Option<PerLayerEmbeddings>,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    ropes: BTreeMap<LayerType, Rope>,
-    dtype: DType,
-    device: Device,
+    pub(super) lm_head: Option<Linear>,
+    pub(super) embed_scale: f64,
+    pub(super) ple: Option<PerLayerEmbeddings>,
+    pub(super) layers: Vec<DecoderLayer>,
+    pub(super) norm: RmsNorm,
+    pub(super) ropes: BTreeMap<LayerType, Rope>,
+    pub(super) dtype: DType,
+    pub(super) device: Device,
 }
 
 impl TextModel {

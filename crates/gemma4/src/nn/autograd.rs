@@ -1,0 +1,141 @@
+//! What the building blocks do when an input takes part in a gradient computation
+//! (candle's [`Tensor::track_op`]): training runs the very modules inference runs, and
+//! each block picks a differentiable path only then, so inference keeps its kernels.
+//!
+//! - A frozen projection ([`frozen_product`]) multiplies with the same kernels as
+//!   inference (any weight format, GGML blocks included) and gives back only its input's
+//!   gradient, `dx = dy · W`, never one for the weight: candle's matmul backward would
+//!   compute `dW` for a constant weight too, as many elements as the weight, for nothing.
+//! - RoPE, softmax, GELU and the soft cap take candle's composed (differentiable) forms
+//!   there; their fused kernels have no backward.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+
+use crate::nn::linear::LinearWeight;
+
+/// Whether `x` takes part in a gradient computation.
+pub(crate) fn tracked(x: &Tensor) -> bool {
+    x.track_op()
+}
+
+fn candle_err(e: crate::error::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// `x Wᵀ` for a weight that is not trained: forward with the inference kernels, backward
+/// `dx = dy · W` only.
+struct FrozenProduct(LinearWeight);
+
+impl CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen product: strided input".into()))?;
+        let CpuStorage::F32(v) = s else {
+            return Err(candle_core::Error::Msg(
+                "frozen product: training computes activations in f32".into(),
+            ));
+        };
+        let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
+        let y = self
+            .0
+            .matmul_t(&x)
+            .map_err(candle_err)?
+            .to_dtype(DType::F32)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        transposed_product(&self.0, dy)
+            .map(Some)
+            .map_err(candle_err)
+    }
+}
+
+/// `dy · W`: `dy` `[.., out]` → `[.., in]` in f32. The weight is widened to f32 a block of
+/// rows at a time (at most 16 Mi elements), so a quantized weight is never held dense.
+pub(crate) fn transposed_product(w: &LinearWeight, dy: &Tensor) -> crate::error::Result<Tensor> {
+    let (out, inp) = w.shape();
+    let mut dims = dy.dims().to_vec();
+    let g = dy.to_dtype(DType::F32)?.reshape(((), out))?;
+    let block = (16usize << 20).div_ceil(inp.max(1)).clamp(1, out.max(1));
+    let mut acc: Option<Tensor> = None;
+    let mut start = 0;
+    while start < out {
+        let n = block.min(out - start);
+        let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        let rows = w.rows(&Tensor::new(ids.as_slice(), &w.device())?, DType::F32)?;
+        let part = g.narrow(1, start, n)?.contiguous()?.matmul(&rows)?;
+        acc = Some(match acc {
+            None => part,
+            Some(a) => (a + part)?,
+        });
+        start += n;
+    }
+    let acc = match acc {
+        Some(a) => a,
+        None => Tensor::zeros((g.dim(0)?, inp), DType::F32, &w.device())?,
+    };
+    *dims.last_mut().expect("rank ≥ 1") = inp;
+    Ok(acc.reshape(dims)?)
+}
+
+/// `x Wᵀ` with the frozen weight `w`, differentiable in `x` (f32).
+pub(crate) fn frozen_product(w: &LinearWeight, x: &Tensor) -> crate::error::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    Ok(x.apply_op1(FrozenProduct(w.clone()))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_product_gives_the_input_gradient_only() {
+        let d = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2., 3.], [-1., 0., 2.]], &d).unwrap(); // [out 2, in 3]
+        let lw = LinearWeight::plain(w.clone());
+        let x = Var::new(&[[0.5f32, -1., 2.], [1., 1., 1.]], &d).unwrap();
+        let y = frozen_product(&lw, x.as_tensor()).unwrap();
+        let want: Vec<Vec<f32>> = x
+            .as_tensor()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), want);
+        // L = Σ y ⊙ c  ⇒  dL/dx = c W.
+        let c = Tensor::new(&[[1f32, 2.], [3., -1.]], &d).unwrap();
+        let grads = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx: Vec<Vec<f32>> = grads.get(x.as_tensor()).unwrap().to_vec2().unwrap();
+        assert_eq!(gx, c.matmul(&w).unwrap().to_vec2::<f32>().unwrap());
+        // The weight, a constant, got no gradient.
+        assert!(grads.get(&w).is_none());
+    }
+
+    #[test]
+    fn transposed_product_works_in_row_blocks() {
+        let d = Device::Cpu;
+        // 40 × 600 000 elements: two blocks of rows.
+        let (out, inp) = (40, 600_000);
+        let w = Tensor::rand(-1f32, 1f32, (out, inp), &d).unwrap();
+        let dy = Tensor::rand(-1f32, 1f32, (3, out), &d).unwrap();
+        let got = transposed_product(&LinearWeight::plain(w.clone()), &dy).unwrap();
+        let want = dy.matmul(&w).unwrap();
+        let diff: f32 = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+    }
+}

@@ -1,0 +1,237 @@
+//! The LoRA adapter being trained: one `A` `[r, in]` and `B` `[out, r]` per targeted
+//! projection of the text decoder, as candle [`Var`]s, initialised as peft initialises
+//! them (A kaiming-uniform with `a = √5`, i.e. uniform in `±1/√in`; B zero), and written
+//! in peft's format.
+//!
+//! Targets follow peft's `target_modules`: a list of names, each matching a projection
+//! whose path ends with `.{name}`, or `all-linear` (every projection of the decoder but
+//! the tied head and the embeddings: attention, MLP, the per-layer-embedding gate and
+//! projections, the MoE router). KV-shared layers have no k/v projections and `k_eq_v`
+//! full layers no v projection, so their adapters follow the model.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{RngExt, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::lora::config::AdapterConfig;
+use crate::lora::{LoraAdapter, ModuleLora};
+use crate::text::model::TextModel;
+
+/// Which projections get an adapter, and its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    /// Module names (`q_proj`, `down_proj`, ...) or the one entry `all-linear`.
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    /// The modules peft adapts for Gemma 4 when none are named: `q_proj` and `v_proj`.
+    pub fn default_targets() -> Vec<String> {
+        vec!["q_proj".into(), "v_proj".into()]
+    }
+}
+
+/// One trained projection.
+#[derive(Debug, Clone)]
+pub struct TrainableModule {
+    /// Its path in the model (`model.language_model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    pub a: Var,
+    pub b: Var,
+    pub scaling: f64,
+}
+
+/// A LoRA adapter whose weights are trained.
+#[derive(Debug, Clone)]
+pub struct TrainableAdapter {
+    pub config: AdapterConfig,
+    pub modules: Vec<TrainableModule>,
+}
+
+/// The projection paths of `model` that `targets` select, in the model's order, with their
+/// `[out, in]` shapes.
+fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize, usize))>> {
+    let all = targets.iter().any(|t| t == "all-linear");
+    if all && targets.len() > 1 {
+        return Err(Error::invalid_argument(
+            "targets",
+            "`all-linear` stands alone (it already takes every projection)",
+        ));
+    }
+    let mut out = Vec::new();
+    let mut hit = vec![false; targets.len()];
+    for l in model.linears() {
+        let Some(src) = l.source() else { continue };
+        let Some(module) = src.name.strip_suffix(".weight") else {
+            continue;
+        };
+        if src.index.is_some() || crate::lora::is_embedding(module) || module.ends_with("lm_head") {
+            continue;
+        }
+        let name = module.rsplit('.').next().unwrap_or(module);
+        let pick = match all {
+            true => true,
+            false => {
+                let mut any = false;
+                for (t, h) in targets.iter().zip(hit.iter_mut()) {
+                    if t == name || module.ends_with(&format!(".{t}")) {
+                        *h = true;
+                        any = true;
+                    }
+                }
+                any
+            }
+        };
+        if pick {
+            out.push((module.to_string(), l.weight().shape()));
+        }
+    }
+    if let Some((t, _)) = targets.iter().zip(&hit).find(|(_, h)| !all && !**h) {
+        return Err(Error::invalid_argument(
+            "targets",
+            format!("`{t}` matches no projection of the model"),
+        ));
+    }
+    if out.is_empty() {
+        return Err(Error::invalid_argument("targets", "select no projection"));
+    }
+    Ok(out)
+}
+
+impl TrainableAdapter {
+    /// A fresh adapter on `model`'s projections that `spec` targets, initialised as peft
+    /// does from `seed`.
+    pub fn new(model: &TextModel, spec: &LoraSpec, seed: u64) -> Result<Self> {
+        if spec.r == 0 {
+            return Err(Error::invalid_argument("r", "the rank must be at least 1"));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let config = AdapterConfig::new(spec.r, spec.alpha, spec.use_rslora, spec.targets.clone());
+        let scaling = config.scaling(spec.r, spec.alpha);
+        let mut modules = Vec::new();
+        for (module, (out, inp)) in targeted(model, &spec.targets)? {
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..spec.r * inp)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (spec.r, inp), &Device::Cpu)?)?;
+            let b = Var::zeros((out, spec.r), DType::F32, &Device::Cpu)?;
+            modules.push(TrainableModule {
+                module,
+                a,
+                b,
+                scaling,
+            });
+        }
+        Ok(TrainableAdapter { config, modules })
+    }
+
+    /// An adapter read from files, to train further.
+    pub fn from_adapter(adapter: &LoraAdapter) -> Result<Self> {
+        let modules = adapter
+            .modules
+            .iter()
+            .map(|m| {
+                Ok(TrainableModule {
+                    module: m.module.clone(),
+                    a: Var::from_tensor(&m.a.to_dtype(DType::F32)?)?,
+                    b: Var::from_tensor(&m.b.to_dtype(DType::F32)?)?,
+                    scaling: m.scaling,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TrainableAdapter {
+            config: adapter.config.clone(),
+            modules,
+        })
+    }
+
+    /// The trained tensors, A then B of each module in order.
+    pub fn vars(&self) -> Vec<Var> {
+        self.modules
+            .iter()
+            .flat_map(|m| [m.a.clone(), m.b.clone()])
+            .collect()
+    }
+
+    /// A [`LoraAdapter`] sharing these tensors (attached to a model, training updates are
+    /// seen by its forward pass), named `name`.
+    pub fn as_adapter(&self, name: &str) -> LoraAdapter {
+        LoraAdapter {
+            dir: name.into(),
+            name: name.to_string(),
+            config: self.config.clone(),
+            modules: self
+                .modules
+                .iter()
+                .map(|m| ModuleLora {
+                    module: m.module.clone(),
+                    a: m.a.as_tensor().clone(),
+                    b: m.b.as_tensor().clone(),
+                    scaling: m.scaling,
+                })
+                .collect(),
+        }
+    }
+
+    /// The peft key of module `m`'s A (`slot` "lora_A") or B.
+    pub fn key(module: &str, slot: &str) -> String {
+        format!("base_model.model.{module}.{slot}.weight")
+    }
+
+    /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` as peft does
+    /// (f32, metadata `format: pt`), each atomically. `base` is recorded as the base model.
+    pub fn save(&self, dir: &Path, base: Option<&str>) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tensors = Vec::new();
+        for m in &self.modules {
+            tensors.push((Self::key(&m.module, "lora_A"), m.a.as_tensor().clone()));
+            tensors.push((Self::key(&m.module, "lora_B"), m.b.as_tensor().clone()));
+        }
+        write_f32_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+        let mut config = self.config.clone();
+        config.base_model_name_or_path = base.map(str::to_string);
+        config.write(&dir.join("adapter_config.json"))
+    }
+}
+
+/// Writes f32 `tensors` to `path` as safetensors (metadata `format: pt`), atomically.
+pub(crate) fn write_f32_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let data = tensors
+        .iter()
+        .map(|(_, t)| -> Result<Vec<u8>> {
+            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views = tensors
+        .iter()
+        .zip(&data)
+        .map(|((name, t), bytes)| {
+            TensorView::new(Dtype::F32, t.dims().to_vec(), bytes)
+                .map(|v| (name.as_str(), v))
+                .map_err(|e| Error::Safetensors {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = crate::loading::atomic::temporary(path);
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::tensor::serialize_to_file(views, metadata, &tmp).map_err(|e| {
+        Error::Safetensors {
+            path: tmp.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    crate::loading::atomic::commit(path)
+}

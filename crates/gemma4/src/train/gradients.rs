@@ -1,0 +1,236 @@
+//! One sequence's loss and the gradients of the trained adapter's tensors, by backprop
+//! through the frozen decoder, one layer at a time.
+//!
+//! The forward pass is cut at layer boundaries: each layer's input (and, for a layer that
+//! shares its keys and values, its producer's K/V, and its per-layer input) enters as a
+//! leaf of its own graph. Backward then runs layer by layer from the last, each taking the
+//! gradient of its output (and of the K/V later layers read from it) and handing back the
+//! gradient of its inputs: `∂L/∂in = backward(Σ out ⊙ ∂L/∂out + Σ K ⊙ ∂L/∂K + Σ V ⊙ ∂L/∂V)`.
+//! With recomputation on, only the layer inputs are kept from the forward pass and each
+//! layer is run again just before its backward (peak memory: one layer's activations);
+//! off, every layer's graph is kept from the forward pass (no second forward).
+//! Gradients of the per-layer inputs flow last into the per-layer-embedding projection.
+
+use std::collections::BTreeMap;
+
+use candle_core::{backprop::GradStore, Tensor, Var};
+
+use crate::error::Result;
+use crate::lora::{with_adapters, AdapterSet};
+use crate::text::full_sequence::FullSequence;
+use crate::text::model::TextModel;
+use crate::train::loss::head_loss;
+
+/// How a sequence's gradients are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GradientOptions {
+    /// Run each layer again during backward instead of keeping its activations.
+    pub recompute: bool,
+    /// Rows of logits computed at once for the loss.
+    pub loss_chunk: usize,
+}
+
+impl Default for GradientOptions {
+    fn default() -> Self {
+        GradientOptions {
+            recompute: true,
+            loss_chunk: 32,
+        }
+    }
+}
+
+/// A training example: token ids and, per position, the token it is supervised to be
+/// (`None`: not supervised, HF's −100). Position `i`'s logits are scored against
+/// `labels[i + 1]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub labels: Vec<Option<u32>>,
+}
+
+impl Example {
+    /// Supervised tokens (what the loss is divided by).
+    pub fn supervised(&self) -> usize {
+        self.labels.iter().skip(1).filter(|l| l.is_some()).count()
+    }
+}
+
+/// What one sequence contributed.
+#[derive(Debug, Clone)]
+pub struct SequenceGradients {
+    /// The summed cross-entropy of its supervised tokens.
+    pub loss_sum: f64,
+    pub tokens: usize,
+}
+
+/// One layer's graph: its leaves and its outputs.
+struct Tape {
+    h: Var,
+    ple: Option<Var>,
+    shared: Option<(Var, Var)>,
+    out: Tensor,
+    own: Option<(Tensor, Tensor)>,
+}
+
+fn run_layer(
+    model: &TextModel,
+    seq: &FullSequence,
+    i: usize,
+    h: &Tensor,
+    ple: Option<&Tensor>,
+    kv: &BTreeMap<usize, (Tensor, Tensor)>,
+) -> Result<Tape> {
+    let h = Var::from_tensor(h)?;
+    let ple = ple
+        .map(|p| -> Result<Var> {
+            Ok(Var::from_tensor(
+                &p.narrow(1, i, 1)?.squeeze(1)?.contiguous()?,
+            )?)
+        })
+        .transpose()?;
+    let p = model.kv_producer(i);
+    let shared = match p != i {
+        true => {
+            let (k, v) = kv.get(&p).ok_or_else(|| {
+                crate::error::Error::invalid_argument(
+                    "model",
+                    format!("layer {i} reads layer {p}'s keys, which come after it"),
+                )
+            })?;
+            Some((Var::from_tensor(k)?, Var::from_tensor(v)?))
+        }
+        false => None,
+    };
+    let (out, own) = model.full_layer(
+        i,
+        seq,
+        h.as_tensor(),
+        ple.as_ref().map(|p| p.as_tensor()),
+        shared.as_ref().map(|(k, v)| (k.as_tensor(), v.as_tensor())),
+    )?;
+    Ok(Tape {
+        h,
+        ple,
+        shared,
+        out,
+        own,
+    })
+}
+
+/// The gradient of `t` in `grads`, cut from the graph: candle builds a gradient from the
+/// forward's tensors, so it tracks their graph, and a gradient fed into the next
+/// backward as a constant (a layer's output gradient) would otherwise be differentiated
+/// too.
+fn grad_of(grads: &GradStore, t: &Tensor) -> Option<Tensor> {
+    grads.get(t).map(Tensor::detach)
+}
+
+/// Adds `grads`' gradients of `vars` to `acc`.
+fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], grads: &GradStore) -> Result<()> {
+    for (a, v) in acc.iter_mut().zip(vars) {
+        if let Some(g) = grad_of(grads, v.as_tensor()) {
+            *a = Some(match a.take() {
+                None => g,
+                Some(x) => (x + g)?,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs `example` through `model` with the adapters of `set` on, and adds to `acc` (one
+/// slot per var of `vars`) the gradients of `loss_sum / norm`, where `norm` is the number
+/// of supervised tokens of the whole accumulation window. `vars` are the trained tensors
+/// (attached to the model as adapters of `set`).
+pub fn sequence_gradients(
+    model: &TextModel,
+    set: AdapterSet,
+    vars: &[Var],
+    example: &Example,
+    norm: f64,
+    opts: GradientOptions,
+    acc: &mut [Option<Tensor>],
+) -> Result<SequenceGradients> {
+    with_adapters(set, || {
+        let seq = model.full_sequence(&example.ids)?;
+        let n = model.num_layers();
+        let h0 = model.full_embeddings(&seq)?;
+        let ple = model.full_per_layer_inputs(&seq, &h0)?.map(|p| p.detach());
+
+        // Forward, cut at layer boundaries.
+        let mut inputs = vec![h0.clone()];
+        let mut kv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
+        let mut tapes: Vec<Option<Tape>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let tape = run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?;
+            inputs.push(tape.out.detach());
+            if let Some((k, v)) = &tape.own {
+                kv.insert(i, (k.detach(), v.detach()));
+            }
+            tapes.push((!opts.recompute).then_some(tape));
+        }
+
+        let head = head_loss(model, &inputs[n], &example.labels, norm, opts.loss_chunk)?;
+
+        // Backward, layer by layer.
+        let mut dh = head.dh;
+        let mut dkv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
+        let mut dple: Vec<Option<Tensor>> = vec![None; n];
+        for i in (0..n).rev() {
+            let tape = match tapes[i].take() {
+                Some(t) => t,
+                None => run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?,
+            };
+            let mut surrogate = (&tape.out * &dh)?.sum_all()?;
+            if let (Some((k, v)), Some((dk, dv))) = (&tape.own, dkv.remove(&i)) {
+                surrogate = ((surrogate + (k * dk)?.sum_all()?)? + (v * dv)?.sum_all()?)?;
+            }
+            let grads = surrogate.backward()?;
+            accumulate(acc, vars, &grads)?;
+            dh = match grad_of(&grads, tape.h.as_tensor()) {
+                Some(g) => g,
+                None => dh.zeros_like()?,
+            };
+            if let Some(p) = &tape.ple {
+                dple[i] = grad_of(&grads, p.as_tensor());
+            }
+            if let Some((k, v)) = &tape.shared {
+                let producer = model.kv_producer(i);
+                let (gk, gv) = match (
+                    grad_of(&grads, k.as_tensor()),
+                    grad_of(&grads, v.as_tensor()),
+                ) {
+                    (Some(gk), Some(gv)) => (gk, gv),
+                    _ => continue,
+                };
+                let sum = match dkv.remove(&producer) {
+                    Some((ak, av)) => ((ak + gk)?, (av + gv)?),
+                    None => (gk, gv),
+                };
+                dkv.insert(producer, sum);
+            }
+        }
+
+        // The per-layer inputs' gradients into the projection that made them.
+        if ple.is_some() && dple.iter().any(Option::is_some) {
+            let zero = |i: usize| -> Result<Tensor> {
+                let p = ple.as_ref().expect("checked");
+                Ok(p.narrow(1, i, 1)?.squeeze(1)?.zeros_like()?)
+            };
+            let parts = (0..n)
+                .map(|i| dple[i].clone().map_or_else(|| zero(i), Ok))
+                .collect::<Result<Vec<_>>>()?;
+            let d = Tensor::stack(&parts, 1)?;
+            if let Some(p) = model.full_per_layer_inputs(&seq, &h0)? {
+                if p.track_op() {
+                    let grads = (p * d)?.sum_all()?.backward()?;
+                    accumulate(acc, vars, &grads)?;
+                }
+            }
+        }
+        Ok(SequenceGradients {
+            loss_sum: head.loss_sum,
+            tokens: head.tokens,
+        })
+    })
+}

@@ -1,0 +1,320 @@
+//! LoRA training against the reference (transformers 5.23.0 + peft 0.21.2 + torch 2.11),
+//! with fixtures from `scripts/fixtures/make_train_fixtures.py`: the loss and every LoRA
+//! gradient of one example (reference in f64, B non-zero), torch's AdamW over five steps,
+//! adapters written as peft writes them, and a loss that training drives down.
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use gemma4::lora::LoraAdapter;
+use gemma4::text::model::LogitsFor;
+use gemma4::train::{
+    sequence_gradients, AdamW, AdamWConfig, Example, GradientOptions, LoraSpec, TrainableAdapter,
+};
+use gemma4::{Gemma4, LoadOptions};
+
+use common::{fixture, ids, json, max_abs, rows, Scratch, TOL};
+
+fn example(v: &serde_json::Value) -> Example {
+    let ids = ids(&v["ids"]);
+    let labels = v["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_i64().and_then(|l| u32::try_from(l).ok()))
+        .collect();
+    Example { ids, labels }
+}
+
+fn read_safetensors(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Every gradient of the case within 1e-3 × its max-abs of the reference's, cosine ≥
+/// 0.99999 (the bound: f32 here against f64 there), and the loss within 1e-5.
+fn check_case(case: &str, recompute: bool) {
+    let dir = fixture("train").join(case);
+    let g = json(&dir.join("golden/example.json"));
+    let mut model = Gemma4::load(
+        &fixture(g["base"].as_str().unwrap()),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let trainable = TrainableAdapter::from_adapter(&LoraAdapter::load(&dir).unwrap()).unwrap();
+    let attached = model
+        .attach_adapter(&trainable.as_adapter("trained"))
+        .unwrap();
+    let vars = trainable.vars();
+    let ex = example(&g);
+    assert_eq!(ex.supervised() as u64, g["supervised"].as_u64().unwrap());
+    let mut acc = vec![None; vars.len()];
+    let opts = GradientOptions {
+        recompute,
+        ..Default::default()
+    };
+    let out = sequence_gradients(
+        &model.text,
+        attached.set(),
+        &vars,
+        &ex,
+        ex.supervised() as f64,
+        opts,
+        &mut acc,
+    )
+    .unwrap();
+    assert_eq!(out.tokens, ex.supervised());
+    let loss = out.loss_sum / out.tokens as f64;
+    let want = g["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() < 1e-5, "{case}: loss {loss} vs {want}");
+
+    let golden = read_safetensors(&dir.join("golden/grads.safetensors"));
+    assert_eq!(golden.len(), vars.len(), "{case}: gradient count");
+    for (m, pair) in trainable.modules.iter().zip(acc.chunks(2)) {
+        for (slot, got) in ["lora_A", "lora_B"].iter().zip(pair) {
+            let key = TrainableAdapter::key(&m.module, slot);
+            let want: Vec<f32> = golden[&key].flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = got
+                .as_ref()
+                .unwrap_or_else(|| panic!("{case}: no gradient for {key}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+            assert!(
+                scale > 0.0,
+                "{case}: {key} has a zero gradient in the reference"
+            );
+            let d = max_abs(&got, &want);
+            let dot: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (n(&got) * n(&want));
+            assert!(d <= 1e-3 * scale, "{case}: {key}: {d} against max {scale}");
+            assert!(cos >= 0.99999, "{case}: {key}: cosine {cos}");
+        }
+    }
+}
+
+#[test]
+fn lora_gradients_match_the_reference_with_recomputation() {
+    for case in ["e2b_all_linear", "keqv_attn_mlp", "causal_qv"] {
+        check_case(case, true);
+    }
+}
+
+#[test]
+fn lora_gradients_match_the_reference_keeping_activations() {
+    check_case("e2b_all_linear", false);
+}
+
+#[test]
+fn the_full_sequence_path_gives_the_cached_paths_logits() {
+    let model = Gemma4::load(&fixture("e2b_like"), LoadOptions::default()).unwrap();
+    let g = json(&fixture("e2b_like").join("golden/prompts.json"));
+    for c in g["cases"].as_array().unwrap() {
+        let p = ids(&c["prompt_ids"]);
+        let full = rows(&model.text.forward_full(&p).unwrap());
+        let cached = rows(
+            &model
+                .text
+                .forward(&p, &mut model.text.new_cache(), LogitsFor::All)
+                .unwrap(),
+        );
+        assert!(max_abs(&full, &cached) <= TOL);
+    }
+}
+
+#[test]
+fn adamw_matches_torch_over_five_steps() {
+    let t = read_safetensors(&fixture("train").join("adamw.safetensors"));
+    let params: Vec<Var> = (0..3)
+        .map(|i| Var::from_tensor(&t[&format!("p0.{i}")]).unwrap())
+        .collect();
+    let cfg = AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(&params, cfg);
+    for step in 1..=5 {
+        let grads: Vec<Option<Tensor>> = (0..3)
+            .map(|i| Some(t[&format!("g{step}.{i}")].clone()))
+            .collect();
+        opt.step(&params, &grads, 0.05).unwrap();
+        if step == 1 || step == 5 {
+            for (i, p) in params.iter().enumerate() {
+                let got: Vec<f32> = p.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                let want: Vec<f32> = t[&format!("p{step}.{i}")]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let d = max_abs(&got, &want);
+                assert!(d <= 1e-6, "step {step} param {i}: {d}");
+            }
+        }
+    }
+    // The state round-trips: a restored optimizer takes the same next step.
+    let state = opt.state(&params).unwrap();
+    let copy: Vec<Var> = params
+        .iter()
+        .map(|p| Var::from_tensor(p.as_tensor()).unwrap())
+        .collect();
+    let mut restored = AdamW::restore(&copy, cfg, opt.step, &state).unwrap();
+    let grads: Vec<Option<Tensor>> = (0..3)
+        .map(|i| Some(t[&format!("g1.{i}")].clone()))
+        .collect();
+    opt.step(&params, &grads, 0.05).unwrap();
+    restored.step(&copy, &grads, 0.05).unwrap();
+    for (a, b) in params.iter().zip(&copy) {
+        let a: Vec<f32> = a.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn a_new_adapter_is_initialised_and_named_as_peft_does() {
+    let model = Gemma4::load(&fixture("e2b_like"), LoadOptions::default()).unwrap();
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        use_rslora: false,
+        targets: vec!["all-linear".into()],
+    };
+    let a = TrainableAdapter::new(&model.text, &spec, 0).unwrap();
+    // The same modules as peft's `all-linear` on this model.
+    let peft = LoraAdapter::load(&fixture("lora").join("e2b_all_linear")).unwrap();
+    let mine: Vec<&str> = a.modules.iter().map(|m| m.module.as_str()).collect();
+    let mut theirs: Vec<&str> = peft.modules.iter().map(|m| m.module.as_str()).collect();
+    let mut sorted = mine.clone();
+    sorted.sort();
+    theirs.sort();
+    assert_eq!(sorted, theirs);
+    for m in &a.modules {
+        let b: f32 =
+            m.b.as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+        assert_eq!(b, 0.0, "B starts at zero");
+        let inp = m.a.as_tensor().dim(1).unwrap();
+        let amax: f32 =
+            m.a.as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+        let bound = 1.0 / (inp as f32).sqrt();
+        assert!(
+            amax <= bound && amax > 0.5 * bound,
+            "{}: A in ±{bound}, max {amax}",
+            m.module
+        );
+        assert_eq!(m.scaling, 2.0);
+    }
+    // Saved, it reads back as a peft adapter with the same values.
+    let dir = Scratch::empty("train-save");
+    a.save(&dir, Some("e2b_like")).unwrap();
+    let back = LoraAdapter::load(&dir).unwrap();
+    assert_eq!(back.modules.len(), a.modules.len());
+    assert_eq!(
+        back.config.base_model_name_or_path.as_deref(),
+        Some("e2b_like")
+    );
+    let cfg = json(&dir.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["target_modules"], serde_json::json!(["all-linear"]));
+    for (x, y) in back.modules.iter().zip({
+        let mut m = a.modules.clone();
+        m.sort_by(|p, q| p.module.cmp(&q.module));
+        m
+    }) {
+        assert_eq!(x.module, y.module);
+        let d: f32 = (&x.a - y.a.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+    // Targets that match nothing are refused by name.
+    let bad = LoraSpec {
+        targets: vec!["q_proj".into(), "qkv".into()],
+        ..spec
+    };
+    let err = TrainableAdapter::new(&model.text, &bad, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`qkv`"), "{err}");
+}
+
+#[test]
+fn training_on_one_example_drives_its_loss_toward_zero() {
+    let mut model = Gemma4::load(&fixture("text_only"), LoadOptions::default()).unwrap();
+    let spec = LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        use_rslora: false,
+        targets: vec!["all-linear".into()],
+    };
+    let trainable = TrainableAdapter::new(&model.text, &spec, 1).unwrap();
+    let set = model
+        .attach_adapter(&trainable.as_adapter("overfit"))
+        .unwrap()
+        .set();
+    let vars = trainable.vars();
+    let tokens: Vec<u32> = vec![2, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310];
+    let ex = Example {
+        labels: tokens.iter().map(|&i| Some(i)).collect(),
+        ids: tokens,
+    };
+    let mut opt = AdamW::new(&vars, AdamWConfig::default());
+    let mut first = None;
+    let mut last = f64::MAX;
+    for _ in 0..60 {
+        let mut acc = vec![None; vars.len()];
+        let n = ex.supervised() as f64;
+        let out = sequence_gradients(
+            &model.text,
+            set,
+            &vars,
+            &ex,
+            n,
+            GradientOptions::default(),
+            &mut acc,
+        )
+        .unwrap();
+        last = out.loss_sum / n;
+        first.get_or_insert(last);
+        opt.step(&vars, &acc, 1e-2).unwrap();
+    }
+    let first = first.unwrap();
+    // 7.1 → 0.156 here. The floor is this fixture's: its tied 64-wide random embeddings
+    // and frozen final norm leave the best target logit ~10 above a crowd of correlated
+    // ones (all tokens end near 0.15 each), which a rank-8 adapter cannot move apart.
+    assert!(first > 3.0 && last < 0.2, "loss {first} → {last}");
+    // The base model is unchanged: with the adapter off, the logits are the reference's.
+    let g = json(&fixture("text_only").join("golden/prompts.json"));
+    let p = ids(&g["cases"][0]["prompt_ids"]);
+    let (_, want) =
+        gemma4::loading::npy::read_f32(&fixture("text_only").join("golden/logits_0.npy")).unwrap();
+    let got = rows(
+        &model
+            .text
+            .forward(&p, &mut model.text.new_cache(), LogitsFor::All)
+            .unwrap(),
+    );
+    assert!(max_abs(&got, &want) <= TOL);
+}
