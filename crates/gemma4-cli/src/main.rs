@@ -22,6 +22,7 @@ mod bench;
 mod chat;
 mod download;
 mod embed;
+mod finetune;
 mod generate;
 mod info;
 mod logits;
@@ -34,6 +35,7 @@ mod serve;
 use bench::BenchArgs;
 use chat::ChatArgs;
 use embed::{EmbedAudioArgs, EmbedImageArgs};
+use finetune::FinetuneArgs;
 use generate::GenerateArgs;
 use info::InfoArgs;
 use logits::LogitsArgs;
@@ -74,6 +76,8 @@ enum Command {
     /// Write a checkpoint with LoRA adapters (peft's format) merged into its weights;
     /// `quantize` then makes a GGUF of it.
     MergeLora(MergeLoraArgs),
+    /// Fine-tune a LoRA adapter (peft's format) on JSONL data.
+    Finetune(FinetuneArgs),
     /// Measure load time, prefill and decode tokens/s (median of several runs) and peak RSS.
     Bench(BenchArgs),
     /// Chat with the model in the terminal (multi-turn, streaming, /image and /audio).
@@ -148,6 +152,7 @@ fn run(command: Command) -> Result<()> {
         Command::Info(a) => info::cmd_info(a),
         Command::Quantize(a) => quantize::cmd_quantize(a),
         Command::MergeLora(a) => merge_lora::cmd_merge_lora(a),
+        Command::Finetune(a) => finetune::cmd_finetune(a),
         Command::Bench(a) => bench::cmd_bench(a),
         Command::ParseOutput(a) => parse_output::cmd_parse_output(a),
         Command::Chat(a) => chat::cmd_chat(a),

@@ -1249,3 +1249,162 @@ fn lora_adapters_run_unmerged_and_merge_into_a_checkpoint() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// `finetune` writes a peft adapter that `--lora` loads, a step log and a checkpoint;
+/// 4 steps in one run equal 2, stop, resume, 2 (the adapter byte for byte); unusable rows
+/// are skipped and counted; a checkpoint of another model is refused.
+#[test]
+fn finetune_trains_an_adapter_and_resumes_exactly() {
+    let tmp = std::env::temp_dir().join(format!("gemma4-cli-finetune-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris is the capital."}]}"#, "\n",
+            r#"{"prompt": "The quick brown fox", "completion": " jumps over the lazy dog."}"#, "\n",
+            r#"{"text": "Rust is fast and safe."}"#, "\n",
+            r#"{"messages": [{"role": "user", "content": "Hello"}]}"#, "\n",
+        ),
+    )
+    .unwrap();
+    let base = fixture("e2b_like");
+    let run = |out: &Path, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--lr",
+            "1e-2",
+            "--r",
+            "4",
+            "--alpha",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = gemma4(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("line 4 skipped: no supervised token"), "{err}");
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let whole = tmp.join("whole");
+    let v = run(&whole, &["--steps", "4", "--eval", data.to_str().unwrap()]);
+    assert_eq!(
+        (
+            v["steps"].as_u64(),
+            v["skipped"].as_u64(),
+            v["modules"].as_u64()
+        ),
+        (Some(4), Some(1), Some(58))
+    );
+    let log = std::fs::read_to_string(whole.join("train_log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    assert_eq!(steps.len(), 4);
+    assert!(
+        steps[3]["loss"].as_f64() < steps[0]["loss"].as_f64(),
+        "{log}"
+    );
+    assert!(log.contains("eval_loss"));
+
+    let split = tmp.join("split");
+    run(&split, &["--steps", "4", "--stop-after", "2"]);
+    // Without --resume an existing run is not overwritten.
+    let o = gemma4(&[
+        "finetune",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        split.to_str().unwrap(),
+        "--steps",
+        "4",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let v = run(&split, &["--steps", "4", "--resume"]);
+    assert_eq!(
+        (v["steps"].as_u64(), v["steps_this_run"].as_u64()),
+        (Some(4), Some(2))
+    );
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        bytes(&whole) == bytes(&split),
+        "a resumed run differs from an uninterrupted one"
+    );
+
+    // The adapter is a peft adapter the engine runs.
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        base.to_str().unwrap(),
+        "--lora",
+        whole.to_str().unwrap(),
+        "--prompt",
+        "What is the capital",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("patched 58 projections"));
+
+    // A checkpoint of another model is refused, naming the flag.
+    let o = gemma4(&[
+        "finetune",
+        "--model",
+        fixture("text_only").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        split.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--resume",
+        "--batch",
+        "2",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--resume") && err.contains("another model"),
+        "{err}"
+    );
+    // Data with no usable row: one line naming the file.
+    let empty = tmp.join("empty.jsonl");
+    std::fs::write(&empty, "{\"text\": \"\"}\n").unwrap();
+    let o = gemma4(&[
+        "finetune",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        empty.to_str().unwrap(),
+        "--out",
+        tmp.join("none").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no usable row") && err.contains("empty.jsonl"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -318,3 +318,130 @@ fn training_on_one_example_drives_its_loss_toward_zero() {
     );
     assert!(max_abs(&got, &want) <= TOL);
 }
+
+#[test]
+fn loss_masks_follow_the_row_shape() {
+    use gemma4::train::data::example_of_row;
+    let model = Gemma4::load(&fixture("chat_tools"), LoadOptions::default()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let supervised = |ex: &Example| -> String {
+        let ids: Vec<u32> = ex.labels.iter().skip(1).flatten().copied().collect();
+        tok.decode(&ids, false).unwrap()
+    };
+    // Chat: only the model's turns, each through its `<turn|>`.
+    let row = serde_json::json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": "Madrid."},
+    ]});
+    let ex = example_of_row(&model, &row).unwrap();
+    assert_eq!(supervised(&ex), "Paris.<turn|>Madrid.<turn|>");
+    // The ids are the template's rendering, tokenized as a whole.
+    let rendered = model
+        .chat_template
+        .render_json(&row["messages"], None, false, &Default::default())
+        .unwrap();
+    assert_eq!(ex.ids, tok.encode_raw(&rendered).unwrap());
+    // Prompt and completion: only the completion, then `<eos>`.
+    let ex = example_of_row(
+        &model,
+        &serde_json::json!({"prompt": "The quick", "completion": " brown fox"}),
+    )
+    .unwrap();
+    assert_eq!(supervised(&ex), " brown fox<eos>");
+    // The prompt as the reference's `tokenizer(prompt)` gives it.
+    let prompt = tok.encode("The quick").unwrap();
+    assert_eq!(&ex.ids[..prompt.len()], prompt.as_slice());
+    // Conversational prompt and completion: the completion's turn only.
+    let ex = example_of_row(
+        &model,
+        &serde_json::json!({
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello!"}],
+        }),
+    )
+    .unwrap();
+    assert_eq!(supervised(&ex), "Hello!<turn|>");
+    // Text: every token is a target (but the first, which nothing predicts), `<eos>` last.
+    let ex = example_of_row(&model, &serde_json::json!({"text": "Rust is fast."})).unwrap();
+    assert_eq!(ex.supervised(), ex.ids.len() - 1);
+    assert_eq!(
+        tok.decode(&ex.ids, false).unwrap(),
+        format!(
+            "{}<eos>",
+            tok.decode(&tok.encode("Rust is fast.").unwrap(), false)
+                .unwrap()
+        )
+    );
+    // A row of no known shape is an error naming what is expected.
+    let err = example_of_row(&model, &serde_json::json!({"input": "x"}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("messages") && err.contains("text"), "{err}");
+}
+
+/// QLoRA: over a q8_0 base (GGML blocks, repacked), frozen projections multiply and give
+/// their input gradients through the dequantized weights (exactly so: the unit tests of
+/// `nn::autograd`); the gradients keep roughly the f32 base's direction.
+#[test]
+fn gradients_through_a_quantized_base() {
+    let dir = fixture("train").join("e2b_all_linear");
+    let g = json(&dir.join("golden/example.json"));
+    let opts = LoadOptions {
+        quant: Some(gemma4::QuantType::Q8_0),
+        ..Default::default()
+    };
+    let mut model = Gemma4::load(&fixture("e2b_like"), opts).unwrap();
+    let trainable = TrainableAdapter::from_adapter(&LoraAdapter::load(&dir).unwrap()).unwrap();
+    let set = model
+        .attach_adapter(&trainable.as_adapter("q"))
+        .unwrap()
+        .set();
+    let vars = trainable.vars();
+    let ex = example(&g);
+    let mut acc = vec![None; vars.len()];
+    let n = ex.supervised() as f64;
+    let out = sequence_gradients(
+        &model.text,
+        set,
+        &vars,
+        &ex,
+        n,
+        GradientOptions::default(),
+        &mut acc,
+    )
+    .unwrap();
+    // The base's weights moved (q8_0 on these small random matrices moves the loss by
+    // ~0.15); the gradients keep their direction.
+    let loss = out.loss_sum / n;
+    assert!((loss - g["loss"].as_f64().unwrap()).abs() < 0.3, "{loss}");
+    let golden = read_safetensors(&dir.join("golden/grads.safetensors"));
+    let (mut dot, mut a2, mut b2) = (0f64, 0f64, 0f64);
+    for (m, pair) in trainable.modules.iter().zip(acc.chunks(2)) {
+        for (slot, got) in ["lora_A", "lora_B"].iter().zip(pair) {
+            let want: Vec<f32> = golden[&TrainableAdapter::key(&m.module, slot)]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = got
+                .as_ref()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (x, y) in got.iter().zip(&want) {
+                dot += *x as f64 * *y as f64;
+                a2 += (*x as f64).powi(2);
+                b2 += (*y as f64).powi(2);
+            }
+        }
+    }
+    let cos = dot / (a2.sqrt() * b2.sqrt());
+    // 0.86 here: the quantized weights are another model (the loss moved by 0.15), so
+    // this only checks the gradients still point the same way.
+    assert!(cos > 0.8, "cosine {cos} against the f32 base's gradients");
+}

@@ -47,6 +47,11 @@ pub(crate) trait Matrix: std::fmt::Debug + Send + Sync {
     fn ggml(&self) -> Option<&Arc<QTensor>> {
         None
     }
+    /// Whether the weights are block-quantized (their kernels also quantize the input
+    /// rows, so a product is not a smooth function of the input).
+    fn quantized(&self) -> bool {
+        false
+    }
 }
 
 /// `f` on the elements of a CPU tensor's own view, when it is contiguous (a weight split
@@ -196,6 +201,9 @@ impl Matrix for DenseMatrix {
 pub(crate) struct GgmlMatrix(pub Arc<QTensor>);
 
 impl Matrix for GgmlMatrix {
+    fn quantized(&self) -> bool {
+        true
+    }
     fn shape(&self) -> (usize, usize) {
         self.0.shape().dims2().unwrap_or((0, 0))
     }
@@ -261,6 +269,9 @@ fn repacked_matmul_t(
 }
 
 impl Matrix for PackedQ8 {
+    fn quantized(&self) -> bool {
+        true
+    }
     fn shape(&self) -> (usize, usize) {
         PackedQ8::shape(self)
     }
@@ -319,6 +330,9 @@ macro_rules! integer_tiles_matrix {
                     (ids.len(), self.shape().1),
                     &Device::Cpu,
                 )?)
+            }
+            fn quantized(&self) -> bool {
+                true
             }
             fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
                 let out = self.shape().0;

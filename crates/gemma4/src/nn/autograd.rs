@@ -3,7 +3,8 @@
 //! each block picks a differentiable path only then, so inference keeps its kernels.
 //!
 //! - A frozen projection ([`frozen_product`]) multiplies with the same kernels as
-//!   inference (any weight format, GGML blocks included) and gives back only its input's
+//!   inference for dense weights (GGML blocks are dequantized a block of rows at a time,
+//!   since their kernels also quantize the input) and gives back only its input's
 //!   gradient, `dx = dy · W`, never one for the weight: candle's matmul backward would
 //!   compute `dW` for a constant weight too, as many elements as the weight, for nothing.
 //! - RoPE, softmax, GELU and the soft cap take candle's composed (differentiable) forms
@@ -41,11 +42,16 @@ impl CustomOp1 for FrozenProduct {
             ));
         };
         let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
-        let y = self
-            .0
-            .matmul_t(&x)
-            .map_err(candle_err)?
-            .to_dtype(DType::F32)?;
+        let y = match self.0.is_quantized() {
+            // The quantized kernels also quantize the input rows: trained through, the
+            // product would be a step function of the input, which its backward (the
+            // dequantized weight) does not describe. Training multiplies f32 inputs with
+            // the dequantized weight instead, as QLoRA does.
+            true => dequantized_product(&self.0, &x),
+            false => self.0.matmul_t(&x),
+        }
+        .map_err(candle_err)?
+        .to_dtype(DType::F32)?;
         let shape = y.shape().clone();
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
     }
@@ -57,26 +63,58 @@ impl CustomOp1 for FrozenProduct {
     }
 }
 
+/// Rows of `w` widened to f32, a block at a time (at most 16 Mi elements each).
+fn row_blocks(
+    w: &LinearWeight,
+    mut f: impl FnMut(usize, Tensor) -> crate::error::Result<()>,
+) -> crate::error::Result<()> {
+    let (out, inp) = w.shape();
+    let block = (16usize << 20).div_ceil(inp.max(1)).clamp(1, out.max(1));
+    let mut start = 0;
+    while start < out {
+        let n = block.min(out - start);
+        let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        f(
+            start,
+            w.rows(&Tensor::new(ids.as_slice(), &w.device())?, DType::F32)?,
+        )?;
+        start += n;
+    }
+    Ok(())
+}
+
+/// `x Wᵀ` with `W` dequantized to f32 block by block: `x` `[.., in]` → `[.., out]`.
+fn dequantized_product(w: &LinearWeight, x: &Tensor) -> crate::error::Result<Tensor> {
+    let (out, inp) = w.shape();
+    let mut dims = x.dims().to_vec();
+    let x2 = x.to_dtype(DType::F32)?.reshape(((), inp))?;
+    let mut parts = Vec::new();
+    row_blocks(w, |_, rows| {
+        parts.push(x2.matmul(&rows.t()?)?);
+        Ok(())
+    })?;
+    *dims.last_mut().expect("rank ≥ 1") = out;
+    Ok(Tensor::cat(&parts, 1)?.reshape(dims)?)
+}
+
 /// `dy · W`: `dy` `[.., out]` → `[.., in]` in f32. The weight is widened to f32 a block of
 /// rows at a time (at most 16 Mi elements), so a quantized weight is never held dense.
 pub(crate) fn transposed_product(w: &LinearWeight, dy: &Tensor) -> crate::error::Result<Tensor> {
     let (out, inp) = w.shape();
     let mut dims = dy.dims().to_vec();
     let g = dy.to_dtype(DType::F32)?.reshape(((), out))?;
-    let block = (16usize << 20).div_ceil(inp.max(1)).clamp(1, out.max(1));
     let mut acc: Option<Tensor> = None;
-    let mut start = 0;
-    while start < out {
-        let n = block.min(out - start);
-        let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
-        let rows = w.rows(&Tensor::new(ids.as_slice(), &w.device())?, DType::F32)?;
-        let part = g.narrow(1, start, n)?.contiguous()?.matmul(&rows)?;
-        acc = Some(match acc {
+    row_blocks(w, |start, rows| {
+        let part = g
+            .narrow(1, start, rows.dim(0)?)?
+            .contiguous()?
+            .matmul(&rows)?;
+        acc = Some(match acc.take() {
             None => part,
             Some(a) => (a + part)?,
         });
-        start += n;
-    }
+        Ok(())
+    })?;
     let acc = match acc {
         Some(a) => a,
         None => Tensor::zeros((g.dim(0)?, inp), DType::F32, &w.device())?,
@@ -117,6 +155,40 @@ mod tests {
         assert_eq!(gx, c.matmul(&w).unwrap().to_vec2::<f32>().unwrap());
         // The weight, a constant, got no gradient.
         assert!(grads.get(&w).is_none());
+    }
+
+    #[test]
+    fn a_quantized_weight_trains_through_its_dequantized_values() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let d = Device::Cpu;
+        let w = Tensor::rand(-1f32, 1f32, (48, 256), &d).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let deq = q.dequantize(&d).unwrap();
+            let lw = LinearWeight::quantized(std::sync::Arc::new(q)).unwrap();
+            assert!(lw.is_quantized());
+            let x = Var::from_tensor(&Tensor::rand(-1f32, 1f32, (5, 256), &d).unwrap()).unwrap();
+            let y = frozen_product(&lw, x.as_tensor()).unwrap();
+            let want = x.as_tensor().matmul(&deq.t().unwrap()).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            assert!(diff(&y, &want) < 1e-4, "{dtype:?} forward");
+            let c = Tensor::rand(-1f32, 1f32, (5, 48), &d).unwrap();
+            let grads = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx = grads.get(x.as_tensor()).unwrap();
+            assert!(
+                diff(gx, &c.matmul(&deq).unwrap()) < 1e-4,
+                "{dtype:?} backward"
+            );
+        }
     }
 
     #[test]

@@ -134,6 +134,11 @@ impl LinearWeight {
         Ok(self.0.rows(&ids)?.to_dtype(dtype)?)
     }
 
+    /// Whether the weight is block-quantized (see `backend::matrix::Matrix::quantized`).
+    pub fn is_quantized(&self) -> bool {
+        self.0.quantized()
+    }
+
     /// `x Wᵀ`: `x` `[.., in]` → `[.., out]` in `x`'s dtype.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         self.0.matmul_t(x)

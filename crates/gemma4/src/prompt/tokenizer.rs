@@ -118,7 +118,15 @@ impl Tokenizer {
         self.encode_with(text, false)
     }
 
-    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+    /// [`Self::encode_raw`] with each token's byte range in `text`.
+    #[allow(clippy::type_complexity)]
+    pub fn encode_raw_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        self.check_length(text)?;
+        let enc = guarded(&self.path, || self.inner.encode(text, false))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    fn check_length(&self, text: &str) -> Result<()> {
         if text.len() > self.max_input_bytes {
             return Err(Error::invalid_argument(
                 "prompt",
@@ -129,6 +137,11 @@ impl Tokenizer {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.check_length(text)?;
         let enc = guarded(&self.path, || self.inner.encode(text, add_special_tokens))?;
         Ok(enc.get_ids().to_vec())
     }

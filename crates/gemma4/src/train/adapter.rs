@@ -53,7 +53,7 @@ pub struct TrainableAdapter {
     pub modules: Vec<TrainableModule>,
 }
 
-/// The projection paths of `model` that `targets` select, in the model's order, with their
+/// The projection paths of `model` that `targets` select, ordered by path, with their
 /// `[out, in]` shapes.
 fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize, usize))>> {
     let all = targets.iter().any(|t| t == "all-linear");
@@ -100,6 +100,9 @@ fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize
     if out.is_empty() {
         return Err(Error::invalid_argument("targets", "select no projection"));
     }
+    // By path, the order an adapter read from its file has (the optimizer's state follows
+    // the same order on resume).
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 

@@ -1,5 +1,5 @@
-//! LoRA fine-tuning of the text decoder: the adapter being trained ([`adapter`], written in
-//! peft's format), the loss ([`loss`]), gradients by backprop through the frozen decoder
+//! LoRA fine-tuning of the text decoder: the data ([`data`]: JSONL rows, loss masks), the
+//! adapter being trained ([`adapter`], written in peft's format), the loss ([`loss`]), gradients by backprop through the frozen decoder
 //! one layer at a time ([`gradients`]), torch's AdamW ([`adamw`]) and the learning-rate
 //! [`schedule`]s.
 //!
@@ -9,11 +9,14 @@
 
 pub mod adamw;
 pub mod adapter;
+pub mod data;
 pub mod gradients;
 pub mod loss;
 pub mod schedule;
+pub mod trainer;
 
 pub use adamw::{clip_grad_norm, AdamW, AdamWConfig};
 pub use adapter::{LoraSpec, TrainableAdapter};
 pub use gradients::{sequence_gradients, Example, GradientOptions, SequenceGradients};
 pub use schedule::{Decay, Schedule};
+pub use trainer::{Cursor, StepLog, TrainConfig, Trainer};

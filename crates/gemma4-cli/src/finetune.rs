@@ -1,0 +1,228 @@
+//! `gemma4 finetune`: LoRA fine-tuning of the text decoder on JSONL data, writing a peft
+//! adapter (`OUT/adapter_config.json`, `OUT/adapter_model.safetensors`), a resumable
+//! checkpoint (`OUT/checkpoint/`) and a JSONL log of every step (`OUT/train_log.jsonl`).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gemma4::train::data::load_jsonl;
+use gemma4::train::{TrainConfig, Trainer};
+use serde_json::json;
+
+use crate::args::ModelArgs;
+
+#[derive(Args)]
+pub(crate) struct FinetuneArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Training data: JSONL rows of `messages`, `prompt` + `completion`, or `text`.
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    /// Evaluation data (same shapes): its loss is reported every --eval-every steps.
+    #[arg(long)]
+    pub(crate) eval: Option<PathBuf>,
+    /// Output directory: the adapter, the checkpoint, the log.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) r: usize,
+    /// LoRA alpha (scaling alpha/r, or alpha/√r with --rslora).
+    #[arg(long, default_value_t = 32.0)]
+    pub(crate) alpha: f64,
+    /// LoRA dropout (only 0 is supported yet).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) dropout: f64,
+    /// rsLoRA scaling (alpha/√r).
+    #[arg(long)]
+    pub(crate) rslora: bool,
+    /// Projections to adapt: module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    /// down_proj,per_layer_input_gate,...) or all-linear.
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
+    pub(crate) targets: Vec<String>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub(crate) lr: f64,
+    /// Learning-rate decay after warmup: linear, cosine or constant.
+    #[arg(long, default_value = "linear")]
+    pub(crate) schedule: String,
+    /// Warmup steps (linear from 0).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) warmup: u64,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) epochs: usize,
+    /// Optimizer steps to run (overrides --epochs).
+    #[arg(long)]
+    pub(crate) steps: Option<u64>,
+    /// Examples per optimizer step (gradient accumulation; each runs as its own sequence).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) batch: usize,
+    /// Clip the gradients' global norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) clip: f64,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) weight_decay: f64,
+    /// Rows longer than this many tokens are skipped (and counted).
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) max_len: usize,
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Write the resumable checkpoint every K steps (and at the end).
+    #[arg(long, value_name = "K")]
+    pub(crate) save_every: Option<u64>,
+    /// Report the --eval loss every K steps (and at the end).
+    #[arg(long, value_name = "K")]
+    pub(crate) eval_every: Option<u64>,
+    /// Stop after K steps of this run, saving the checkpoint (the schedule still spans the
+    /// whole run; continue it later with --resume).
+    #[arg(long, value_name = "K")]
+    pub(crate) stop_after: Option<u64>,
+    /// Continue the run saved in OUT/checkpoint.
+    #[arg(long)]
+    pub(crate) resume: bool,
+    /// Keep every layer's activations instead of recomputing them in backward (faster,
+    /// more memory).
+    #[arg(long)]
+    pub(crate) no_recompute: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn cmd_finetune(mut a: FinetuneArgs) -> Result<()> {
+    if a.dropout != 0.0 {
+        bail!("--dropout: only 0 is supported yet");
+    }
+    if !a.model.lora.is_empty() {
+        bail!("--lora: finetune trains a new adapter (use --resume to continue one)");
+    }
+    if matches!(a.model.dtype, Some(d) if d.dtype() != candle_core::DType::F32) {
+        bail!("--dtype: training computes in f32 (a quantized base is given with --quant)");
+    }
+    // Activations are f32 whatever the base's format (the base stays frozen in it).
+    a.model.dtype.get_or_insert(crate::args::DtypeArg::F32);
+    let mut model = crate::args::load_with(&a.model, false, false)?;
+    let data = load_jsonl(&a.data, &model, a.max_len).context("--data")?;
+    for (line, why) in &data.skipped {
+        eprintln!("warning: --data line {line} skipped: {why}");
+    }
+    let eval = a
+        .eval
+        .as_ref()
+        .map(|p| load_jsonl(p, &model, a.max_len).context("--eval"))
+        .transpose()?;
+    let config = TrainConfig {
+        r: a.r,
+        alpha: a.alpha,
+        use_rslora: a.rslora,
+        targets: a.targets.clone(),
+        lr: a.lr,
+        decay: a.schedule.clone(),
+        warmup_steps: a.warmup,
+        epochs: a.epochs,
+        max_steps: a.steps,
+        batch: a.batch,
+        clip: (a.clip > 0.0).then_some(a.clip),
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        recompute: !a.no_recompute,
+    };
+    let checkpoint = a.out.join("checkpoint");
+    if a.resume && !checkpoint.is_dir() {
+        bail!("--resume: {} does not exist", checkpoint.display());
+    }
+    if !a.resume && checkpoint.exists() {
+        bail!(
+            "--out {}: holds a checkpoint; pass --resume to continue it, or another --out",
+            a.out.display()
+        );
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
+    let mut trainer = Trainer::new(
+        &mut model,
+        config,
+        data.examples.len(),
+        a.resume.then_some(checkpoint.as_path()),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", if a.resume { "--resume" } else { "--targets" }))?;
+    let base = a.model.model.display().to_string();
+    let log_path = a.out.join("train_log.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| log_path.display().to_string())?;
+    let total = trainer.total_steps();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "training {bar:30} {pos}/{len} steps, eta {eta} {msg}",
+            )
+            .expect("static template"),
+        );
+        bar.set_position(trainer.step);
+        bar
+    });
+    let first = trainer.step;
+    let mut last = None;
+    let mut eval_loss = None;
+    let stop = a.stop_after.map(|k| first + k);
+    while !trainer.is_done() && stop.is_none_or(|s| trainer.step < s) {
+        let s = trainer.train_step(&model, &data.examples)?;
+        writeln!(log, "{}", serde_json::to_string(&s)?)?;
+        if let Some(b) = &bar {
+            b.set_position(s.step);
+            b.set_message(format!("loss {:.4}, {:.0} tok/s", s.loss, s.tokens_per_s));
+        }
+        let at = |k: Option<u64>| k.is_some_and(|k| k > 0 && s.step % k == 0);
+        if let (Some(ev), true) = (&eval, at(a.eval_every)) {
+            let l = trainer.eval_loss(&model, &ev.examples)?;
+            writeln!(log, "{}", json!({"step": s.step, "eval_loss": l}))?;
+            eval_loss = Some(l);
+        }
+        if at(a.save_every) {
+            trainer.save_checkpoint(&model, &a.out, &base)?;
+        }
+        last = Some(s);
+    }
+    if let Some(ev) = &eval {
+        let l = trainer.eval_loss(&model, &ev.examples)?;
+        writeln!(log, "{}", json!({"step": trainer.step, "eval_loss": l}))?;
+        eval_loss = Some(l);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    trainer.save_checkpoint(&model, &a.out, &base)?;
+    trainer.save_adapter(&a.out, &base)?;
+    let summary = json!({
+        "out": a.out.display().to_string(),
+        "steps": trainer.step,
+        "steps_this_run": trainer.step - first,
+        "examples": data.examples.len(),
+        "skipped": data.skipped.len(),
+        "supervised_tokens": data.supervised(),
+        "modules": trainer.adapter.modules.len(),
+        "loss": last.as_ref().map(|s| s.loss),
+        "eval_loss": eval_loss,
+    });
+    if a.json {
+        println!("{summary}");
+    } else {
+        eprintln!(
+            "trained {} steps ({} examples, {} skipped) on {} projections; last loss {}; adapter in {}",
+            trainer.step,
+            data.examples.len(),
+            data.skipped.len(),
+            trainer.adapter.modules.len(),
+            last.map_or("-".to_string(), |s| format!("{:.4}", s.loss)),
+            a.out.display()
+        );
+    }
+    Ok(())
+}
