@@ -93,18 +93,15 @@ pub(crate) struct FinetuneArgs {
     pub(crate) json: bool,
 }
 
-pub(crate) fn cmd_finetune(mut a: FinetuneArgs) -> Result<()> {
+pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     if a.dropout != 0.0 {
         bail!("--dropout: only 0 is supported yet");
     }
     if !a.model.lora.is_empty() {
         bail!("--lora: finetune trains a new adapter (use --resume to continue one)");
     }
-    if matches!(a.model.dtype, Some(d) if d.dtype() != candle_core::DType::F32) {
-        bail!("--dtype: training computes in f32 (a quantized base is given with --quant)");
-    }
-    // Activations are f32 whatever the base's format (the base stays frozen in it).
-    a.model.dtype.get_or_insert(crate::args::DtypeArg::F32);
+    // The base stays frozen in the format it loads in (the checkpoint's own dtype, bf16
+    // for the released ones, --dtype, or --quant); activations are f32 whatever it is.
     let mut model = crate::args::load_with(&a.model, false, false)?;
     let data = load_jsonl(&a.data, &model, a.max_len).context("--data")?;
     for (line, why) in &data.skipped {

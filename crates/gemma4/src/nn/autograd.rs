@@ -3,8 +3,9 @@
 //! each block picks a differentiable path only then, so inference keeps its kernels.
 //!
 //! - A frozen projection ([`frozen_product`]) multiplies with the same kernels as
-//!   inference for dense weights (GGML blocks are dequantized a block of rows at a time,
-//!   since their kernels also quantize the input) and gives back only its input's
+//!   inference for f32 weights (GGML blocks and bf16 weights are widened to f32 a block
+//!   of rows at a time: the quantized kernels also quantize the input, the bf16 ones take
+//!   bf16 rows) and gives back only its input's
 //!   gradient, `dx = dy · W`, never one for the weight: candle's matmul backward would
 //!   compute `dW` for a constant weight too, as many elements as the weight, for nothing.
 //! - RoPE, softmax, GELU and the soft cap take candle's composed (differentiable) forms
@@ -42,11 +43,12 @@ impl CustomOp1 for FrozenProduct {
             ));
         };
         let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
-        let y = match self.0.is_quantized() {
+        let y = match self.0.is_quantized() || self.0.dtype() != DType::F32 {
             // The quantized kernels also quantize the input rows: trained through, the
             // product would be a step function of the input, which its backward (the
-            // dequantized weight) does not describe. Training multiplies f32 inputs with
-            // the dequantized weight instead, as QLoRA does.
+            // dequantized weight) does not describe. Training multiplies its f32 inputs
+            // with the weight widened to f32 instead (as QLoRA dequantizes), also for a
+            // bf16 weight, whose kernels take bf16 rows.
             true => dequantized_product(&self.0, &x),
             false => self.0.matmul_t(&x),
         }

@@ -185,6 +185,8 @@ impl DecoderLayer {
             let x = (gelu_tanh(&g.gate.forward(&h)?)? * ple)?;
             h = (&h + g.norm.forward(&g.projection.forward(&x)?)?)?;
         }
-        Ok(h.broadcast_mul(&self.layer_scalar)?)
+        // The full-sequence path computes in f32 over a bf16 base.
+        let scalar = self.layer_scalar.to_dtype(h.dtype())?;
+        Ok(h.broadcast_mul(&scalar)?)
     }
 }

@@ -5,7 +5,9 @@
 //! boundaries (recomputation) and at chunks of the vocabulary (the loss).
 //!
 //! It is the same modules as the cached forward ([`TextModel::forward_batch`]); through
-//! them it computes the same logits, which a test holds it to.
+//! them it computes the same logits, which a test holds it to. Activations are f32
+//! whatever the weights' format (a bf16 or quantized base is widened block by block in
+//! each product, see `nn::autograd`).
 
 use std::collections::BTreeMap;
 
@@ -61,7 +63,10 @@ impl TextModel {
         let mut tables = BTreeMap::new();
         let mut masks = BTreeMap::new();
         for (&t, r) in &self.ropes {
-            tables.insert(t, r.cos_sin(&positions, self.dtype, &self.device)?);
+            tables.insert(
+                t,
+                r.cos_sin(&positions, candle_core::DType::F32, &self.device)?,
+            );
             let window = (t == LayerType::Sliding).then_some(self.cfg.sliding_window);
             masks.insert(
                 t,
@@ -76,9 +81,24 @@ impl TextModel {
         })
     }
 
-    /// Scaled input embeddings `[S, hidden]` (constant: the embedding is never trained).
+    /// Scaled input embeddings `[S, hidden]` in f32 (constant: the embedding is never
+    /// trained).
     pub fn full_embeddings(&self, seq: &FullSequence) -> Result<Tensor> {
-        self.embed(&seq.ids)
+        let idx = Tensor::new(seq.ids.as_slice(), &self.device)?;
+        if let Some(&bad) = seq.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::invalid_argument(
+                "token id",
+                format!(
+                    "{bad} is outside the vocabulary of {} tokens",
+                    self.cfg.vocab_size
+                ),
+            ));
+        }
+        Ok(self
+            .embed_tokens
+            .weight()
+            .rows(&idx, candle_core::DType::F32)?
+            .affine(self.embed_scale, 0.0)?)
     }
 
     /// The per-layer inputs `[S, L, P]` from the input embeddings `h0`, when the model has
@@ -126,6 +146,16 @@ impl TextModel {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The final norm of residual-stream rows `h` (differentiable).
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        self.norm.forward(h)
+    }
+
+    /// The LM head's `[vocab, hidden]` weight (the tied embedding, or a stored head).
+    pub fn head_weight(&self) -> &crate::nn::linear::LinearWeight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).weight()
     }
 
     /// f32 logits `[R, vocab]` of final residual-stream rows `h` `[R, hidden]`: final norm,

@@ -26,15 +26,15 @@ use crate::train::loss::head_loss;
 pub struct GradientOptions {
     /// Run each layer again during backward instead of keeping its activations.
     pub recompute: bool,
-    /// Rows of logits computed at once for the loss.
-    pub loss_chunk: usize,
+    /// Vocabulary entries of the head computed at once for the loss.
+    pub vocab_block: usize,
 }
 
 impl Default for GradientOptions {
     fn default() -> Self {
         GradientOptions {
             recompute: true,
-            loss_chunk: 32,
+            vocab_block: crate::train::loss::VOCAB_BLOCK,
         }
     }
 }
@@ -138,6 +138,32 @@ fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], grads: &GradStore) -> Re
     Ok(())
 }
 
+/// The summed loss of `example`'s supervised tokens and their count, forward only (the
+/// adapters' tensors take part as constants: each layer's graph is dropped as it ends).
+pub fn sequence_loss(
+    model: &TextModel,
+    set: AdapterSet,
+    example: &Example,
+    block: usize,
+) -> Result<(f64, usize)> {
+    with_adapters(set, || {
+        let seq = model.full_sequence(&example.ids)?;
+        let mut h = model.full_embeddings(&seq)?;
+        let ple = model.full_per_layer_inputs(&seq, &h)?.map(|p| p.detach());
+        let mut kv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
+        for i in 0..model.num_layers() {
+            let p = model.kv_producer(i);
+            let shared = (p != i).then(|| kv.get(&p)).flatten().map(|(k, v)| (k, v));
+            let (out, own) = model.full_layer(i, &seq, &h, ple.as_ref(), shared)?;
+            if let Some((k, v)) = own {
+                kv.insert(i, (k.detach(), v.detach()));
+            }
+            h = out.detach();
+        }
+        crate::train::loss::head_loss_only(model, &h, &example.labels, block)
+    })
+}
+
 /// Runs `example` through `model` with the adapters of `set` on, and adds to `acc` (one
 /// slot per var of `vars`) the gradients of `loss_sum / norm`, where `norm` is the number
 /// of supervised tokens of the whole accumulation window. `vars` are the trained tensors
@@ -170,7 +196,7 @@ pub fn sequence_gradients(
             tapes.push((!opts.recompute).then_some(tape));
         }
 
-        let head = head_loss(model, &inputs[n], &example.labels, norm, opts.loss_chunk)?;
+        let head = head_loss(model, &inputs[n], &example.labels, norm, opts.vocab_block)?;
 
         // Backward, layer by layer.
         let mut dh = head.dh;

@@ -4,14 +4,21 @@
 //! by the number of supervised tokens of the whole accumulation window
 //! (`num_items_in_batch`), which the caller passes as `norm`.
 //!
-//! The head runs only on rows whose next token is supervised, a chunk of rows at a time:
-//! no `[seq, vocab]` tensor is ever held (Gemma 4's vocabulary has 262,144 entries), and
-//! each chunk's gradient is taken right away.
+//! The head runs only on the supervised rows, and over the vocabulary a block of `block`
+//! entries at a time: no `[seq, vocab]` tensor is ever held (Gemma 4's vocabulary has
+//! 262,144 entries), and each block of the head's weight is widened to f32 (or
+//! dequantized) once per pass for all rows. A first pass keeps each row's running
+//! log-sum-exp and its label's logit; a second recomputes each block's logits for the
+//! gradient, `(softmax − onehot) ⊙ cap′ / norm`, and takes it back through the head; the
+//! final norm's backward is candle's.
 
 use candle_core::{DType, Tensor, Var, D};
 
 use crate::error::Result;
 use crate::text::model::TextModel;
+
+/// Vocabulary entries per block of the head.
+pub const VOCAB_BLOCK: usize = 8192;
 
 /// The summed loss of the supervised tokens and the gradient of `loss_sum / norm` with
 /// respect to the final residual stream `h` `[S, hidden]`.
@@ -21,34 +28,145 @@ pub struct HeadLoss {
     pub dh: Tensor,
 }
 
+/// Rows whose next token is supervised, with that token.
+fn supervised_rows(s: usize, labels: &[Option<u32>]) -> Vec<(u32, u32)> {
+    (0..s.saturating_sub(1))
+        .filter_map(|r| labels.get(r + 1).copied().flatten().map(|l| (r as u32, l)))
+        .collect()
+}
+
+/// The head's logits of normed rows `hn` `[R, H]` over vocabulary entries
+/// `start..start + n`, soft-capped: `(z, c)`, both `[R, n]` f32.
+fn block_logits(
+    model: &TextModel,
+    hn: &Tensor,
+    start: usize,
+    n: usize,
+) -> Result<(Tensor, Tensor)> {
+    let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
+    let w = model
+        .head_weight()
+        .rows(&Tensor::new(ids.as_slice(), hn.device())?, DType::F32)?;
+    let z = hn.matmul(&w.t()?)?;
+    let c = match model.config().final_logit_softcapping {
+        Some(cap) => ((&z / cap)?.tanh()? * cap)?,
+        None => z.clone(),
+    };
+    Ok((w, c))
+}
+
+/// Per row: log-sum-exp over the vocabulary and the label's logit.
+fn scan(
+    model: &TextModel,
+    hn: &Tensor,
+    labels: &[u32],
+    block: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let r = labels.len();
+    let vocab = model.head_weight().shape().0;
+    let mut m = vec![f32::NEG_INFINITY; r];
+    let mut l = vec![0f32; r];
+    let mut picked = vec![0f32; r];
+    let mut start = 0;
+    while start < vocab {
+        let n = block.min(vocab - start);
+        let (_, c) = block_logits(model, hn, start, n)?;
+        let bmax: Vec<f32> = c.max_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
+        let new_m: Vec<f32> = m.iter().zip(&bmax).map(|(a, b)| a.max(*b)).collect();
+        let shifted = c.broadcast_sub(&Tensor::from_slice(&new_m, (r, 1), hn.device())?)?;
+        let bsum: Vec<f32> = shifted
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .flatten_all()?
+            .to_vec1()?;
+        for i in 0..r {
+            l[i] = l[i] * (m[i] - new_m[i]).exp() + bsum[i];
+        }
+        m = new_m;
+        let local: Vec<u32> = labels
+            .iter()
+            .map(|&t| (t as usize).saturating_sub(start).min(n - 1) as u32)
+            .collect();
+        let at: Vec<f32> = c
+            .gather(&Tensor::from_slice(&local, (r, 1), hn.device())?, 1)?
+            .flatten_all()?
+            .to_vec1()?;
+        for i in 0..r {
+            let t = labels[i] as usize;
+            if t >= start && t < start + n {
+                picked[i] = at[i];
+            }
+        }
+        start += n;
+    }
+    let lse = m.iter().zip(&l).map(|(m, l)| m + l.ln()).collect();
+    Ok((lse, picked))
+}
+
 /// `labels[i]`: the token position `i` holds as a target, or `None` (HF's −100).
 pub fn head_loss(
     model: &TextModel,
     h: &Tensor,
     labels: &[Option<u32>],
     norm: f64,
-    chunk: usize,
+    block: usize,
 ) -> Result<HeadLoss> {
-    let s = h.dim(0)?;
-    let rows: Vec<(u32, u32)> = (0..s.saturating_sub(1))
-        .filter_map(|r| labels.get(r + 1).copied().flatten().map(|l| (r as u32, l)))
-        .collect();
+    let rows = supervised_rows(h.dim(0)?, labels);
     let mut dh = Tensor::zeros(h.dims(), DType::F32, h.device())?;
-    let mut loss_sum = 0.0;
-    for part in rows.chunks(chunk.max(1)) {
-        let idx: Vec<u32> = part.iter().map(|p| p.0).collect();
-        let lab: Vec<u32> = part.iter().map(|p| p.1).collect();
-        let idx = Tensor::new(idx.as_slice(), h.device())?;
-        let x = Var::from_tensor(&h.index_select(&idx, 0)?.to_dtype(DType::F32)?)?;
-        let logits = model.full_logits(x.as_tensor())?;
-        let lab = Tensor::new(lab.as_slice(), h.device())?.unsqueeze(1)?;
-        let loss = token_losses(&logits, &lab)?.sum_all()?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        let grads = loss.affine(1.0 / norm, 0.0)?.backward()?;
-        if let Some(g) = grads.get(x.as_tensor()) {
-            // Cut from the graph it was built from (see `gradients::grad_of`).
-            dh = dh.index_add(&idx, &g.detach(), 0)?;
+    if rows.is_empty() {
+        return Ok(HeadLoss {
+            loss_sum: 0.0,
+            tokens: 0,
+            dh,
+        });
+    }
+    let idx: Vec<u32> = rows.iter().map(|p| p.0).collect();
+    let lab: Vec<u32> = rows.iter().map(|p| p.1).collect();
+    let idx = Tensor::new(idx.as_slice(), h.device())?;
+    let x = Var::from_tensor(&h.index_select(&idx, 0)?.to_dtype(DType::F32)?)?;
+    let hn = model.final_norm(x.as_tensor())?;
+    let hc = hn.detach();
+    let (lse, picked) = scan(model, &hc, &lab, block)?;
+    let loss_sum: f64 = lse.iter().zip(&picked).map(|(a, b)| (a - b) as f64).sum();
+
+    // d(loss / norm) / dz over each block, taken back through the head.
+    let r = lab.len();
+    let vocab = model.head_weight().shape().0;
+    let lse_t = Tensor::from_slice(&lse, (r, 1), h.device())?;
+    let cap = model.config().final_logit_softcapping;
+    let mut dhn = Tensor::zeros(hc.dims(), DType::F32, h.device())?;
+    let mut start = 0;
+    while start < vocab {
+        let n = block.min(vocab - start);
+        let (w, c) = block_logits(model, &hc, start, n)?;
+        let mut g = c.broadcast_sub(&lse_t)?.exp()?;
+        let (local, minus): (Vec<u32>, Vec<f32>) = lab
+            .iter()
+            .map(|&t| {
+                let t = t as usize;
+                match t >= start && t < start + n {
+                    true => ((t - start) as u32, -1.0),
+                    false => (0, 0.0),
+                }
+            })
+            .unzip();
+        g = g.scatter_add(
+            &Tensor::from_slice(&local, (r, 1), h.device())?,
+            &Tensor::from_slice(&minus, (r, 1), h.device())?,
+            1,
+        )?;
+        if let Some(cap) = cap {
+            // c = cap·tanh(z/cap): dc/dz = 1 − (c/cap)².
+            g = (g * (1.0 - (&c / cap)?.sqr()?)?)?;
         }
+        dhn = (dhn + g.matmul(&w)?)?;
+        start += n;
+    }
+    let dhn = dhn.affine(1.0 / norm, 0.0)?;
+    let grads = (hn * dhn)?.sum_all()?.backward()?;
+    if let Some(g) = grads.get(x.as_tensor()) {
+        // Cut from the graph it was built from (see `gradients::grad_of`).
+        dh = dh.index_add(&idx, &g.detach(), 0)?;
     }
     Ok(HeadLoss {
         loss_sum,
@@ -57,33 +175,27 @@ pub fn head_loss(
     })
 }
 
-/// Cross-entropy of each row of `logits` `[R, V]` against `labels` `[R, 1]`:
-/// `logsumexp(z) − z[label]`, `[R, 1]`.
-fn token_losses(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    // The max only steadies the exponentials; logsumexp's gradient (the softmax) is the
-    // same with it held constant.
-    let m = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits
-        .broadcast_sub(&m)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        + m)?;
-    Ok((lse - logits.gather(labels, 1)?)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn token_losses_are_cross_entropies() {
-        let z = Tensor::new(&[[1f32, 2., 3.], [0., 0., 0.]], &Device::Cpu).unwrap();
-        let l = Tensor::new(&[[2u32], [0]], &Device::Cpu).unwrap();
-        let got: Vec<Vec<f32>> = token_losses(&z, &l).unwrap().to_vec2().unwrap();
-        let lse = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln();
-        assert!((got[0][0] - (lse - 3.0)).abs() < 1e-6);
-        assert!((got[1][0] - 3f32.ln()).abs() < 1e-6);
+/// The summed loss of `labels`' supervised tokens for the final residual stream `h`, and
+/// their count, without gradients (evaluation).
+pub fn head_loss_only(
+    model: &TextModel,
+    h: &Tensor,
+    labels: &[Option<u32>],
+    block: usize,
+) -> Result<(f64, usize)> {
+    let rows = supervised_rows(h.dim(0)?, labels);
+    if rows.is_empty() {
+        return Ok((0.0, 0));
     }
+    let idx: Vec<u32> = rows.iter().map(|p| p.0).collect();
+    let lab: Vec<u32> = rows.iter().map(|p| p.1).collect();
+    let x = h
+        .detach()
+        .index_select(&Tensor::new(idx.as_slice(), h.device())?, 0)?;
+    let hn = model.final_norm(&x.to_dtype(DType::F32)?)?;
+    let (lse, picked) = scan(model, &hn, &lab, block)?;
+    Ok((
+        lse.iter().zip(&picked).map(|(a, b)| (a - b) as f64).sum(),
+        rows.len(),
+    ))
 }

@@ -17,6 +17,8 @@ pub mod trainer;
 
 pub use adamw::{clip_grad_norm, AdamW, AdamWConfig};
 pub use adapter::{LoraSpec, TrainableAdapter};
-pub use gradients::{sequence_gradients, Example, GradientOptions, SequenceGradients};
+pub use gradients::{
+    sequence_gradients, sequence_loss, Example, GradientOptions, SequenceGradients,
+};
 pub use schedule::{Decay, Schedule};
 pub use trainer::{Cursor, StepLog, TrainConfig, Trainer};

@@ -25,7 +25,7 @@ use crate::lora::{AdapterSet, LoraAdapter};
 use crate::model::Gemma4;
 use crate::train::adamw::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::adapter::{write_f32_safetensors, LoraSpec, TrainableAdapter};
-use crate::train::gradients::{sequence_gradients, Example, GradientOptions};
+use crate::train::gradients::{sequence_gradients, sequence_loss, Example, GradientOptions};
 use crate::train::schedule::{Decay, Schedule};
 
 /// Everything that decides a run.
@@ -295,25 +295,21 @@ impl Trainer {
         })
     }
 
-    /// Mean loss per supervised token over `examples`, with the adapter as it is now.
+    /// Mean loss per supervised token over `examples`, with the adapter as it is now
+    /// (forward only).
     pub fn eval_loss(&self, model: &Gemma4, examples: &[Example]) -> Result<f64> {
-        let norm: usize = examples.iter().map(Example::supervised).sum();
-        let mut sum = 0.0;
+        let (mut sum, mut n) = (0.0, 0);
         for ex in examples {
-            // The gradients are discarded; the loss is what is wanted.
-            let mut scratch = vec![None; self.vars.len()];
-            sum += sequence_gradients(
+            let (s, k) = sequence_loss(
                 &model.text,
                 self.set,
-                &self.vars,
                 ex,
-                1.0,
-                GradientOptions::default(),
-                &mut scratch,
-            )?
-            .loss_sum;
+                GradientOptions::default().vocab_block,
+            )?;
+            sum += s;
+            n += k;
         }
-        Ok(sum / norm.max(1) as f64)
+        Ok(sum / n.max(1) as f64)
     }
 
     /// Writes the adapter alone (peft's files) to `dir`.
