@@ -4,6 +4,7 @@ on the same checkpoint, data and machine.
 
     python benches/train_bench.py --model /tmp/gemma4-e2b-text              # E2B shapes, seq 512
     python benches/train_bench.py --model DIR --engines gemma4-f32 transformers-f32 --steps 3
+    (gemma4-FMT+keep: without recomputation, --no-recompute)
 
 Every engine trains LoRA r=16 (alpha 32) on all linear projections of the text decoder, one
 sequence of `--seq` tokens per optimizer step (a `text` row: every token supervised), AdamW,
@@ -52,6 +53,8 @@ def peak_rss_mb() -> float:
 
 
 def run_gemma4(model: Path, fmt: str, rows: list[str], a) -> dict:
+    # `FMT+keep`: every layer's activations kept (--no-recompute).
+    fmt, keep = fmt.removesuffix("+keep"), fmt.endswith("+keep")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
@@ -59,16 +62,19 @@ def run_gemma4(model: Path, fmt: str, rows: list[str], a) -> dict:
                "--data", str(data), "--out", str(Path(tmp) / "out"), "--steps",
                str(a.warmup + a.steps), "--batch", "1", "--r", "16", "--alpha", "32",
                "--targets", "all-linear", "--max-len", str(a.seq + 8), "--json"]
-        if fmt != "f32":
-            cmd += ["--quant", fmt]
+        cmd += ["--dtype", fmt] if fmt in ("f32", "bf16") else ["--quant", fmt]
+        if keep:
+            cmd.append("--no-recompute")
         out = subprocess.run([sys.executable, __file__, "--rss-child", "--", *cmd],
                              capture_output=True, text=True)
         if out.returncode != 0:
-            raise SystemExit(f"gemma4 {fmt} failed:\n{out.stderr[-3000:]}")
+            # Killed for memory leaves no message: say so, and go on with the others.
+            return {"engine": f"gemma4-{fmt}{'+keep' if keep else ''}",
+                    "failed": f"exit {out.returncode}: {out.stderr[-500:].strip() or 'killed (out of memory?)'}"}
         rss = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
         log = [json.loads(l) for l in (Path(tmp) / "out" / "train_log.jsonl").read_text().splitlines()]
         steps = [s for s in log if "loss" in s][a.warmup:]
-        return {"engine": f"gemma4-{fmt}", "tok_s": statistics.median(s["tokens_per_s"] for s in steps),
+        return {"engine": f"gemma4-{fmt}{'+keep' if keep else ''}", "tok_s": statistics.median(s["tokens_per_s"] for s in steps),
                 "step_s": statistics.median(s["elapsed_s"] for s in steps),
                 "tokens": steps[0]["tokens"], "loss": [s["loss"] for s in steps], "peak_rss_mb": rss}
 
@@ -82,7 +88,8 @@ def transformers_child(model: str, dtype: str, rows: list[str], warmup: int, ste
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model)
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+    m = AutoModelForCausalLM.from_pretrained(
+        model, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[dtype])
     m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                      lora_dropout=0.0, task_type="CAUSAL_LM"))
     m.train()
@@ -111,7 +118,8 @@ def run_transformers(model: Path, dtype: str, rows: list[str], a) -> dict:
     out = subprocess.run([sys.executable, __file__, "--rss-child", "--", *cmd],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise SystemExit(f"transformers {dtype} failed:\n{out.stderr[-3000:]}")
+        return {"engine": f"transformers-{dtype}",
+                "failed": f"exit {out.returncode}: {out.stderr[-500:].strip() or 'killed (out of memory?)'}"}
     lines = out.stdout.strip().splitlines()
     r = json.loads(lines[-2])
     rss = json.loads(lines[-1])["peak_rss_mb"]
@@ -141,6 +149,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", nargs="+", default=["gemma4-f32", "transformers-f32",
+                                                    "gemma4-bf16", "transformers-bf16",
                                                     "gemma4-q8_0", "gemma4-q4_k"])
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     a = p.parse_args()
@@ -154,16 +163,20 @@ def main() -> None:
     for e in a.engines:
         kind, fmt = e.split("-", 1)
         r = run_gemma4(a.model, fmt, rows, a) if kind == "gemma4" else run_transformers(a.model, fmt, rows, a)
+        results.append(r)
+        if "failed" in r:
+            print(f"{r['engine']:>18}: failed, {r['failed']}", flush=True)
+            continue
         print(f"{r['engine']:>18}: {r['tok_s']:8.1f} tok/s  ({r['step_s']:.1f} s/step of {r['tokens']} tokens), "
               f"peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB, loss {['%.3f' % l for l in r['loss']]}", flush=True)
-        results.append(r)
-    base = {r["engine"].split("-", 1)[1]: r for r in results if r["engine"].startswith("transformers")}
-    ref = base.get("f32")
-    if ref:
-        print(f"\nagainst transformers-f32 ({ref['tok_s']:.1f} tok/s):")
-        for r in results:
-            print(f"  {r['engine']:>18}: {r['tok_s'] / ref['tok_s']:.2f}x tok/s, "
-                  f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x peak RSS")
+    ok = [r for r in results if "failed" not in r]
+    base = {r["engine"].split("-", 1)[1]: r for r in ok if r["engine"].startswith("transformers")}
+    for dtype, ref in base.items():
+        print(f"\nagainst transformers-{dtype} ({ref['tok_s']:.1f} tok/s):")
+        for r in ok:
+            if r["engine"].startswith("gemma4"):
+                print(f"  {r['engine']:>18}: {r['tok_s'] / ref['tok_s']:.2f}x tok/s, "
+                      f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x peak RSS")
     if a.out:
         a.out.write_text(json.dumps(results, indent=1) + "\n")
 

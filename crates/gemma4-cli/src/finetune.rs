@@ -145,7 +145,10 @@ pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         data.examples.len(),
         a.resume.then_some(checkpoint.as_path()),
     )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", if a.resume { "--resume" } else { "--targets" }))?;
+    .map_err(|e| match a.resume {
+        true => anyhow::anyhow!("--resume: {e}"),
+        false => e.into(),
+    })?;
     let base = a.model.model.display().to_string();
     let log_path = a.out.join("train_log.jsonl");
     let mut log = std::fs::OpenOptions::new()
