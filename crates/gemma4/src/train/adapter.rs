@@ -114,10 +114,19 @@ impl TrainableAdapter {
             return Err(Error::invalid_argument("r", "the rank must be at least 1"));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let config = AdapterConfig::new(spec.r, spec.alpha, spec.use_rslora, spec.targets.clone());
+        let chosen = targeted(model, &spec.targets)?;
+        // peft records the module names it resolved (`all-linear` becomes the list), and
+        // reads the list back.
+        let mut names: Vec<String> = chosen
+            .iter()
+            .map(|(m, _)| m.rsplit('.').next().unwrap_or(m).to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        let config = AdapterConfig::new(spec.r, spec.alpha, spec.use_rslora, names);
         let scaling = config.scaling(spec.r, spec.alpha);
         let mut modules = Vec::new();
-        for (module, (out, inp)) in targeted(model, &spec.targets)? {
+        for (module, (out, inp)) in chosen {
             let bound = 1.0 / (inp as f64).sqrt();
             let a: Vec<f32> = (0..spec.r * inp)
                 .map(|_| rng.random_range(-bound..bound) as f32)
