@@ -11,10 +11,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use super::{canonical, unmatched, LoraAdapter, LoraDelta, PEFT_PREFIX};
 use crate::error::{Error, Result};
+use crate::loading::atomic;
 use crate::loading::gguf::StoredType;
 use crate::loading::weights::Checkpoint;
 
@@ -41,13 +41,11 @@ pub fn merge(
     dtype: Option<DType>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<MergeReport> {
-    if let Some(d) = dtype {
-        if !matches!(d, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::invalid_argument(
-                "dtype",
-                format!("{d:?}: merged weights are written as f32, f16 or bf16"),
-            ));
-        }
+    if let Some(d) = dtype.filter(|&d| atomic::safetensors_dtype(d).is_none()) {
+        return Err(Error::invalid_argument(
+            "dtype",
+            format!("{d:?}: merged weights are written as f32, f16 or bf16"),
+        ));
     }
     let ckpt = Checkpoint::open(model_dir)?;
     if ckpt.is_gguf() {
@@ -123,10 +121,11 @@ pub fn merge(
             let target = dtype.unwrap_or(stored);
             let deltas = updates.get(name).map(Vec::as_slice).unwrap_or_default();
             if !deltas.is_empty() || target != stored {
-                rewritten.insert(name, (target, merged_bytes(&ckpt, name, deltas, target)?));
+                let merged = merged(&ckpt, name, deltas)?.to_dtype(target)?;
+                rewritten.insert(name, (target, atomic::safetensors_bytes(&merged, name)?));
             }
         }
-        let mut views = Vec::with_capacity(names.len());
+        let mut tensors = Vec::with_capacity(names.len());
         for &name in &names {
             let (written, bytes) = match rewritten.get(name) {
                 Some((d, b)) => (*d, b.as_slice()),
@@ -135,37 +134,19 @@ pub fn merge(
                     StoredType::Quant(_) => unreachable!("refused above"),
                 },
             };
-            let dtype = match written {
-                DType::F32 => StDtype::F32,
-                DType::F16 => StDtype::F16,
-                DType::BF16 => StDtype::BF16,
-                other => {
-                    return Err(Error::invalid_argument(
-                        "model",
-                        format!(
-                            "tensor `{name}` is stored as {other:?}, which merging does not write"
-                        ),
-                    ))
-                }
-            };
-            let shape = ckpt.shape(name).unwrap_or_default().to_vec();
-            let view = TensorView::new(dtype, shape, bytes).map_err(|e| Error::Safetensors {
-                path: file.to_path_buf(),
-                message: format!("tensor `{name}`: {e}"),
+            let st = atomic::safetensors_dtype(written).ok_or_else(|| {
+                Error::invalid_argument(
+                    "model",
+                    format!(
+                        "tensor `{name}` is stored as {written:?}, which merging does not write"
+                    ),
+                )
             })?;
-            views.push((name, view));
+            let shape = ckpt.shape(name).unwrap_or_default().to_vec();
+            tensors.push((name, st, shape, bytes));
         }
         let file_name = file.file_name().unwrap_or_default();
-        let target = out_dir.join(file_name);
-        let tmp = crate::loading::atomic::temporary(&target);
-        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-        safetensors::tensor::serialize_to_file(views, metadata, &tmp).map_err(|e| {
-            Error::Safetensors {
-                path: tmp.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        crate::loading::atomic::commit(&target)?;
+        atomic::write_safetensors(&out_dir.join(file_name), tensors)?;
         files.push(file_name.to_string_lossy().into_owned());
         done += names.len();
         progress(done, total);
@@ -184,7 +165,7 @@ pub fn merge(
     for path in others {
         let name = path.file_name().unwrap_or_default();
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        crate::loading::atomic::write_atomic(&out_dir.join(name), &bytes)?;
+        atomic::write_atomic(&out_dir.join(name), &bytes)?;
         files.push(name.to_string_lossy().into_owned());
     }
     Ok(MergeReport {
@@ -194,58 +175,12 @@ pub fn merge(
     })
 }
 
-/// `name`'s weight plus every delta, in f32, rounded to `dtype`, as bytes.
-fn merged_bytes(
-    ckpt: &Checkpoint,
-    name: &str,
-    deltas: &[LoraDelta],
-    dtype: DType,
-) -> Result<Vec<u8>> {
+/// `name`'s weight plus every delta, in f32.
+fn merged(ckpt: &Checkpoint, name: &str, deltas: &[LoraDelta]) -> Result<candle_core::Tensor> {
     let shape = ckpt.shape(name).unwrap_or_default().to_vec();
     let mut w = ckpt.load(name, &shape, DType::F32, &Device::Cpu)?;
     for d in deltas {
         w = (w + d.dense()?)?;
     }
-    let w = w.to_dtype(dtype)?.flatten_all()?;
-    Ok(match dtype {
-        DType::F32 => bytes_of(&w.to_vec1::<f32>()?),
-        DType::F16 => bytes_of(&w.to_vec1::<half::f16>()?),
-        DType::BF16 => bytes_of(&w.to_vec1::<half::bf16>()?),
-        other => {
-            return Err(Error::invalid_argument(
-                "model",
-                format!("tensor `{name}` is {other:?}, which merging does not write"),
-            ))
-        }
-    })
-}
-
-fn bytes_of<T: Copy + ToLeBytes>(v: &[T]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(std::mem::size_of_val(v));
-    for x in v {
-        x.extend_le(&mut out);
-    }
-    out
-}
-
-trait ToLeBytes {
-    fn extend_le(&self, out: &mut Vec<u8>);
-}
-
-impl ToLeBytes for f32 {
-    fn extend_le(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-}
-
-impl ToLeBytes for half::f16 {
-    fn extend_le(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-}
-
-impl ToLeBytes for half::bf16 {
-    fn extend_le(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
+    Ok(w)
 }

@@ -214,36 +214,22 @@ impl TrainableAdapter {
 
 /// Writes f32 `tensors` to `path` as safetensors (metadata `format: pt`), atomically.
 pub(crate) fn write_f32_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
+    use crate::loading::atomic;
     let data = tensors
         .iter()
-        .map(|(_, t)| -> Result<Vec<u8>> {
-            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        })
+        .map(|(name, t)| atomic::safetensors_bytes(&t.to_dtype(DType::F32)?, name))
         .collect::<Result<Vec<_>>>()?;
-    let views = tensors
+    let entries = tensors
         .iter()
         .zip(&data)
         .map(|((name, t), bytes)| {
-            TensorView::new(Dtype::F32, t.dims().to_vec(), bytes)
-                .map(|v| (name.as_str(), v))
-                .map_err(|e| Error::Safetensors {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })
+            (
+                name.as_str(),
+                safetensors::Dtype::F32,
+                t.dims().to_vec(),
+                bytes.as_slice(),
+            )
         })
-        .collect::<Result<Vec<_>>>()?;
-    let tmp = crate::loading::atomic::temporary(path);
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    safetensors::tensor::serialize_to_file(views, metadata, &tmp).map_err(|e| {
-        Error::Safetensors {
-            path: tmp.clone(),
-            message: e.to_string(),
-        }
-    })?;
-    crate::loading::atomic::commit(path)
+        .collect();
+    atomic::write_safetensors(path, entries)
 }
