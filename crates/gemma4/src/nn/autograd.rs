@@ -65,24 +65,9 @@ impl CustomOp1 for FrozenProduct {
     }
 }
 
-/// Rows of `w` widened to f32, a block at a time (at most 16 Mi elements each).
-fn row_blocks(
-    w: &LinearWeight,
-    mut f: impl FnMut(usize, Tensor) -> crate::error::Result<()>,
-) -> crate::error::Result<()> {
-    let (out, inp) = w.shape();
-    let block = (16usize << 20).div_ceil(inp.max(1)).clamp(1, out.max(1));
-    let mut start = 0;
-    while start < out {
-        let n = block.min(out - start);
-        let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
-        f(
-            start,
-            w.rows(&Tensor::new(ids.as_slice(), &w.device())?, DType::F32)?,
-        )?;
-        start += n;
-    }
-    Ok(())
+/// Rows per block when a weight is widened for a product: at most 16 Mi elements.
+fn block_rows(w: &LinearWeight) -> usize {
+    (16usize << 20).div_ceil(w.shape().1.max(1))
 }
 
 /// `x Wᵀ` with `W` dequantized to f32 block by block: `x` `[.., in]` → `[.., out]`.
@@ -91,7 +76,7 @@ fn dequantized_product(w: &LinearWeight, x: &Tensor) -> crate::error::Result<Ten
     let mut dims = x.dims().to_vec();
     let x2 = x.to_dtype(DType::F32)?.reshape(((), inp))?;
     let mut parts = Vec::new();
-    row_blocks(w, |_, rows| {
+    w.row_blocks(block_rows(w), |_, rows| {
         parts.push(x2.matmul(&rows.t()?)?);
         Ok(())
     })?;
@@ -106,7 +91,7 @@ pub(crate) fn transposed_product(w: &LinearWeight, dy: &Tensor) -> crate::error:
     let mut dims = dy.dims().to_vec();
     let g = dy.to_dtype(DType::F32)?.reshape(((), out))?;
     let mut acc: Option<Tensor> = None;
-    row_blocks(w, |start, rows| {
+    w.row_blocks(block_rows(w), |start, rows| {
         let part = g
             .narrow(1, start, rows.dim(0)?)?
             .contiguous()?

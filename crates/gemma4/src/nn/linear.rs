@@ -139,6 +139,29 @@ impl LinearWeight {
         self.0.quantized()
     }
 
+    /// Calls `f(start, rows)` on every block of at most `block` rows, in order: rows
+    /// `start..` widened to f32 `[n, in]` (dequantized for GGML blocks), so a weight is never
+    /// held widened whole.
+    pub fn row_blocks(
+        &self,
+        block: usize,
+        mut f: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let out = self.shape().0;
+        let block = block.max(1);
+        let mut start = 0;
+        while start < out {
+            let n = block.min(out - start);
+            let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
+            f(
+                start,
+                self.rows(&Tensor::new(ids.as_slice(), &self.device())?, DType::F32)?,
+            )?;
+            start += n;
+        }
+        Ok(())
+    }
+
     /// `x Wᵀ`: `x` `[.., in]` → `[.., out]` in `x`'s dtype.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         self.0.matmul_t(x)

@@ -35,24 +35,14 @@ fn supervised_rows(s: usize, labels: &[Option<u32>]) -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// The head's logits of normed rows `hn` `[R, H]` over vocabulary entries
-/// `start..start + n`, soft-capped: `(z, c)`, both `[R, n]` f32.
-fn block_logits(
-    model: &TextModel,
-    hn: &Tensor,
-    start: usize,
-    n: usize,
-) -> Result<(Tensor, Tensor)> {
-    let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
-    let w = model
-        .head_weight()
-        .rows(&Tensor::new(ids.as_slice(), hn.device())?, DType::F32)?;
+/// The soft-capped logits `[R, n]` of normed rows `hn` `[R, H]` against head rows `w`
+/// `[n, H]` (f32).
+fn capped_logits(model: &TextModel, hn: &Tensor, w: &Tensor) -> Result<Tensor> {
     let z = hn.matmul(&w.t()?)?;
-    let c = match model.config().final_logit_softcapping {
+    Ok(match model.config().final_logit_softcapping {
         Some(cap) => ((&z / cap)?.tanh()? * cap)?,
-        None => z.clone(),
-    };
-    Ok((w, c))
+        None => z,
+    })
 }
 
 /// Per row: log-sum-exp over the vocabulary and the label's logit.
@@ -63,14 +53,12 @@ fn scan(
     block: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let r = labels.len();
-    let vocab = model.head_weight().shape().0;
     let mut m = vec![f32::NEG_INFINITY; r];
     let mut l = vec![0f32; r];
     let mut picked = vec![0f32; r];
-    let mut start = 0;
-    while start < vocab {
-        let n = block.min(vocab - start);
-        let (_, c) = block_logits(model, hn, start, n)?;
+    model.head_weight().row_blocks(block, |start, w| {
+        let n = w.dim(0)?;
+        let c = capped_logits(model, hn, &w)?;
         let bmax: Vec<f32> = c.max_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
         let new_m: Vec<f32> = m.iter().zip(&bmax).map(|(a, b)| a.max(*b)).collect();
         let shifted = c.broadcast_sub(&Tensor::from_slice(&new_m, (r, 1), hn.device())?)?;
@@ -97,8 +85,8 @@ fn scan(
                 picked[i] = at[i];
             }
         }
-        start += n;
-    }
+        Ok(())
+    })?;
     let lse = m.iter().zip(&l).map(|(m, l)| m + l.ln()).collect();
     Ok((lse, picked))
 }
@@ -131,14 +119,12 @@ pub fn head_loss(
 
     // d(loss / norm) / dz over each block, taken back through the head.
     let r = lab.len();
-    let vocab = model.head_weight().shape().0;
     let lse_t = Tensor::from_slice(&lse, (r, 1), h.device())?;
     let cap = model.config().final_logit_softcapping;
     let mut dhn = Tensor::zeros(hc.dims(), DType::F32, h.device())?;
-    let mut start = 0;
-    while start < vocab {
-        let n = block.min(vocab - start);
-        let (w, c) = block_logits(model, &hc, start, n)?;
+    model.head_weight().row_blocks(block, |start, w| {
+        let n = w.dim(0)?;
+        let c = capped_logits(model, &hc, &w)?;
         let mut g = c.broadcast_sub(&lse_t)?.exp()?;
         let (local, minus): (Vec<u32>, Vec<f32>) = lab
             .iter()
@@ -159,9 +145,9 @@ pub fn head_loss(
             // c = cap·tanh(z/cap): dc/dz = 1 − (c/cap)².
             g = (g * (1.0 - (&c / cap)?.sqr()?)?)?;
         }
-        dhn = (dhn + g.matmul(&w)?)?;
-        start += n;
-    }
+        dhn = (&dhn + g.matmul(&w)?)?;
+        Ok(())
+    })?;
     let dhn = dhn.affine(1.0 / norm, 0.0)?;
     let grads = (hn * dhn)?.sum_all()?.backward()?;
     if let Some(g) = grads.get(x.as_tensor()) {
