@@ -84,21 +84,7 @@ impl TextModel {
     /// Scaled input embeddings `[S, hidden]` in f32 (constant: the embedding is never
     /// trained).
     pub fn full_embeddings(&self, seq: &FullSequence) -> Result<Tensor> {
-        let idx = Tensor::new(seq.ids.as_slice(), &self.device)?;
-        if let Some(&bad) = seq.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(Error::invalid_argument(
-                "token id",
-                format!(
-                    "{bad} is outside the vocabulary of {} tokens",
-                    self.cfg.vocab_size
-                ),
-            ));
-        }
-        Ok(self
-            .embed_tokens
-            .weight()
-            .rows(&idx, candle_core::DType::F32)?
-            .affine(self.embed_scale, 0.0)?)
+        self.embed_as(&seq.ids, candle_core::DType::F32)
     }
 
     /// The per-layer inputs `[S, L, P]` from the input embeddings `h0`, when the model has
@@ -170,22 +156,29 @@ impl TextModel {
         Ok(logits)
     }
 
-    /// Every position's f32 logits `[S, vocab]` of `ids` through the full-sequence path
-    /// (no cache): the same numbers as [`Self::forward`] with [`crate::LogitsFor::All`].
-    pub fn forward_full(&self, ids: &[u32]) -> Result<Tensor> {
-        let seq = self.full_sequence(ids)?;
-        let mut h = self.full_embeddings(&seq)?;
-        let ple = self.full_per_layer_inputs(&seq, &h)?;
+    /// The final residual stream `[S, hidden]` of `seq`, every layer run in order. Each
+    /// layer's output (and its keys and values) is cut from the graph it was computed in,
+    /// so a forward pass with trained tensors in it keeps one layer's graph at a time.
+    pub fn full_hidden(&self, seq: &FullSequence) -> Result<Tensor> {
+        let mut h = self.full_embeddings(seq)?;
+        let ple = self.full_per_layer_inputs(seq, &h)?.map(|p| p.detach());
         let mut kv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
         for i in 0..self.num_layers() {
             let p = self.kv_producer(i);
             let shared = (p != i).then(|| kv.get(&p)).flatten().map(|(k, v)| (k, v));
-            let (out, own) = self.full_layer(i, &seq, &h, ple.as_ref(), shared)?;
-            if let Some(own) = own {
-                kv.insert(i, own);
+            let (out, own) = self.full_layer(i, seq, &h, ple.as_ref(), shared)?;
+            if let Some((k, v)) = own {
+                kv.insert(i, (k.detach(), v.detach()));
             }
-            h = out;
+            h = out.detach();
         }
-        self.full_logits(&h)
+        Ok(h)
+    }
+
+    /// Every position's f32 logits `[S, vocab]` of `ids` through the full-sequence path
+    /// (no cache): the same numbers as [`Self::forward`] with [`crate::LogitsFor::All`].
+    pub fn forward_full(&self, ids: &[u32]) -> Result<Tensor> {
+        let seq = self.full_sequence(ids)?;
+        self.full_logits(&self.full_hidden(&seq)?)
     }
 }

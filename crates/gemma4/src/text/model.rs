@@ -205,6 +205,11 @@ impl TextModel {
 
     /// Scaled input embeddings `[S, hidden]` of `ids`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        self.embed_as(ids, self.dtype)
+    }
+
+    /// [`Self::embed`] with the rows in `dtype` (the full-sequence path computes in f32).
+    pub(super) fn embed_as(&self, ids: &[u32], dtype: DType) -> Result<Tensor> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(Error::invalid_argument(
                 "token id",
@@ -218,7 +223,7 @@ impl TextModel {
         Ok(self
             .embed_tokens
             .weight()
-            .rows(&idx, self.dtype)?
+            .rows(&idx, dtype)?
             .affine(self.embed_scale, 0.0)?)
     }
 

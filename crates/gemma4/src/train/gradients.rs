@@ -148,18 +148,7 @@ pub fn sequence_loss(
 ) -> Result<(f64, usize)> {
     with_adapters(set, || {
         let seq = model.full_sequence(&example.ids)?;
-        let mut h = model.full_embeddings(&seq)?;
-        let ple = model.full_per_layer_inputs(&seq, &h)?.map(|p| p.detach());
-        let mut kv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
-        for i in 0..model.num_layers() {
-            let p = model.kv_producer(i);
-            let shared = (p != i).then(|| kv.get(&p)).flatten().map(|(k, v)| (k, v));
-            let (out, own) = model.full_layer(i, &seq, &h, ple.as_ref(), shared)?;
-            if let Some((k, v)) = own {
-                kv.insert(i, (k.detach(), v.detach()));
-            }
-            h = out.detach();
-        }
+        let h = model.full_hidden(&seq)?;
         crate::train::loss::head_loss_only(model, &h, &example.labels, block)
     })
 }
