@@ -214,18 +214,27 @@ fn unmatched(adapter: &LoraAdapter, module: &str) -> Error {
     )
 }
 
-/// The projections adapters may patch, by canonical module path: every projection loaded
-/// from its own checkpoint matrix except the embedding table (which is also the tied LM
-/// head, and which peft adapts with other tensors than `lora_A`/`lora_B`). MoE experts,
-/// one matrix of a stacked tensor each, are not `nn.Linear`s in the reference either.
-fn patchable(linears: Vec<&Linear>) -> HashMap<String, &Linear> {
+/// The projections an adapter may patch, with their module paths as the checkpoint names
+/// them: every projection loaded from its own checkpoint matrix except the embedding
+/// tables (the first is also the tied LM head; peft adapts embeddings with other tensors
+/// than `lora_A`/`lora_B`). MoE experts, one matrix of a stacked tensor each, are not
+/// `nn.Linear`s in the reference either.
+pub(crate) fn adaptable(linears: Vec<&Linear>) -> Vec<(&str, &Linear)> {
     linears
         .into_iter()
         .filter_map(|l| {
             let src = l.source()?;
             let module = src.name.strip_suffix(".weight")?;
-            (src.index.is_none() && !is_embedding(module)).then(|| (canonical(module), l))
+            (src.index.is_none() && !is_embedding(module)).then_some((module, l))
         })
+        .collect()
+}
+
+/// [`adaptable`] by canonical module path.
+fn patchable(linears: Vec<&Linear>) -> HashMap<String, &Linear> {
+    adaptable(linears)
+        .into_iter()
+        .map(|(module, l)| (canonical(module), l))
         .collect()
 }
 

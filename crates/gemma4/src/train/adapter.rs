@@ -65,14 +65,10 @@ fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize
     }
     let mut out = Vec::new();
     let mut hit = vec![false; targets.len()];
-    for l in model.linears() {
-        let Some(src) = l.source() else { continue };
-        let Some(module) = src.name.strip_suffix(".weight") else {
-            continue;
-        };
-        if src.index.is_some() || crate::lora::is_embedding(module) || module.ends_with("lm_head") {
-            continue;
-        }
+    // A separately stored head is adaptable at inference, but the loss reads its weight
+    // directly (`train::loss`), so an adapter on it would never be trained.
+    let linears = crate::lora::adaptable(model.linears());
+    for (module, l) in linears.into_iter().filter(|(m, _)| !m.ends_with("lm_head")) {
         let name = module.rsplit('.').next().unwrap_or(module);
         let pick = match all {
             true => true,
