@@ -83,17 +83,26 @@ pub(crate) fn lora_arg(s: &str) -> std::result::Result<LoraArg, String> {
     })
 }
 
+impl LoraArg {
+    /// The adapter, its updates scaled; an error names the flag in front of the library's
+    /// message (which names the adapter's directory), as text: `main` unwraps library
+    /// errors to rename their arguments.
+    pub(crate) fn load(&self) -> Result<gemma4::lora::LoraAdapter> {
+        Ok(gemma4::lora::LoraAdapter::load(&self.dir)
+            .map_err(lora_flag)?
+            .scaled(self.scale))
+    }
+}
+
+fn lora_flag(e: gemma4::Error) -> anyhow::Error {
+    anyhow::anyhow!("--lora: {e}")
+}
+
 /// Loads and attaches every `--lora`, reporting each on stderr (an adapter that patched
 /// nothing cannot load: [`gemma4::Gemma4::attach_adapter`] refuses it).
 pub(crate) fn attach_loras(model: &mut Gemma4, loras: &[LoraArg]) -> Result<()> {
     for l in loras {
-        // The library's messages name the adapter's directory; the flag goes in front
-        // (as text: `main` unwraps library errors to rename their arguments).
-        let flag = |e: gemma4::Error| anyhow::anyhow!("--lora: {e}");
-        let adapter = gemma4::lora::LoraAdapter::load(&l.dir)
-            .map_err(flag)?
-            .scaled(l.scale);
-        let a = model.attach_adapter(&adapter).map_err(flag)?;
+        let a = model.attach_adapter(&l.load()?).map_err(lora_flag)?;
         eprintln!(
             "lora: `{}` patched {} projections (rank {}, scale {})",
             a.name, a.modules, a.rank, l.scale

@@ -43,11 +43,7 @@ pub(crate) fn cmd_merge_lora(a: MergeLoraArgs) -> Result<()> {
     let adapters = a
         .lora
         .iter()
-        .map(|l| {
-            gemma4::lora::LoraAdapter::load(&l.dir)
-                .map(|ad| ad.scaled(l.scale))
-                .map_err(|e| anyhow::anyhow!("--lora: {e}"))
-        })
+        .map(LoraArg::load)
         .collect::<Result<Vec<_>>>()?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);

@@ -113,13 +113,12 @@ pub fn example_of_row(model: &Gemma4, row: &Value) -> Result<Example> {
                 let prompt = render(model, &Value::Array(p.clone()), row.get("tools"), true)?;
                 let all = [p.clone(), c.clone()].concat();
                 let text = render(model, &Value::Array(all), row.get("tools"), false)?;
-                let Some(rest) = text.strip_prefix(prompt.as_str()) else {
+                if !text.starts_with(prompt.as_str()) {
                     return Err(Error::invalid_argument(
                         "completion",
                         "the rendered conversation does not begin with the rendered prompt",
                     ));
-                };
-                let _ = rest;
+                }
                 chat_example(model, &text, prompt.len())?
             }
             _ => {
