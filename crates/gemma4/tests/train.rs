@@ -6,11 +6,11 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use gemma4::lora::LoraAdapter;
+use gemma4::lora::{AdapterSet, LoraAdapter};
 use gemma4::text::model::LogitsFor;
 use gemma4::train::{
     sequence_gradients, sequence_loss, AdamW, AdamWConfig, Example, GradientOptions, LoraSpec,
-    TrainableAdapter,
+    SequenceGradients, TrainableAdapter,
 };
 use gemma4::{Gemma4, LoadOptions};
 
@@ -31,41 +31,71 @@ fn read_safetensors(path: &std::path::Path) -> std::collections::HashMap<String,
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
+/// A case's example run through the case's base model, loaded with `load`, with the
+/// case's adapter attached and trained.
+struct CaseRun {
+    golden: serde_json::Value,
+    model: Gemma4,
+    trainable: TrainableAdapter,
+    set: AdapterSet,
+    ex: Example,
+    out: SequenceGradients,
+    acc: Vec<Option<Tensor>>,
+}
+
+fn run_case(case: &str, load: LoadOptions, opts: GradientOptions) -> CaseRun {
+    let dir = fixture("train").join(case);
+    let golden = json(&dir.join("golden/example.json"));
+    let mut model = Gemma4::load(&fixture(golden["base"].as_str().unwrap()), load).unwrap();
+    let trainable = TrainableAdapter::from_adapter(&LoraAdapter::load(&dir).unwrap()).unwrap();
+    let set = model
+        .attach_adapter(&trainable.as_adapter("trained"))
+        .unwrap()
+        .set();
+    let vars = trainable.vars();
+    let ex = example(&golden);
+    let mut acc = vec![None; vars.len()];
+    let n = ex.supervised() as f64;
+    let out = sequence_gradients(&model.text, set, &vars, &ex, n, opts, &mut acc).unwrap();
+    CaseRun {
+        golden,
+        model,
+        trainable,
+        set,
+        ex,
+        out,
+        acc,
+    }
+}
+
+/// Every LoRA tensor's key, our gradient and the reference's.
+fn gradient_pairs(case: &str, run: &CaseRun) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let golden = read_safetensors(&fixture("train").join(case).join("golden/grads.safetensors"));
+    assert_eq!(golden.len(), run.acc.len(), "{case}: gradient count");
+    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let mut pairs = Vec::new();
+    for (m, pair) in run.trainable.modules.iter().zip(run.acc.chunks(2)) {
+        for (slot, got) in ["lora_A", "lora_B"].iter().zip(pair) {
+            let key = TrainableAdapter::key(&m.module, slot);
+            let got = got
+                .as_ref()
+                .unwrap_or_else(|| panic!("{case}: no gradient for {key}"));
+            let want = flat(&golden[&key]);
+            pairs.push((key, flat(got), want));
+        }
+    }
+    pairs
+}
+
 /// Every gradient of the case within 1e-3 × its max-abs of the reference's, cosine ≥
 /// 0.99999 (the bound: f32 here against f64 there), and the loss within 1e-5.
-fn check_case(case: &str, recompute: bool, vocab_block: usize) {
-    let dir = fixture("train").join(case);
-    let g = json(&dir.join("golden/example.json"));
-    let mut model = Gemma4::load(
-        &fixture(g["base"].as_str().unwrap()),
-        LoadOptions::default(),
-    )
-    .unwrap();
-    let trainable = TrainableAdapter::from_adapter(&LoraAdapter::load(&dir).unwrap()).unwrap();
-    let attached = model
-        .attach_adapter(&trainable.as_adapter("trained"))
-        .unwrap();
-    let vars = trainable.vars();
-    let ex = example(&g);
+fn check_case(case: &str, load: LoadOptions, opts: GradientOptions) {
+    let run = run_case(case, load, opts);
+    let (g, ex, out) = (&run.golden, &run.ex, &run.out);
     assert_eq!(ex.supervised() as u64, g["supervised"].as_u64().unwrap());
-    let mut acc = vec![None; vars.len()];
-    let opts = GradientOptions {
-        recompute,
-        vocab_block,
-    };
-    let out = sequence_gradients(
-        &model.text,
-        attached.set(),
-        &vars,
-        &ex,
-        ex.supervised() as f64,
-        opts,
-        &mut acc,
-    )
-    .unwrap();
     assert_eq!(out.tokens, ex.supervised());
     // The forward-only loss (evaluation) is the same.
-    let (sum, k) = sequence_loss(&model.text, attached.set(), &ex, vocab_block).unwrap();
+    let (sum, k) = sequence_loss(&run.model.text, run.set, ex, opts.vocab_block).unwrap();
     assert_eq!(k, out.tokens);
     assert!(
         (sum - out.loss_sum).abs() < 1e-4,
@@ -76,42 +106,29 @@ fn check_case(case: &str, recompute: bool, vocab_block: usize) {
     let want = g["loss"].as_f64().unwrap();
     assert!((loss - want).abs() < 1e-5, "{case}: loss {loss} vs {want}");
 
-    let golden = read_safetensors(&dir.join("golden/grads.safetensors"));
-    assert_eq!(golden.len(), vars.len(), "{case}: gradient count");
-    for (m, pair) in trainable.modules.iter().zip(acc.chunks(2)) {
-        for (slot, got) in ["lora_A", "lora_B"].iter().zip(pair) {
-            let key = TrainableAdapter::key(&m.module, slot);
-            let want: Vec<f32> = golden[&key].flatten_all().unwrap().to_vec1().unwrap();
-            let got: Vec<f32> = got
-                .as_ref()
-                .unwrap_or_else(|| panic!("{case}: no gradient for {key}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-            assert!(
-                scale > 0.0,
-                "{case}: {key} has a zero gradient in the reference"
-            );
-            let d = max_abs(&got, &want);
-            let dot: f64 = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum();
-            let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-            let cos = dot / (n(&got) * n(&want));
-            assert!(d <= 1e-3 * scale, "{case}: {key}: {d} against max {scale}");
-            assert!(cos >= 0.99999, "{case}: {key}: cosine {cos}");
-        }
+    for (key, got, want) in gradient_pairs(case, &run) {
+        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        assert!(
+            scale > 0.0,
+            "{case}: {key} has a zero gradient in the reference"
+        );
+        let d = max_abs(&got, &want);
+        let cos = cosine(&got, &want);
+        assert!(d <= 1e-3 * scale, "{case}: {key}: {d} against max {scale}");
+        assert!(cos >= 0.99999, "{case}: {key}: cosine {cos}");
     }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
 }
 
 #[test]
 fn lora_gradients_match_the_reference_with_recomputation() {
     for case in ["e2b_all_linear", "keqv_attn_mlp", "causal_qv"] {
-        check_case(case, true, gemma4::train::loss::VOCAB_BLOCK);
+        check_case(case, LoadOptions::default(), GradientOptions::default());
     }
 }
 
@@ -119,7 +136,11 @@ fn lora_gradients_match_the_reference_with_recomputation() {
 fn lora_gradients_match_the_reference_keeping_activations() {
     // Also the head in blocks of 100 of the 512 entries: the running log-sum-exp across
     // blocks and a short last block.
-    check_case("e2b_all_linear", false, 100);
+    let opts = GradientOptions {
+        recompute: false,
+        vocab_block: 100,
+    };
+    check_case("e2b_all_linear", LoadOptions::default(), opts);
 }
 
 #[test]
@@ -404,60 +425,26 @@ fn loss_masks_follow_the_row_shape() {
 /// `nn::autograd`); the gradients keep roughly the f32 base's direction.
 #[test]
 fn gradients_through_a_quantized_base() {
-    let dir = fixture("train").join("e2b_all_linear");
-    let g = json(&dir.join("golden/example.json"));
-    let opts = LoadOptions {
+    let load = LoadOptions {
         quant: Some(gemma4::QuantType::Q8_0),
         ..Default::default()
     };
-    let mut model = Gemma4::load(&fixture("e2b_like"), opts).unwrap();
-    let trainable = TrainableAdapter::from_adapter(&LoraAdapter::load(&dir).unwrap()).unwrap();
-    let set = model
-        .attach_adapter(&trainable.as_adapter("q"))
-        .unwrap()
-        .set();
-    let vars = trainable.vars();
-    let ex = example(&g);
-    let mut acc = vec![None; vars.len()];
-    let n = ex.supervised() as f64;
-    let out = sequence_gradients(
-        &model.text,
-        set,
-        &vars,
-        &ex,
-        n,
-        GradientOptions::default(),
-        &mut acc,
-    )
-    .unwrap();
+    let run = run_case("e2b_all_linear", load, GradientOptions::default());
     // The base's weights moved (q8_0 on these small random matrices moves the loss by
     // ~0.15); the gradients keep their direction.
-    let loss = out.loss_sum / n;
-    assert!((loss - g["loss"].as_f64().unwrap()).abs() < 0.3, "{loss}");
-    let golden = read_safetensors(&dir.join("golden/grads.safetensors"));
-    let (mut dot, mut a2, mut b2) = (0f64, 0f64, 0f64);
-    for (m, pair) in trainable.modules.iter().zip(acc.chunks(2)) {
-        for (slot, got) in ["lora_A", "lora_B"].iter().zip(pair) {
-            let want: Vec<f32> = golden[&TrainableAdapter::key(&m.module, slot)]
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let got: Vec<f32> = got
-                .as_ref()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (x, y) in got.iter().zip(&want) {
-                dot += *x as f64 * *y as f64;
-                a2 += (*x as f64).powi(2);
-                b2 += (*y as f64).powi(2);
-            }
-        }
-    }
-    let cos = dot / (a2.sqrt() * b2.sqrt());
+    let loss = run.out.loss_sum / run.ex.supervised() as f64;
+    assert!(
+        (loss - run.golden["loss"].as_f64().unwrap()).abs() < 0.3,
+        "{loss}"
+    );
+    let (got, want): (Vec<f32>, Vec<f32>) = gradient_pairs("e2b_all_linear", &run)
+        .into_iter()
+        .fold((Vec::new(), Vec::new()), |(mut a, mut b), (_, g, w)| {
+            a.extend(g);
+            b.extend(w);
+            (a, b)
+        });
+    let cos = cosine(&got, &want);
     // 0.86 here: the quantized weights are another model (the loss moved by 0.15), so
     // this only checks the gradients still point the same way.
     assert!(cos > 0.8, "cosine {cos} against the f32 base's gradients");
@@ -467,48 +454,9 @@ fn gradients_through_a_quantized_base() {
 /// activations stay f32 and the gradients are the reference's to the same bounds.
 #[test]
 fn gradients_over_a_bf16_base_are_the_f32_bases() {
-    let dir = fixture("train").join("e2b_all_linear");
-    let g = json(&dir.join("golden/example.json"));
-    let opts = LoadOptions {
+    let load = LoadOptions {
         dtype: candle_core::DType::BF16,
         ..Default::default()
     };
-    let mut model = Gemma4::load(&fixture("e2b_like"), opts).unwrap();
-    let trainable = TrainableAdapter::from_adapter(&LoraAdapter::load(&dir).unwrap()).unwrap();
-    let set = model
-        .attach_adapter(&trainable.as_adapter("b"))
-        .unwrap()
-        .set();
-    let vars = trainable.vars();
-    let ex = example(&g);
-    let mut acc = vec![None; vars.len()];
-    let n = ex.supervised() as f64;
-    let out = sequence_gradients(
-        &model.text,
-        set,
-        &vars,
-        &ex,
-        n,
-        GradientOptions::default(),
-        &mut acc,
-    )
-    .unwrap();
-    let loss = out.loss_sum / n;
-    assert!((loss - g["loss"].as_f64().unwrap()).abs() < 1e-5, "{loss}");
-    let golden = read_safetensors(&dir.join("golden/grads.safetensors"));
-    for (m, pair) in trainable.modules.iter().zip(acc.chunks(2)) {
-        for (slot, got) in ["lora_A", "lora_B"].iter().zip(pair) {
-            let key = TrainableAdapter::key(&m.module, slot);
-            let want: Vec<f32> = golden[&key].flatten_all().unwrap().to_vec1().unwrap();
-            let got: Vec<f32> = got
-                .as_ref()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-            assert!(max_abs(&got, &want) <= 1e-3 * scale, "{key}");
-        }
-    }
+    check_case("e2b_all_linear", load, GradientOptions::default());
 }

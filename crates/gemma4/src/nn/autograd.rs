@@ -121,6 +121,17 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     #[test]
     fn frozen_product_gives_the_input_gradient_only() {
         let d = Device::Cpu;
@@ -157,22 +168,12 @@ mod tests {
             let x = Var::from_tensor(&Tensor::rand(-1f32, 1f32, (5, 256), &d).unwrap()).unwrap();
             let y = frozen_product(&lw, x.as_tensor()).unwrap();
             let want = x.as_tensor().matmul(&deq.t().unwrap()).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| -> f32 {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
-            assert!(diff(&y, &want) < 1e-4, "{dtype:?} forward");
+            assert!(max_diff(&y, &want) < 1e-4, "{dtype:?} forward");
             let c = Tensor::rand(-1f32, 1f32, (5, 48), &d).unwrap();
             let grads = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
             let gx = grads.get(x.as_tensor()).unwrap();
             assert!(
-                diff(gx, &c.matmul(&deq).unwrap()) < 1e-4,
+                max_diff(gx, &c.matmul(&deq).unwrap()) < 1e-4,
                 "{dtype:?} backward"
             );
         }
@@ -187,14 +188,7 @@ mod tests {
         let dy = Tensor::rand(-1f32, 1f32, (3, out), &d).unwrap();
         let got = transposed_product(&LinearWeight::plain(w.clone()), &dy).unwrap();
         let want = dy.matmul(&w).unwrap();
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_diff(&got, &want);
         assert!(diff < 1e-4, "{diff}");
     }
 }
