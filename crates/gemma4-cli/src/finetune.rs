@@ -1,6 +1,7 @@
 //! `gemma4 finetune`: LoRA fine-tuning of the text decoder on JSONL data, writing a peft
 //! adapter (`OUT/adapter_config.json`, `OUT/adapter_model.safetensors`), a resumable
-//! checkpoint (`OUT/checkpoint/`) and a JSONL log of every step (`OUT/train_log.jsonl`).
+//! checkpoint (`OUT/checkpoint/`), a JSONL log of every step (`OUT/train_log.jsonl`) and
+//! the loss curve drawn from it (`OUT/loss.png`).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -32,7 +33,8 @@ pub(crate) struct FinetuneArgs {
     /// LoRA alpha (scaling alpha/r, or alpha/√r with --rslora).
     #[arg(long, default_value_t = 32.0)]
     pub(crate) alpha: f64,
-    /// LoRA dropout (only 0 is supported yet).
+    /// LoRA dropout: the probability of zeroing each input of an adapter (peft's
+    /// `lora_dropout`; the masks are seeded, so --resume continues exactly).
     #[arg(long, default_value_t = 0.0)]
     pub(crate) dropout: f64,
     /// rsLoRA scaling (alpha/√r).
@@ -94,8 +96,8 @@ pub(crate) struct FinetuneArgs {
 }
 
 pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
-    if a.dropout != 0.0 {
-        bail!("--dropout: only 0 is supported yet");
+    if !(0.0..1.0).contains(&a.dropout) {
+        bail!("--dropout: {} is not a probability below 1", a.dropout);
     }
     if !a.model.lora.is_empty() {
         bail!("--lora: finetune trains a new adapter (use --resume to continue one)");
@@ -127,6 +129,7 @@ pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         seed: a.seed,
         recompute: !a.no_recompute,
+        dropout: a.dropout,
     };
     let checkpoint = a.out.join("checkpoint");
     if a.resume && !checkpoint.is_dir() {
@@ -200,6 +203,15 @@ pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     }
     trainer.save_checkpoint(&model, &a.out, &base)?;
     trainer.save_adapter(&a.out, &base)?;
+    // The curve is a convenience: failing to draw it does not fail the run.
+    let png = a.out.join("loss.png");
+    let loss_curve = match crate::loss_plot::write_loss_plot(&log_path, &png) {
+        Ok(drawn) => drawn.then(|| png.display().to_string()),
+        Err(e) => {
+            eprintln!("warning: {e:#}");
+            None
+        }
+    };
     let summary = json!({
         "out": a.out.display().to_string(),
         "steps": trainer.step,
@@ -210,6 +222,7 @@ pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         "modules": trainer.adapter.modules.len(),
         "loss": last.as_ref().map(|s| s.loss),
         "eval_loss": eval_loss,
+        "loss_curve": loss_curve,
     });
     if a.json {
         println!("{summary}");

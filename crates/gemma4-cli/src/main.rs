@@ -26,6 +26,7 @@ mod finetune;
 mod generate;
 mod info;
 mod logits;
+mod loss_plot;
 mod merge_lora;
 mod openai;
 mod parse_output;

@@ -1250,9 +1250,10 @@ fn lora_adapters_run_unmerged_and_merge_into_a_checkpoint() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
-/// `finetune` writes a peft adapter that `--lora` loads, a step log and a checkpoint;
-/// 4 steps in one run equal 2, stop, resume, 2 (the adapter byte for byte); unusable rows
-/// are skipped and counted; a checkpoint of another model is refused.
+/// `finetune` writes a peft adapter that `--lora` loads, a step log, its loss curve and a
+/// checkpoint; 4 steps in one run equal 2, stop, resume, 2 (the adapter byte for byte,
+/// with LoRA dropout on: its masks are seeded); unusable rows are skipped and counted; a
+/// checkpoint of another model is refused.
 #[test]
 fn finetune_trains_an_adapter_and_resumes_exactly() {
     let tmp = std::env::temp_dir().join(format!("gemma4-cli-finetune-{}", std::process::id()));
@@ -1287,6 +1288,8 @@ fn finetune_trains_an_adapter_and_resumes_exactly() {
             "4",
             "--alpha",
             "8",
+            "--dropout",
+            "0.1",
             "--json",
         ];
         args.extend_from_slice(extra);
@@ -1318,6 +1321,12 @@ fn finetune_trains_an_adapter_and_resumes_exactly() {
         "{log}"
     );
     assert!(log.contains("eval_loss"));
+    let png = whole.join("loss.png");
+    assert_eq!(v["loss_curve"].as_str(), png.to_str());
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(whole.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["lora_dropout"].as_f64(), Some(0.1));
 
     let split = tmp.join("split");
     run(&split, &["--steps", "4", "--stop-after", "2"]);

@@ -43,6 +43,12 @@ pub(crate) trait Matrix: std::fmt::Debug + Send + Sync {
     fn rows(&self, ids: &[u32]) -> Result<Tensor>;
     /// `x Wᵀ`: `x` `[.., in]` → `[.., out]` in `x`'s dtype.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor>;
+    /// Rows `start..start + n` as f32 `[n, in]` (dequantized, widened): what a training
+    /// product multiplies with, a block of rows at a time.
+    fn rows_f32(&self, start: usize, n: usize) -> Result<Tensor> {
+        let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        Ok(self.rows(&ids)?.to_dtype(DType::F32)?)
+    }
     /// GGML's blocks, for a matrix held as stored.
     fn ggml(&self) -> Option<&Arc<QTensor>> {
         None
@@ -183,6 +189,18 @@ impl Matrix for DenseMatrix {
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::from_slice(ids, ids.len(), self.0.device())?;
         Ok(self.0.index_select(&ids, 0)?)
+    }
+    fn rows_f32(&self, start: usize, n: usize) -> Result<Tensor> {
+        let rows = self.0.narrow(0, start, n)?;
+        match rows.dtype() {
+            // A view: the f32 product reads the weight itself.
+            DType::F32 => Ok(rows),
+            DType::BF16 => match with_elements(&rows, |v: &[bf16]| widen_bf16(v))? {
+                Some(wide) => Ok(Tensor::from_vec(wide, rows.shape(), rows.device())?),
+                None => Ok(rows.to_dtype(DType::F32)?),
+            },
+            _ => Ok(rows.to_dtype(DType::F32)?),
+        }
     }
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = self.gemv(x)? {
@@ -358,6 +376,10 @@ impl<T: TileElem + candle_core::WithDType> Matrix for DenseTiles<T> {
     }
     fn device(&self) -> Device {
         Device::Cpu
+    }
+    fn rows_f32(&self, start: usize, n: usize) -> Result<Tensor> {
+        let v = DenseTiles::rows_f32(self, start, n);
+        Ok(Tensor::from_vec(v, (n, self.shape().1), &Device::Cpu)?)
     }
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         let v = DenseTiles::rows(self, ids);

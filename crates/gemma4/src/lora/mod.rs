@@ -24,7 +24,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::loading::weights::Checkpoint;
 use crate::nn::linear::Linear;
-pub use crate::nn::lora::{with_adapters, AdapterSet, LoraDelta, MAX_ADAPTERS};
+pub use crate::nn::lora::{
+    with_adapters, with_dropout, AdapterSet, Dropout, LoraDelta, MAX_ADAPTERS,
+};
 use config::AdapterConfig;
 
 /// The prefix peft puts before every module path (`PeftModel.base_model.model`).

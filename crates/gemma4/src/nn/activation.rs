@@ -29,6 +29,17 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `gelu_pytorch_tanh(gate) · up` (the gated feed-forward's product); in a training
+/// forward one fused operation with its own backward (`nn::fused`).
+pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::nn::autograd::tracked(gate) || crate::nn::autograd::tracked(up) {
+        if let Some(y) = crate::nn::fused::gelu_mul(gate, up)? {
+            return Ok(y);
+        }
+    }
+    Ok((gelu_tanh(gate)? * up)?)
+}
+
 /// `cap · tanh(x / cap)`.
 pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
     if crate::nn::autograd::tracked(x) {
@@ -44,6 +55,30 @@ pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
 enum Kernel {
     Gelu,
     SoftCap(f32),
+    Tanh,
+    Exp,
+}
+
+/// `tanh` of every value in place (eight lanes at a time with AVX2, libm's otherwise): for
+/// the fused training operations (`nn::fused`).
+pub(crate) fn tanh_in_place(v: &mut [f32]) {
+    in_place(v, Kernel::Tanh, f32::tanh)
+}
+
+/// `e^x` of every value in place (as [`tanh_in_place`]); `−∞` gives `0`, as libm's.
+pub(crate) fn exp_in_place(v: &mut [f32]) {
+    in_place(v, Kernel::Exp, f32::exp)
+}
+
+fn in_place(v: &mut [f32], k: Kernel, scalar: fn(f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::backend::cpu::has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were checked.
+        unsafe { apply_avx2(v, k) };
+        return;
+    }
+    let _ = k;
+    v.iter_mut().for_each(|x| *x = scalar(*x));
 }
 
 /// Applies `k` on the CPU with AVX2; `None` when that is not possible here.
@@ -97,6 +132,12 @@ unsafe fn apply8(x: __m256, k: Kernel) -> __m256 {
         Kernel::SoftCap(cap) => {
             let c = _mm256_set1_ps(cap);
             _mm256_mul_ps(tanh8(_mm256_div_ps(x, c)), c)
+        }
+        Kernel::Tanh => tanh8(x),
+        Kernel::Exp => {
+            // exp8 clamps its input, which would give −∞ a tiny positive value.
+            let neg_inf = _mm256_cmp_ps(x, _mm256_set1_ps(f32::NEG_INFINITY), _CMP_EQ_OQ);
+            _mm256_andnot_ps(neg_inf, exp8(x))
         }
     }
 }

@@ -8,8 +8,9 @@
 //!   bf16 rows) and gives back only its input's
 //!   gradient, `dx = dy · W`, never one for the weight: candle's matmul backward would
 //!   compute `dW` for a constant weight too, as many elements as the weight, for nothing.
-//! - RoPE, softmax, GELU and the soft cap take candle's composed (differentiable) forms
-//!   there; their fused kernels have no backward.
+//! - RMSNorm, `gelu(gate) · up` and the softmax run as fused operations with their own
+//!   backward (`nn::fused`); RoPE and the soft cap take candle's composed
+//!   (differentiable) forms, as do the others on inputs the fused ones do not take.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
@@ -65,9 +66,13 @@ impl CustomOp1 for FrozenProduct {
     }
 }
 
-/// Rows per block when a weight is widened for a product: at most 16 Mi elements.
+/// Rows per block when a weight is widened for a product: at most 4 Mi elements (16 MB).
+/// Blocks stay below glibc's largest mmap threshold (32 MB), so their buffers are reused
+/// from the heap; a larger block is a fresh mapping every time, whose pages the kernel
+/// faults in and zeroes (a tenth of a training step's time at 16 Mi elements).
 fn block_rows(w: &LinearWeight) -> usize {
-    (16usize << 20).div_ceil(w.shape().1.max(1))
+    // Whole tiles of sixteen rows (`backend::cpu::dense_tiles`), widened a tile at a time.
+    ((4usize << 20) / w.shape().1.max(1)).max(16) / 16 * 16
 }
 
 /// `x Wᵀ` with `W` dequantized to f32 block by block: `x` `[.., in]` → `[.., out]`.
@@ -85,7 +90,7 @@ fn dequantized_product(w: &LinearWeight, x: &Tensor) -> crate::error::Result<Ten
 }
 
 /// `dy · W`: `dy` `[.., out]` → `[.., in]` in f32. The weight is widened to f32 a block of
-/// rows at a time (at most 16 Mi elements), so a quantized weight is never held dense.
+/// rows at a time (see [`block_rows`]), so a quantized weight is never held dense.
 pub(crate) fn transposed_product(w: &LinearWeight, dy: &Tensor) -> crate::error::Result<Tensor> {
     let (out, inp) = w.shape();
     let mut dims = dy.dims().to_vec();

@@ -152,11 +152,7 @@ impl LinearWeight {
         let mut start = 0;
         while start < out {
             let n = block.min(out - start);
-            let ids: Vec<u32> = (start as u32..(start + n) as u32).collect();
-            f(
-                start,
-                self.rows(&Tensor::new(ids.as_slice(), &self.device())?, DType::F32)?,
-            )?;
+            f(start, self.0.rows_f32(start, n)?)?;
             start += n;
         }
         Ok(())

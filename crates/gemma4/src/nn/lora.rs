@@ -59,6 +59,58 @@ impl AdapterSet {
 
 thread_local! {
     static ACTIVE: Cell<AdapterSet> = const { Cell::new(AdapterSet::NONE) };
+    static DROPOUT: Cell<Option<Dropout>> = const { Cell::new(None) };
+}
+
+/// LoRA dropout while training (peft's `lora_dropout`): each adapter's input is zeroed with
+/// probability `p` and the rest scaled by `1/(1 − p)`, the base projection's input left
+/// whole. The mask is a function of `seed` and the projection (never of a running random
+/// state), so a layer run again for its backward (recomputation) draws the mask its
+/// forward drew, and a resumed run the masks an uninterrupted one would have.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    /// Distinct for every forward pass that should draw new masks (the trainer takes it
+    /// from its seed, the step and the sequence).
+    pub seed: u64,
+}
+
+/// Runs `f` with LoRA dropout `d` (or none) on this thread, then restores what was on.
+pub fn with_dropout<R>(d: Option<Dropout>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Dropout>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DROPOUT.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(DROPOUT.with(|a| a.replace(d.filter(|d| d.p > 0.0))));
+    f()
+}
+
+/// 64-bit FNV-1a: a projection's key for its dropout masks, the same on every build (std's
+/// hasher is not promised to be).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The dropout mask for an input of `shape` to the projection keyed `key`: `0` or
+/// `1/(1 − p)` per element.
+fn dropout_mask(
+    d: Dropout,
+    key: u64,
+    shape: &candle_core::Shape,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(d.seed ^ key.rotate_left(17));
+    let keep = (1.0 / (1.0 - d.p)) as f32;
+    let p = d.p as f32;
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
 }
 
 /// Runs `f` with the adapters of `set` on for every projection that has them (on this
@@ -87,6 +139,8 @@ pub struct LoraDelta {
     a: Tensor,
     b: Tensor,
     scaling: f64,
+    /// Its dropout masks' key (from the adapter tensor's name).
+    key: u64,
 }
 
 impl LoraDelta {
@@ -116,6 +170,7 @@ impl LoraDelta {
             a: a.to_dtype(DType::F32)?.contiguous()?,
             b: b.to_dtype(DType::F32)?.contiguous()?,
             scaling,
+            key: fnv1a(name),
         })
     }
 
@@ -123,13 +178,17 @@ impl LoraDelta {
         self.a.dims()[0]
     }
 
-    /// `scaling · B (A x)`: `x` `[.., in]` (any float dtype) → f32 `[.., out]`.
+    /// `scaling · B (A x)`: `x` `[.., in]` (any float dtype) → f32 `[.., out]`; under
+    /// [`with_dropout`], `scaling · B (A (x ⊙ mask))`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = *dims
             .last()
             .ok_or_else(|| Error::invalid_argument("x", "a scalar"))?;
-        let x2 = x.to_dtype(DType::F32)?.reshape(((), inp))?;
+        let mut x2 = x.to_dtype(DType::F32)?.reshape(((), inp))?;
+        if let Some(d) = DROPOUT.with(Cell::get) {
+            x2 = (x2.clone() * dropout_mask(d, self.key, x2.shape(), x2.device())?)?;
+        }
         let low = x2.matmul(&self.a.t()?)?;
         let y = low.matmul(&self.b.t()?)?.affine(self.scaling, 0.0)?;
         let mut out_dims = dims;
@@ -166,6 +225,48 @@ mod tests {
             .map(|o| (0..3).map(|i| dense[o][i] * [1., 2., 3.][i]).sum())
             .collect();
         assert_eq!(via_dense, y[0]);
+    }
+
+    #[test]
+    fn dropout_masks_the_update_input_reproducibly() {
+        let d = Device::Cpu;
+        let (inp, out, rows) = (64, 3, 50);
+        let a = Tensor::rand(-1f32, 1., (2, inp), &d).unwrap();
+        let b = Tensor::rand(-1f32, 1., (out, 2), &d).unwrap();
+        let delta = LoraDelta::new(0, a, b, 0.5, (out, inp), "layers.0.q_proj").unwrap();
+        let x = Tensor::rand(0.5f32, 1., (rows, inp), &d).unwrap();
+        let drop = Dropout { p: 0.25, seed: 7 };
+        let with = |d: Option<Dropout>| with_dropout(d, || delta.apply(&x).unwrap());
+        let masked = with(Some(drop));
+        // The same seed draws the same mask (a recomputed layer), another seed another.
+        assert_eq!(
+            masked.to_vec2::<f32>().unwrap(),
+            with(Some(drop)).to_vec2::<f32>().unwrap()
+        );
+        let other = with(Some(Dropout { seed: 8, ..drop }));
+        assert_ne!(
+            masked.to_vec2::<f32>().unwrap(),
+            other.to_vec2::<f32>().unwrap()
+        );
+        // Without dropout (or at p = 0) the update is the plain one; the scope ends.
+        let plain = delta.apply(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(with(None).to_vec2::<f32>().unwrap(), plain);
+        assert_eq!(
+            with(Some(Dropout { p: 0.0, ..drop }))
+                .to_vec2::<f32>()
+                .unwrap(),
+            plain
+        );
+        // The mask: zeros at rate p, the kept inputs scaled by 1/(1 − p), and it is what
+        // the update saw.
+        let m = dropout_mask(drop, fnv1a("layers.0.q_proj"), x.shape(), &d).unwrap();
+        let mv: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(mv.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+        let zeros = mv.iter().filter(|&&v| v == 0.0).count() as f64 / mv.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.03, "{zeros}");
+        let want = delta.apply(&(&x * &m).unwrap()).unwrap();
+        let diff = (masked - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub(crate) mod autograd;
+pub(crate) mod fused;
 pub mod linear;
 pub mod lora;
 pub mod mask;

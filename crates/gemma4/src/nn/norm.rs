@@ -35,6 +35,11 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
+        if crate::nn::autograd::tracked(&xf) {
+            if let Some(y) = crate::nn::fused::rms_norm(&xf, self.weight.as_ref(), self.eps)? {
+                return Ok(y.to_dtype(dtype)?);
+            }
+        }
         let inv = xf
             .sqr()?
             .mean_keepdim(D::Minus1)?

@@ -166,7 +166,10 @@ impl Attention {
             scores = scores.broadcast_add(m)?;
         }
         let probs = match crate::nn::autograd::tracked(&scores) {
-            true => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+            true => match crate::nn::fused::softmax_last_dim(&scores)? {
+                Some(p) => p,
+                None => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+            },
             false => candle_nn::ops::softmax_last_dim(&scores)?,
         }
         .to_dtype(dtype)?;

@@ -16,7 +16,7 @@ use candle_core::Tensor;
 use crate::config::{LayerSpec, TextConfig};
 use crate::error::Result;
 use crate::loading::weights::Weights;
-use crate::nn::activation::gelu_tanh;
+use crate::nn::activation::gelu_mul;
 use crate::nn::linear::Linear;
 use crate::nn::norm::RmsNorm;
 use crate::text::attention::{Attention, SeqStep};
@@ -163,11 +163,6 @@ impl DecoderLayer {
         Ok((self.finish(h, &out, ple)?, own))
     }
 
-    /// Whether the layer has an MoE block.
-    pub(crate) fn has_moe(&self) -> bool {
-        self.moe.is_some()
-    }
-
     /// Everything after attention: `h` is the residual stream `[S, hidden]`, `attn_out` the
     /// attention output, `ple` this layer's per-layer input `[S, P]`.
     fn finish(&self, h: &Tensor, attn_out: &Tensor, ple: Option<&Tensor>) -> Result<Tensor> {
@@ -176,13 +171,19 @@ impl DecoderLayer {
             .mlp
             .forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
         if let Some(moe) = &self.moe {
-            let routes = moe.router.route(&h)?;
-            let e = moe.experts.forward(&moe.pre_norm.forward(&h)?, &routes)?;
+            let x = moe.pre_norm.forward(&h)?;
+            let e = match crate::nn::autograd::tracked(&h) {
+                true => {
+                    let (routes, weights) = moe.router.route_differentiable(&h)?;
+                    moe.experts.forward(&x, &routes, Some(&weights))?
+                }
+                false => moe.experts.forward(&x, &moe.router.route(&h)?, None)?,
+            };
             m = (moe.post_norm_dense.forward(&m)? + moe.post_norm_experts.forward(&e)?)?;
         }
         let mut h = (h + self.post_feedforward_layernorm.forward(&m)?)?;
         if let (Some(g), Some(ple)) = (&self.ple, ple) {
-            let x = (gelu_tanh(&g.gate.forward(&h)?)? * ple)?;
+            let x = gelu_mul(&g.gate.forward(&h)?, ple)?;
             h = (&h + g.norm.forward(&g.projection.forward(&x)?)?)?;
         }
         // The full-sequence path computes in f32 over a bf16 base.

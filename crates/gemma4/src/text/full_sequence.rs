@@ -53,12 +53,6 @@ impl TextModel {
                 max,
             });
         }
-        if self.layers.iter().any(|l| l.has_moe()) {
-            return Err(Error::invalid_argument(
-                "model",
-                "training the MoE decoder is not supported yet",
-            ));
-        }
         let positions: Vec<usize> = (0..ids.len()).collect();
         let mut tables = BTreeMap::new();
         let mut masks = BTreeMap::new();

@@ -1,4 +1,4 @@
-//! The gated feed-forward block `down(gelu_tanh(gate(x)) · up(x))` (`Gemma4TextMLP`).
+//! The gated feed-forward block `down(gelu_mul(gate(x)) · up(x))` (`Gemma4TextMLP`).
 //! Its width comes from the layer's [`crate::config::LayerSpec`], which already doubles it
 //! on KV-shared layers of `use_double_wide_mlp` models.
 
@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::loading::weights::Weights;
-use crate::nn::activation::gelu_tanh;
+use crate::nn::activation::gelu_mul;
 use crate::nn::linear::Linear;
 
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (gelu_tanh(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        let h = gelu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&h)
     }
 }

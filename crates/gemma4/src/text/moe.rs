@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use crate::config::MoeConfig;
 use crate::error::Result;
 use crate::loading::weights::Weights;
-use crate::nn::activation::gelu_tanh;
+use crate::nn::activation::gelu_mul;
 use crate::nn::linear::Linear;
 use crate::nn::norm::RmsNorm;
 
@@ -50,28 +50,81 @@ impl Router {
         })
     }
 
-    /// Routes every row of `r` `[S, H]`.
-    pub fn route(&self, r: &Tensor) -> Result<Routes> {
+    /// The routing probabilities `[S, E]` (f32) of every row of `r` `[S, H]`.
+    fn probabilities(&self, r: &Tensor) -> Result<Tensor> {
         let z = self
             .norm
             .forward(r)?
             .broadcast_mul(&self.scale)?
             .affine(self.root, 0.0)?;
         let logits = self.proj.forward(&z)?.to_dtype(DType::F32)?;
-        let probs: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2()?;
-        Ok(probs
+        Ok(match crate::nn::autograd::tracked(&logits) {
+            true => match crate::nn::fused::softmax_last_dim(&logits)? {
+                Some(p) => p,
+                None => candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?,
+            },
+            false => candle_nn::ops::softmax_last_dim(&logits)?,
+        })
+    }
+
+    /// The top-k experts of each row of `probs`, best first.
+    fn top_k(&self, probs: &[Vec<f32>]) -> Vec<Vec<usize>> {
+        probs
             .iter()
             .map(|p| {
                 let mut idx: Vec<usize> = (0..p.len()).collect();
                 // Stable sort: equal probabilities keep the lower expert first, as torch.topk.
                 idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
                 idx.truncate(self.top_k);
+                idx
+            })
+            .collect()
+    }
+
+    /// Routes every row of `r` `[S, H]`.
+    pub fn route(&self, r: &Tensor) -> Result<Routes> {
+        let probs: Vec<Vec<f32>> = self.probabilities(r)?.to_vec2()?;
+        Ok(self
+            .top_k(&probs)
+            .into_iter()
+            .zip(&probs)
+            .map(|(idx, p)| {
                 let sum: f32 = idx.iter().map(|&e| p[e]).sum();
                 idx.iter()
                     .map(|&e| (e, p[e] / sum * self.per_expert_scale[e]))
                     .collect()
             })
             .collect())
+    }
+
+    /// [`Self::route`] for training: the same choice of experts (discrete, as torch.topk's
+    /// indices), and their weights `[S, k]` as a tensor differentiable in `r` (the
+    /// reference's `top_k_weights`: gathered probabilities, renormalised, scaled), which
+    /// is how the loss reaches the router's input and adapter.
+    pub fn route_differentiable(&self, r: &Tensor) -> Result<(Routes, Tensor)> {
+        let probs = self.probabilities(r)?;
+        let rows: Vec<Vec<f32>> = probs.to_vec2()?;
+        let chosen = self.top_k(&rows);
+        let k = self.top_k;
+        let s = chosen.len();
+        let flat: Vec<u32> = chosen.iter().flatten().map(|&e| e as u32).collect();
+        let scale: Vec<f32> = chosen
+            .iter()
+            .flatten()
+            .map(|&e| self.per_expert_scale[e])
+            .collect();
+        let idx = Tensor::from_vec(flat, (s, k), r.device())?;
+        let picked = probs.gather(&idx, 1)?;
+        let weights = picked
+            .broadcast_div(&picked.sum_keepdim(1)?)?
+            .mul(&Tensor::from_vec(scale, (s, k), r.device())?)?;
+        let values: Vec<Vec<f32>> = weights.to_vec2()?;
+        let routes = chosen
+            .into_iter()
+            .zip(values)
+            .map(|(idx, w)| idx.into_iter().zip(w).collect())
+            .collect();
+        Ok((routes, weights))
     }
 }
 
@@ -108,8 +161,10 @@ impl Experts {
     /// Expert `e` on the rows of `xs` `[S, H]`.
     fn expert(&self, e: usize, xs: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up[e].forward(xs)?;
-        let h =
-            (gelu_tanh(&gu.narrow(1, 0, self.width)?)? * gu.narrow(1, self.width, self.width)?)?;
+        let h = gelu_mul(
+            &gu.narrow(1, 0, self.width)?,
+            &gu.narrow(1, self.width, self.width)?,
+        )?;
         self.down[e].forward(&h)
     }
 
@@ -122,18 +177,25 @@ impl Experts {
             .sum()
     }
 
-    /// Weighted sum of the routed experts for every row of `x` `[S, H]`.
-    pub fn forward(&self, x: &Tensor, routes: &Routes) -> Result<Tensor> {
+    /// Weighted sum of the routed experts for every row of `x` `[S, H]`. `weights`, when
+    /// given, are the routes' weights `[S, k]` as a tensor ([`Router::route_differentiable`]),
+    /// which then weigh the experts' outputs in place of the routes' values (training).
+    pub fn forward(&self, x: &Tensor, routes: &Routes, weights: Option<&Tensor>) -> Result<Tensor> {
         let (s, hdim) = x.dims2()?;
         let n_experts = self.gate_up.len();
-        // Group (token, weight) pairs by expert so each expert runs one matmul.
+        // Group (token, weight) pairs by expert so each expert runs one matmul; with a
+        // weight tensor, also where each pair's weight sits in it (row-major `[S, k]`).
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); n_experts];
+        let mut slots: Vec<Vec<u32>> = vec![vec![]; n_experts];
+        let k = weights.map(|w| w.dim(1)).transpose()?.unwrap_or(0);
         for (tok, r) in routes.iter().enumerate() {
-            for &(e, wt) in r {
+            for (j, &(e, wt)) in r.iter().enumerate() {
                 per_expert[e].0.push(tok as u32);
                 per_expert[e].1.push(wt);
+                slots[e].push((tok * k + j) as u32);
             }
         }
+        let flat_weights = weights.map(|w| w.flatten_all()).transpose()?;
         let mut out = Tensor::zeros((s, hdim), DType::F32, x.device())?;
         for (e, (toks, wts)) in per_expert.iter().enumerate() {
             if toks.is_empty() {
@@ -146,7 +208,12 @@ impl Experts {
             // prefill's tokens) through the small-batch kernels, which read the expert's
             // weights once for all of them; more through one batched product.
             let y = self.expert(e, &xs)?.to_dtype(DType::F32)?;
-            let wt = Tensor::new(wts.as_slice(), x.device())?.unsqueeze(1)?;
+            let wt = match &flat_weights {
+                Some(w) => w
+                    .index_select(&Tensor::new(slots[e].as_slice(), x.device())?, 0)?
+                    .unsqueeze(1)?,
+                None => Tensor::new(wts.as_slice(), x.device())?.unsqueeze(1)?,
+            };
             out = out.index_add(&idx, &y.broadcast_mul(&wt)?, 0)?;
         }
         Ok(out.to_dtype(x.dtype())?)
@@ -187,11 +254,15 @@ mod tests {
             .collect();
         let small = crate::backend::matrix::SMALL_BATCH;
         assert!(s > small && s / 10 <= small && s / 10 > 1);
-        let got = experts.forward(&x, &routes).unwrap();
+        let got = experts.forward(&x, &routes, None).unwrap();
         // Each token alone: every expert sees one row.
         for t in 0..s {
             let one = experts
-                .forward(&x.narrow(0, t, 1).unwrap(), &routes[t..t + 1].to_vec())
+                .forward(
+                    &x.narrow(0, t, 1).unwrap(),
+                    &routes[t..t + 1].to_vec(),
+                    None,
+                )
                 .unwrap();
             let (a, b) = (
                 got.get(t).unwrap().to_vec1::<f32>().unwrap(),

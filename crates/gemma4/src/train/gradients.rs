@@ -17,17 +17,23 @@ use candle_core::{backprop::GradStore, Tensor, Var};
 
 use crate::error::Result;
 use crate::lora::{with_adapters, AdapterSet};
+use crate::nn::lora::{with_dropout, Dropout};
 use crate::text::full_sequence::FullSequence;
 use crate::text::model::TextModel;
 use crate::train::loss::head_loss;
 
 /// How a sequence's gradients are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GradientOptions {
     /// Run each layer again during backward instead of keeping its activations.
     pub recompute: bool,
     /// Vocabulary entries of the head computed at once for the loss.
     pub vocab_block: usize,
+    /// LoRA dropout (its masks are drawn again, the same, when a layer is recomputed).
+    pub dropout: Option<Dropout>,
+    /// Also return the gradient of the scaled input embeddings
+    /// ([`SequenceGradients::input_gradient`]).
+    pub input_gradient: bool,
 }
 
 impl Default for GradientOptions {
@@ -35,6 +41,8 @@ impl Default for GradientOptions {
         GradientOptions {
             recompute: true,
             vocab_block: crate::train::loss::VOCAB_BLOCK,
+            dropout: None,
+            input_gradient: false,
         }
     }
 }
@@ -61,6 +69,11 @@ pub struct SequenceGradients {
     /// The summed cross-entropy of its supervised tokens.
     pub loss_sum: f64,
     pub tokens: usize,
+    /// `∂(loss_sum / norm) / ∂` the scaled input embeddings `[S, hidden]` (through the
+    /// residual stream and the per-layer-embedding projection), when asked for: the one
+    /// gradient that passes through every operation's input gradient, the first layer's
+    /// included (the embeddings themselves are never trained).
+    pub input_gradient: Option<Tensor>,
 }
 
 /// One layer's graph: its leaves and its outputs.
@@ -166,86 +179,101 @@ pub fn sequence_gradients(
     opts: GradientOptions,
     acc: &mut [Option<Tensor>],
 ) -> Result<SequenceGradients> {
-    with_adapters(set, || {
-        let seq = model.full_sequence(&example.ids)?;
-        let n = model.num_layers();
-        let h0 = model.full_embeddings(&seq)?;
-        let ple = model.full_per_layer_inputs(&seq, &h0)?.map(|p| p.detach());
+    with_dropout(opts.dropout, || {
+        with_adapters(set, || {
+            let seq = model.full_sequence(&example.ids)?;
+            let n = model.num_layers();
+            let h0 = model.full_embeddings(&seq)?;
+            let ple = model.full_per_layer_inputs(&seq, &h0)?.map(|p| p.detach());
 
-        // Forward, cut at layer boundaries.
-        let mut inputs = vec![h0.clone()];
-        let mut kv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
-        let mut tapes: Vec<Option<Tape>> = Vec::with_capacity(n);
-        for i in 0..n {
-            let tape = run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?;
-            inputs.push(tape.out.detach());
-            if let Some((k, v)) = &tape.own {
-                kv.insert(i, (k.detach(), v.detach()));
+            // Forward, cut at layer boundaries.
+            let mut inputs = vec![h0.clone()];
+            let mut kv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
+            let mut tapes: Vec<Option<Tape>> = Vec::with_capacity(n);
+            for i in 0..n {
+                let tape = run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?;
+                inputs.push(tape.out.detach());
+                if let Some((k, v)) = &tape.own {
+                    kv.insert(i, (k.detach(), v.detach()));
+                }
+                tapes.push((!opts.recompute).then_some(tape));
             }
-            tapes.push((!opts.recompute).then_some(tape));
-        }
 
-        let head = head_loss(model, &inputs[n], &example.labels, norm, opts.vocab_block)?;
+            let head = head_loss(model, &inputs[n], &example.labels, norm, opts.vocab_block)?;
 
-        // Backward, layer by layer.
-        let mut dh = head.dh;
-        let mut dkv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
-        let mut dple: Vec<Option<Tensor>> = vec![None; n];
-        for i in (0..n).rev() {
-            let tape = match tapes[i].take() {
-                Some(t) => t,
-                None => run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?,
-            };
-            let mut surrogate = (&tape.out * &dh)?.sum_all()?;
-            if let (Some((k, v)), Some((dk, dv))) = (&tape.own, dkv.remove(&i)) {
-                surrogate = ((surrogate + (k * dk)?.sum_all()?)? + (v * dv)?.sum_all()?)?;
-            }
-            let grads = surrogate.backward()?;
-            accumulate(acc, vars, &grads)?;
-            dh = match grad_of(&grads, tape.h.as_tensor()) {
-                Some(g) => g,
-                None => dh.zeros_like()?,
-            };
-            if let Some(p) = &tape.ple {
-                dple[i] = grad_of(&grads, p.as_tensor());
-            }
-            if let Some((k, v)) = &tape.shared {
-                let producer = model.kv_producer(i);
-                let (gk, gv) = match (
-                    grad_of(&grads, k.as_tensor()),
-                    grad_of(&grads, v.as_tensor()),
-                ) {
-                    (Some(gk), Some(gv)) => (gk, gv),
-                    _ => continue,
+            // Backward, layer by layer.
+            let mut dh = head.dh;
+            let mut dkv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
+            let mut dple: Vec<Option<Tensor>> = vec![None; n];
+            for i in (0..n).rev() {
+                let tape = match tapes[i].take() {
+                    Some(t) => t,
+                    None => run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?,
                 };
-                let sum = match dkv.remove(&producer) {
-                    Some((ak, av)) => ((ak + gk)?, (av + gv)?),
-                    None => (gk, gv),
+                let mut surrogate = (&tape.out * &dh)?.sum_all()?;
+                if let (Some((k, v)), Some((dk, dv))) = (&tape.own, dkv.remove(&i)) {
+                    surrogate = ((surrogate + (k * dk)?.sum_all()?)? + (v * dv)?.sum_all()?)?;
+                }
+                let grads = surrogate.backward()?;
+                accumulate(acc, vars, &grads)?;
+                dh = match grad_of(&grads, tape.h.as_tensor()) {
+                    Some(g) => g,
+                    None => dh.zeros_like()?,
                 };
-                dkv.insert(producer, sum);
-            }
-        }
-
-        // The per-layer inputs' gradients into the projection that made them.
-        if ple.is_some() && dple.iter().any(Option::is_some) {
-            let zero = |i: usize| -> Result<Tensor> {
-                let p = ple.as_ref().expect("checked");
-                Ok(p.narrow(1, i, 1)?.squeeze(1)?.zeros_like()?)
-            };
-            let parts = (0..n)
-                .map(|i| dple[i].clone().map_or_else(|| zero(i), Ok))
-                .collect::<Result<Vec<_>>>()?;
-            let d = Tensor::stack(&parts, 1)?;
-            if let Some(p) = model.full_per_layer_inputs(&seq, &h0)? {
-                if p.track_op() {
-                    let grads = (p * d)?.sum_all()?.backward()?;
-                    accumulate(acc, vars, &grads)?;
+                if let Some(p) = &tape.ple {
+                    dple[i] = grad_of(&grads, p.as_tensor());
+                }
+                if let Some((k, v)) = &tape.shared {
+                    let producer = model.kv_producer(i);
+                    let (gk, gv) = match (
+                        grad_of(&grads, k.as_tensor()),
+                        grad_of(&grads, v.as_tensor()),
+                    ) {
+                        (Some(gk), Some(gv)) => (gk, gv),
+                        _ => continue,
+                    };
+                    let sum = match dkv.remove(&producer) {
+                        Some((ak, av)) => ((ak + gk)?, (av + gv)?),
+                        None => (gk, gv),
+                    };
+                    dkv.insert(producer, sum);
                 }
             }
-        }
-        Ok(SequenceGradients {
-            loss_sum: head.loss_sum,
-            tokens: head.tokens,
+
+            // The per-layer inputs' gradients into the projection that made them (and, when
+            // asked for, on into the input embeddings it read).
+            let mut input_gradient = opts.input_gradient.then(|| dh.clone());
+            if ple.is_some() && dple.iter().any(Option::is_some) {
+                let zero = |i: usize| -> Result<Tensor> {
+                    let p = ple.as_ref().expect("checked");
+                    Ok(p.narrow(1, i, 1)?.squeeze(1)?.zeros_like()?)
+                };
+                let parts = (0..n)
+                    .map(|i| dple[i].clone().map_or_else(|| zero(i), Ok))
+                    .collect::<Result<Vec<_>>>()?;
+                let d = Tensor::stack(&parts, 1)?;
+                let embeds = Var::from_tensor(&h0)?;
+                let source = match opts.input_gradient {
+                    true => embeds.as_tensor(),
+                    false => &h0,
+                };
+                if let Some(p) = model.full_per_layer_inputs(&seq, source)? {
+                    if p.track_op() {
+                        let grads = (p * d)?.sum_all()?.backward()?;
+                        accumulate(acc, vars, &grads)?;
+                        if let (Some(ig), Some(g)) =
+                            (input_gradient.as_mut(), grad_of(&grads, embeds.as_tensor()))
+                        {
+                            *ig = (&*ig + g)?;
+                        }
+                    }
+                }
+            }
+            Ok(SequenceGradients {
+                loss_sum: head.loss_sum,
+                tokens: head.tokens,
+                input_gradient,
+            })
         })
     })
 }

@@ -12,13 +12,17 @@
 //! gradient, `(softmax − onehot) ⊙ cap′ / norm`, and takes it back through the head; the
 //! final norm's backward is candle's.
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::nn::activation::{exp_in_place, tanh_in_place};
 use crate::text::model::TextModel;
 
-/// Vocabulary entries per block of the head.
-pub const VOCAB_BLOCK: usize = 8192;
+/// Vocabulary entries per block of the head: a 1536-wide block widened to f32 is 12 MB,
+/// below glibc's largest mmap threshold, so the blocks' buffers are reused (see
+/// `nn::autograd`'s row blocks).
+pub const VOCAB_BLOCK: usize = 2048;
 
 /// The summed loss of the supervised tokens and the gradient of `loss_sum / norm` with
 /// respect to the final residual stream `h` `[S, hidden]`.
@@ -35,14 +39,20 @@ fn supervised_rows(s: usize, labels: &[Option<u32>]) -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// The soft-capped logits `[R, n]` of normed rows `hn` `[R, H]` against head rows `w`
-/// `[n, H]` (f32).
-fn capped_logits(model: &TextModel, hn: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let z = hn.matmul(&w.t()?)?;
-    Ok(match model.config().final_logit_softcapping {
-        Some(cap) => ((&z / cap)?.tanh()? * cap)?,
-        None => z,
-    })
+/// The soft-capped logits of normed rows `hn` `[R, H]` against head rows `w` `[n, H]`
+/// (f32), row-major `[R, n]`: the product, then the cap over rows in parallel.
+fn capped_logits(model: &TextModel, hn: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
+    let n = w.dim(0)?;
+    let mut z: Vec<f32> = hn.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
+    if let Some(cap) = model.config().final_logit_softcapping {
+        let cap = cap as f32;
+        z.par_chunks_mut(n.max(1)).for_each(|row| {
+            row.iter_mut().for_each(|v| *v /= cap);
+            tanh_in_place(row);
+            row.iter_mut().for_each(|v| *v *= cap);
+        });
+    }
+    Ok(z)
 }
 
 /// Per row: log-sum-exp over the vocabulary and the label's logit.
@@ -53,42 +63,30 @@ fn scan(
     block: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let r = labels.len();
-    let mut m = vec![f32::NEG_INFINITY; r];
-    let mut l = vec![0f32; r];
-    let mut picked = vec![0f32; r];
+    // Per row: running max, running sum of e^(c − max), the label's logit.
+    let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); r];
     model.head_weight().row_blocks(block, |start, w| {
         let n = w.dim(0)?;
-        let c = capped_logits(model, hn, &w)?;
-        let bmax: Vec<f32> = c.max_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
-        let new_m: Vec<f32> = m.iter().zip(&bmax).map(|(a, b)| a.max(*b)).collect();
-        let shifted = c.broadcast_sub(&Tensor::from_slice(&new_m, (r, 1), hn.device())?)?;
-        let bsum: Vec<f32> = shifted
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .flatten_all()?
-            .to_vec1()?;
-        for i in 0..r {
-            l[i] = l[i] * (m[i] - new_m[i]).exp() + bsum[i];
-        }
-        m = new_m;
-        let local: Vec<u32> = labels
-            .iter()
-            .map(|&t| (t as usize).saturating_sub(start).min(n - 1) as u32)
-            .collect();
-        let at: Vec<f32> = c
-            .gather(&Tensor::from_slice(&local, (r, 1), hn.device())?, 1)?
-            .flatten_all()?
-            .to_vec1()?;
-        for i in 0..r {
-            let t = labels[i] as usize;
-            if t >= start && t < start + n {
-                picked[i] = at[i];
-            }
-        }
+        let mut c = capped_logits(model, hn, &w)?;
+        state
+            .par_iter_mut()
+            .zip(c.par_chunks_mut(n))
+            .zip(labels.par_iter())
+            .for_each(|(((m, l, picked), row), &t)| {
+                let t = t as usize;
+                if t >= start && t < start + n {
+                    *picked = row[t - start];
+                }
+                let bmax = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let new_m = m.max(bmax);
+                row.iter_mut().for_each(|v| *v -= new_m);
+                exp_in_place(row);
+                *l = *l * (*m - new_m).exp() + row.iter().sum::<f32>();
+                *m = new_m;
+            });
         Ok(())
     })?;
-    let lse = m.iter().zip(&l).map(|(m, l)| m + l.ln()).collect();
-    Ok((lse, picked))
+    Ok(state.iter().map(|(m, l, p)| (m + l.ln(), *p)).unzip())
 }
 
 /// `labels[i]`: the token position `i` holds as a target, or `None` (HF's −100).
@@ -119,32 +117,28 @@ pub fn head_loss(
 
     // d(loss / norm) / dz over each block, taken back through the head.
     let r = lab.len();
-    let lse_t = Tensor::from_slice(&lse, (r, 1), h.device())?;
-    let cap = model.config().final_logit_softcapping;
+    let cap = model.config().final_logit_softcapping.map(|c| c as f32);
     let mut dhn = Tensor::zeros(hc.dims(), DType::F32, h.device())?;
     model.head_weight().row_blocks(block, |start, w| {
         let n = w.dim(0)?;
-        let c = capped_logits(model, &hc, &w)?;
-        let mut g = c.broadcast_sub(&lse_t)?.exp()?;
-        let (local, minus): (Vec<u32>, Vec<f32>) = lab
-            .iter()
-            .map(|&t| {
+        let mut g = capped_logits(model, &hc, &w)?;
+        g.par_chunks_mut(n)
+            .zip(lse.par_iter().zip(lab.par_iter()))
+            .for_each(|(row, (&lse, &t))| {
+                // softmax − onehot, then through the cap: dc/dz = 1 − (c/cap)².
+                let slope: Option<Vec<f32>> =
+                    cap.map(|cap| row.iter().map(|c| 1.0 - (c / cap) * (c / cap)).collect());
+                row.iter_mut().for_each(|v| *v -= lse);
+                exp_in_place(row);
                 let t = t as usize;
-                match t >= start && t < start + n {
-                    true => ((t - start) as u32, -1.0),
-                    false => (0, 0.0),
+                if t >= start && t < start + n {
+                    row[t - start] -= 1.0;
                 }
-            })
-            .unzip();
-        g = g.scatter_add(
-            &Tensor::from_slice(&local, (r, 1), h.device())?,
-            &Tensor::from_slice(&minus, (r, 1), h.device())?,
-            1,
-        )?;
-        if let Some(cap) = cap {
-            // c = cap·tanh(z/cap): dc/dz = 1 − (c/cap)².
-            g = (g * (1.0 - (&c / cap)?.sqr()?)?)?;
-        }
+                if let Some(s) = slope {
+                    row.iter_mut().zip(&s).for_each(|(v, s)| *v *= s);
+                }
+            });
+        let g = Tensor::from_vec(g, (r, n), h.device())?;
         dhn = (&dhn + g.matmul(&w)?)?;
         Ok(())
     })?;

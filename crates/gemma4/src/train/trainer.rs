@@ -8,8 +8,9 @@
 //! settings that must not change on resume, the base model's shape). It is written to a
 //! temporary directory that then replaces the previous one, so an interrupted save leaves
 //! the last complete checkpoint. Resuming continues exactly: the data order is a function
-//! of the seed and the epoch, and nothing else is random (dropout is refused until it is
-//! implemented), so N steps in one run equal N/2, stop, resume, N/2.
+//! of the seed and the epoch, and LoRA dropout's masks of the seed, the step and the
+//! sequence's place in it (no random state runs on), so N steps in one run equal N/2,
+//! stop, resume, N/2.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,6 +24,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterSet, LoraAdapter};
 use crate::model::Gemma4;
+use crate::nn::lora::Dropout;
 use crate::train::adamw::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::adapter::{write_f32_safetensors, LoraSpec, TrainableAdapter};
 use crate::train::gradients::{sequence_gradients, sequence_loss, Example, GradientOptions};
@@ -47,6 +49,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub seed: u64,
     pub recompute: bool,
+    /// LoRA dropout (peft's `lora_dropout`); checkpoints written before it existed had 0.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl TrainConfig {
@@ -116,6 +121,17 @@ fn model_signature(model: &Gemma4) -> serde_json::Value {
     })
 }
 
+/// The seed of the dropout masks of the `j`-th sequence of optimizer step `step`
+/// (splitmix64's finaliser over the three, so nearby steps draw unrelated masks).
+fn mask_seed(seed: u64, step: u64, j: usize) -> u64 {
+    let mut z = seed
+        .wrapping_add(step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add((j as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The loop's state.
 pub struct Trainer {
     pub config: TrainConfig,
@@ -144,6 +160,12 @@ impl Trainer {
                 "the batch, the rank and the data must not be empty",
             ));
         }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(Error::invalid_argument(
+                "dropout",
+                format!("{} is not a probability below 1", config.dropout),
+            ));
+        }
         let steps_per_epoch = examples.div_ceil(config.batch) as u64;
         let total_steps = config
             .max_steps
@@ -166,7 +188,8 @@ impl Trainer {
                     use_rslora: config.use_rslora,
                     targets: config.targets.clone(),
                 };
-                let adapter = TrainableAdapter::new(&model.text, &spec, config.seed)?;
+                let mut adapter = TrainableAdapter::new(&model.text, &spec, config.seed)?;
+                adapter.config.lora_dropout = config.dropout;
                 let opt = AdamW::new(&adapter.vars(), adamw);
                 (adapter, opt, 0, Cursor { epoch: 0, index: 0 })
             }
@@ -264,11 +287,15 @@ impl Trainer {
         let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut loss_sum = 0.0;
         let mut tokens = 0;
-        let opts = GradientOptions {
-            recompute: self.config.recompute,
-            ..Default::default()
-        };
-        for ex in &picked {
+        for (j, ex) in picked.iter().enumerate() {
+            let opts = GradientOptions {
+                recompute: self.config.recompute,
+                dropout: Some(Dropout {
+                    p: self.config.dropout,
+                    seed: mask_seed(self.config.seed, self.step, j),
+                }),
+                ..Default::default()
+            };
             let out =
                 sequence_gradients(&model.text, self.set, &self.vars, ex, norm, opts, &mut acc)?;
             loss_sum += out.loss_sum;

@@ -38,6 +38,8 @@ const GROUP: usize = 8;
 pub(crate) trait TileElem: Copy + Default + Send + Sync + 'static {
     /// Columns per 64-byte line (sixteen rows of them).
     const PER_LINE: usize;
+    /// The value in f32 (exact for both element types).
+    fn widen(self) -> f32;
     /// Whether this CPU runs the kernel.
     fn available() -> bool;
     /// One tile (its lines) against 1–[`GROUP`] inputs: each input's sixteen sums.
@@ -50,6 +52,9 @@ pub(crate) trait TileElem: Copy + Default + Send + Sync + 'static {
 
 impl TileElem for bf16 {
     const PER_LINE: usize = 2;
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
     fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -68,6 +73,9 @@ impl TileElem for bf16 {
 
 impl TileElem for f32 {
     const PER_LINE: usize = 1;
+    fn widen(self) -> f32 {
+        self
+    }
     fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -163,6 +171,39 @@ impl<T: TileElem> DenseTiles<T> {
         for &r in ids {
             out.extend((0..self.cols).map(|c| elems[self.at(r as usize, c)]));
         }
+        out
+    }
+
+    /// Rows `start..start + n` widened to f32, row-major, in parallel (what training
+    /// multiplies with: `nn::autograd`).
+    pub fn rows_f32(&self, start: usize, n: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let elems = elements::<T>(&self.lines);
+        let (per_tile, k, cols) = (self.per_tile(), T::PER_LINE, self.cols.max(1));
+        let mut out = vec![0f32; n * cols];
+        if start.is_multiple_of(TILE) {
+            // A tile at a time: each of its lines (one group of columns for its sixteen
+            // rows) is read once and spread over the rows.
+            out.par_chunks_mut(TILE * cols)
+                .enumerate()
+                .for_each(|(i, rows)| {
+                    let tile =
+                        &elems[(start / TILE + i) * per_tile * TILE * k..][..per_tile * TILE * k];
+                    for (l, line) in tile.chunks_exact(TILE * k).enumerate() {
+                        for (lane, row) in rows.chunks_exact_mut(cols).enumerate() {
+                            for j in 0..k {
+                                row[l * k + j] = line[lane * k + j].widen();
+                            }
+                        }
+                    }
+                });
+            return out;
+        }
+        out.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = elems[self.at(start + i, c)].widen();
+            }
+        });
         out
     }
 
@@ -346,6 +387,24 @@ mod tests {
         );
         let odd: Vec<bf16> = (0..15).map(|i| bf16::from_f32(value(i, 0))).collect();
         assert!(DenseTiles::new(&odd, 5, 3).is_none(), "odd width");
+    }
+
+    /// Training's widened row blocks are the stored rows, whole tiles at a time or from
+    /// any row, up to a last tile that is not full.
+    #[test]
+    fn widened_row_blocks_are_the_rows() {
+        let (rows, cols) = (53, 6);
+        let w: Vec<bf16> = (0..rows * cols)
+            .map(|i| bf16::from_f32(i as f32 * 0.25 - 7.0))
+            .collect();
+        let t = DenseTiles::new(&w, rows, cols).unwrap();
+        for (start, n) in [(0, 53), (16, 37), (32, 5), (3, 20), (50, 3)] {
+            let want: Vec<f32> = w[start * cols..(start + n) * cols]
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            assert_eq!(t.rows_f32(start, n), want, "rows {start}..{}", start + n);
+        }
     }
 
     #[test]
