@@ -1355,6 +1355,43 @@ fn finetune_trains_an_adapter_and_resumes_exactly() {
         "a resumed run differs from an uninterrupted one"
     );
 
+    // --pack: each step's examples in one sequence, the same losses as apart.
+    let losses = |out: &Path, extra: &[&str]| -> Vec<f64> {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch",
+            "3",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+        ];
+        args.extend_from_slice(extra);
+        let o = gemma4(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v["loss"].as_f64())
+            .collect()
+    };
+    let apart = losses(&tmp.join("apart"), &[]);
+    let packed = losses(&tmp.join("packed"), &["--pack"]);
+    assert_eq!(apart.len(), 2);
+    for (p, a) in packed.iter().zip(&apart) {
+        assert!(
+            (p - a).abs() < 1e-4 * a.abs(),
+            "packed {packed:?} vs apart {apart:?}"
+        );
+    }
+
     // The adapter is a peft adapter the engine runs.
     let o = gemma4(&[
         "generate",

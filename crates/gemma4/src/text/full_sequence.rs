@@ -39,21 +39,60 @@ impl FullSequence {
     }
 }
 
+/// The additive mask `[S, S]` of sequences packed one after the other (`segment[i]`: the
+/// sequence of row `i`): row `i` sees row `j` iff both are of one sequence, `j ≤ i`, and,
+/// with a sliding window `W`, `i − j < W`.
+fn packed_mask(
+    segment: &[usize],
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let s = segment.len();
+    let mut m = vec![f32::NEG_INFINITY; s * s];
+    for i in 0..s {
+        for j in 0..=i {
+            if segment[i] == segment[j] && window.is_none_or(|w| i - j < w) {
+                m[i * s + j] = 0.0;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (s, s), device)?)
+}
+
 impl TextModel {
     /// Prepares `ids` (a text sequence from position 0) for [`Self::full_layer`].
     pub fn full_sequence(&self, ids: &[u32]) -> Result<FullSequence> {
+        self.full_sequence_of(ids, &[ids.len()])
+    }
+
+    /// Prepares `ids`, sequences of `lengths` one after the other (a packed batch), for
+    /// [`Self::full_layer`]: each from position 0 (its own RoPE angles) and attending only
+    /// within itself (a block-diagonal causal mask, each block with the sliding window), so
+    /// each computes what it would alone.
+    pub fn full_sequence_of(&self, ids: &[u32], lengths: &[usize]) -> Result<FullSequence> {
         let max = self.cfg.max_position_embeddings;
-        if ids.is_empty() {
+        if ids.is_empty() || lengths.contains(&0) {
             return Err(Error::invalid_argument("sequence", "is empty"));
         }
-        if ids.len() > max {
+        if lengths.iter().sum::<usize>() != ids.len() {
+            return Err(Error::invalid_argument(
+                "segments",
+                format!("lengths {lengths:?} do not add up to the {} ids", ids.len()),
+            ));
+        }
+        if let Some(&long) = lengths.iter().find(|&&n| n > max) {
             return Err(Error::ContextTooLong {
-                prompt: ids.len(),
+                prompt: long,
                 new: 0,
                 max,
             });
         }
-        let positions: Vec<usize> = (0..ids.len()).collect();
+        let positions: Vec<usize> = lengths.iter().flat_map(|&n| 0..n).collect();
+        let segment: Vec<usize> = lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &n)| std::iter::repeat_n(k, n))
+            .collect();
         let mut tables = BTreeMap::new();
         let mut masks = BTreeMap::new();
         for (&t, r) in &self.ropes {
@@ -62,10 +101,11 @@ impl TextModel {
                 r.cos_sin(&positions, candle_core::DType::F32, &self.device)?,
             );
             let window = (t == LayerType::Sliding).then_some(self.cfg.sliding_window);
-            masks.insert(
-                t,
-                causal_mask(&positions, &positions, window, None, &self.device)?,
-            );
+            let mask = match lengths.len() {
+                1 => causal_mask(&positions, &positions, window, None, &self.device)?,
+                _ => Some(packed_mask(&segment, window, &self.device)?),
+            };
+            masks.insert(t, mask);
         }
         Ok(FullSequence {
             ids: ids.to_vec(),

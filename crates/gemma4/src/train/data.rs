@@ -104,10 +104,7 @@ pub fn example_of_row(model: &Gemma4, row: &Value) -> Result<Example> {
                     .map(|_| None)
                     .chain(completion.iter().map(|&t| Some(t)))
                     .collect();
-                Example {
-                    ids: [prompt, completion].concat(),
-                    labels,
-                }
+                Example::new([prompt, completion].concat(), labels)
             }
             (Value::Array(p), Value::Array(c)) => {
                 let prompt = render(model, &Value::Array(p.clone()), row.get("tools"), true)?;
@@ -131,10 +128,8 @@ pub fn example_of_row(model: &Gemma4, row: &Value) -> Result<Example> {
     } else if let Some(Value::String(t)) = row.get("text") {
         let mut ids = tok.encode(t)?;
         ids.push(special(model, "<eos>")?);
-        Example {
-            labels: ids.iter().map(|&t| Some(t)).collect(),
-            ids,
-        }
+        let labels = ids.iter().map(|&t| Some(t)).collect();
+        Example::new(ids, labels)
     } else {
         return Err(Error::invalid_argument(
             "row",
@@ -201,5 +196,5 @@ fn chat_example(model: &Gemma4, text: &str, from: usize) -> Result<Example> {
                 .then_some(id)
         })
         .collect();
-    Ok(Example { ids, labels })
+    Ok(Example::new(ids, labels))
 }

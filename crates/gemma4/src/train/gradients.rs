@@ -50,13 +50,53 @@ impl Default for GradientOptions {
 /// A training example: token ids and, per position, the token it is supervised to be
 /// (`None`: not supervised, HF's −100). Position `i`'s logits are scored against
 /// `labels[i + 1]`.
+///
+/// A packed example ([`Example::pack`]) holds several sequences one after the other;
+/// `segments` are their lengths (empty: one sequence). Each runs from position 0 and
+/// attends only within itself, so the packed example computes what its sequences do apart
+/// (the semantics of padding-free batches with per-sequence position ids).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub labels: Vec<Option<u32>>,
+    pub segments: Vec<usize>,
 }
 
 impl Example {
+    /// One sequence.
+    pub fn new(ids: Vec<u32>, labels: Vec<Option<u32>>) -> Self {
+        Example {
+            ids,
+            labels,
+            segments: Vec::new(),
+        }
+    }
+
+    /// The lengths of the sequences it holds.
+    pub fn segment_lengths(&self) -> Vec<usize> {
+        match self.segments.is_empty() {
+            true => vec![self.ids.len()],
+            false => self.segments.clone(),
+        }
+    }
+
+    /// `examples` one after the other, each its own sequence.
+    pub fn pack(examples: &[&Example]) -> Example {
+        let mut out = Example::new(Vec::new(), Vec::new());
+        for ex in examples {
+            let start = out.ids.len();
+            out.segments.extend(ex.segment_lengths());
+            out.ids.extend_from_slice(&ex.ids);
+            out.labels.extend_from_slice(&ex.labels);
+            // Nothing predicts a sequence's first token: the previous sequence's last
+            // position must not be scored against it.
+            if let Some(l) = out.labels.get_mut(start) {
+                *l = None;
+            }
+        }
+        out
+    }
+
     /// Supervised tokens (what the loss is divided by).
     pub fn supervised(&self) -> usize {
         self.labels.iter().skip(1).filter(|l| l.is_some()).count()
@@ -160,7 +200,7 @@ pub fn sequence_loss(
     block: usize,
 ) -> Result<(f64, usize)> {
     with_adapters(set, || {
-        let seq = model.full_sequence(&example.ids)?;
+        let seq = model.full_sequence_of(&example.ids, &example.segment_lengths())?;
         let h = model.full_hidden(&seq)?;
         crate::train::loss::head_loss_only(model, &h, &example.labels, block)
     })
@@ -181,7 +221,7 @@ pub fn sequence_gradients(
 ) -> Result<SequenceGradients> {
     with_dropout(opts.dropout, || {
         with_adapters(set, || {
-            let seq = model.full_sequence(&example.ids)?;
+            let seq = model.full_sequence_of(&example.ids, &example.segment_lengths())?;
             let n = model.num_layers();
             let h0 = model.full_embeddings(&seq)?;
             let ple = model.full_per_layer_inputs(&seq, &h0)?.map(|p| p.detach());
