@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gemma4::train::data::load_jsonl;
+use gemma4::train::data::{load_jsonl, media_kinds};
 use gemma4::train::{TrainConfig, Trainer};
 use serde_json::json;
 
@@ -109,7 +109,13 @@ pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     }
     // The base stays frozen in the format it loads in (the checkpoint's own dtype, bf16
     // for the released ones, --dtype, or --quant); activations are f32 whatever it is.
-    let mut model = crate::args::load_with(&a.model, false, false)?;
+    // The towers (frozen) are loaded only when the rows have media for them.
+    let (mut vision, mut audio) = media_kinds(&a.data).context("--data")?;
+    if let Some(p) = &a.eval {
+        let (v, au) = media_kinds(p).context("--eval")?;
+        (vision, audio) = (vision || v, audio || au);
+    }
+    let mut model = crate::args::load_with(&a.model, vision, audio)?;
     let data = load_jsonl(&a.data, &model, a.max_len).context("--data")?;
     for (line, why) in &data.skipped {
         eprintln!("warning: --data line {line} skipped: {why}");

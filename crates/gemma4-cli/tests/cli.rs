@@ -1250,6 +1250,82 @@ fn lora_adapters_run_unmerged_and_merge_into_a_checkpoint() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `finetune` reads chat rows with images and audio (the towers, frozen, are loaded because
+/// the rows have media): a row whose image cannot be read is skipped with a warning naming
+/// the file, and counted.
+#[test]
+fn finetune_reads_image_and_audio_rows() {
+    let tmp = std::env::temp_dir().join(format!("gemma4-cli-finetune-mm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    // The audio_small checkpoint with a template that renders media parts.
+    let ckpt = tmp.join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for entry in std::fs::read_dir(fixture("audio_small")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, ckpt.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(
+        fixture("chat_tools").join("chat_template.jinja"),
+        ckpt.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let image = fixture("images").join("landscape.png");
+    let clip = fixture("audio").join("hello_16k.wav");
+    let row = |image: &str| {
+        serde_json::json!({"messages": [
+            {"role": "user", "content": [
+                {"type": "image"},
+                {"type": "text", "text": "What is this, and who speaks?"},
+                {"type": "audio", "audio": clip.to_str().unwrap()},
+            ]},
+            {"role": "assistant", "content": "A field, and a voice."},
+        ], "images": [image]})
+        .to_string()
+    };
+    let data = tmp.join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!("{}\n{}\n", row(image.to_str().unwrap()), row("missing.png")),
+    )
+    .unwrap();
+    let out = tmp.join("out");
+    let o = gemma4(&[
+        "finetune",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("line 2 skipped") && err.contains("missing.png"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["steps"].as_u64(), v["skipped"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 2);
+    assert!(losses[1] < losses[0], "{log}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// `finetune` writes a peft adapter that `--lora` loads, a step log, its loss curve and a
 /// checkpoint; 4 steps in one run equal 2, stop, resume, 2 (the adapter byte for byte,
 /// with LoRA dropout on: its masks are seeded); unusable rows are skipped and counted; a

@@ -423,6 +423,23 @@ impl Gemma4 {
         )
     }
 
+    /// The soft tokens of expanded prompt `ids`'s processed media, encoded by this
+    /// checkpoint's towers (`None` for a text-only prompt).
+    pub fn encode_media(
+        &self,
+        ids: &[u32],
+        media: &ProcessedMedia,
+    ) -> Result<Option<crate::multimodal::SoftTokens>> {
+        crate::multimodal::encode_media(
+            &self.text,
+            self.vision.as_ref(),
+            self.audio.as_ref(),
+            &self.config.mm_tokens,
+            ids,
+            media,
+        )
+    }
+
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
             Error::io(

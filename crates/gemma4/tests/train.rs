@@ -14,6 +14,8 @@ use gemma4::train::{
 };
 use gemma4::{Gemma4, LoadOptions};
 
+use gemma4::train::data::{example_of_row, example_of_row_in};
+
 use common::{fixture, ids, json, max_abs, rows, Scratch, TOL};
 
 fn example(v: &serde_json::Value) -> Example {
@@ -41,9 +43,20 @@ struct CaseRun {
     ex: Example,
     out: SequenceGradients,
     acc: Vec<Option<Tensor>>,
+    opts: GradientOptions,
 }
 
 fn run_case(case: &str, load: LoadOptions, opts: GradientOptions) -> CaseRun {
+    run_case_with(case, load, opts, |_, golden| example(golden))
+}
+
+/// [`run_case`] with the example made by `make` from the loaded base and the golden file.
+fn run_case_with(
+    case: &str,
+    load: LoadOptions,
+    opts: GradientOptions,
+    make: impl FnOnce(&mut Gemma4, &serde_json::Value) -> Example,
+) -> CaseRun {
     let dir = fixture("train").join(case);
     let golden = json(&dir.join("golden/example.json"));
     let mut model = Gemma4::load(&fixture(golden["base"].as_str().unwrap()), load).unwrap();
@@ -53,7 +66,7 @@ fn run_case(case: &str, load: LoadOptions, opts: GradientOptions) -> CaseRun {
         .unwrap()
         .set();
     let vars = trainable.vars();
-    let ex = example(&golden);
+    let ex = make(&mut model, &golden);
     let mut acc = vec![None; vars.len()];
     let n = ex.supervised() as f64;
     let out = sequence_gradients(&model.text, set, &vars, &ex, n, opts, &mut acc).unwrap();
@@ -65,6 +78,7 @@ fn run_case(case: &str, load: LoadOptions, opts: GradientOptions) -> CaseRun {
         ex,
         out,
         acc,
+        opts,
     }
 }
 
@@ -95,12 +109,15 @@ fn check_case(case: &str, load: LoadOptions, opts: GradientOptions) {
 }
 
 fn check_case_within(case: &str, load: LoadOptions, opts: GradientOptions, bound: f32) {
-    let run = run_case(case, load, opts);
+    check_run(case, &run_case(case, load, opts), bound)
+}
+
+fn check_run(case: &str, run: &CaseRun, bound: f32) {
     let (g, ex, out) = (&run.golden, &run.ex, &run.out);
     assert_eq!(ex.supervised() as u64, g["supervised"].as_u64().unwrap());
     assert_eq!(out.tokens, ex.supervised());
     // The forward-only loss (evaluation) is the same.
-    let (sum, k) = sequence_loss(&run.model.text, run.set, ex, opts.vocab_block).unwrap();
+    let (sum, k) = sequence_loss(&run.model.text, run.set, ex, run.opts.vocab_block).unwrap();
     assert_eq!(k, out.tokens);
     assert!(
         (sum - out.loss_sum).abs() < 1e-4,
@@ -111,7 +128,7 @@ fn check_case_within(case: &str, load: LoadOptions, opts: GradientOptions, bound
     let want = g["loss"].as_f64().unwrap();
     assert!((loss - want).abs() < 1e-5, "{case}: loss {loss} vs {want}");
 
-    for (key, got, want) in gradient_pairs(case, &run) {
+    for (key, got, want) in gradient_pairs(case, run) {
         let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
         assert!(
             scale > 0.0,
@@ -140,6 +157,117 @@ fn lora_gradients_match_the_reference_with_recomputation() {
     ] {
         check_case(case, LoadOptions::default(), GradientOptions::default());
     }
+}
+
+/// Masked labels leave no trace: the example followed by six unsupervised tokens, then by
+/// six others (the labels of masked positions changed, and the inputs there, which nothing
+/// supervised can see), gives bit-identical loss and gradients, with and without
+/// recomputation. A loss that scored a masked position, or a mask that let a supervised
+/// position see the tokens after it, would change them.
+#[test]
+fn labels_at_masked_positions_leave_the_gradients_bit_identical() {
+    let run = run_case(
+        "e2b_all_linear",
+        LoadOptions::default(),
+        GradientOptions::default(),
+    );
+    let with_tail = |tail: [u32; 6]| {
+        let mut ex = run.ex.clone();
+        ex.ids.extend(tail);
+        ex.labels.extend([None; 6]);
+        ex
+    };
+    let (a, b) = (
+        with_tail([5, 6, 7, 8, 9, 10]),
+        with_tail([300, 2, 41, 41, 7, 99]),
+    );
+    assert_eq!(a.supervised(), run.ex.supervised());
+    for recompute in [true, false] {
+        let opts = GradientOptions {
+            recompute,
+            ..Default::default()
+        };
+        let grads = |ex: &Example| {
+            let vars = run.trainable.vars();
+            let mut acc = vec![None; vars.len()];
+            let out = sequence_gradients(&run.model.text, run.set, &vars, ex, 10.0, opts, &mut acc)
+                .unwrap();
+            let flat: Vec<Vec<u32>> = acc
+                .iter()
+                .map(|g| {
+                    let v: Vec<f32> = g
+                        .as_ref()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    v.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect();
+            (out.loss_sum.to_bits(), out.tokens, flat)
+        };
+        let (ga, gb) = (grads(&a), grads(&b));
+        assert_eq!(ga.0, gb.0, "loss");
+        assert_eq!(ga.1, gb.1, "supervised tokens");
+        assert!(ga.2 == gb.2, "gradients differ (recompute {recompute})");
+        // And the tail is not ignored wholesale: supervising it changes the loss.
+        let mut c = b.clone();
+        let n = c.labels.len();
+        c.labels[n - 1] = Some(41);
+        assert_ne!(grads(&c).0, ga.0);
+    }
+}
+
+/// A chat row with an image and an audio clip, read as the data loader reads it (the
+/// template's markers, the processor's expansion, the frozen towers' soft tokens over the
+/// placeholders, placeholders never supervised): the reference processor's ids and labels,
+/// and the reference's loss and decoder LoRA gradients (towers in f32 on both sides).
+#[test]
+fn a_row_with_an_image_and_audio_trains_as_the_reference() {
+    let case = "vision_audio";
+    let dir = fixture("train").join(case);
+    for recompute in [true, false] {
+        let opts = GradientOptions {
+            recompute,
+            ..Default::default()
+        };
+        let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
+            model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+            example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
+        });
+        assert_eq!(run.ex.ids, ids(&run.golden["ids"]));
+        assert_eq!(run.ex.labels, example(&run.golden).labels);
+        let media = run.ex.media.as_ref().expect("soft tokens");
+        assert_eq!(media.slots.len(), media.rows.dim(0).unwrap());
+        check_run(case, &run, 1e-3);
+    }
+    // The same row, its media named by the row's lists as TRL's vision datasets have them.
+    let mut model = Gemma4::load(&fixture("audio_small"), LoadOptions::default()).unwrap();
+    model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+    let golden = json(&dir.join("golden/example.json"));
+    let mut row = golden["row"].clone();
+    for part in row["messages"][0]["content"].as_array_mut().unwrap() {
+        part.as_object_mut()
+            .unwrap()
+            .retain(|k, _| k == "type" || k == "text");
+    }
+    row["images"] = serde_json::json!(["../../images/landscape.png"]);
+    row["audios"] = serde_json::json!(["../../audio/hello_16k.wav"]);
+    let ex = example_of_row_in(&model, &row, Some(&dir)).unwrap();
+    assert_eq!(ex.ids, ids(&golden["ids"]));
+    // An unreadable image is an error naming it (the loader skips the row and counts it);
+    // a part with no file, too.
+    row["images"] = serde_json::json!(["missing.png"]);
+    let err = example_of_row_in(&model, &row, Some(&dir))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.png"), "{err}");
+    row["images"] = serde_json::json!([]);
+    let err = example_of_row_in(&model, &row, Some(&dir))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`images`"), "{err}");
 }
 
 #[test]
@@ -202,7 +330,34 @@ fn packed_sequences_train_as_they_do_apart() {
     );
     let a = run.ex.clone();
     let b = Example::new(a.ids[..12].to_vec(), a.labels[..12].to_vec());
-    let norm = (a.supervised() + b.supervised()) as f64;
+    assert_packing_is_exact(&run, &[&a, &b]);
+}
+
+/// Packing moves each example's soft tokens to its place in the packed sequence: a text
+/// example, then the image-and-audio row twice.
+#[test]
+fn packed_multimodal_rows_train_as_they_do_apart() {
+    let dir = fixture("train").join("vision_audio");
+    let run = run_case_with(
+        "vision_audio",
+        LoadOptions::default(),
+        GradientOptions::default(),
+        |model, golden| {
+            model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+            example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
+        },
+    );
+    let a = run.ex.clone();
+    let text = Example::new(
+        a.ids[..5].to_vec(),
+        a.labels[..5].iter().map(|_| Some(7)).collect(),
+    );
+    assert_packing_is_exact(&run, &[&text, &a, &a]);
+}
+
+/// The packed loss and gradients of `examples` are the sums of theirs alone.
+fn assert_packing_is_exact(run: &CaseRun, examples: &[&Example]) {
+    let norm = examples.iter().map(|e| e.supervised()).sum::<usize>() as f64;
     let grads = |examples: &[&Example]| {
         let mut acc = vec![None; run.trainable.vars().len()];
         let mut loss = 0.0;
@@ -221,10 +376,11 @@ fn packed_sequences_train_as_they_do_apart() {
         }
         (loss, acc)
     };
-    let (apart_loss, apart) = grads(&[&a, &b]);
-    let packed = Example::pack(&[&a, &b]);
-    assert_eq!(packed.segment_lengths(), vec![a.ids.len(), 12]);
-    assert_eq!(packed.supervised(), a.supervised() + b.supervised());
+    let (apart_loss, apart) = grads(examples);
+    let packed = Example::pack(examples).unwrap();
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    assert_eq!(packed.segment_lengths(), lengths);
+    assert_eq!(packed.supervised() as f64, norm);
     let (packed_loss, together) = grads(&[&packed]);
     assert!(
         (packed_loss - apart_loss).abs() < 1e-5 * apart_loss.abs(),
@@ -522,7 +678,6 @@ fn training_on_one_example_drives_its_loss_toward_zero() {
 
 #[test]
 fn loss_masks_follow_the_row_shape() {
-    use gemma4::train::data::example_of_row;
     let model = Gemma4::load(&fixture("chat_tools"), LoadOptions::default()).unwrap();
     let tok = model.tokenizer().unwrap();
     let supervised = |ex: &Example| -> String {

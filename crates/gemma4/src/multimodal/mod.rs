@@ -230,21 +230,32 @@ pub fn splice(h0: &Tensor, slots: &[u32], soft: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[h0, &soft], 0)?.index_select(&idx, 0)?)
 }
 
-/// Rows `slots` of `h0` replaced by the soft tokens `encode` gives for `inputs`, after
+/// The soft tokens of a multimodal sequence, encoded: rows `slots` of the input embeddings
+/// are replaced by the rows of `rows` in order, the per-layer embeddings read `ple_ids`
+/// (placeholders as the pad token), and `spans` marks the image/video spans for the
+/// bidirectional overlay ([`span_ids`]).
+#[derive(Debug, Clone)]
+pub struct SoftTokens {
+    pub slots: Vec<u32>,
+    pub rows: Tensor,
+    pub ple_ids: Vec<u32>,
+    pub spans: Vec<i64>,
+}
+
+/// The placeholders of `id` in `ids` and the soft tokens `encode` gives for `inputs`, after
 /// checking that the placeholders and the inputs' soft-token counts agree.
-fn splice_kind<T>(
-    h0: Tensor,
+fn encode_kind<T>(
     ids: &[u32],
     (kind, id): (&str, u32),
     inputs: &[&T],
     count: impl Fn(&T) -> usize,
     encode: impl Fn(&T) -> Result<Tensor>,
-) -> Result<Tensor> {
+) -> Result<Option<(Vec<u32>, Tensor)>> {
     let slots: Vec<u32> = (0..ids.len() as u32)
         .filter(|&p| ids[p as usize] == id)
         .collect();
     if slots.is_empty() && inputs.is_empty() {
-        return Ok(h0);
+        return Ok(None);
     }
     // Counts are known before encoding: check them first.
     let n: usize = inputs.iter().map(|f| count(f)).sum();
@@ -261,7 +272,66 @@ fn splice_kind<T>(
         .iter()
         .map(|f| encode(f))
         .collect::<Result<Vec<_>>>()?;
-    splice(&h0, &slots, &Tensor::cat(&rows, 0)?)
+    Ok(Some((slots, Tensor::cat(&rows, 0)?)))
+}
+
+/// Encodes the images, video frames and audio clips of an expanded prompt `ids` with the
+/// checkpoint's encoders: their soft tokens in the text width, where they go, and the
+/// ids the per-layer embeddings read. `None` for a text-only prompt.
+pub fn encode_media(
+    text: &TextModel,
+    vision: Option<&VisionEncoder>,
+    audio: Option<&AudioEncoder>,
+    tokens: &MultimodalTokens,
+    ids: &[u32],
+    media: &ProcessedMedia,
+) -> Result<Option<SoftTokens>> {
+    let pad = text.config().pad_token_id;
+    let is_mm = |id: u32| id == tokens.image || id == tokens.video || id == tokens.audio;
+    if !ids.iter().any(|&i| is_mm(i)) && media.is_empty() {
+        return Ok(None);
+    }
+    let no_encoder = |kind: &str, what: &str| {
+        Error::invalid_argument(kind, format!("this checkpoint has no {what} encoder"))
+    };
+    let frames: Vec<&ProcessedImage> = media.videos.iter().flat_map(|v| v.frames.iter()).collect();
+    let images: Vec<&ProcessedImage> = media.images.iter().collect();
+    let clips: Vec<&AudioFeatures> = media.audio.iter().collect();
+    let mut parts = Vec::new();
+    for (kind, id, inputs) in [
+        ("image", tokens.image, images),
+        ("video", tokens.video, frames),
+    ] {
+        parts.extend(encode_kind(
+            ids,
+            (kind, id),
+            &inputs,
+            |f| f.num_soft_tokens,
+            |f| vision.ok_or_else(|| no_encoder(kind, "vision"))?.embed(f),
+        )?);
+    }
+    parts.extend(encode_kind(
+        ids,
+        ("audio", tokens.audio),
+        &clips,
+        |f| f.num_soft_tokens,
+        |f| audio.ok_or_else(|| no_encoder("audio", "audio"))?.embed(f),
+    )?);
+    let slots: Vec<u32> = parts.iter().flat_map(|(s, _)| s.iter().copied()).collect();
+    let rows = match parts.len() {
+        0 => Tensor::zeros((0, text.config().hidden_size), text.dtype(), text.device())?,
+        1 => parts.pop().expect("one part").1,
+        _ => Tensor::cat(&parts.iter().map(|(_, r)| r).collect::<Vec<_>>(), 0)?,
+    };
+    Ok(Some(SoftTokens {
+        slots,
+        rows,
+        ple_ids: ids
+            .iter()
+            .map(|&i| if is_mm(i) { pad } else { i })
+            .collect(),
+        spans: span_ids(ids, tokens),
+    }))
 }
 
 /// Builds the decoder input of an expanded prompt: embeds the ids (placeholders as the pad
@@ -275,52 +345,19 @@ pub fn build_input(
     ids: Vec<u32>,
     media: &ProcessedMedia,
 ) -> Result<PromptInput> {
-    let pad = text.config().pad_token_id;
-    let is_mm = |id: u32| id == tokens.image || id == tokens.video || id == tokens.audio;
-    if !ids.iter().any(|&i| is_mm(i)) && media.is_empty() {
+    let Some(soft) = encode_media(text, vision, audio, tokens, &ids, media)? else {
         return Ok(PromptInput::text(ids));
-    }
-    let ple_ids: Vec<u32> = ids
-        .iter()
-        .map(|&i| if is_mm(i) { pad } else { i })
-        .collect();
-    let mut h0 = text.embed(&ple_ids)?;
-    let no_encoder = |kind: &str, what: &str| {
-        Error::invalid_argument(kind, format!("this checkpoint has no {what} encoder"))
     };
-    let frames: Vec<&ProcessedImage> = media.videos.iter().flat_map(|v| v.frames.iter()).collect();
-    for (kind, id, inputs) in [
-        (
-            "image",
-            tokens.image,
-            media.images.iter().collect::<Vec<_>>(),
-        ),
-        ("video", tokens.video, frames),
-    ] {
-        h0 = splice_kind(
-            h0,
-            &ids,
-            (kind, id),
-            &inputs,
-            |f| f.num_soft_tokens,
-            |f| vision.ok_or_else(|| no_encoder(kind, "vision"))?.embed(f),
-        )?;
-    }
-    let clips: Vec<&AudioFeatures> = media.audio.iter().collect();
-    h0 = splice_kind(
-        h0,
-        &ids,
-        ("audio", tokens.audio),
-        &clips,
-        |f| f.num_soft_tokens,
-        |f| audio.ok_or_else(|| no_encoder("audio", "audio"))?.embed(f),
-    )?;
-    let spans = span_ids(&ids, tokens);
+    let h0 = text.embed(&soft.ple_ids)?;
+    let h0 = match soft.slots.is_empty() {
+        true => h0,
+        false => splice(&h0, &soft.slots, &soft.rows)?,
+    };
     Ok(PromptInput {
         ids,
         embeds: Some(h0),
-        ple_ids,
-        spans: Some(spans),
+        ple_ids: soft.ple_ids,
+        spans: Some(soft.spans),
     })
 }
 

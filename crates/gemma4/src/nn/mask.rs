@@ -47,20 +47,11 @@ pub fn causal_mask(
         if j == EMPTY {
             return false;
         }
-        let causal = j <= i;
-        let in_window = window.is_none_or(|w| j + w > i);
         let same_span = overlay.is_some_and(|o| {
             let b = o.block(i);
             b >= 0 && b == o.block(j)
         });
-        match overlay.map(|o| o.mode) {
-            None | Some(Bidirectional::None) => causal && in_window,
-            // Gemma4Model: full layers stay causal; sliding = window ∧ (causal ∨ span).
-            Some(Bidirectional::Vision) if window.is_none() => causal,
-            Some(Bidirectional::Vision) => in_window && (causal || same_span),
-            // Gemma4UnifiedModel: every layer = its causal(+window) mask ∨ span.
-            Some(Bidirectional::VisionAllLayers) => (causal && in_window) || same_span,
-        }
+        visible(i, j, window, same_span, overlay.map(|o| o.mode))
     };
     let all = q_pos.iter().all(|&i| k_pos.iter().all(|&j| visible(i, j)));
     if all {
@@ -81,6 +72,28 @@ pub fn causal_mask(
         (q_pos.len(), k_pos.len()),
         device,
     )?))
+}
+
+/// Whether the key at position `j` is visible to the query at position `i`: `j ≤ i` and,
+/// for sliding layers, `j > i − W`; with a bidirectional mode, tokens of one image span
+/// (`same_span`) also see each other, composed as [`Bidirectional`] describes.
+pub(crate) fn visible(
+    i: usize,
+    j: usize,
+    window: Option<usize>,
+    same_span: bool,
+    mode: Option<Bidirectional>,
+) -> bool {
+    let causal = j <= i;
+    let in_window = window.is_none_or(|w| j + w > i);
+    match mode {
+        None | Some(Bidirectional::None) => causal && in_window,
+        // Gemma4Model: full layers stay causal; sliding = window ∧ (causal ∨ span).
+        Some(Bidirectional::Vision) if window.is_none() => causal,
+        Some(Bidirectional::Vision) => in_window && (causal || same_span),
+        // Gemma4UnifiedModel: every layer = its causal(+window) mask ∨ span.
+        Some(Bidirectional::VisionAllLayers) => (causal && in_window) || same_span,
+    }
 }
 
 /// Softmax-free check used by tests: the row-wise count of visible keys.

@@ -13,10 +13,11 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 
-use crate::config::{KvSource, LayerType};
+use crate::config::{Bidirectional, KvSource, LayerType};
 use crate::error::{Error, Result};
+use crate::multimodal::{splice, SoftTokens};
 use crate::nn::activation::soft_cap;
-use crate::nn::mask::causal_mask;
+use crate::nn::mask::{causal_mask, visible, SpanOverlay};
 use crate::nn::rope;
 use crate::text::model::TextModel;
 
@@ -25,6 +26,8 @@ use crate::text::model::TextModel;
 pub struct FullSequence {
     pub ids: Vec<u32>,
     pub ple_ids: Vec<u32>,
+    /// Placeholder positions and the soft tokens written over them.
+    soft: Option<(Vec<u32>, Tensor)>,
     tables: BTreeMap<LayerType, (Tensor, Tensor)>,
     masks: BTreeMap<LayerType, Option<Tensor>>,
 }
@@ -40,18 +43,22 @@ impl FullSequence {
 }
 
 /// The additive mask `[S, S]` of sequences packed one after the other (`segment[i]`: the
-/// sequence of row `i`): row `i` sees row `j` iff both are of one sequence, `j ≤ i`, and,
-/// with a sliding window `W`, `i − j < W`.
+/// sequence of row `i`, `pos[i]` its position in it, `spans[i]` its image span or −1):
+/// row `i` sees row `j` iff both are of one sequence and [`visible`] says so there.
 fn packed_mask(
     segment: &[usize],
+    pos: &[usize],
+    spans: Option<&[i64]>,
     window: Option<usize>,
+    mode: Option<Bidirectional>,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
     let s = segment.len();
     let mut m = vec![f32::NEG_INFINITY; s * s];
     for i in 0..s {
-        for j in 0..=i {
-            if segment[i] == segment[j] && window.is_none_or(|w| i - j < w) {
+        for j in 0..s {
+            let same_span = spans.is_some_and(|b| b[i] >= 0 && b[i] == b[j]);
+            if segment[i] == segment[j] && visible(pos[i], pos[j], window, same_span, mode) {
                 m[i * s + j] = 0.0;
             }
         }
@@ -70,6 +77,20 @@ impl TextModel {
     /// within itself (a block-diagonal causal mask, each block with the sliding window), so
     /// each computes what it would alone.
     pub fn full_sequence_of(&self, ids: &[u32], lengths: &[usize]) -> Result<FullSequence> {
+        self.full_sequence_with(ids, lengths, None)
+    }
+
+    /// [`Self::full_sequence_of`] with the soft tokens of the sequences' images, video
+    /// frames and audio clips (encoded by frozen towers: constants of the graph) written
+    /// over their placeholders, the per-layer embeddings reading the pad id there, and the
+    /// bidirectional overlay over image spans where the config has one, as the
+    /// reference's `Gemma4Model.forward` builds its input and masks.
+    pub fn full_sequence_with(
+        &self,
+        ids: &[u32],
+        lengths: &[usize],
+        soft: Option<&SoftTokens>,
+    ) -> Result<FullSequence> {
         let max = self.cfg.max_position_embeddings;
         if ids.is_empty() || lengths.contains(&0) {
             return Err(Error::invalid_argument("sequence", "is empty"));
@@ -93,6 +114,25 @@ impl TextModel {
             .enumerate()
             .flat_map(|(k, &n)| std::iter::repeat_n(k, n))
             .collect();
+        if let Some(t) = soft {
+            if t.ple_ids.len() != ids.len() || t.spans.len() != ids.len() {
+                return Err(Error::invalid_argument(
+                    "soft tokens",
+                    format!("prepared for {} ids, not {}", t.ple_ids.len(), ids.len()),
+                ));
+            }
+            if t.slots.len() != t.rows.dim(0)? || t.slots.iter().any(|&p| p as usize >= ids.len()) {
+                return Err(Error::invalid_argument(
+                    "soft tokens",
+                    "their rows and placeholder positions disagree",
+                ));
+            }
+        }
+        let mode = match (soft, self.cfg.bidirectional) {
+            (Some(_), m) if m != Bidirectional::None => Some(m),
+            _ => None,
+        };
+        let spans = soft.map(|t| t.spans.as_slice());
         let mut tables = BTreeMap::new();
         let mut masks = BTreeMap::new();
         for (&t, r) in &self.ropes {
@@ -101,15 +141,37 @@ impl TextModel {
                 r.cos_sin(&positions, candle_core::DType::F32, &self.device)?,
             );
             let window = (t == LayerType::Sliding).then_some(self.cfg.sliding_window);
-            let mask = match lengths.len() {
-                1 => causal_mask(&positions, &positions, window, None, &self.device)?,
-                _ => Some(packed_mask(&segment, window, &self.device)?),
+            let mask = match (lengths.len(), spans) {
+                (1, None) => causal_mask(&positions, &positions, window, None, &self.device)?,
+                (1, Some(blocks)) => {
+                    let overlay = mode.map(|mode| SpanOverlay {
+                        blocks,
+                        start: 0,
+                        mode,
+                    });
+                    causal_mask(
+                        &positions,
+                        &positions,
+                        window,
+                        overlay.as_ref(),
+                        &self.device,
+                    )?
+                }
+                _ => Some(packed_mask(
+                    &segment,
+                    &positions,
+                    spans.filter(|_| mode.is_some()),
+                    window,
+                    mode,
+                    &self.device,
+                )?),
             };
             masks.insert(t, mask);
         }
         Ok(FullSequence {
             ids: ids.to_vec(),
-            ple_ids: ids.to_vec(),
+            ple_ids: soft.map_or_else(|| ids.to_vec(), |t| t.ple_ids.clone()),
+            soft: soft.map(|t| (t.slots.clone(), t.rows.clone())),
             tables,
             masks,
         })
@@ -118,7 +180,11 @@ impl TextModel {
     /// Scaled input embeddings `[S, hidden]` in f32 (constant: the embedding is never
     /// trained).
     pub fn full_embeddings(&self, seq: &FullSequence) -> Result<Tensor> {
-        self.embed_as(&seq.ids, candle_core::DType::F32)
+        let h0 = self.embed_as(&seq.ple_ids, candle_core::DType::F32)?;
+        match &seq.soft {
+            Some((slots, rows)) if !slots.is_empty() => splice(&h0, slots, rows),
+            _ => Ok(h0),
+        }
     }
 
     /// The per-layer inputs `[S, L, P]` from the input embeddings `h0`, when the model has
@@ -214,5 +280,72 @@ impl TextModel {
     pub fn forward_full(&self, ids: &[u32]) -> Result<Tensor> {
         let seq = self.full_sequence(ids)?;
         self.full_logits(&self.full_hidden(&seq)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The packed mask is the block-diagonal of each sequence's own mask, image spans and
+    /// the sliding window included, in every bidirectional mode.
+    #[test]
+    fn the_packed_mask_is_each_sequences_mask_on_the_diagonal() {
+        let dev = Device::Cpu;
+        // Two sequences of 7 and 6; an image span in each (ids 0 and 1 in the packed rows).
+        let lengths = [7usize, 6];
+        let spans: Vec<i64> = vec![-1, 0, 0, 0, -1, -1, -1, -1, -1, 1, 1, 1, -1];
+        let segment: Vec<usize> = vec![0; 7].into_iter().chain(vec![1; 6]).collect();
+        let pos: Vec<usize> = (0..7).chain(0..6).collect();
+        for mode in [
+            None,
+            Some(Bidirectional::Vision),
+            Some(Bidirectional::VisionAllLayers),
+        ] {
+            for window in [None, Some(2)] {
+                let packed = packed_mask(&segment, &pos, Some(&spans), window, mode, &dev)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let mut start = 0;
+                for &n in &lengths {
+                    let local: Vec<usize> = (0..n).collect();
+                    let blocks = &spans[start..start + n];
+                    let overlay = mode.map(|mode| SpanOverlay {
+                        blocks,
+                        start: 0,
+                        mode,
+                    });
+                    let own = causal_mask(&local, &local, window, overlay.as_ref(), &dev)
+                        .unwrap()
+                        .map(|m| m.to_vec2::<f32>().unwrap());
+                    for i in 0..n {
+                        for j in 0..13 {
+                            let inside = (start..start + n).contains(&j);
+                            let want = match (&own, inside) {
+                                (_, false) => f32::NEG_INFINITY,
+                                (None, true) => 0.0,
+                                (Some(m), true) => m[i][j - start],
+                            };
+                            assert_eq!(
+                                packed[start + i][j],
+                                want,
+                                "{mode:?} {window:?} row {} col {j}",
+                                start + i
+                            );
+                        }
+                    }
+                    start += n;
+                }
+                // The overlay shows: an image token sees a later one of its span.
+                let bidi = packed[1][3] == 0.0;
+                let expect = !matches!(
+                    (mode, window),
+                    (None, _) | (Some(Bidirectional::Vision), None)
+                );
+                assert_eq!(bidi, expect, "{mode:?} {window:?}");
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ use candle_core::{backprop::GradStore, Tensor, Var};
 
 use crate::error::Result;
 use crate::lora::{with_adapters, AdapterSet};
+use crate::multimodal::SoftTokens;
 use crate::nn::lora::{with_dropout, Dropout};
 use crate::text::full_sequence::FullSequence;
 use crate::text::model::TextModel;
@@ -55,11 +56,16 @@ impl Default for GradientOptions {
 /// `segments` are their lengths (empty: one sequence). Each runs from position 0 and
 /// attends only within itself, so the packed example computes what its sequences do apart
 /// (the semantics of padding-free batches with per-sequence position ids).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// A multimodal example carries the soft tokens of its images and audio clips (`media`),
+/// encoded once by the frozen towers when the data is read: inputs of the decoder that
+/// take no gradient, written over their placeholders, which are never supervised.
+#[derive(Debug, Clone)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub labels: Vec<Option<u32>>,
     pub segments: Vec<usize>,
+    pub media: Option<SoftTokens>,
 }
 
 impl Example {
@@ -69,6 +75,7 @@ impl Example {
             ids,
             labels,
             segments: Vec::new(),
+            media: None,
         }
     }
 
@@ -81,7 +88,7 @@ impl Example {
     }
 
     /// `examples` one after the other, each its own sequence.
-    pub fn pack(examples: &[&Example]) -> Example {
+    pub fn pack(examples: &[&Example]) -> Result<Example> {
         let mut out = Example::new(Vec::new(), Vec::new());
         for ex in examples {
             let start = out.ids.len();
@@ -94,13 +101,51 @@ impl Example {
                 *l = None;
             }
         }
-        out
+        if examples.iter().any(|ex| ex.media.is_some()) {
+            out.media = Some(pack_media(examples)?);
+        }
+        Ok(out)
     }
-
     /// Supervised tokens (what the loss is divided by).
     pub fn supervised(&self) -> usize {
         self.labels.iter().skip(1).filter(|l| l.is_some()).count()
     }
+}
+
+/// The soft tokens of packed `examples`: positions shifted to each example's place, span
+/// ids renumbered so no two examples share one, text examples' ids read as they are.
+fn pack_media(examples: &[&Example]) -> Result<SoftTokens> {
+    let (mut slots, mut rows, mut ple_ids, mut spans) = (vec![], vec![], vec![], vec![]);
+    let (mut start, mut next_span) = (0u32, 0i64);
+    for ex in examples {
+        match &ex.media {
+            Some(m) => {
+                slots.extend(m.slots.iter().map(|&p| p + start));
+                rows.push(m.rows.clone());
+                ple_ids.extend_from_slice(&m.ple_ids);
+                let base = next_span;
+                for &b in &m.spans {
+                    spans.push(if b >= 0 { b + base } else { -1 });
+                    next_span = next_span.max(b + base + 1);
+                }
+            }
+            None => {
+                ple_ids.extend_from_slice(&ex.ids);
+                spans.extend(std::iter::repeat_n(-1, ex.ids.len()));
+            }
+        }
+        start += ex.ids.len() as u32;
+    }
+    let rows = match rows.len() {
+        1 => rows.pop().expect("one"),
+        _ => Tensor::cat(&rows, 0)?,
+    };
+    Ok(SoftTokens {
+        slots,
+        rows,
+        ple_ids,
+        spans,
+    })
 }
 
 /// What one sequence contributed.
@@ -200,7 +245,11 @@ pub fn sequence_loss(
     block: usize,
 ) -> Result<(f64, usize)> {
     with_adapters(set, || {
-        let seq = model.full_sequence_of(&example.ids, &example.segment_lengths())?;
+        let seq = model.full_sequence_with(
+            &example.ids,
+            &example.segment_lengths(),
+            example.media.as_ref(),
+        )?;
         let h = model.full_hidden(&seq)?;
         crate::train::loss::head_loss_only(model, &h, &example.labels, block)
     })
@@ -221,7 +270,11 @@ pub fn sequence_gradients(
 ) -> Result<SequenceGradients> {
     with_dropout(opts.dropout, || {
         with_adapters(set, || {
-            let seq = model.full_sequence_of(&example.ids, &example.segment_lengths())?;
+            let seq = model.full_sequence_with(
+                &example.ids,
+                &example.segment_lengths(),
+                example.media.as_ref(),
+            )?;
             let n = model.num_layers();
             let h0 = model.full_embeddings(&seq)?;
             let ple = model.full_per_layer_inputs(&seq, &h0)?.map(|p| p.detach());

@@ -313,7 +313,7 @@ impl Trainer {
             Some(max) => packs(&picked, max)
                 .iter()
                 .map(|p| Example::pack(p))
-                .collect(),
+                .collect::<Result<_>>()?,
             None => picked.iter().map(|&e| e.clone()).collect(),
         };
         for (j, ex) in runs.iter().enumerate() {
