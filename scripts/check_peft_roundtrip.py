@@ -7,6 +7,9 @@ scripts/fixtures/requirements.txt, plus peft 0.21.2) on every prompt of the fixt
 f32; passes within 1e-4 max-abs.
 
     python scripts/check_peft_roundtrip.py target/debug/gemma4 tests/fixtures/e2b_like
+    python scripts/check_peft_roundtrip.py target/debug/gemma4 tests/fixtures/moe --targets q_proj,experts
+
+Arguments after the checkpoint go to `gemma4 finetune`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from transformers import AutoConfig, Gemma4ForCausalLM, Gemma4ForConditionalGene
 
 
 def main() -> None:
-    binary, base = sys.argv[1], Path(sys.argv[2])
+    binary, base, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "train.jsonl"
@@ -36,7 +39,7 @@ def main() -> None:
         out = tmp / "adapter"
         subprocess.run([binary, "finetune", "--model", str(base), "--data", str(data), "--out",
                         str(out), "--steps", "4", "--lr", "1e-2", "--r", "4", "--alpha", "8",
-                        "--dtype", "f32"], check=True)
+                        "--dtype", "f32", *extra], check=True)
         arch = AutoConfig.from_pretrained(base).architectures[0]
         cls = Gemma4ForCausalLM if arch == "Gemma4ForCausalLM" else Gemma4ForConditionalGeneration
         model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32), out).eval()

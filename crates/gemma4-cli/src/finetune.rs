@@ -41,7 +41,9 @@ pub(crate) struct FinetuneArgs {
     #[arg(long)]
     pub(crate) rslora: bool,
     /// Projections to adapt: module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
-    /// down_proj,per_layer_input_gate,...) or all-linear.
+    /// down_proj,per_layer_input_gate,...) or all-linear; on the MoE model, add `experts`
+    /// (or experts.gate_up_proj / experts.down_proj) to adapt the fused experts, as peft's
+    /// target_parameters.
     #[arg(long, value_delimiter = ',', default_value = "all-linear")]
     pub(crate) targets: Vec<String>,
     /// Peak learning rate.

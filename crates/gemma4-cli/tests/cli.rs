@@ -1326,6 +1326,70 @@ fn finetune_reads_image_and_audio_rows() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `finetune --targets q_proj,experts` on the MoE adapts the fused experts as peft's
+/// `target_parameters` (every expert of both parameters patched when `--lora` loads it);
+/// LoRA dropout on them is refused, as peft refuses it.
+#[test]
+fn finetune_adapts_the_moe_experts_on_request() {
+    let tmp = std::env::temp_dir().join(format!(
+        "gemma4-cli-finetune-experts-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data.jsonl");
+    std::fs::write(&data, "{\"text\": \"Rust is fast and safe.\"}\n").unwrap();
+    let base = fixture("moe");
+    let out = tmp.join("out");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--targets",
+            "q_proj,experts",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--r",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        gemma4(&args)
+    };
+    let o = run(&["--dropout", "0.1"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("dropout") && err.contains("experts"), "{err}");
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["target_parameters"],
+        serde_json::json!(["experts.down_proj", "experts.gate_up_proj"])
+    );
+    let o = gemma4(&[
+        "generate",
+        "--model",
+        base.to_str().unwrap(),
+        "--lora",
+        out.to_str().unwrap(),
+        "--prompt",
+        "Rust is",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// `finetune` writes a peft adapter that `--lora` loads, a step log, its loss curve and a
 /// checkpoint; 4 steps in one run equal 2, stop, resume, 2 (the adapter byte for byte,
 /// with LoRA dropout on: its masks are seeded); unusable rows are skipped and counted; a

@@ -191,6 +191,56 @@ fn merged_adapters_match_peft_merge_and_unload() {
     }
 }
 
+/// Adapters on the MoE experts' fused parameters (peft's `target_parameters`, nested
+/// wrappers in the file): every expert of both parameters is patched, and the logits,
+/// unmerged and merged into the 3-D parameters, are within 1e-4 of `PeftModel`'s.
+#[test]
+fn expert_adapters_match_peft_unmerged_and_merged() {
+    let dir = fixture("train").join("moe_experts");
+    let g = json(&dir.join("golden/example.json"));
+    let base = fixture("moe");
+    let adapter = LoraAdapter::load(&dir).unwrap();
+    let experts = json(&base.join("config.json"))["text_config"]["num_experts"]
+        .as_u64()
+        .unwrap() as usize;
+    let fused = adapter.modules.iter().filter(|m| m.is_experts()).count();
+    assert!(fused > 0 && adapter.modules.iter().all(|m| m.rank() == 2));
+    let mut model = Gemma4::load(&base, LoadOptions::default()).unwrap();
+    let attached = model.attach_adapter(&adapter).unwrap();
+    assert_eq!(
+        attached.modules,
+        adapter.modules.len() - fused + fused * experts
+    );
+    let want = rows(
+        &candle_core::safetensors::load(
+            dir.join("golden/logits.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()["logits"],
+    );
+    let prompt = ids(&g["ids"]);
+    let base_logits = logits(&model, AdapterSet::NONE, &prompt);
+    assert!(
+        max_abs(&base_logits, &want) > 100.0 * TOL,
+        "the adapter changes little"
+    );
+    let d = max_abs(&logits(&model, attached.set(), &prompt), &want);
+    assert!(d <= TOL, "unmerged logits differ from peft's by {d}");
+    let out = Scratch::empty("lora-merged-experts");
+    let report = lora::merge::merge(
+        &base,
+        std::slice::from_ref(&adapter),
+        &out,
+        Some(DType::F32),
+        &|_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.patched, adapter.modules.len());
+    let merged = Gemma4::load(&out, LoadOptions::default()).unwrap();
+    let d = max_abs(&logits(&merged, AdapterSet::NONE, &prompt), &want);
+    assert!(d <= TOL, "merged logits differ from peft's by {d}");
+}
+
 #[test]
 fn merging_keeps_the_stored_dtype_and_rounds_once() {
     // The fixture stores bf16: each merged weight is (W + scaling·B·A) computed in f32 and

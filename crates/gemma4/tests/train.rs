@@ -90,7 +90,7 @@ fn gradient_pairs(case: &str, run: &CaseRun) -> Vec<(String, Vec<f32>, Vec<f32>)
     let mut pairs = Vec::new();
     for (m, pair) in run.trainable.modules.iter().zip(run.acc.chunks(2)) {
         for (slot, got) in ["lora_A", "lora_B"].iter().zip(pair) {
-            let key = TrainableAdapter::key(&m.module, slot);
+            let key = run.trainable.key(&m.module, slot);
             let got = got
                 .as_ref()
                 .unwrap_or_else(|| panic!("{case}: no gradient for {key}"));
@@ -153,6 +153,7 @@ fn lora_gradients_match_the_reference_with_recomputation() {
         "e2b_all_linear",
         "keqv_attn_mlp",
         "moe_all_linear",
+        "moe_experts",
         "causal_qv",
     ] {
         check_case(case, LoadOptions::default(), GradientOptions::default());
@@ -279,7 +280,9 @@ fn lora_gradients_match_the_reference_keeping_activations() {
         vocab_block: 100,
         ..Default::default()
     };
-    check_case("e2b_all_linear", LoadOptions::default(), opts);
+    for case in ["e2b_all_linear", "moe_experts"] {
+        check_case(case, LoadOptions::default(), opts);
+    }
 }
 
 /// The whole model's backward: the gradient of the scaled input embeddings (the embedding
@@ -527,6 +530,71 @@ fn adamw_matches_torch_over_five_steps() {
         let b: Vec<f32> = b.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(a, b);
     }
+}
+
+/// Adapters on the MoE experts (peft's `target_parameters`): a new one holds one A
+/// `[r·E, in]` (kaiming-uniform) and a zero B `[out, r·E]` per fused parameter and records
+/// them as peft does; saved, its keys are peft's nested names, as the reference's file
+/// has them, and it reads back the same.
+#[test]
+fn expert_adapters_are_made_and_written_as_peft_does() {
+    let model = Gemma4::load(&fixture("moe"), LoadOptions::default()).unwrap();
+    let spec = LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        use_rslora: false,
+        targets: vec!["q_proj".into(), "experts".into()],
+    };
+    let mine = TrainableAdapter::new(&model.text, &spec, 0).unwrap();
+    let reference = LoraAdapter::load(&fixture("train").join("moe_experts")).unwrap();
+    let names = |ms: Vec<&str>| ms.into_iter().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(
+        names(mine.modules.iter().map(|m| m.module.as_str()).collect()),
+        names(
+            reference
+                .modules
+                .iter()
+                .map(|m| m.module.as_str())
+                .collect()
+        )
+    );
+    assert_eq!(
+        mine.config.target_parameters,
+        Some(vec![
+            "experts.down_proj".into(),
+            "experts.gate_up_proj".into()
+        ])
+    );
+    for (m, r) in mine.modules.iter().zip(&reference.modules) {
+        assert_eq!(m.a.as_tensor().dims(), r.a.dims(), "{}", m.module);
+        assert_eq!(m.b.as_tensor().dims(), r.b.dims(), "{}", m.module);
+    }
+    let dir = Scratch::empty("expert-adapter");
+    let from_file = TrainableAdapter::from_adapter(&reference).unwrap();
+    from_file.save(&dir, Some("tests/fixtures/moe")).unwrap();
+    let keys = |p: &std::path::Path| {
+        let mut k: Vec<String> = read_safetensors(&p.join("adapter_model.safetensors"))
+            .into_keys()
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&dir), keys(&fixture("train").join("moe_experts")));
+    assert!(keys(&dir)
+        .iter()
+        .any(|k| k.ends_with("experts.base_layer.lora_A.weight")));
+    let back = LoraAdapter::load(&dir).unwrap();
+    for (a, b) in back.modules.iter().zip(&reference.modules) {
+        assert_eq!(a.module, b.module);
+        assert_eq!(rows(&a.b), rows(&b.b));
+    }
+    // Dropout cannot apply to them (peft refuses it too); an expert target on a dense
+    // model matches nothing.
+    let dense = Gemma4::load(&fixture("e2b_like"), LoadOptions::default()).unwrap();
+    let err = TrainableAdapter::new(&dense.text, &spec, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no MoE experts"), "{err}");
 }
 
 #[test]
@@ -779,9 +847,11 @@ fn gradients_through_a_quantized_base() {
 /// order) lands at 1.01e-3 where the f32 base is below 3e-4. Cosines stay ≥ 0.9999998.
 #[test]
 fn gradients_over_a_bf16_base_are_the_f32_bases() {
-    let load = LoadOptions {
+    let load = || LoadOptions {
         dtype: candle_core::DType::BF16,
         ..Default::default()
     };
-    check_case_within("e2b_all_linear", load, GradientOptions::default(), 2e-3);
+    check_case_within("e2b_all_linear", load(), GradientOptions::default(), 2e-3);
+    // The MoE (router, experts' adapters) over its bf16 weights; it keeps the 1e-3 bound.
+    check_case("moe_experts", load(), GradientOptions::default());
 }

@@ -26,6 +26,10 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     #[serde(default)]
     pub target_modules: Option<serde_json::Value>,
+    /// peft's LoRA on parameters: here the MoE experts' fused `experts.gate_up_proj` and
+    /// `experts.down_proj` (`[E, out, in]`), one update per expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<Vec<String>>,
     #[serde(default)]
     pub rank_pattern: BTreeMap<String, usize>,
     #[serde(default)]
@@ -64,6 +68,7 @@ impl AdapterConfig {
             lora_dropout: 0.0,
             use_rslora,
             target_modules: Some(serde_json::json!(target_modules)),
+            target_parameters: None,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             bias: none_bias(),
@@ -110,10 +115,6 @@ impl AdapterConfig {
             ("lora_bias", "a bias on lora_B"),
             ("fan_in_fan_out", "Conv1D-style (transposed) weights"),
             ("modules_to_save", "fully trained extra modules"),
-            (
-                "target_parameters",
-                "LoRA on parameters (fused MoE experts)",
-            ),
             ("layer_replication", "layer replication"),
             ("use_qalora", "QA-LoRA"),
             ("alora_invocation_tokens", "activated LoRA"),
@@ -122,6 +123,17 @@ impl AdapterConfig {
         ] {
             if self.other.get(field).is_some_and(truthy) {
                 return bad(field, &format!("{what} is not supported"));
+            }
+        }
+        for t in self.target_parameters.iter().flatten() {
+            if expert_param(t).is_none() {
+                return bad(
+                    "target_parameters",
+                    &format!(
+                        "`{t}`: only the MoE experts' `experts.gate_up_proj` and \
+                         `experts.down_proj` are supported"
+                    ),
+                );
             }
         }
         for pattern in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
@@ -159,6 +171,59 @@ impl AdapterConfig {
         }
     }
 
+    /// The expert parameters adapted (`gate_up_proj`, `down_proj`), in the experts
+    /// module's parameter order, which is the order of peft's nested wrappers.
+    pub fn expert_params(&self) -> Vec<&'static str> {
+        let listed: Vec<&str> = self
+            .target_parameters
+            .iter()
+            .flatten()
+            .filter_map(|t| expert_param(t))
+            .collect();
+        EXPERT_PARAMS
+            .into_iter()
+            .filter(|p| listed.contains(p))
+            .collect()
+    }
+
+    /// The module name under which peft's file holds the update of module `module`: for an
+    /// expert parameter (`….experts.gate_up_proj`), the experts module wrapped once per
+    /// adapted parameter that comes after it (peft nests one `ParamWrapper` per parameter,
+    /// the first innermost: `experts.base_layer` and `experts` with both); any other module
+    /// as it is.
+    pub fn file_module(&self, module: &str) -> String {
+        let params = self.expert_params();
+        match module.rsplit_once('.') {
+            Some((parent, p)) if parent.ends_with("experts") && params.contains(&p) => {
+                let pos = params.iter().position(|q| *q == p).expect("contained");
+                let mut m = parent.to_string();
+                for _ in pos + 1..params.len() {
+                    m.push_str(".base_layer");
+                }
+                m
+            }
+            _ => module.to_string(),
+        }
+    }
+
+    /// The inverse of [`Self::file_module`]: `….experts[.base_layer…]` to the expert
+    /// parameter it adapts; any other module as it is. `None` for an experts module that
+    /// names no adapted parameter.
+    pub fn param_module(&self, file_module: &str) -> Option<String> {
+        let params = self.expert_params();
+        let mut m = file_module;
+        let mut wraps = 0;
+        while let Some(inner) = m.strip_suffix(".base_layer") {
+            m = inner;
+            wraps += 1;
+        }
+        if !m.ends_with("experts") || !(m.len() == 7 || m.ends_with(".experts")) {
+            return (wraps == 0).then(|| file_module.to_string());
+        }
+        let pos = params.len().checked_sub(wraps + 1)?;
+        Some(format!("{m}.{}", params[pos]))
+    }
+
     pub fn write(&self, path: &Path) -> Result<()> {
         let text =
             serde_json::to_string_pretty(self).map_err(|e| Error::config(path, e.to_string()))?;
@@ -170,6 +235,17 @@ impl AdapterConfig {
 /// dot-terminated prefix.
 fn module_pattern(key: &str) -> std::result::Result<Regex, regex::Error> {
     Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+}
+
+/// The experts' fused parameters in the order `Gemma4TextExperts` defines them.
+const EXPERT_PARAMS: [&str; 2] = ["gate_up_proj", "down_proj"];
+
+/// The expert parameter a `target_parameters` entry names (peft matches it against the end
+/// of the parameter's path): `experts.gate_up_proj`, `….experts.down_proj`.
+fn expert_param(entry: &str) -> Option<&'static str> {
+    let (parent, p) = entry.rsplit_once('.')?;
+    let p = EXPERT_PARAMS.into_iter().find(|q| *q == p)?;
+    (parent == "experts" || parent.ends_with(".experts")).then_some(p)
 }
 
 /// Where an adapter's files are.
@@ -221,6 +297,36 @@ mod tests {
         assert_eq!(rs.scaling(16, 16.0), 4.0);
     }
 
+    /// peft nests one wrapper per adapted expert parameter, the first (in the module's
+    /// order, whatever the config's) innermost.
+    #[test]
+    fn expert_parameters_are_named_as_peft_nests_them() {
+        let m = "model.language_model.layers.3.experts";
+        let both = cfg(serde_json::json!({
+            "target_parameters": ["experts.down_proj", "experts.gate_up_proj"]
+        }))
+        .unwrap();
+        assert_eq!(both.expert_params(), ["gate_up_proj", "down_proj"]);
+        for (param, file) in [
+            ("gate_up_proj", format!("{m}.base_layer")),
+            ("down_proj", m.to_string()),
+        ] {
+            let module = format!("{m}.{param}");
+            assert_eq!(both.file_module(&module), file);
+            assert_eq!(both.param_module(&file), Some(module));
+        }
+        let down = cfg(serde_json::json!({"target_parameters": ["experts.down_proj"]})).unwrap();
+        assert_eq!(down.file_module(&format!("{m}.down_proj")), m);
+        assert_eq!(down.param_module(m), Some(format!("{m}.down_proj")));
+        assert_eq!(down.param_module(&format!("{m}.base_layer")), None);
+        // Other modules pass through.
+        let q = "model.layers.0.self_attn.q_proj";
+        assert_eq!(
+            (both.file_module(q), both.param_module(q)),
+            (q.to_string(), Some(q.to_string()))
+        );
+    }
+
     #[test]
     fn what_is_not_computed_here_is_refused_by_name() {
         for (field, value) in [
@@ -230,7 +336,7 @@ mod tests {
             ("peft_type", serde_json::json!("IA3")),
             (
                 "target_parameters",
-                serde_json::json!(["experts.gate_up_proj"]),
+                serde_json::json!(["mlp.gate_proj.weight"]),
             ),
             ("r", serde_json::json!(0)),
         ] {

@@ -21,7 +21,8 @@ use crate::loading::weights::Checkpoint;
 /// What [`merge`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeReport {
-    /// Weights changed (one per patched projection, whatever the number of adapters).
+    /// Weights changed (one per patched projection or fused expert parameter, whatever the
+    /// number of adapters).
     pub patched: usize,
     /// Tensors written in all.
     pub tensors: usize,
@@ -66,12 +67,12 @@ pub fn merge(
             "is the model directory: write the merged checkpoint somewhere else",
         ));
     }
-    // Weight name by canonical module path.
+    // Weight name by canonical module path (fused expert parameters by their own path).
     let weights: HashMap<String, &str> = ckpt
         .tensor_names()
-        .filter_map(|n| {
-            let module = n.strip_suffix(".weight")?;
-            (!super::is_embedding(module)).then(|| (canonical(module), n))
+        .filter_map(|n| match n.strip_suffix(".weight") {
+            Some(module) => (!super::is_embedding(module)).then(|| (canonical(module), n)),
+            None => super::is_expert_param(n).then(|| (canonical(n), n)),
         })
         .collect();
     let mut updates: HashMap<&str, Vec<LoraDelta>> = HashMap::new();
@@ -81,19 +82,33 @@ pub fn merge(
                 .get(&canonical(&m.module))
                 .ok_or_else(|| unmatched(adapter, &m.module))?;
             let shape = ckpt.shape(name).unwrap_or_default();
-            let out_in = match shape {
-                [o, i] => (*o, *i),
+            let label = format!("{PEFT_PREFIX}{}", adapter.config.file_module(&m.module));
+            let (a, b) = (m.a.clone(), m.b.clone());
+            match (shape, m.is_experts()) {
+                ([o, i], false) => updates.entry(name).or_default().push(LoraDelta::new(
+                    0,
+                    a,
+                    b,
+                    m.scaling,
+                    (*o, *i),
+                    &label,
+                )?),
+                ([n, o, i], true) => {
+                    for e in 0..*n {
+                        let d = LoraDelta::expert(
+                            0,
+                            a.clone(),
+                            b.clone(),
+                            m.scaling,
+                            (e, *n),
+                            (*o, *i),
+                            &label,
+                        )?;
+                        updates.entry(name).or_default().push(d);
+                    }
+                }
                 _ => return Err(unmatched(adapter, &m.module)),
-            };
-            let delta = LoraDelta::new(
-                0,
-                m.a.clone(),
-                m.b.clone(),
-                m.scaling,
-                out_in,
-                &format!("{PEFT_PREFIX}{}", m.module),
-            )?;
-            updates.entry(name).or_default().push(delta);
+            }
         }
     }
 
@@ -175,10 +190,23 @@ pub fn merge(
     })
 }
 
-/// `name`'s weight plus every delta, in f32.
+/// `name`'s weight plus every delta, in f32 (a fused expert parameter's deltas each go to
+/// their expert's matrix).
 fn merged(ckpt: &Checkpoint, name: &str, deltas: &[LoraDelta]) -> Result<candle_core::Tensor> {
     let shape = ckpt.shape(name).unwrap_or_default().to_vec();
-    let mut w = ckpt.load(name, &shape, DType::F32, &Device::Cpu)?;
+    let w = ckpt.load(name, &shape, DType::F32, &Device::Cpu)?;
+    if shape.len() == 3 {
+        let mut experts = (0..shape[0])
+            .map(|e| w.get(e))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for d in deltas {
+            if let Some(e) = d.expert_index() {
+                experts[e] = (&experts[e] + d.dense()?)?;
+            }
+        }
+        return Ok(candle_core::Tensor::stack(&experts, 0)?);
+    }
+    let mut w = w;
     for d in deltas {
         w = (w + d.dense()?)?;
     }

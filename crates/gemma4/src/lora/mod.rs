@@ -35,20 +35,37 @@ const PEFT_PREFIX: &str = "base_model.model.";
 /// One projection's update in an adapter file.
 #[derive(Debug, Clone)]
 pub struct ModuleLora {
-    /// The projection's path in the model, as the file names it (without peft's prefix).
+    /// The projection's path in the model, as the file names it (without peft's prefix);
+    /// for the MoE experts, the fused parameter's path (`….experts.gate_up_proj`), which
+    /// the file names after peft's nested wrappers ([`AdapterConfig::file_module`]).
     pub module: String,
-    /// `[r, in]`, f32.
+    /// `[r, in]`, f32; `[r·E, in]` for a fused expert parameter (peft's `ParamWrapper`).
     pub a: Tensor,
-    /// `[out, r]`, f32.
+    /// `[out, r]`, f32; `[out, r·E]` for a fused expert parameter.
     pub b: Tensor,
     /// `alpha / r` (or `alpha / √r` with rsLoRA), times any scale given at load.
     pub scaling: f64,
+    /// `r`.
+    pub rank: usize,
 }
 
 impl ModuleLora {
     pub fn rank(&self) -> usize {
-        self.a.dims()[0]
+        self.rank
     }
+
+    /// Whether it adapts a fused expert parameter (one update per expert).
+    pub fn is_experts(&self) -> bool {
+        is_expert_param(&self.module)
+    }
+}
+
+/// `….experts.gate_up_proj` or `….experts.down_proj`.
+pub(crate) fn is_expert_param(module: &str) -> bool {
+    module.rsplit_once('.').is_some_and(|(parent, p)| {
+        (parent == "experts" || parent.ends_with(".experts"))
+            && (p == "gate_up_proj" || p == "down_proj")
+    })
 }
 
 /// A LoRA adapter read from a peft adapter directory.
@@ -114,7 +131,14 @@ impl LoraAdapter {
             return Err(bad("no LoRA tensors".into()));
         }
         let mut modules = Vec::with_capacity(pairs.len());
-        for (module, [a, b]) in pairs {
+        for (file_module, [a, b]) in pairs {
+            let module = config.param_module(&file_module).ok_or_else(|| {
+                bad(format!(
+                    "`{}` is a wrapped experts module, but adapter_config.json's \
+                     `target_parameters` adapts no expert parameter there",
+                    crate::error::printable(&file_module)
+                ))
+            })?;
             let (a, b) = match (a, b) {
                 (Some(a), Some(b)) => (a, b),
                 (a, _) => {
@@ -137,20 +161,29 @@ impl LoraAdapter {
                 file.load(key, &shape, DType::F32, &Device::Cpu)
             };
             let (a, b) = (load(&a)?, load(&b)?);
-            let rank = a.dims()[0];
-            let (r, alpha) = config.rank_and_alpha(&module);
-            if r != rank {
+            let rows = a.dims()[0];
+            let experts = is_expert_param(&module);
+            // An expert parameter's rank patterns match the experts module, as peft's.
+            let pattern_name = match experts {
+                true => module.rsplit_once('.').map_or(module.as_str(), |(m, _)| m),
+                false => module.as_str(),
+            };
+            let (r, alpha) = config.rank_and_alpha(pattern_name);
+            // The experts' factors hold r rows per expert; their count is checked when the
+            // adapter is attached to a model.
+            if (experts && rows % r != 0) || (!experts && r != rows) {
                 return Err(bad(format!(
-                    "`{}` has rank {rank}, but adapter_config.json gives it rank {r}",
-                    crate::error::printable(&module)
+                    "`{}` has {rows} rows in lora_A, but adapter_config.json gives it rank {r}",
+                    crate::error::printable(&file_module)
                 )));
             }
-            let scaling = config.scaling(rank, alpha);
+            let scaling = config.scaling(r, alpha);
             modules.push(ModuleLora {
                 module,
                 a,
                 b,
                 scaling,
+                rank: r,
             });
         }
         Ok(LoraAdapter {
@@ -233,37 +266,66 @@ pub(crate) fn adaptable(linears: Vec<&Linear>) -> Vec<(&str, &Linear)> {
 }
 
 /// [`adaptable`] by canonical module path.
-fn patchable(linears: Vec<&Linear>) -> HashMap<String, &Linear> {
-    adaptable(linears)
+fn patchable<'a>(linears: &[&'a Linear]) -> HashMap<String, &'a Linear> {
+    adaptable(linears.to_vec())
         .into_iter()
         .map(|(module, l)| (canonical(module), l))
         .collect()
 }
 
+/// The per-expert projections of every fused expert parameter, by the parameter's
+/// canonical path, in expert order.
+pub(crate) fn expert_linears<'a>(linears: &[&'a Linear]) -> BTreeMap<String, Vec<&'a Linear>> {
+    let mut out: BTreeMap<String, Vec<(usize, &Linear)>> = BTreeMap::new();
+    for l in linears {
+        if let Some(src) = l.source() {
+            if let (Some(e), true) = (src.index, is_expert_param(&src.name)) {
+                out.entry(canonical(&src.name)).or_default().push((e, l));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by_key(|(e, _)| *e);
+            (k, v.into_iter().map(|(_, l)| l).collect())
+        })
+        .collect()
+}
+
 /// Attaches every update of `adapter` to `linears` as adapter `id`: all or nothing, so a
-/// failure leaves the model as it was. Returns how many projections were patched.
+/// failure leaves the model as it was. Returns how many projections were patched (each
+/// expert of a fused expert parameter counted).
 pub(crate) fn patch(linears: Vec<&Linear>, id: usize, adapter: &LoraAdapter) -> Result<usize> {
-    let targets = patchable(linears);
+    let targets = patchable(&linears);
+    let experts = expert_linears(&linears);
     // Names first: an adapter for another model is reported as such, not as the first
     // shape that happens to differ.
-    let mut matched = Vec::with_capacity(adapter.modules.len());
+    let mut matched: Vec<(Vec<&Linear>, &ModuleLora)> = Vec::with_capacity(adapter.modules.len());
     for m in &adapter.modules {
-        let linear = targets
-            .get(&canonical(&m.module))
-            .ok_or_else(|| unmatched(adapter, &m.module))?;
-        matched.push((*linear, m));
+        let key = canonical(&m.module);
+        let found = match m.is_experts() {
+            true => experts.get(&key).cloned(),
+            false => targets.get(&key).map(|l| vec![*l]),
+        };
+        matched.push((found.ok_or_else(|| unmatched(adapter, &m.module))?, m));
     }
     let mut planned = Vec::with_capacity(matched.len());
-    for (linear, m) in matched {
-        let delta = LoraDelta::new(
-            id,
-            m.a.clone(),
-            m.b.clone(),
-            m.scaling,
-            linear.weight().shape(),
-            &format!("{}: {}{}", adapter.dir.display(), PEFT_PREFIX, m.module),
-        )?;
-        planned.push((linear, delta));
+    for (found, m) in matched {
+        let name = format!(
+            "{}: {}{}",
+            adapter.dir.display(),
+            PEFT_PREFIX,
+            adapter.config.file_module(&m.module)
+        );
+        let n = found.len();
+        for (e, linear) in found.into_iter().enumerate() {
+            let (a, b, shape) = (m.a.clone(), m.b.clone(), linear.weight().shape());
+            let delta = match m.is_experts() {
+                true => LoraDelta::expert(id, a, b, m.scaling, (e, n), shape, &name)?,
+                false => LoraDelta::new(id, a, b, m.scaling, shape, &name)?,
+            };
+            planned.push((linear, delta));
+        }
     }
     for (i, (linear, delta)) in planned.iter().enumerate() {
         if let Err(e) = linear.attach(delta.clone()) {

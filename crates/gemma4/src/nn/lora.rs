@@ -141,6 +141,11 @@ pub struct LoraDelta {
     scaling: f64,
     /// Its dropout masks' key (from the adapter tensor's name).
     key: u64,
+    /// `(e, E)` for expert `e` of a fused `[E, out, in]` parameter (peft's `ParamWrapper`):
+    /// `a` `[r·E, in]` and `b` `[out, r·E]` hold every expert's factors, expert `e`'s
+    /// being rows `e·r..(e+1)·r` of A and columns `k·E + e` of B. They are sliced at each
+    /// use, so a trained adapter's updated values (and its graph) are what the expert sees.
+    expert: Option<(usize, usize)>,
 }
 
 impl LoraDelta {
@@ -171,11 +176,77 @@ impl LoraDelta {
             b: b.to_dtype(DType::F32)?.contiguous()?,
             scaling,
             key: fnv1a(name),
+            expert: None,
+        })
+    }
+
+    /// Expert `e` of `n`'s update from the factors of a fused expert parameter: `a`
+    /// `[r·n, in]`, `b` `[out, r·n]` (peft's `ParamWrapper` layout), for expert
+    /// projections of shape `[out, in]`.
+    pub fn expert(
+        id: usize,
+        a: Tensor,
+        b: Tensor,
+        scaling: f64,
+        (e, n): (usize, usize),
+        (out, inp): (usize, usize),
+        name: &str,
+    ) -> Result<Self> {
+        let (rows, a_in) = a.dims2()?;
+        let (b_out, cols) = b.dims2()?;
+        if n == 0
+            || e >= n
+            || rows % n != 0
+            || rows == 0
+            || a_in != inp
+            || b_out != out
+            || cols != rows
+        {
+            return Err(Error::invalid_argument(
+                "adapter",
+                format!(
+                    "`{name}`: lora_A is [{rows}, {a_in}] and lora_B [{b_out}, {cols}], but the \
+                     {n} experts' projections are [{out}, {inp}] (lora_A must be [r·{n}, {inp}], \
+                     lora_B [{out}, r·{n}])"
+                ),
+            ));
+        }
+        Ok(LoraDelta {
+            id,
+            a: a.to_dtype(DType::F32)?,
+            b: b.to_dtype(DType::F32)?,
+            scaling,
+            key: fnv1a(&format!("{name}[{e}]")),
+            expert: Some((e, n)),
         })
     }
 
     pub fn rank(&self) -> usize {
-        self.a.dims()[0]
+        self.a.dims()[0] / self.expert.map_or(1, |(_, n)| n)
+    }
+
+    /// The expert this update belongs to, for a fused expert parameter.
+    pub(crate) fn expert_index(&self) -> Option<usize> {
+        self.expert.map(|(e, _)| e)
+    }
+
+    /// `(A, B)` of this projection: the whole factors, or one expert's slices.
+    fn factors(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match self.expert {
+            None => (self.a.clone(), self.b.clone()),
+            Some((e, n)) => {
+                let r = self.rank();
+                let out = self.b.dims()[0];
+                let a = self.a.narrow(0, e * r, r)?;
+                let b = self
+                    .b
+                    .reshape((out, r, n))?
+                    .narrow(2, e, 1)?
+                    .squeeze(2)?
+                    .contiguous()?;
+                (a, b)
+            }
+        })
     }
 
     /// `scaling · B (A x)`: `x` `[.., in]` (any float dtype) → f32 `[.., out]`; under
@@ -189,8 +260,9 @@ impl LoraDelta {
         if let Some(d) = DROPOUT.with(Cell::get) {
             x2 = (x2.clone() * dropout_mask(d, self.key, x2.shape(), x2.device())?)?;
         }
-        let low = x2.matmul(&self.a.t()?)?;
-        let y = low.matmul(&self.b.t()?)?.affine(self.scaling, 0.0)?;
+        let (a, b) = self.factors()?;
+        let low = x2.matmul(&a.t()?)?;
+        let y = low.matmul(&b.t()?)?.affine(self.scaling, 0.0)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank ≥ 1") = self.b.dims()[0];
         Ok(y.reshape(out_dims)?)
@@ -198,7 +270,8 @@ impl LoraDelta {
 
     /// The dense update `scaling · B A` `[out, in]` in f32 (what merging adds to the weight).
     pub fn dense(&self) -> Result<Tensor> {
-        Ok(self.b.matmul(&self.a)?.affine(self.scaling, 0.0)?)
+        let (a, b) = self.factors()?;
+        Ok(b.matmul(&a)?.affine(self.scaling, 0.0)?)
     }
 }
 
@@ -267,6 +340,35 @@ mod tests {
         let want = delta.apply(&(&x * &m).unwrap()).unwrap();
         let diff = (masked - want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// An expert's update is peft's `get_delta_weight` for a fused parameter: with A
+    /// reshaped `[E, r, in]` and B `[out, r, E]`, `ΔW_e = scaling · B[:, :, e] A[e]`.
+    #[test]
+    fn expert_updates_slice_the_fused_factors_as_peft() {
+        let d = Device::Cpu;
+        let (n, r, inp, out) = (3, 2, 4, 5);
+        let a = Tensor::rand(-1f32, 1., (r * n, inp), &d).unwrap();
+        let b = Tensor::rand(-1f32, 1., (out, r * n), &d).unwrap();
+        let (av, bv): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (a.to_vec2().unwrap(), b.to_vec2().unwrap());
+        for e in 0..n {
+            let delta =
+                LoraDelta::expert(0, a.clone(), b.clone(), 0.5, (e, n), (out, inp), "x").unwrap();
+            assert_eq!(delta.rank(), r);
+            let got: Vec<Vec<f32>> = delta.dense().unwrap().to_vec2().unwrap();
+            for o in 0..out {
+                for i in 0..inp {
+                    let want: f32 = (0..r)
+                        .map(|k| bv[o][k * n + e] * av[e * r + k][i])
+                        .sum::<f32>()
+                        * 0.5;
+                    assert!((got[o][i] - want).abs() < 1e-6, "expert {e} [{o}, {i}]");
+                }
+            }
+        }
+        let err = LoraDelta::expert(0, a.clone(), b, 1.0, (0, 4), (out, inp), "layers.0.experts")
+            .unwrap_err();
+        assert!(err.to_string().contains("layers.0.experts"), "{err}");
     }
 
     #[test]

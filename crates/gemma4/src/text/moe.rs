@@ -52,10 +52,11 @@ impl Router {
 
     /// The routing probabilities `[S, E]` (f32) of every row of `r` `[S, H]`.
     fn probabilities(&self, r: &Tensor) -> Result<Tensor> {
+        // The training forward computes in f32 over a bf16 base.
         let z = self
             .norm
             .forward(r)?
-            .broadcast_mul(&self.scale)?
+            .broadcast_mul(&self.scale.to_dtype(r.dtype())?)?
             .affine(self.root, 0.0)?;
         let logits = self.proj.forward(&z)?.to_dtype(DType::F32)?;
         Ok(match crate::nn::autograd::tracked(&logits) {

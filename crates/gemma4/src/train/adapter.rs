@@ -25,7 +25,8 @@ pub struct LoraSpec {
     pub r: usize,
     pub alpha: f64,
     pub use_rslora: bool,
-    /// Module names (`q_proj`, `down_proj`, ...) or the one entry `all-linear`.
+    /// Module names (`q_proj`, `down_proj`, ...) or `all-linear`, and the expert
+    /// parameters (`experts`, `experts.gate_up_proj`, `experts.down_proj`).
     pub targets: Vec<String>,
 }
 
@@ -39,11 +40,13 @@ impl LoraSpec {
 /// One trained projection.
 #[derive(Debug, Clone)]
 pub struct TrainableModule {
-    /// Its path in the model (`model.language_model.layers.0.self_attn.q_proj`).
+    /// Its path in the model (`model.language_model.layers.0.self_attn.q_proj`, or an
+    /// expert parameter's `….experts.gate_up_proj`).
     pub module: String,
     pub a: Var,
     pub b: Var,
     pub scaling: f64,
+    pub rank: usize,
 }
 
 /// A LoRA adapter whose weights are trained.
@@ -53,29 +56,47 @@ pub struct TrainableAdapter {
     pub modules: Vec<TrainableModule>,
 }
 
-/// The projection paths of `model` that `targets` select, ordered by path, with their
-/// `[out, in]` shapes.
-fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize, usize))>> {
-    let all = targets.iter().any(|t| t == "all-linear");
+/// The expert parameters a target names: `experts` both, `experts.gate_up_proj` or
+/// `experts.down_proj` one.
+fn expert_target(t: &str) -> Option<&'static [&'static str]> {
+    match t {
+        "experts" => Some(&["gate_up_proj", "down_proj"]),
+        "experts.gate_up_proj" => Some(&["gate_up_proj"]),
+        "experts.down_proj" => Some(&["down_proj"]),
+        _ => None,
+    }
+}
+
+/// What `targets` select in `model`, ordered by path: each projection path with its
+/// `[out, in]` shape and 1, or each fused expert parameter's path with one expert's
+/// `[out, in]` and the number of experts.
+#[allow(clippy::type_complexity)]
+fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize, usize), usize)>> {
+    let (expert_targets, targets): (Vec<&String>, Vec<&String>) =
+        targets.iter().partition(|t| expert_target(t).is_some());
+    let all = targets.iter().any(|t| *t == "all-linear");
     if all && targets.len() > 1 {
         return Err(Error::invalid_argument(
             "targets",
-            "`all-linear` stands alone (it already takes every projection)",
+            "`all-linear` stands alone among module names (it already takes every projection)",
         ));
     }
     let mut out = Vec::new();
     let mut hit = vec![false; targets.len()];
     // A separately stored head is adaptable at inference, but the loss reads its weight
     // directly (`train::loss`), so an adapter on it would never be trained.
-    let linears = crate::lora::adaptable(model.linears());
-    for (module, l) in linears.into_iter().filter(|(m, _)| !m.ends_with("lm_head")) {
+    let linears = model.linears();
+    for (module, l) in crate::lora::adaptable(linears.clone())
+        .into_iter()
+        .filter(|(m, _)| !m.ends_with("lm_head"))
+    {
         let name = module.rsplit('.').next().unwrap_or(module);
         let pick = match all {
             true => true,
             false => {
                 let mut any = false;
                 for (t, h) in targets.iter().zip(hit.iter_mut()) {
-                    if t == name || module.ends_with(&format!(".{t}")) {
+                    if *t == name || module.ends_with(&format!(".{t}")) {
                         *h = true;
                         any = true;
                     }
@@ -84,7 +105,7 @@ fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize
             }
         };
         if pick {
-            out.push((module.to_string(), l.weight().shape()));
+            out.push((module.to_string(), l.weight().shape(), 1));
         }
     }
     if let Some((t, _)) = targets.iter().zip(&hit).find(|(_, h)| !all && !**h) {
@@ -92,6 +113,29 @@ fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize
             "targets",
             format!("`{t}` matches no projection of the model"),
         ));
+    }
+    let wanted: Vec<&str> = expert_targets
+        .iter()
+        .flat_map(|t| expert_target(t).into_iter().flatten().copied())
+        .collect();
+    if !wanted.is_empty() {
+        let experts = crate::lora::expert_linears(&linears);
+        if experts.is_empty() {
+            return Err(Error::invalid_argument(
+                "targets",
+                "`experts`: the model has no MoE experts",
+            ));
+        }
+        for (param, per_expert) in experts {
+            if wanted.iter().any(|w| param.ends_with(&format!(".{w}"))) {
+                // The path as the checkpoint names it (the first expert's source).
+                let name = per_expert[0]
+                    .source()
+                    .map(|s| s.name.clone())
+                    .unwrap_or(param);
+                out.push((name, per_expert[0].weight().shape(), per_expert.len()));
+            }
+        }
     }
     if out.is_empty() {
         return Err(Error::invalid_argument("targets", "select no projection"));
@@ -115,25 +159,40 @@ impl TrainableAdapter {
         // reads the list back.
         let mut names: Vec<String> = chosen
             .iter()
-            .map(|(m, _)| m.rsplit('.').next().unwrap_or(m).to_string())
+            .filter(|(_, _, n)| *n == 1)
+            .map(|(m, _, _)| m.rsplit('.').next().unwrap_or(m).to_string())
             .collect();
         names.sort();
         names.dedup();
-        let config = AdapterConfig::new(spec.r, spec.alpha, spec.use_rslora, names);
+        let mut params: Vec<String> = chosen
+            .iter()
+            .filter(|(_, _, n)| *n > 1)
+            .filter_map(|(m, _, _)| m.rsplit('.').next())
+            .map(|p| format!("experts.{p}"))
+            .collect();
+        params.sort();
+        params.dedup();
+        let mut config = AdapterConfig::new(spec.r, spec.alpha, spec.use_rslora, names);
+        if !params.is_empty() {
+            config.target_parameters = Some(params);
+        }
         let scaling = config.scaling(spec.r, spec.alpha);
         let mut modules = Vec::new();
-        for (module, (out, inp)) in chosen {
+        for (module, (out, inp), n) in chosen {
+            // peft's kaiming-uniform A (one `nn.Linear(in, r·E)` for fused experts).
             let bound = 1.0 / (inp as f64).sqrt();
-            let a: Vec<f32> = (0..spec.r * inp)
+            let rows = spec.r * n;
+            let a: Vec<f32> = (0..rows * inp)
                 .map(|_| rng.random_range(-bound..bound) as f32)
                 .collect();
-            let a = Var::from_tensor(&Tensor::from_vec(a, (spec.r, inp), &Device::Cpu)?)?;
-            let b = Var::zeros((out, spec.r), DType::F32, &Device::Cpu)?;
+            let a = Var::from_tensor(&Tensor::from_vec(a, (rows, inp), &Device::Cpu)?)?;
+            let b = Var::zeros((out, rows), DType::F32, &Device::Cpu)?;
             modules.push(TrainableModule {
                 module,
                 a,
                 b,
                 scaling,
+                rank: spec.r,
             });
         }
         Ok(TrainableAdapter { config, modules })
@@ -150,6 +209,7 @@ impl TrainableAdapter {
                     a: Var::from_tensor(&m.a.to_dtype(DType::F32)?)?,
                     b: Var::from_tensor(&m.b.to_dtype(DType::F32)?)?,
                     scaling: m.scaling,
+                    rank: m.rank,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -182,14 +242,19 @@ impl TrainableAdapter {
                     a: m.a.as_tensor().clone(),
                     b: m.b.as_tensor().clone(),
                     scaling: m.scaling,
+                    rank: m.rank,
                 })
                 .collect(),
         }
     }
 
-    /// The peft key of module `m`'s A (`slot` "lora_A") or B.
-    pub fn key(module: &str, slot: &str) -> String {
-        format!("base_model.model.{module}.{slot}.weight")
+    /// The peft key of module `module`'s A (`slot` "lora_A") or B, expert parameters
+    /// named after peft's nested wrappers.
+    pub fn key(&self, module: &str, slot: &str) -> String {
+        format!(
+            "base_model.model.{}.{slot}.weight",
+            self.config.file_module(module)
+        )
     }
 
     /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` as peft does
@@ -198,8 +263,8 @@ impl TrainableAdapter {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors = Vec::new();
         for m in &self.modules {
-            tensors.push((Self::key(&m.module, "lora_A"), m.a.as_tensor().clone()));
-            tensors.push((Self::key(&m.module, "lora_B"), m.b.as_tensor().clone()));
+            tensors.push((self.key(&m.module, "lora_A"), m.a.as_tensor().clone()));
+            tensors.push((self.key(&m.module, "lora_B"), m.b.as_tensor().clone()));
         }
         write_f32_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
         let mut config = self.config.clone();

@@ -188,6 +188,19 @@ impl Trainer {
                 format!("{} is not a probability below 1", config.dropout),
             ));
         }
+        // peft refuses dropout on parameter adapters: an input mask cannot be factored out
+        // of the expert's product with its weight plus update.
+        if config.dropout > 0.0
+            && config
+                .targets
+                .iter()
+                .any(|t| t == "experts" || t.starts_with("experts."))
+        {
+            return Err(Error::invalid_argument(
+                "dropout",
+                "LoRA dropout does not apply to the MoE experts' adapters (peft refuses it too)",
+            ));
+        }
         let steps_per_epoch = examples.div_ceil(config.batch) as u64;
         let total_steps = config
             .max_steps
