@@ -196,7 +196,7 @@ fn turn(
         true,
         &kwargs,
     )?;
-    let input = model.prepare(&Prompt::Rendered(text), &chat.media)?;
+    let input = model.prepare_with(&Prompt::Rendered(text), &chat.media, model.all_adapters())?;
     let room = model
         .config
         .text

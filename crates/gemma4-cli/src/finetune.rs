@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gemma4::train::data::{load_jsonl, media_kinds};
+use gemma4::train::data::{load_jsonl_with, media_kinds};
 use gemma4::train::{TrainConfig, Trainer};
 use serde_json::json;
 
@@ -46,6 +46,11 @@ pub(crate) struct FinetuneArgs {
     /// target_parameters.
     #[arg(long, value_delimiter = ',', default_value = "all-linear")]
     pub(crate) targets: Vec<String>,
+    /// Encoders whose projections the targets also adapt: `vision` (the vision tower and
+    /// its projector; peft wraps a tower's clippable linears at their inner `.linear`).
+    /// By default the encoders stay frozen.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) towers: Vec<String>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     pub(crate) lr: f64,
@@ -118,14 +123,16 @@ pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         (vision, audio) = (vision || v, audio || au);
     }
     let mut model = crate::args::load_with(&a.model, vision, audio)?;
-    let data = load_jsonl(&a.data, &model, a.max_len).context("--data")?;
+    // Trained encoders encode each example's media again at every step.
+    let keep = !a.towers.is_empty();
+    let data = load_jsonl_with(&a.data, &model, a.max_len, keep).context("--data")?;
     for (line, why) in &data.skipped {
         eprintln!("warning: --data line {line} skipped: {why}");
     }
     let eval = a
         .eval
         .as_ref()
-        .map(|p| load_jsonl(p, &model, a.max_len).context("--eval"))
+        .map(|p| load_jsonl_with(p, &model, a.max_len, keep).context("--eval"))
         .transpose()?;
     let config = TrainConfig {
         r: a.r,
@@ -144,6 +151,7 @@ pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         recompute: !a.no_recompute,
         dropout: a.dropout,
         pack: a.pack.then_some(a.max_len),
+        towers: a.towers.clone(),
     };
     let checkpoint = a.out.join("checkpoint");
     if a.resume && !checkpoint.is_dir() {

@@ -34,7 +34,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut model = load(&a.model, &a.media)?;
     let prompt = prompt_of(&a.prompt, a.system.as_deref())?;
     let media = media_of(&a.media, &mut model)?;
-    let input = model.prepare(&prompt, &media)?;
+    let input = model.prepare_with(&prompt, &media, model.all_adapters())?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: a.sampling.params(&model),

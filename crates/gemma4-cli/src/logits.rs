@@ -23,7 +23,7 @@ pub(crate) struct LogitsArgs {
 pub(crate) fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let mut model = load(&a.model, &a.media)?;
     let media = media_of(&a.media, &mut model)?;
-    let input = model.prepare(&prompt_of(&a.prompt, None)?, &media)?;
+    let input = model.prepare_with(&prompt_of(&a.prompt, None)?, &media, model.all_adapters())?;
     let logits = gemma4::lora::with_adapters(model.all_adapters(), || {
         model
             .text

@@ -1323,6 +1323,45 @@ fn finetune_reads_image_and_audio_rows() {
         .collect();
     assert_eq!(losses.len(), 2);
     assert!(losses[1] < losses[0], "{log}");
+    // The vision tower adapted too (--towers vision): its projections are in the adapter,
+    // and target_modules names exactly the adapted paths (a regex, as peft reads it).
+    let towers = tmp.join("towers");
+    let o = gemma4(&[
+        "finetune",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        towers.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--towers",
+        "vision",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(w["modules"].as_u64() > v["modules"].as_u64(), "{w}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(towers.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let targets = cfg["target_modules"].as_str().unwrap();
+    assert!(targets.contains(r"model\.vision_tower\.encoder\.layers\.0\.self_attn\.q_proj\.linear"));
+    let o = gemma4(&[
+        "finetune",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.join("audio").to_str().unwrap(),
+        "--towers",
+        "audio",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("towers") && err.contains("audio"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

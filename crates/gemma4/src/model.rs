@@ -356,8 +356,20 @@ impl Gemma4 {
         })
     }
 
+    /// [`Self::prepare`] with the attached adapters of `set` on in the encoders (an
+    /// adapter that patches the vision tower changes the soft tokens).
+    pub fn prepare_with(
+        &self,
+        prompt: &Prompt,
+        media: &Media,
+        set: crate::lora::AdapterSet,
+    ) -> Result<PromptInput> {
+        crate::lora::with_adapters(set, || self.prepare(prompt, media))
+    }
+
     /// A prompt with its images, videos and audio, ready for the decoder: markers
-    /// expanded, tokenized, soft tokens spliced in.
+    /// expanded, tokenized, soft tokens spliced in. The encoders run with the adapters of
+    /// the calling scope on ([`crate::lora::with_adapters`]; none outside one).
     pub fn prepare(&self, prompt: &Prompt, media: &Media) -> Result<PromptInput> {
         let missing = |arg: &str, loaded: bool, present: bool, what: &str| {
             Error::invalid_argument(
@@ -430,13 +442,25 @@ impl Gemma4 {
         ids: &[u32],
         media: &ProcessedMedia,
     ) -> Result<Option<crate::multimodal::SoftTokens>> {
-        crate::multimodal::encode_media(
+        self.encode_media_as(ids, media, None)
+    }
+
+    /// [`Self::encode_media`], the vision tower's activations in `dt` when given (training
+    /// computes in f32 whatever the weights' dtype).
+    pub fn encode_media_as(
+        &self,
+        ids: &[u32],
+        media: &ProcessedMedia,
+        dt: Option<DType>,
+    ) -> Result<Option<crate::multimodal::SoftTokens>> {
+        crate::multimodal::encode_media_as(
             &self.text,
             self.vision.as_ref(),
             self.audio.as_ref(),
             &self.config.mm_tokens,
             ids,
             media,
+            dt,
         )
     }
 

@@ -241,6 +241,75 @@ fn expert_adapters_match_peft_unmerged_and_merged() {
     assert!(d <= TOL, "merged logits differ from peft's by {d}");
 }
 
+/// An adapter on the vision tower's linears (peft wraps each clippable linear's inner
+/// `.linear`) and the decoder's q/v: a chat prompt with an image and a clip, its media
+/// encoded with the adapter on, gives `PeftModel`'s logits within 1e-4; the same adapter
+/// on a model whose vision tower was not loaded patches only the decoder.
+#[test]
+fn vision_tower_adapters_match_peft() {
+    let dir = fixture("train").join("vision_tower");
+    let base = fixture("audio_small");
+    let adapter = LoraAdapter::load(&dir).unwrap();
+    let mut model = Gemma4::load(&base, LoadOptions::default()).unwrap();
+    let attached = model.attach_adapter(&adapter).unwrap();
+    assert_eq!(attached.modules, adapter.modules.len());
+    let rendered = std::fs::read_to_string(dir.join("golden/rendered.txt")).unwrap();
+    let media = gemma4::Media {
+        images: vec![model
+            .load_image(&fixture("images").join("landscape.png"))
+            .unwrap()],
+        videos: vec![],
+        audio: vec![model
+            .load_audio(&fixture("audio").join("hello_16k.wav"))
+            .unwrap()],
+    };
+    let prompt = gemma4::Prompt::Rendered(rendered);
+    let logits_of = |set: AdapterSet| {
+        let input = model.prepare_with(&prompt, &media, set).unwrap();
+        let tm = &model.text;
+        rows(
+            &lora::with_adapters(set, || {
+                tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All)
+            })
+            .unwrap(),
+        )
+    };
+    let want = rows(
+        &candle_core::safetensors::load(
+            dir.join("golden/logits.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()["logits"],
+    );
+    let d = max_abs(&logits_of(attached.set()), &want);
+    assert!(d <= TOL, "logits differ from peft's by {d}");
+    // The tower's adapters matter: without them (decoder adapters only), other logits.
+    let input = model.prepare(&prompt, &media).unwrap();
+    let tm = &model.text;
+    let plain_tower = rows(
+        &lora::with_adapters(attached.set(), || {
+            tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All)
+        })
+        .unwrap(),
+    );
+    assert!(max_abs(&plain_tower, &want) > 100.0 * TOL);
+    let text_only = Gemma4::load(
+        &base,
+        LoadOptions {
+            vision: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut text_only = text_only;
+    let decoder = adapter
+        .modules
+        .iter()
+        .filter(|m| m.module.contains("language_model"))
+        .count();
+    assert_eq!(text_only.attach_adapter(&adapter).unwrap().modules, decoder);
+}
+
 #[test]
 fn merging_keeps_the_stored_dtype_and_rounds_once() {
     // The fixture stores bf16: each merged weight is (W + scaling·B·A) computed in f32 and

@@ -9,12 +9,12 @@ use candle_core::{Device, Tensor, Var};
 use gemma4::lora::{AdapterSet, LoraAdapter};
 use gemma4::text::model::LogitsFor;
 use gemma4::train::{
-    sequence_gradients, sequence_loss, AdamW, AdamWConfig, Example, GradientOptions, LoraSpec,
-    SequenceGradients, TrainableAdapter,
+    media_sequence_gradients, media_sequence_loss, sequence_gradients, AdamW, AdamWConfig, Example,
+    GradientOptions, LoraSpec, SequenceGradients, TrainableAdapter,
 };
 use gemma4::{Gemma4, LoadOptions};
 
-use gemma4::train::data::{example_of_row, example_of_row_in};
+use gemma4::train::data::{example_of_row, example_of_row_in, example_of_row_with};
 
 use common::{fixture, ids, json, max_abs, rows, Scratch, TOL};
 
@@ -69,7 +69,8 @@ fn run_case_with(
     let ex = make(&mut model, &golden);
     let mut acc = vec![None; vars.len()];
     let n = ex.supervised() as f64;
-    let out = sequence_gradients(&model.text, set, &vars, &ex, n, opts, &mut acc).unwrap();
+    // The whole model's: through adapted encoders when the example keeps its media.
+    let out = media_sequence_gradients(&model, set, &vars, &ex, n, opts, &mut acc).unwrap();
     CaseRun {
         golden,
         model,
@@ -117,7 +118,7 @@ fn check_run(case: &str, run: &CaseRun, bound: f32) {
     assert_eq!(ex.supervised() as u64, g["supervised"].as_u64().unwrap());
     assert_eq!(out.tokens, ex.supervised());
     // The forward-only loss (evaluation) is the same.
-    let (sum, k) = sequence_loss(&run.model.text, run.set, ex, run.opts.vocab_block).unwrap();
+    let (sum, k) = media_sequence_loss(&run.model, run.set, ex, run.opts.vocab_block).unwrap();
     assert_eq!(k, out.tokens);
     assert!(
         (sum - out.loss_sum).abs() < 1e-4,
@@ -336,6 +337,38 @@ fn packed_sequences_train_as_they_do_apart() {
     assert_packing_is_exact(&run, &[&a, &b]);
 }
 
+/// The vision tower adapted beside the decoder: the row's image is encoded again with the
+/// adapter on, and the decoder's gradient at its soft tokens is taken back through the
+/// projector and the tower. Every LoRA gradient, the tower's included, within the
+/// reference's bounds, with recomputation on and off; packed after a text example too.
+#[test]
+fn vision_tower_adapters_train_as_the_reference() {
+    let case = "vision_tower";
+    let dir = fixture("train").join(case);
+    for recompute in [true, false] {
+        let opts = GradientOptions {
+            recompute,
+            ..Default::default()
+        };
+        let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
+            model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+            example_of_row_with(model, &golden["row"], Some(&dir), true).unwrap()
+        });
+        assert!(run
+            .trainable
+            .modules
+            .iter()
+            .any(|m| m.module.contains("vision_tower")));
+        assert_eq!(run.ex.sources.len(), 1);
+        check_run(case, &run, 1e-3);
+        if recompute {
+            let a = run.ex.clone();
+            let text = Example::new(a.ids[..5].to_vec(), vec![Some(7); 5]);
+            assert_packing_is_exact(&run, &[&text, &a]);
+        }
+    }
+}
+
 /// Packing moves each example's soft tokens to its place in the packed sequence: a text
 /// example, then the image-and-audio row twice.
 #[test]
@@ -365,8 +398,8 @@ fn assert_packing_is_exact(run: &CaseRun, examples: &[&Example]) {
         let mut acc = vec![None; run.trainable.vars().len()];
         let mut loss = 0.0;
         for ex in examples {
-            let out = sequence_gradients(
-                &run.model.text,
+            let out = media_sequence_gradients(
+                &run.model,
                 run.set,
                 &run.trainable.vars(),
                 ex,
@@ -407,7 +440,7 @@ fn assert_packing_is_exact(run: &CaseRun, examples: &[&Example]) {
         );
     }
     // The forward-only loss agrees.
-    let (sum, k) = sequence_loss(&run.model.text, run.set, &packed, 100).unwrap();
+    let (sum, k) = media_sequence_loss(&run.model, run.set, &packed, 100).unwrap();
     assert_eq!(k, packed.supervised());
     assert!((sum - apart_loss).abs() < 1e-5 * apart_loss.abs());
 }
@@ -544,6 +577,7 @@ fn expert_adapters_are_made_and_written_as_peft_does() {
         alpha: 4.0,
         use_rslora: false,
         targets: vec!["q_proj".into(), "experts".into()],
+        towers: vec![],
     };
     let mine = TrainableAdapter::new(&model.text, &spec, 0).unwrap();
     let reference = LoraAdapter::load(&fixture("train").join("moe_experts")).unwrap();
@@ -605,6 +639,7 @@ fn a_new_adapter_is_initialised_and_named_as_peft_does() {
         alpha: 8.0,
         use_rslora: false,
         targets: vec!["all-linear".into()],
+        towers: vec![],
     };
     let a = TrainableAdapter::new(&model.text, &spec, 0).unwrap();
     // The same modules as peft's `all-linear` on this model.
@@ -695,6 +730,7 @@ fn training_on_one_example_drives_its_loss_toward_zero() {
         alpha: 16.0,
         use_rslora: false,
         targets: vec!["all-linear".into()],
+        towers: vec![],
     };
     let trainable = TrainableAdapter::new(&model.text, &spec, 1).unwrap();
     let set = model

@@ -354,7 +354,9 @@ async fn chat(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Resp
                 "cannot hold an answer that `tool_choice` forces to be a tool call",
             ));
         }
-        let input = l.model.prepare(&Prompt::Rendered(chat.text), &chat.media)?;
+        let input = l
+            .model
+            .prepare_with(&Prompt::Rendered(chat.text), &chat.media, adapters)?;
         let forced = match chat.forced.is_empty() {
             true => Vec::new(),
             false => l.model.tokenizer()?.encode_raw(&chat.forced)?,

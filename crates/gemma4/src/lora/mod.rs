@@ -221,13 +221,24 @@ pub(crate) fn is_embedding(module: &str) -> bool {
     module.ends_with("embed_tokens") || module.ends_with("embed_tokens_per_layer")
 }
 
-/// Why an adapter module matched nothing, for the error.
-fn unmatched(adapter: &LoraAdapter, module: &str) -> Error {
-    let why = if ["vision_tower", "audio_tower", "embed_vision", "embed_audio"]
+/// A module of the vision encoder or its projector.
+pub(crate) fn is_vision_module(module: &str) -> bool {
+    ["vision_tower.", "embed_vision.", "vision_embedder."]
         .iter()
         .any(|t| module.contains(t))
-    {
-        "adapters on the vision and audio encoders are not supported yet".to_string()
+}
+
+/// A module of the audio encoder or its projector.
+pub(crate) fn is_audio_module(module: &str) -> bool {
+    ["audio_tower.", "embed_audio.", "audio_embedder."]
+        .iter()
+        .any(|t| module.contains(t))
+}
+
+/// Why an adapter module matched nothing, for the error.
+fn unmatched(adapter: &LoraAdapter, module: &str) -> Error {
+    let why = if is_audio_module(module) {
+        "adapters on the audio encoder are not supported yet".to_string()
     } else {
         format!(
             "it matches no projection of this model (an adapter for another model? it names \
@@ -382,7 +393,24 @@ impl crate::Gemma4 {
                 ),
             ));
         }
-        let modules = patch(self.text.linears(), id, adapter)?;
+        // The vision encoder's modules patch it when it is loaded; a checkpoint's encoder
+        // that was not loaded computes nothing for them to change.
+        let mut linears = self.text.linears();
+        let filtered;
+        let adapter = match &self.vision {
+            Some(v) => {
+                linears.extend(v.linears());
+                adapter
+            }
+            None if self.config.vision.is_some() => {
+                let mut a = adapter.clone();
+                a.modules.retain(|m| !is_vision_module(&m.module));
+                filtered = a;
+                &filtered
+            }
+            None => adapter,
+        };
+        let modules = patch(linears, id, adapter)?;
         let attached = AttachedAdapter {
             id,
             name: adapter.name.clone(),

@@ -25,6 +25,10 @@ impl MultimodalEmbedder {
         })
     }
 
+    pub fn linears(&self) -> Vec<&Linear> {
+        vec![&self.projection]
+    }
+
     pub fn device(&self) -> candle_core::Device {
         self.projection.device()
     }

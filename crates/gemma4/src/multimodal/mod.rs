@@ -81,6 +81,19 @@ impl VisionEncoder {
         })
     }
 
+    /// Every projection of the encoder and its projector (what LoRA adapters patch).
+    pub fn linears(&self) -> Vec<&crate::nn::linear::Linear> {
+        match self {
+            VisionEncoder::Tower { tower, projector } => {
+                [tower.linears(), projector.linears()].concat()
+            }
+            VisionEncoder::Unified {
+                embedder,
+                projector,
+            } => [embedder.linears(), projector.linears()].concat(),
+        }
+    }
+
     /// The patch layout the image processor must produce for this encoder.
     pub fn layout(&self) -> PatchLayout {
         match self {
@@ -100,7 +113,15 @@ impl VisionEncoder {
 
     /// Soft tokens in the text width `[num_soft_tokens, text_hidden]`.
     pub fn embed(&self, img: &ProcessedImage) -> Result<Tensor> {
-        let x = self.encode(img)?;
+        self.embed_as(img, None)
+    }
+
+    /// [`Self::embed`], the tower's activations in `dt` when given (training's f32).
+    pub fn embed_as(&self, img: &ProcessedImage, dt: Option<DType>) -> Result<Tensor> {
+        let x = match (self, dt) {
+            (VisionEncoder::Tower { tower, .. }, Some(dt)) => tower.forward_as(img, dt)?,
+            _ => self.encode(img)?,
+        };
         match self {
             VisionEncoder::Tower { projector, .. } | VisionEncoder::Unified { projector, .. } => {
                 projector.forward(&x)
@@ -286,6 +307,19 @@ pub fn encode_media(
     ids: &[u32],
     media: &ProcessedMedia,
 ) -> Result<Option<SoftTokens>> {
+    encode_media_as(text, vision, audio, tokens, ids, media, None)
+}
+
+/// [`encode_media`], the vision tower's activations in `dt` when given.
+pub fn encode_media_as(
+    text: &TextModel,
+    vision: Option<&VisionEncoder>,
+    audio: Option<&AudioEncoder>,
+    tokens: &MultimodalTokens,
+    ids: &[u32],
+    media: &ProcessedMedia,
+    dt: Option<DType>,
+) -> Result<Option<SoftTokens>> {
     let pad = text.config().pad_token_id;
     let is_mm = |id: u32| id == tokens.image || id == tokens.video || id == tokens.audio;
     if !ids.iter().any(|&i| is_mm(i)) && media.is_empty() {
@@ -307,7 +341,11 @@ pub fn encode_media(
             (kind, id),
             &inputs,
             |f| f.num_soft_tokens,
-            |f| vision.ok_or_else(|| no_encoder(kind, "vision"))?.embed(f),
+            |f| {
+                vision
+                    .ok_or_else(|| no_encoder(kind, "vision"))?
+                    .embed_as(f, dt)
+            },
         )?);
     }
     parts.extend(encode_kind(

@@ -17,6 +17,7 @@ use rand::{RngExt, SeedableRng};
 use crate::error::{Error, Result};
 use crate::lora::config::AdapterConfig;
 use crate::lora::{LoraAdapter, ModuleLora};
+use crate::nn::linear::Linear;
 use crate::text::model::TextModel;
 
 /// Which projections get an adapter, and its shape.
@@ -28,6 +29,9 @@ pub struct LoraSpec {
     /// Module names (`q_proj`, `down_proj`, ...) or `all-linear`, and the expert
     /// parameters (`experts`, `experts.gate_up_proj`, `experts.down_proj`).
     pub targets: Vec<String>,
+    /// Encoders whose projections the targets also select (`vision`); empty: the
+    /// encoders stay frozen.
+    pub towers: Vec<String>,
 }
 
 impl LoraSpec {
@@ -67,11 +71,16 @@ fn expert_target(t: &str) -> Option<&'static [&'static str]> {
     }
 }
 
-/// What `targets` select in `model`, ordered by path: each projection path with its
+/// What `targets` select in `model` (and among the encoders' projections `towers`),
+/// ordered by path: each projection path with its
 /// `[out, in]` shape and 1, or each fused expert parameter's path with one expert's
 /// `[out, in]` and the number of experts.
 #[allow(clippy::type_complexity)]
-fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize, usize), usize)>> {
+fn targeted(
+    model: &TextModel,
+    targets: &[String],
+    towers: &[&Linear],
+) -> Result<Vec<(String, (usize, usize), usize)>> {
     let (expert_targets, targets): (Vec<&String>, Vec<&String>) =
         targets.iter().partition(|t| expert_target(t).is_some());
     let all = targets.iter().any(|t| *t == "all-linear");
@@ -86,17 +95,21 @@ fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize
     // A separately stored head is adaptable at inference, but the loss reads its weight
     // directly (`train::loss`), so an adapter on it would never be trained.
     let linears = model.linears();
-    for (module, l) in crate::lora::adaptable(linears.clone())
+    let candidates = [linears.clone(), towers.to_vec()].concat();
+    for (module, l) in crate::lora::adaptable(candidates)
         .into_iter()
         .filter(|(m, _)| !m.ends_with("lm_head"))
     {
-        let name = module.rsplit('.').next().unwrap_or(module);
+        // A clippable linear (the towers') is adapted at its inner `.linear`, named by
+        // the projection that wraps it.
+        let name = module.strip_suffix(".linear").unwrap_or(module);
+        let name = name.rsplit('.').next().unwrap_or(name);
         let pick = match all {
             true => true,
             false => {
                 let mut any = false;
                 for (t, h) in targets.iter().zip(hit.iter_mut()) {
-                    if *t == name || module.ends_with(&format!(".{t}")) {
+                    if *t == name || module.ends_with(&format!(".{t}")) || *t == module {
                         *h = true;
                         any = true;
                     }
@@ -148,19 +161,68 @@ fn targeted(model: &TextModel, targets: &[String]) -> Result<Vec<(String, (usize
 
 impl TrainableAdapter {
     /// A fresh adapter on `model`'s projections that `spec` targets, initialised as peft
+    /// does from `seed`, with the encoders of `spec.towers` adapted too. A checkpoint with
+    /// encoders gets its `target_modules` as a regex of exactly the adapted paths: a list
+    /// of names would make peft also wrap the encoders' projections of those names.
+    pub fn for_model(model: &crate::Gemma4, spec: &LoraSpec, seed: u64) -> Result<Self> {
+        let mut towers: Vec<&Linear> = Vec::new();
+        for t in &spec.towers {
+            match (t.as_str(), &model.vision) {
+                ("vision", Some(v)) => towers.extend(v.linears()),
+                ("vision", None) => {
+                    return Err(Error::invalid_argument(
+                        "towers",
+                        "`vision`: the vision encoder is not loaded (the data has no image)",
+                    ))
+                }
+                (other, _) => {
+                    return Err(Error::invalid_argument(
+                        "towers",
+                        format!("`{other}`: only the vision encoder's adapters are trained yet"),
+                    ))
+                }
+            }
+        }
+        let mut a = Self::build(&model.text, spec, &towers, seed)?;
+        if model.config.vision.is_some() || model.config.audio.is_some() {
+            let paths: Vec<String> = a
+                .modules
+                .iter()
+                .filter(|m| !crate::lora::is_expert_param(&m.module))
+                .map(|m| regex::escape(&m.module))
+                .collect();
+            a.config.target_modules = Some(serde_json::json!(paths.join("|")));
+        }
+        Ok(a)
+    }
+
+    /// A fresh adapter on `model`'s projections that `spec` targets, initialised as peft
     /// does from `seed`.
     pub fn new(model: &TextModel, spec: &LoraSpec, seed: u64) -> Result<Self> {
+        if !spec.towers.is_empty() {
+            return Err(Error::invalid_argument(
+                "towers",
+                "adapting the encoders needs the whole model (TrainableAdapter::for_model)",
+            ));
+        }
+        Self::build(model, spec, &[], seed)
+    }
+
+    fn build(model: &TextModel, spec: &LoraSpec, towers: &[&Linear], seed: u64) -> Result<Self> {
         if spec.r == 0 {
             return Err(Error::invalid_argument("r", "the rank must be at least 1"));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let chosen = targeted(model, &spec.targets)?;
+        let chosen = targeted(model, &spec.targets, towers)?;
         // peft records the module names it resolved (`all-linear` becomes the list), and
         // reads the list back.
         let mut names: Vec<String> = chosen
             .iter()
             .filter(|(_, _, n)| *n == 1)
-            .map(|(m, _, _)| m.rsplit('.').next().unwrap_or(m).to_string())
+            .map(|(m, _, _)| {
+                let m = m.strip_suffix(".linear").unwrap_or(m);
+                m.rsplit('.').next().unwrap_or(m).to_string()
+            })
             .collect();
         names.sort();
         names.dedup();

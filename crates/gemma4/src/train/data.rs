@@ -48,6 +48,17 @@ impl DataSet {
 
 /// Reads JSONL file `path` for `model`, keeping rows of at most `max_len` tokens.
 pub fn load_jsonl(path: &Path, model: &Gemma4, max_len: usize) -> Result<DataSet> {
+    load_jsonl_with(path, model, max_len, false)
+}
+
+/// [`load_jsonl`], the examples also keeping their processed media when `keep_sources`
+/// (for training the towers, which encode them again at every step).
+pub fn load_jsonl_with(
+    path: &Path,
+    model: &Gemma4,
+    max_len: usize,
+    keep_sources: bool,
+) -> Result<DataSet> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut data = DataSet::default();
     for (i, line) in text.lines().enumerate() {
@@ -61,7 +72,7 @@ pub fn load_jsonl(path: &Path, model: &Gemma4, max_len: usize) -> Result<DataSet
                 continue;
             }
         };
-        match example_of_row_in(model, &row, path.parent()) {
+        match example_of_row_with(model, &row, path.parent(), keep_sources) {
             Ok(ex) if ex.ids.len() > max_len => data.skipped.push((
                 i + 1,
                 format!("{} tokens, over --max-len {max_len}", ex.ids.len()),
@@ -132,13 +143,29 @@ pub fn example_of_row(model: &Gemma4, row: &Value) -> Result<Example> {
 
 /// One row as ids and labels, relative media paths read from `dir`.
 pub fn example_of_row_in(model: &Gemma4, row: &Value, dir: Option<&Path>) -> Result<Example> {
+    example_of_row_with(model, row, dir, false)
+}
+
+/// [`example_of_row_in`], keeping the processed media when `keep_sources`.
+pub fn example_of_row_with(
+    model: &Gemma4,
+    row: &Value,
+    dir: Option<&Path>,
+    keep_sources: bool,
+) -> Result<Example> {
     let tok = model.tokenizer()?;
     let pad = model.config.text.pad_token_id;
     let mut ex = if let Some(messages) = row.get("messages") {
         let (messages, media) = media_parts(messages, row, dir)?;
         let text = render(model, &messages, row.get("tools"), false)?;
         let media = load_media(model, &media)?;
-        chat_example(model, &expand(model, &text, &media)?, 0, media)?
+        chat_example(
+            model,
+            &expand(model, &text, &media)?,
+            0,
+            media,
+            keep_sources,
+        )?
     } else if let (Some(p), Some(c)) = (row.get("prompt"), row.get("completion")) {
         match (p, c) {
             (Value::String(p), Value::String(c)) => {
@@ -176,7 +203,7 @@ pub fn example_of_row_in(model: &Gemma4, row: &Value, dir: Option<&Path>) -> Res
                         "the rendered conversation does not begin with the rendered prompt",
                     ));
                 }
-                chat_example(model, &text, prompt.len(), media)?
+                chat_example(model, &text, prompt.len(), media, keep_sources)?
             }
             _ => {
                 return Err(Error::invalid_argument(
@@ -331,7 +358,13 @@ fn render(model: &Gemma4, messages: &Value, tools: Option<&Value>, gen: bool) ->
 
 /// A rendered conversation's ids, with the model turns that start at or after byte `from`
 /// supervised (up to and including their `<turn|>`).
-fn chat_example(model: &Gemma4, text: &str, from: usize, media: ProcessedMedia) -> Result<Example> {
+fn chat_example(
+    model: &Gemma4,
+    text: &str,
+    from: usize,
+    media: ProcessedMedia,
+    keep_sources: bool,
+) -> Result<Example> {
     let tok = model.tokenizer()?;
     let open = "<|turn>model\n";
     let close = "<turn|>";
@@ -362,5 +395,8 @@ fn chat_example(model: &Gemma4, text: &str, from: usize, media: ProcessedMedia) 
         .collect();
     let mut ex = Example::new(ids, labels);
     ex.media = model.encode_media(&ex.ids, &media)?;
+    if keep_sources && ex.media.is_some() {
+        ex.sources = vec![(0, std::sync::Arc::new(media))];
+    }
     Ok(ex)
 }

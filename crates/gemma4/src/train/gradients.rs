@@ -17,7 +17,7 @@ use candle_core::{backprop::GradStore, Tensor, Var};
 
 use crate::error::Result;
 use crate::lora::{with_adapters, AdapterSet};
-use crate::multimodal::SoftTokens;
+use crate::multimodal::{ProcessedMedia, SoftTokens};
 use crate::nn::lora::{with_dropout, Dropout};
 use crate::text::full_sequence::FullSequence;
 use crate::text::model::TextModel;
@@ -60,12 +60,17 @@ impl Default for GradientOptions {
 /// A multimodal example carries the soft tokens of its images and audio clips (`media`),
 /// encoded once by the frozen towers when the data is read: inputs of the decoder that
 /// take no gradient, written over their placeholders, which are never supervised.
+///
+/// When the towers are trained too, an example also keeps its processed media
+/// (`sources`: where its sequence starts in `ids`, and the media), which
+/// [`media_sequence_gradients`] encodes again at every step.
 #[derive(Debug, Clone)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub labels: Vec<Option<u32>>,
     pub segments: Vec<usize>,
     pub media: Option<SoftTokens>,
+    pub sources: Vec<(usize, std::sync::Arc<ProcessedMedia>)>,
 }
 
 impl Example {
@@ -76,6 +81,7 @@ impl Example {
             labels,
             segments: Vec::new(),
             media: None,
+            sources: Vec::new(),
         }
     }
 
@@ -92,6 +98,8 @@ impl Example {
         let mut out = Example::new(Vec::new(), Vec::new());
         for ex in examples {
             let start = out.ids.len();
+            out.sources
+                .extend(ex.sources.iter().map(|(at, m)| (at + start, m.clone())));
             out.segments.extend(ex.segment_lengths());
             out.ids.extend_from_slice(&ex.ids);
             out.labels.extend_from_slice(&ex.labels);
@@ -369,4 +377,128 @@ pub fn sequence_gradients(
             })
         })
     })
+}
+
+/// [`sequence_gradients`] for an example whose media go through adapted encoders (tower
+/// adapters): each sequence's media ([`Example::sources`]) are encoded again with the
+/// adapters of `set` on, their soft tokens enter the decoder as constants, and the
+/// decoder's gradient of its input embeddings at their placeholders is taken back through
+/// the encoders: `∂L/∂θ_tower = backward(Σ soft ⊙ ∂L/∂h0[slots])`.
+#[allow(clippy::too_many_arguments)]
+pub fn media_sequence_gradients(
+    model: &crate::Gemma4,
+    set: AdapterSet,
+    vars: &[Var],
+    example: &Example,
+    norm: f64,
+    opts: GradientOptions,
+    acc: &mut [Option<Tensor>],
+) -> Result<SequenceGradients> {
+    if example.sources.is_empty() {
+        return sequence_gradients(&model.text, set, vars, example, norm, opts, acc);
+    }
+    let (ex, encoded) = with_dropout(opts.dropout, || encode_sources(model, set, example))?;
+    let inner = GradientOptions {
+        input_gradient: true,
+        ..opts
+    };
+    let mut out = sequence_gradients(&model.text, set, vars, &ex, norm, inner, acc)?;
+    let dh0 = out
+        .input_gradient
+        .clone()
+        .expect("asked for the input gradient");
+    let mut surrogate: Option<Tensor> = None;
+    for (slots, rows) in &encoded {
+        if !rows.track_op() {
+            continue;
+        }
+        let idx = Tensor::new(slots.as_slice(), dh0.device())?;
+        let d = dh0.index_select(&idx, 0)?;
+        let term = (rows.to_dtype(candle_core::DType::F32)? * d)?.sum_all()?;
+        surrogate = Some(match surrogate {
+            None => term,
+            Some(s) => (s + term)?,
+        });
+    }
+    if let Some(s) = surrogate {
+        accumulate(acc, vars, &s.backward()?)?;
+    }
+    if !opts.input_gradient {
+        out.input_gradient = None;
+    }
+    Ok(out)
+}
+
+/// `example` with its soft tokens encoded again from its [`Example::sources`] with the
+/// adapters of `set` on (as constants), and the encoded rows as computed (tracked through
+/// any trained encoder adapters), with their placeholders' positions in the example.
+#[allow(clippy::type_complexity)]
+fn encode_sources(
+    model: &crate::Gemma4,
+    set: AdapterSet,
+    example: &Example,
+) -> Result<(Example, Vec<(Vec<u32>, Tensor)>)> {
+    let mut starts = Vec::new();
+    let mut at = 0;
+    for n in example.segment_lengths() {
+        starts.push((at, n));
+        at += n;
+    }
+    let encoded = with_adapters(set, || {
+        example
+            .sources
+            .iter()
+            .map(|(start, media)| -> Result<Option<(Vec<u32>, Tensor)>> {
+                let &(s, n) = starts.iter().find(|(s, _)| s == start).ok_or_else(|| {
+                    crate::error::Error::invalid_argument(
+                        "example",
+                        format!("media at {start}, where no sequence starts"),
+                    )
+                })?;
+                let ids = &example.ids[s..s + n];
+                let soft = model.encode_media_as(ids, media, Some(candle_core::DType::F32))?;
+                Ok(soft.map(|t| {
+                    let slots = t.slots.iter().map(|&p| p + s as u32).collect();
+                    (slots, t.rows)
+                }))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let encoded: Vec<(Vec<u32>, Tensor)> = encoded.into_iter().flatten().collect();
+    let mut ex = example.clone();
+    let media = ex.media.as_mut().ok_or_else(|| {
+        crate::error::Error::invalid_argument("example", "has media sources but no soft tokens")
+    })?;
+    let slots: Vec<u32> = encoded
+        .iter()
+        .flat_map(|(s, _)| s.iter().copied())
+        .collect();
+    if slots != media.slots {
+        return Err(crate::error::Error::invalid_argument(
+            "example",
+            "its media sources do not give its soft tokens' placeholders",
+        ));
+    }
+    let rows: Vec<Tensor> = encoded.iter().map(|(_, r)| r.detach()).collect();
+    media.rows = Tensor::cat(&rows, 0)?;
+    Ok((ex, encoded))
+}
+
+/// [`sequence_loss`] with the example's media encoded again with the adapters of `set`
+/// on, when it keeps them (trained encoders).
+pub fn media_sequence_loss(
+    model: &crate::Gemma4,
+    set: AdapterSet,
+    example: &Example,
+    block: usize,
+) -> Result<(f64, usize)> {
+    match example.sources.is_empty() {
+        true => sequence_loss(&model.text, set, example, block),
+        false => sequence_loss(
+            &model.text,
+            set,
+            &encode_sources(model, set, example)?.0,
+            block,
+        ),
+    }
 }

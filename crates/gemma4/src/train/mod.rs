@@ -18,7 +18,8 @@ pub mod trainer;
 pub use adamw::{clip_grad_norm, AdamW, AdamWConfig};
 pub use adapter::{LoraSpec, TrainableAdapter};
 pub use gradients::{
-    sequence_gradients, sequence_loss, Example, GradientOptions, SequenceGradients,
+    media_sequence_gradients, media_sequence_loss, sequence_gradients, sequence_loss, Example,
+    GradientOptions, SequenceGradients,
 };
 pub use schedule::{Decay, Schedule};
 pub use trainer::{Cursor, StepLog, TrainConfig, Trainer};

@@ -27,7 +27,9 @@ use crate::model::Gemma4;
 use crate::nn::lora::Dropout;
 use crate::train::adamw::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::adapter::{write_f32_safetensors, LoraSpec, TrainableAdapter};
-use crate::train::gradients::{sequence_gradients, sequence_loss, Example, GradientOptions};
+use crate::train::gradients::{
+    media_sequence_gradients, media_sequence_loss, Example, GradientOptions,
+};
 use crate::train::schedule::{Decay, Schedule};
 
 /// Everything that decides a run.
@@ -56,6 +58,10 @@ pub struct TrainConfig {
     /// ([`Example::pack`]): the same gradients, in fewer and larger products.
     #[serde(default)]
     pub pack: Option<usize>,
+    /// Encoders adapted too (`vision`); their examples keep their media, encoded again at
+    /// every step.
+    #[serde(default)]
+    pub towers: Vec<String>,
 }
 
 impl TrainConfig {
@@ -222,8 +228,9 @@ impl Trainer {
                     alpha: config.alpha,
                     use_rslora: config.use_rslora,
                     targets: config.targets.clone(),
+                    towers: config.towers.clone(),
                 };
-                let mut adapter = TrainableAdapter::new(&model.text, &spec, config.seed)?;
+                let mut adapter = TrainableAdapter::for_model(model, &spec, config.seed)?;
                 adapter.config.lora_dropout = config.dropout;
                 let opt = AdamW::new(&adapter.vars(), adamw);
                 (adapter, opt, 0, Cursor { epoch: 0, index: 0 })
@@ -318,6 +325,21 @@ impl Trainer {
             .iter()
             .map(|&i| &examples[i])
             .collect();
+        if !self.config.towers.is_empty() {
+            if let Some(ex) = picked
+                .iter()
+                .find(|e| e.media.is_some() && e.sources.is_empty())
+            {
+                return Err(Error::invalid_argument(
+                    "towers",
+                    format!(
+                        "an example of {} tokens has media but did not keep them: read the data \
+                         with `load_jsonl_with(.., keep_sources: true)` to train the encoders",
+                        ex.ids.len()
+                    ),
+                ));
+            }
+        }
         let norm = picked.iter().map(|e| e.supervised()).sum::<usize>().max(1) as f64;
         let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut loss_sum = 0.0;
@@ -339,7 +361,7 @@ impl Trainer {
                 ..Default::default()
             };
             let out =
-                sequence_gradients(&model.text, self.set, &self.vars, ex, norm, opts, &mut acc)?;
+                media_sequence_gradients(model, self.set, &self.vars, ex, norm, opts, &mut acc)?;
             loss_sum += out.loss_sum;
             tokens += ex.ids.len();
         }
@@ -369,12 +391,8 @@ impl Trainer {
     pub fn eval_loss(&self, model: &Gemma4, examples: &[Example]) -> Result<f64> {
         let (mut sum, mut n) = (0.0, 0);
         for ex in examples {
-            let (s, k) = sequence_loss(
-                &model.text,
-                self.set,
-                ex,
-                GradientOptions::default().vocab_block,
-            )?;
+            let (s, k) =
+                media_sequence_loss(model, self.set, ex, GradientOptions::default().vocab_block)?;
             sum += s;
             n += k;
         }

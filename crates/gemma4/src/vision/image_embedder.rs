@@ -32,6 +32,13 @@ pub struct ImageEmbedder {
     device: Device,
 }
 
+impl ImageEmbedder {
+    /// Its one projection (`patch_dense`).
+    pub fn linears(&self) -> Vec<&Linear> {
+        vec![&self.patch_dense]
+    }
+}
+
 fn layer_norm(dim: usize, w: &Weights, name: &str) -> Result<LayerNorm> {
     LayerNorm::new(dim, LAYER_NORM_EPS, w, name)
 }

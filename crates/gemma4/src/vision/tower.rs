@@ -123,9 +123,25 @@ impl VisionTower {
         &self.cfg
     }
 
+    /// Every projection: the patch embedding's, then each layer's attention and MLP.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.input_proj];
+        for l in &self.layers {
+            v.extend(l.attn.linears());
+            v.extend(l.mlp.linears());
+        }
+        v
+    }
+
     /// The tower's soft tokens `[num_soft_tokens, hidden]` for one image (before the
     /// projector), in the compute dtype.
     pub fn forward(&self, img: &ProcessedImage) -> Result<Tensor> {
+        self.forward_as(img, self.dtype)
+    }
+
+    /// [`Self::forward`] with activations in `dt` whatever the weights' dtype (training
+    /// computes in f32 over a bf16 base, as the decoder does).
+    pub fn forward_as(&self, img: &ProcessedImage, dt: DType) -> Result<Tensor> {
         let (p, k) = (self.cfg.patch_size, self.cfg.pooling_kernel_size);
         let n = img.num_patches();
         if img.patch_dim != 3 * p * p {
@@ -160,17 +176,18 @@ impl VisionTower {
         }
 
         let pixels = Tensor::from_slice(&img.pixel_values, (n, img.patch_dim), &self.device)?;
-        let pixels = pixels.affine(2.0, -1.0)?.to_dtype(self.dtype)?;
+        let pixels = pixels.affine(2.0, -1.0)?.to_dtype(dt)?;
         let idx = |v: &[usize]| -> Result<Tensor> {
             let v: Vec<u32> = v.iter().map(|&x| x as u32).collect();
             Ok(Tensor::new(v.as_slice(), &self.device)?)
         };
         let pos = (self.position_table.get(0)?.index_select(&idx(&xs)?, 0)?
-            + self.position_table.get(1)?.index_select(&idx(&ys)?, 0)?)?;
+            + self.position_table.get(1)?.index_select(&idx(&ys)?, 0)?)?
+        .to_dtype(dt)?;
         let mut h = (self.input_proj.forward(&pixels)? + pos)?;
 
-        let (cos_x, sin_x) = self.rope.cos_sin(&xs, self.dtype, &self.device)?;
-        let (cos_y, sin_y) = self.rope.cos_sin(&ys, self.dtype, &self.device)?;
+        let (cos_x, sin_x) = self.rope.cos_sin(&xs, dt, &self.device)?;
+        let (cos_y, sin_y) = self.rope.cos_sin(&ys, dt, &self.device)?;
         let half = self.cfg.head_dim / 2;
         let rot = |t: &Tensor| -> Result<Tensor> {
             let a = rope::apply(&t.narrow(2, 0, half)?, &cos_x, &sin_x)?;
@@ -190,7 +207,7 @@ impl VisionTower {
             weights[(x / k + (pw / k) * (y / k)) * n + i] = 1.0 / (k * k) as f32;
         }
         let weights = Tensor::from_vec(weights, (groups, n), &self.device)?;
-        let pooled = weights.matmul(&hf)?.to_dtype(self.dtype)?;
+        let pooled = weights.matmul(&hf)?.to_dtype(dt)?;
         let root = (self.cfg.hidden_size as f64).sqrt() as f32;
         let mut soft = pooled
             .to_dtype(DType::F32)?
@@ -198,6 +215,6 @@ impl VisionTower {
         if let Some((bias, scale)) = &self.standardize {
             soft = soft.broadcast_sub(bias)?.broadcast_mul(scale)?;
         }
-        Ok(soft.to_dtype(self.dtype)?)
+        Ok(soft.to_dtype(dt)?)
     }
 }
