@@ -46,7 +46,7 @@ pub(crate) struct FinetuneArgs {
     /// target_parameters.
     #[arg(long, value_delimiter = ',', default_value = "all-linear")]
     pub(crate) targets: Vec<String>,
-    /// Encoders whose projections the targets also adapt: `vision` (the vision tower and
+    /// Encoders whose projections the targets also adapt: `vision`, `audio` (a tower and
     /// its projector; peft wraps a tower's clippable linears at their inner `.linear`).
     /// By default the encoders stay frozen.
     #[arg(long, value_delimiter = ',')]

@@ -1323,7 +1323,7 @@ fn finetune_reads_image_and_audio_rows() {
         .collect();
     assert_eq!(losses.len(), 2);
     assert!(losses[1] < losses[0], "{log}");
-    // The vision tower adapted too (--towers vision): its projections are in the adapter,
+    // The towers adapted too (--towers vision,audio): their projections are in the adapter,
     // and target_modules names exactly the adapted paths (a regex, as peft reads it).
     let towers = tmp.join("towers");
     let o = gemma4(&[
@@ -1337,7 +1337,7 @@ fn finetune_reads_image_and_audio_rows() {
         "--steps",
         "1",
         "--towers",
-        "vision",
+        "vision,audio",
         "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1348,6 +1348,7 @@ fn finetune_reads_image_and_audio_rows() {
             .unwrap();
     let targets = cfg["target_modules"].as_str().unwrap();
     assert!(targets.contains(r"model\.vision_tower\.encoder\.layers\.0\.self_attn\.q_proj\.linear"));
+    assert!(targets.contains(r"model\.audio_tower\.layers\.0\.self_attn\.q_proj\.linear"));
     let o = gemma4(&[
         "finetune",
         "--model",
@@ -1355,13 +1356,13 @@ fn finetune_reads_image_and_audio_rows() {
         "--data",
         data.to_str().unwrap(),
         "--out",
-        tmp.join("audio").to_str().unwrap(),
+        tmp.join("video").to_str().unwrap(),
         "--towers",
-        "audio",
+        "video",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("towers") && err.contains("audio"), "{err}");
+    assert!(err.contains("towers") && err.contains("video"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

@@ -241,73 +241,72 @@ fn expert_adapters_match_peft_unmerged_and_merged() {
     assert!(d <= TOL, "merged logits differ from peft's by {d}");
 }
 
-/// An adapter on the vision tower's linears (peft wraps each clippable linear's inner
-/// `.linear`) and the decoder's q/v: a chat prompt with an image and a clip, its media
-/// encoded with the adapter on, gives `PeftModel`'s logits within 1e-4; the same adapter
-/// on a model whose vision tower was not loaded patches only the decoder.
+/// Adapters on an encoder's linears (the vision tower's, then the audio tower's; peft wraps
+/// each clippable linear's inner `.linear`) and the decoder's q/v: a chat prompt with an
+/// image and a clip, its media encoded with the adapter on, gives `PeftModel`'s logits
+/// within 1e-4 (and not without the encoder's adapters); the same adapter on a model
+/// whose encoder was not loaded patches only the rest.
 #[test]
-fn vision_tower_adapters_match_peft() {
-    let dir = fixture("train").join("vision_tower");
-    let base = fixture("audio_small");
-    let adapter = LoraAdapter::load(&dir).unwrap();
-    let mut model = Gemma4::load(&base, LoadOptions::default()).unwrap();
-    let attached = model.attach_adapter(&adapter).unwrap();
-    assert_eq!(attached.modules, adapter.modules.len());
-    let rendered = std::fs::read_to_string(dir.join("golden/rendered.txt")).unwrap();
-    let media = gemma4::Media {
-        images: vec![model
-            .load_image(&fixture("images").join("landscape.png"))
-            .unwrap()],
-        videos: vec![],
-        audio: vec![model
-            .load_audio(&fixture("audio").join("hello_16k.wav"))
-            .unwrap()],
-    };
-    let prompt = gemma4::Prompt::Rendered(rendered);
-    let logits_of = |set: AdapterSet| {
-        let input = model.prepare_with(&prompt, &media, set).unwrap();
+fn tower_adapters_match_peft() {
+    for (case, tower) in [
+        ("vision_tower", "vision_tower."),
+        ("audio_tower", "audio_tower."),
+    ] {
+        let dir = fixture("train").join(case);
+        let base = fixture("audio_small");
+        let adapter = LoraAdapter::load(&dir).unwrap();
+        let mut model = Gemma4::load(&base, LoadOptions::default()).unwrap();
+        let attached = model.attach_adapter(&adapter).unwrap();
+        assert_eq!(attached.modules, adapter.modules.len());
+        let rendered = std::fs::read_to_string(dir.join("golden/rendered.txt")).unwrap();
+        let media = gemma4::Media {
+            images: vec![model
+                .load_image(&fixture("images").join("landscape.png"))
+                .unwrap()],
+            videos: vec![],
+            audio: vec![model
+                .load_audio(&fixture("audio").join("hello_16k.wav"))
+                .unwrap()],
+        };
+        let prompt = gemma4::Prompt::Rendered(rendered);
         let tm = &model.text;
-        rows(
-            &lora::with_adapters(set, || {
-                tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All)
-            })
-            .unwrap(),
+        let logits_of = |input: &gemma4::PromptInput, set: AdapterSet| {
+            rows(
+                &lora::with_adapters(set, || {
+                    tm.forward_input(input, &mut tm.new_cache(), LogitsFor::All)
+                })
+                .unwrap(),
+            )
+        };
+        let want = rows(
+            &candle_core::safetensors::load(
+                dir.join("golden/logits.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()["logits"],
+        );
+        let input = model.prepare_with(&prompt, &media, attached.set()).unwrap();
+        let d = max_abs(&logits_of(&input, attached.set()), &want);
+        assert!(d <= TOL, "{case}: logits differ from peft's by {d}");
+        // The encoder's adapters matter: without them (the decoder's only), other logits.
+        let input = model.prepare(&prompt, &media).unwrap();
+        assert!(max_abs(&logits_of(&input, attached.set()), &want) > 100.0 * TOL);
+        let mut without = Gemma4::load(
+            &base,
+            LoadOptions {
+                vision: tower != "vision_tower.",
+                audio: tower != "audio_tower.",
+                ..Default::default()
+            },
         )
-    };
-    let want = rows(
-        &candle_core::safetensors::load(
-            dir.join("golden/logits.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()["logits"],
-    );
-    let d = max_abs(&logits_of(attached.set()), &want);
-    assert!(d <= TOL, "logits differ from peft's by {d}");
-    // The tower's adapters matter: without them (decoder adapters only), other logits.
-    let input = model.prepare(&prompt, &media).unwrap();
-    let tm = &model.text;
-    let plain_tower = rows(
-        &lora::with_adapters(attached.set(), || {
-            tm.forward_input(&input, &mut tm.new_cache(), LogitsFor::All)
-        })
-        .unwrap(),
-    );
-    assert!(max_abs(&plain_tower, &want) > 100.0 * TOL);
-    let text_only = Gemma4::load(
-        &base,
-        LoadOptions {
-            vision: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut text_only = text_only;
-    let decoder = adapter
-        .modules
-        .iter()
-        .filter(|m| m.module.contains("language_model"))
-        .count();
-    assert_eq!(text_only.attach_adapter(&adapter).unwrap().modules, decoder);
+        .unwrap();
+        let rest = adapter
+            .modules
+            .iter()
+            .filter(|m| !m.module.contains(tower))
+            .count();
+        assert_eq!(without.attach_adapter(&adapter).unwrap().modules, rest);
+    }
 }
 
 #[test]

@@ -337,34 +337,39 @@ fn packed_sequences_train_as_they_do_apart() {
     assert_packing_is_exact(&run, &[&a, &b]);
 }
 
-/// The vision tower adapted beside the decoder: the row's image is encoded again with the
-/// adapter on, and the decoder's gradient at its soft tokens is taken back through the
-/// projector and the tower. Every LoRA gradient, the tower's included, within the
-/// reference's bounds, with recomputation on and off; packed after a text example too.
+/// An encoder adapted beside the decoder (the vision tower, then the audio tower): the
+/// row's media are encoded again with the adapter on, and the decoder's gradient at their
+/// soft tokens is taken back through the projector and the tower. Every LoRA gradient, the
+/// tower's included, within the reference's bounds, with recomputation on and off; packed
+/// after a text example too.
 #[test]
-fn vision_tower_adapters_train_as_the_reference() {
-    let case = "vision_tower";
-    let dir = fixture("train").join(case);
-    for recompute in [true, false] {
-        let opts = GradientOptions {
-            recompute,
-            ..Default::default()
-        };
-        let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
-            model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
-            example_of_row_with(model, &golden["row"], Some(&dir), true).unwrap()
-        });
-        assert!(run
-            .trainable
-            .modules
-            .iter()
-            .any(|m| m.module.contains("vision_tower")));
-        assert_eq!(run.ex.sources.len(), 1);
-        check_run(case, &run, 1e-3);
-        if recompute {
-            let a = run.ex.clone();
-            let text = Example::new(a.ids[..5].to_vec(), vec![Some(7); 5]);
-            assert_packing_is_exact(&run, &[&text, &a]);
+fn tower_adapters_train_as_the_reference() {
+    for (case, tower) in [
+        ("vision_tower", "vision_tower."),
+        ("audio_tower", "audio_tower."),
+    ] {
+        let dir = fixture("train").join(case);
+        for recompute in [true, false] {
+            let opts = GradientOptions {
+                recompute,
+                ..Default::default()
+            };
+            let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
+                model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+                example_of_row_with(model, &golden["row"], Some(&dir), true).unwrap()
+            });
+            assert!(run
+                .trainable
+                .modules
+                .iter()
+                .any(|m| m.module.contains(tower)));
+            assert_eq!(run.ex.sources.len(), 1);
+            check_run(case, &run, 1e-3);
+            if recompute {
+                let a = run.ex.clone();
+                let text = Example::new(a.ids[..5].to_vec(), vec![Some(7); 5]);
+                assert_packing_is_exact(&run, &[&text, &a]);
+            }
         }
     }
 }

@@ -102,6 +102,17 @@ impl AudioAttention {
         })
     }
 
+    /// Its projections (q, k, v, post, then the relative-position one).
+    pub fn linears(&self) -> Vec<&Linear> {
+        vec![
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.post,
+            &self.relative_k_proj,
+        ]
+    }
+
     /// Allowed key offsets `d` (key = query − d), in a fixed order.
     fn offsets(&self) -> Vec<i64> {
         let mut d: Vec<i64> = (0..self.left as i64 - 1).collect();
@@ -181,7 +192,16 @@ impl AudioAttention {
         )?
         .broadcast_as((h, t, w))?;
         let invalid = Tensor::full(self.invalid, (h, t, w), x.device())?;
-        let probs = candle_nn::ops::softmax_last_dim(&allowed.where_cond(&capped, &invalid)?)?;
+        let masked = allowed.where_cond(&capped, &invalid)?;
+        // candle's fused softmax has no backward: trained adapters take the fused one of
+        // `nn::fused` (or the composed form).
+        let probs = match crate::nn::autograd::tracked(&masked) {
+            true => match crate::nn::fused::softmax_last_dim(&masked)? {
+                Some(p) => p,
+                None => candle_nn::ops::softmax(&masked, D::Minus1)?,
+            },
+            false => candle_nn::ops::softmax_last_dim(&masked)?,
+        };
         let values = Tensor::stack(&values, 2)?; // [h, t, w, dh]
         let out = probs.unsqueeze(3)?.broadcast_mul(&values)?.sum(2)?; // [h, t, dh]
         let out = out

@@ -98,9 +98,27 @@ impl AudioEncoder {
         }
     }
 
+    /// Every projection of the encoder and its projector (what LoRA adapters patch).
+    pub fn linears(&self) -> Vec<&crate::nn::linear::Linear> {
+        match self {
+            AudioEncoder::Tower { tower, projector } => {
+                [tower.linears(), projector.linears()].concat()
+            }
+            AudioEncoder::Unified { projector, .. } => projector.linears(),
+        }
+    }
+
     /// Soft tokens in the text width `[num_soft_tokens, text_hidden]`.
     pub fn embed(&self, f: &AudioFeatures) -> Result<Tensor> {
-        let x = self.encode(f)?;
+        self.embed_as(f, None)
+    }
+
+    /// [`Self::embed`], the tower's activations in `dt` when given (training's f32).
+    pub fn embed_as(&self, f: &AudioFeatures, dt: Option<DType>) -> Result<Tensor> {
+        let x = match (self, dt) {
+            (AudioEncoder::Tower { tower, .. }, Some(dt)) => tower.forward_as(f, dt)?,
+            _ => self.encode(f)?,
+        };
         match self {
             AudioEncoder::Tower { projector, .. } | AudioEncoder::Unified { projector, .. } => {
                 projector.forward(&x)

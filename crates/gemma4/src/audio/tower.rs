@@ -243,11 +243,31 @@ impl AudioTower {
         &self.cfg
     }
 
+    /// Every projection: the subsampler's, each conformer layer's (feed-forwards,
+    /// attention, convolution block), the output's.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.input_proj_linear];
+        for l in &self.layers {
+            for ff in [&l.feed_forward1, &l.feed_forward2] {
+                v.extend([&ff.ffw_layer_1, &ff.ffw_layer_2]);
+            }
+            v.extend(l.self_attn.linears());
+            v.extend([&l.lconv1d.linear_start, &l.lconv1d.linear_end]);
+        }
+        v.push(&self.output_proj);
+        v
+    }
+
     /// Every output frame `[T/4, output_proj_dims]` with its mask (the reference's
     /// `last_hidden_state` and `attention_mask`).
     pub fn forward_all(&self, f: &AudioFeatures) -> Result<(Tensor, Vec<bool>)> {
+        self.forward_all_as(f, self.output_proj.dtype())
+    }
+
+    /// [`Self::forward_all`] with activations in `dtype` whatever the weights' (training
+    /// computes in f32 over a bf16 base).
+    pub fn forward_all_as(&self, f: &AudioFeatures, dtype: DType) -> Result<(Tensor, Vec<bool>)> {
         let device = self.output_proj.device();
-        let dtype = self.output_proj.dtype();
         let x = Tensor::from_slice(&f.features, (1, 1, f.num_frames, f.dim), &device)?
             .to_dtype(dtype)?;
         let x = self.layer0.forward(&x, &f.mask)?;
@@ -278,7 +298,12 @@ impl AudioTower {
 
     /// The soft tokens of the valid frames `[num_soft_tokens, output_proj_dims]`.
     pub fn forward(&self, f: &AudioFeatures) -> Result<Tensor> {
-        let (x, mask) = self.forward_all(f)?;
+        self.forward_as(f, self.output_proj.dtype())
+    }
+
+    /// [`Self::forward`] with activations in `dtype`.
+    pub fn forward_as(&self, f: &AudioFeatures, dtype: DType) -> Result<Tensor> {
+        let (x, mask) = self.forward_all_as(f, dtype)?;
         let keep: Vec<u32> = (0..mask.len() as u32)
             .filter(|&i| mask[i as usize])
             .collect();

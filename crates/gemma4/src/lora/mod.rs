@@ -171,9 +171,16 @@ impl LoraAdapter {
             let (r, alpha) = config.rank_and_alpha(pattern_name);
             // The experts' factors hold r rows per expert; their count is checked when the
             // adapter is attached to a model.
-            if (experts && rows % r != 0) || (!experts && r != rows) {
+            if !experts && r != rows {
                 return Err(bad(format!(
-                    "`{}` has {rows} rows in lora_A, but adapter_config.json gives it rank {r}",
+                    "`{}` has rank {rows}, but adapter_config.json gives it rank {r}",
+                    crate::error::printable(&file_module)
+                )));
+            }
+            if experts && rows % r != 0 {
+                return Err(bad(format!(
+                    "`{}` has {rows} rows in lora_A, not a multiple of the rank {r} that \
+                     adapter_config.json gives it (r per expert)",
                     crate::error::printable(&file_module)
                 )));
             }
@@ -237,19 +244,15 @@ pub(crate) fn is_audio_module(module: &str) -> bool {
 
 /// Why an adapter module matched nothing, for the error.
 fn unmatched(adapter: &LoraAdapter, module: &str) -> Error {
-    let why = if is_audio_module(module) {
-        "adapters on the audio encoder are not supported yet".to_string()
-    } else {
-        format!(
-            "it matches no projection of this model (an adapter for another model? it names \
-             `{}` as its base)",
-            adapter
-                .config
-                .base_model_name_or_path
-                .as_deref()
-                .unwrap_or("no model")
-        )
-    };
+    let why = format!(
+        "it matches no projection of this model (an adapter for another model? it names \
+         `{}` as its base)",
+        adapter
+            .config
+            .base_model_name_or_path
+            .as_deref()
+            .unwrap_or("no model")
+    );
     Error::invalid_argument(
         "adapter",
         format!(
@@ -393,22 +396,25 @@ impl crate::Gemma4 {
                 ),
             ));
         }
-        // The vision encoder's modules patch it when it is loaded; a checkpoint's encoder
-        // that was not loaded computes nothing for them to change.
+        // An encoder's modules patch it when it is loaded; a checkpoint's encoder that was
+        // not loaded computes nothing for them to change.
         let mut linears = self.text.linears();
+        linears.extend(self.vision.iter().flat_map(|v| v.linears()));
+        linears.extend(self.audio.iter().flat_map(|a| a.linears()));
+        let skip_vision = self.vision.is_none() && self.config.vision.is_some();
+        let skip_audio = self.audio.is_none() && self.config.audio.is_some();
         let filtered;
-        let adapter = match &self.vision {
-            Some(v) => {
-                linears.extend(v.linears());
-                adapter
-            }
-            None if self.config.vision.is_some() => {
+        let adapter = match skip_vision || skip_audio {
+            true => {
                 let mut a = adapter.clone();
-                a.modules.retain(|m| !is_vision_module(&m.module));
+                a.modules.retain(|m| {
+                    !(skip_vision && is_vision_module(&m.module)
+                        || skip_audio && is_audio_module(&m.module))
+                });
                 filtered = a;
                 &filtered
             }
-            None => adapter,
+            false => adapter,
         };
         let modules = patch(linears, id, adapter)?;
         let attached = AttachedAdapter {

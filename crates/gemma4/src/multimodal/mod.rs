@@ -353,7 +353,11 @@ pub fn encode_media_as(
         ("audio", tokens.audio),
         &clips,
         |f| f.num_soft_tokens,
-        |f| audio.ok_or_else(|| no_encoder("audio", "audio"))?.embed(f),
+        |f| {
+            audio
+                .ok_or_else(|| no_encoder("audio", "audio"))?
+                .embed_as(f, dt)
+        },
     )?);
     let slots: Vec<u32> = parts.iter().flat_map(|(s, _)| s.iter().copied()).collect();
     let rows = match parts.len() {

@@ -29,7 +29,7 @@ pub struct LoraSpec {
     /// Module names (`q_proj`, `down_proj`, ...) or `all-linear`, and the expert
     /// parameters (`experts`, `experts.gate_up_proj`, `experts.down_proj`).
     pub targets: Vec<String>,
-    /// Encoders whose projections the targets also select (`vision`); empty: the
+    /// Encoders whose projections the targets also select (`vision`, `audio`); empty: the
     /// encoders stay frozen.
     pub towers: Vec<String>,
 }
@@ -175,10 +175,19 @@ impl TrainableAdapter {
                         "`vision`: the vision encoder is not loaded (the data has no image)",
                     ))
                 }
+                ("audio", _) => match &model.audio {
+                    Some(a) => towers.extend(a.linears()),
+                    None => {
+                        return Err(Error::invalid_argument(
+                            "towers",
+                            "`audio`: the audio encoder is not loaded (the data has no audio)",
+                        ))
+                    }
+                },
                 (other, _) => {
                     return Err(Error::invalid_argument(
                         "towers",
-                        format!("`{other}`: only the vision encoder's adapters are trained yet"),
+                        format!("`{other}`: the encoders are `vision` and `audio`"),
                     ))
                 }
             }

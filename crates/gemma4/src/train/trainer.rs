@@ -58,7 +58,7 @@ pub struct TrainConfig {
     /// ([`Example::pack`]): the same gradients, in fewer and larger products.
     #[serde(default)]
     pub pack: Option<usize>,
-    /// Encoders adapted too (`vision`); their examples keep their media, encoded again at
+    /// Encoders adapted too (`vision`, `audio`); their examples keep their media, encoded again at
     /// every step.
     #[serde(default)]
     pub towers: Vec<String>,
