@@ -224,26 +224,30 @@ fn labels_at_masked_positions_leave_the_gradients_bit_identical() {
 /// A chat row with an image and an audio clip, read as the data loader reads it (the
 /// template's markers, the processor's expansion, the frozen towers' soft tokens over the
 /// placeholders, placeholders never supervised): the reference processor's ids and labels,
-/// and the reference's loss and decoder LoRA gradients (towers in f32 on both sides).
+/// and the reference's loss and decoder LoRA gradients (towers in f32 on both sides). On
+/// E2B-like (`audio_small`) and 12B-like (`audio_unified`: encoder-free embedders, image
+/// spans bidirectional in every layer, past its 6-token sliding window).
 #[test]
 fn a_row_with_an_image_and_audio_trains_as_the_reference() {
-    let case = "vision_audio";
-    let dir = fixture("train").join(case);
-    for recompute in [true, false] {
-        let opts = GradientOptions {
-            recompute,
-            ..Default::default()
-        };
-        let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
-            model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
-            example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
-        });
-        assert_eq!(run.ex.ids, ids(&run.golden["ids"]));
-        assert_eq!(run.ex.labels, example(&run.golden).labels);
-        let media = run.ex.media.as_ref().expect("soft tokens");
-        assert_eq!(media.slots.len(), media.rows.dim(0).unwrap());
-        check_run(case, &run, 1e-3);
+    for case in ["vision_audio", "unified_media"] {
+        let dir = fixture("train").join(case);
+        for recompute in [true, false] {
+            let opts = GradientOptions {
+                recompute,
+                ..Default::default()
+            };
+            let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
+                model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+                example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
+            });
+            assert_eq!(run.ex.ids, ids(&run.golden["ids"]), "{case}");
+            assert_eq!(run.ex.labels, example(&run.golden).labels, "{case}");
+            let media = run.ex.media.as_ref().expect("soft tokens");
+            assert_eq!(media.slots.len(), media.rows.dim(0).unwrap());
+            check_run(case, &run, 1e-3);
+        }
     }
+    let dir = fixture("train").join("vision_audio");
     // The same row, its media named by the row's lists as TRL's vision datasets have them.
     let mut model = Gemma4::load(&fixture("audio_small"), LoadOptions::default()).unwrap();
     model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
@@ -375,25 +379,28 @@ fn tower_adapters_train_as_the_reference() {
 }
 
 /// Packing moves each example's soft tokens to its place in the packed sequence: a text
-/// example, then the image-and-audio row twice.
+/// example, then the image-and-audio row twice; on the 12B-like model too, where each
+/// copy's image span attends bidirectionally within its own sequence only.
 #[test]
 fn packed_multimodal_rows_train_as_they_do_apart() {
-    let dir = fixture("train").join("vision_audio");
-    let run = run_case_with(
-        "vision_audio",
-        LoadOptions::default(),
-        GradientOptions::default(),
-        |model, golden| {
-            model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
-            example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
-        },
-    );
-    let a = run.ex.clone();
-    let text = Example::new(
-        a.ids[..5].to_vec(),
-        a.labels[..5].iter().map(|_| Some(7)).collect(),
-    );
-    assert_packing_is_exact(&run, &[&text, &a, &a]);
+    for case in ["vision_audio", "unified_media"] {
+        let dir = fixture("train").join(case);
+        let run = run_case_with(
+            case,
+            LoadOptions::default(),
+            GradientOptions::default(),
+            |model, golden| {
+                model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+                example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
+            },
+        );
+        let a = run.ex.clone();
+        let text = Example::new(
+            a.ids[..5].to_vec(),
+            a.labels[..5].iter().map(|_| Some(7)).collect(),
+        );
+        assert_packing_is_exact(&run, &[&text, &a, &a]);
+    }
 }
 
 /// The packed loss and gradients of `examples` are the sums of theirs alone.
