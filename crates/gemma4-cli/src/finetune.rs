@@ -107,7 +107,28 @@ pub(crate) struct FinetuneArgs {
     pub(crate) json: bool,
 }
 
+/// Training allocates and frees the same large activations in every layer. glibc hands
+/// freed memory at the top of its heap back to the kernel, and serves blocks over its
+/// (dynamic) mmap threshold with fresh mappings: the next allocation then faults in and
+/// zeroes new pages, on one thread while the other waits (a tenth of a step at E2B
+/// shapes). So the heap keeps what it frees, and blocks up to glibc's largest threshold
+/// (32 MiB: every activation of E2B at 512 tokens) come from it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes the allocator's tunables; it is called before the
+    // training allocates anything large.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 pub(crate) fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
+    keep_freed_memory();
     if !(0.0..1.0).contains(&a.dropout) {
         bail!("--dropout: {} is not a probability below 1", a.dropout);
     }

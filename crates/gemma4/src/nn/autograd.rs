@@ -43,18 +43,25 @@ impl CustomOp1 for FrozenProduct {
                 "frozen product: training computes activations in f32".into(),
             ));
         };
-        let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
-        let y = match self.0.is_quantized() || self.0.dtype() != DType::F32 {
-            // The quantized kernels also quantize the input rows: trained through, the
-            // product would be a step function of the input, which its backward (the
-            // dequantized weight) does not describe. Training multiplies its f32 inputs
-            // with the weight widened to f32 instead (as QLoRA dequantizes), also for a
-            // bf16 weight, whose kernels take bf16 rows.
-            true => dequantized_product(&self.0, &x),
-            false => self.0.matmul_t(&x),
+        // The quantized kernels also quantize the input rows: trained through, the product
+        // would be a step function of the input, which its backward (the dequantized
+        // weight) does not describe. Training multiplies its f32 inputs with the weight
+        // widened to f32 instead (as QLoRA dequantizes), also for a bf16 weight, whose
+        // kernels take bf16 rows.
+        if self.0.is_quantized() || self.0.dtype() != DType::F32 {
+            let (out, inp) = self.0.shape();
+            let mut dims = l.dims().to_vec();
+            let m = l.shape().elem_count() / inp.max(1);
+            let y = dequantized_product(&self.0, &v[start..end], m).map_err(candle_err)?;
+            *dims.last_mut().expect("rank ≥ 1") = out;
+            return Ok((CpuStorage::F32(y), Shape::from(dims)));
         }
-        .map_err(candle_err)?
-        .to_dtype(DType::F32)?;
+        let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
+        let y = self
+            .0
+            .matmul_t(&x)
+            .map_err(candle_err)?
+            .to_dtype(DType::F32)?;
         let shape = y.shape().clone();
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
     }
@@ -75,44 +82,125 @@ fn block_rows(w: &LinearWeight) -> usize {
     ((4usize << 20) / w.shape().1.max(1)).max(16) / 16 * 16
 }
 
-/// `x Wᵀ` with `W` dequantized to f32 block by block: `x` `[.., in]` → `[.., out]`.
-fn dequantized_product(w: &LinearWeight, x: &Tensor) -> crate::error::Result<Tensor> {
+/// The f32 values of contiguous f32 tensor `t` (no copy).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> crate::error::Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+        return Err(crate::error::Error::invalid_argument(
+            "tensor",
+            "a product of training reads f32 CPU tensors",
+        ));
+    };
+    let start = layout.start_offset();
+    Ok(f(&v[start..start + t.elem_count()]))
+}
+
+/// `dst ← (read ? dst : 0) + lhs · rhs` for row-major `m×k` `lhs` (row stride `lhs_rs`),
+/// `k×n` `rhs` given by its strides, into `m×n` `dst` (row stride `dst_rs`): the `gemm`
+/// crate's product (candle's own), written in place, so that no block of a widened
+/// weight costs a copy of its product, a concatenation or an addition.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    read: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Every element the product touches lies inside the slices.
+    assert!((m - 1) * dst_rs + n <= dst.len());
+    assert!(k == 0 || (m - 1) * lhs_rs + k <= lhs.len());
+    assert!(k == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
+    let threads = match m * n * k >= 1 << 20 {
+        true => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        false => gemm::Parallelism::None,
+    };
+    // SAFETY: the asserts above keep every index the strides reach inside the slices,
+    // `dst` does not alias the inputs (it is borrowed mutably), and with `read` false
+    // `gemm` writes `dst` without reading it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            read,
+            lhs.as_ptr(),
+            1,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        )
+    }
+}
+
+/// `x Wᵀ` with `W` dequantized to f32 block by block: `x` `m` rows of `in` → `[m, out]`
+/// row-major, each block's product written straight into its columns.
+fn dequantized_product(w: &LinearWeight, x: &[f32], m: usize) -> crate::error::Result<Vec<f32>> {
     let (out, inp) = w.shape();
-    let mut dims = x.dims().to_vec();
-    let x2 = x.to_dtype(DType::F32)?.reshape(((), inp))?;
-    let mut parts = Vec::new();
-    w.row_blocks(block_rows(w), |_, rows| {
-        parts.push(x2.matmul(&rows.t()?)?);
-        Ok(())
+    let mut y = vec![0f32; m * out];
+    w.row_blocks(block_rows(w), |start, rows| {
+        let nb = rows.dim(0)?;
+        with_f32(&rows, |b| {
+            // Bᵀ `[in, nb]` read from B `[nb, in]`: row stride 1, column stride `in`.
+            gemm_into(
+                (m, nb, inp),
+                &mut y[start..],
+                out,
+                false,
+                x,
+                inp,
+                b,
+                (1, inp),
+            )
+        })
     })?;
-    *dims.last_mut().expect("rank ≥ 1") = out;
-    Ok(Tensor::cat(&parts, 1)?.reshape(dims)?)
+    Ok(y)
 }
 
 /// `dy · W`: `dy` `[.., out]` → `[.., in]` in f32. The weight is widened to f32 a block of
-/// rows at a time (see [`block_rows`]), so a quantized weight is never held dense.
+/// rows at a time (see [`block_rows`]), so a quantized weight is never held dense; each
+/// block's product accumulates in place.
 pub(crate) fn transposed_product(w: &LinearWeight, dy: &Tensor) -> crate::error::Result<Tensor> {
     let (out, inp) = w.shape();
     let mut dims = dy.dims().to_vec();
-    let g = dy.to_dtype(DType::F32)?.reshape(((), out))?;
-    let mut acc: Option<Tensor> = None;
-    w.row_blocks(block_rows(w), |start, rows| {
-        let part = g
-            .narrow(1, start, rows.dim(0)?)?
-            .contiguous()?
-            .matmul(&rows)?;
-        acc = Some(match acc.take() {
-            None => part,
-            Some(a) => (a + part)?,
-        });
-        Ok(())
-    })?;
-    let acc = match acc {
-        Some(a) => a,
-        None => Tensor::zeros((g.dim(0)?, inp), DType::F32, &w.device())?,
-    };
+    let m = dy.elem_count() / out.max(1);
+    let mut dx = vec![0f32; m * inp];
+    with_f32(dy, |g| -> crate::error::Result<()> {
+        w.row_blocks(block_rows(w), |start, rows| {
+            let nb = rows.dim(0)?;
+            with_f32(&rows, |b| {
+                gemm_into(
+                    (m, inp, nb),
+                    &mut dx,
+                    inp,
+                    start > 0,
+                    &g[start..],
+                    out,
+                    b,
+                    (inp, 1),
+                )
+            })
+        })
+    })??;
     *dims.last_mut().expect("rank ≥ 1") = inp;
-    Ok(acc.reshape(dims)?)
+    Ok(Tensor::from_vec(dx, dims, &w.device())?)
 }
 
 /// `x Wᵀ` with the frozen weight `w`, differentiable in `x` (f32).

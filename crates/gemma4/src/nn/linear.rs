@@ -39,6 +39,31 @@ struct Clip {
 #[derive(Debug, Clone)]
 pub struct LinearWeight(Arc<dyn Matrix>);
 
+type WidenedBlocks = std::collections::HashMap<(usize, usize, usize), Tensor>;
+
+thread_local! {
+    /// Blocks widened by [`LinearWeight::row_blocks`] in the current
+    /// [`with_widened_cache`] scope, by (weight, first row, rows).
+    static WIDENED: std::cell::RefCell<Option<WidenedBlocks>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the f32 blocks that frozen products widen kept until it returns, so that
+/// a layer's forward and backward, run one after the other inside it, widen each weight
+/// once (training with recomputation: one layer's weights in f32 at a time). The scope
+/// is the calling thread's, as candle runs a backward on the thread that asks for it.
+pub fn with_widened_cache<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<WidenedBlocks>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            WIDENED.with(|c| *c.borrow_mut() = prev);
+        }
+    }
+    let _restore = Restore(WIDENED.with(|c| c.borrow_mut().replace(WidenedBlocks::new())));
+    f()
+}
+
 impl LinearWeight {
     /// A dense weight at the compute dtype: bf16 and f32 `[out, in]` matrices are tiled
     /// where the CPU has AVX-512 (AVX512-BF16 for bf16: one kernel for decode batches and
@@ -150,9 +175,28 @@ impl LinearWeight {
         let out = self.shape().0;
         let block = block.max(1);
         let mut start = 0;
+        // Within a [`with_widened_cache`] scope, a block widened once is reused.
+        let key = Arc::as_ptr(&self.0) as *const () as usize;
         while start < out {
             let n = block.min(out - start);
-            f(start, self.0.rows_f32(start, n)?)?;
+            let cached = WIDENED.with(|c| {
+                c.borrow()
+                    .as_ref()
+                    .and_then(|m| m.get(&(key, start, n)).cloned())
+            });
+            let rows = match cached {
+                Some(t) => t,
+                None => {
+                    let t = self.0.rows_f32(start, n)?;
+                    WIDENED.with(|c| {
+                        if let Some(m) = c.borrow_mut().as_mut() {
+                            m.insert((key, start, n), t.clone());
+                        }
+                    });
+                    t
+                }
+            };
+            f(start, rows)?;
             start += n;
         }
         Ok(())

@@ -18,6 +18,7 @@ use candle_core::{backprop::GradStore, Tensor, Var};
 use crate::error::Result;
 use crate::lora::{with_adapters, AdapterSet};
 use crate::multimodal::{ProcessedMedia, SoftTokens};
+use crate::nn::linear::with_widened_cache;
 use crate::nn::lora::{with_dropout, Dropout};
 use crate::text::full_sequence::FullSequence;
 use crate::text::model::TextModel;
@@ -307,15 +308,19 @@ pub fn sequence_gradients(
             let mut dkv: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
             let mut dple: Vec<Option<Tensor>> = vec![None; n];
             for i in (0..n).rev() {
-                let tape = match tapes[i].take() {
-                    Some(t) => t,
-                    None => run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?,
-                };
-                let mut surrogate = (&tape.out * &dh)?.sum_all()?;
-                if let (Some((k, v)), Some((dk, dv))) = (&tape.own, dkv.remove(&i)) {
-                    surrogate = ((surrogate + (k * dk)?.sum_all()?)? + (v * dv)?.sum_all()?)?;
-                }
-                let grads = surrogate.backward()?;
+                // A recomputed layer's forward and backward widen each weight once.
+                let (tape, grads) = with_widened_cache(|| -> Result<_> {
+                    let tape = match tapes[i].take() {
+                        Some(t) => t,
+                        None => run_layer(model, &seq, i, &inputs[i], ple.as_ref(), &kv)?,
+                    };
+                    let mut surrogate = (&tape.out * &dh)?.sum_all()?;
+                    if let (Some((k, v)), Some((dk, dv))) = (&tape.own, dkv.remove(&i)) {
+                        surrogate = ((surrogate + (k * dk)?.sum_all()?)? + (v * dv)?.sum_all()?)?;
+                    }
+                    let grads = surrogate.backward()?;
+                    Ok((tape, grads))
+                })?;
                 accumulate(acc, vars, &grads)?;
                 dh = match grad_of(&grads, tape.h.as_tensor()) {
                     Some(g) => g,
