@@ -83,6 +83,16 @@ fn run_case_with(
     }
 }
 
+/// [`run_case`] for a case whose example is its `row`, read as the data loader reads it
+/// (with the template in the case's directory; the media kept when `keep_sources`).
+fn run_row_case(case: &str, opts: GradientOptions, keep_sources: bool) -> CaseRun {
+    let dir = fixture("train").join(case);
+    run_case_with(case, LoadOptions::default(), opts, |model, golden| {
+        model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
+        example_of_row_with(model, &golden["row"], Some(&dir), keep_sources).unwrap()
+    })
+}
+
 /// Every LoRA tensor's key, our gradient and the reference's.
 fn gradient_pairs(case: &str, run: &CaseRun) -> Vec<(String, Vec<f32>, Vec<f32>)> {
     let golden = read_safetensors(&fixture("train").join(case).join("golden/grads.safetensors"));
@@ -230,16 +240,12 @@ fn labels_at_masked_positions_leave_the_gradients_bit_identical() {
 #[test]
 fn a_row_with_an_image_and_audio_trains_as_the_reference() {
     for case in ["vision_audio", "unified_media"] {
-        let dir = fixture("train").join(case);
         for recompute in [true, false] {
             let opts = GradientOptions {
                 recompute,
                 ..Default::default()
             };
-            let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
-                model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
-                example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
-            });
+            let run = run_row_case(case, opts, false);
             assert_eq!(run.ex.ids, ids(&run.golden["ids"]), "{case}");
             assert_eq!(run.ex.labels, example(&run.golden).labels, "{case}");
             let media = run.ex.media.as_ref().expect("soft tokens");
@@ -352,16 +358,12 @@ fn tower_adapters_train_as_the_reference() {
         ("vision_tower", "vision_tower."),
         ("audio_tower", "audio_tower."),
     ] {
-        let dir = fixture("train").join(case);
         for recompute in [true, false] {
             let opts = GradientOptions {
                 recompute,
                 ..Default::default()
             };
-            let run = run_case_with(case, LoadOptions::default(), opts, |model, golden| {
-                model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
-                example_of_row_with(model, &golden["row"], Some(&dir), true).unwrap()
-            });
+            let run = run_row_case(case, opts, true);
             assert!(run
                 .trainable
                 .modules
@@ -384,16 +386,7 @@ fn tower_adapters_train_as_the_reference() {
 #[test]
 fn packed_multimodal_rows_train_as_they_do_apart() {
     for case in ["vision_audio", "unified_media"] {
-        let dir = fixture("train").join(case);
-        let run = run_case_with(
-            case,
-            LoadOptions::default(),
-            GradientOptions::default(),
-            |model, golden| {
-                model.chat_template = gemma4::prompt::chat::ChatTemplate::from_dir(&dir).unwrap();
-                example_of_row_in(model, &golden["row"], Some(&dir)).unwrap()
-            },
-        );
+        let run = run_row_case(case, GradientOptions::default(), false);
         let a = run.ex.clone();
         let text = Example::new(
             a.ids[..5].to_vec(),
