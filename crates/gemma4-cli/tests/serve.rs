@@ -949,3 +949,136 @@ fn a_request_picks_a_lora_adapter_by_name_and_gets_pefts_answer() {
     let msg = err["error"]["message"].as_str().unwrap();
     assert!(msg.contains("`e2b_like`, `e2b_all_linear`"), "{msg}");
 }
+
+/// Status, lower-cased head and body of a GET with `headers`.
+fn get_raw(s: &Server, path: &str, headers: &[&str]) -> (u16, String, String) {
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = c.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, _) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let (status, body) = parse_response(&raw);
+    (status, head.to_ascii_lowercase(), body)
+}
+
+#[test]
+fn the_chat_page_and_its_assets_need_no_key_while_the_api_does() {
+    let s = Server::start(&fixture("text_only"), &["--api-key", "k1"]);
+    let (status, head, page) = get_raw(&s, "/", &[]);
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    // Scripts only from the server itself: a model's answer can never run in the page.
+    assert!(
+        head.contains("content-security-policy: default-src 'none'; script-src 'self';"),
+        "{head}"
+    );
+    // Every asset the page and its script name is served, with its type, and offline:
+    // nothing is loaded from another host.
+    let app = get_raw(&s, "/assets/app.js", &[]).2;
+    let mut assets: Vec<String> = Vec::new();
+    for text in [&page, &app] {
+        for piece in text.split(['"', '\'']) {
+            if piece.starts_with("/assets/") {
+                assets.push(piece.to_string());
+            }
+        }
+        assert!(!text.contains("http://") && !text.contains("https://"));
+    }
+    assets.sort();
+    assets.dedup();
+    assert!(assets.len() >= 5, "{assets:?}");
+    for a in &assets {
+        let (status, head, body) = get_raw(&s, a, &[]);
+        let want = match a.rsplit('.').next().unwrap() {
+            "js" => "text/javascript",
+            "css" => "text/css",
+            "svg" => "image/svg+xml",
+            other => panic!("an asset of unknown type: {other}"),
+        };
+        assert_eq!(status, 200, "{a}");
+        assert!(
+            head.contains(&format!("content-type: {want}")),
+            "{a}: {head}"
+        );
+        assert!(!body.is_empty(), "{a}");
+    }
+    // The API keeps its key; /auth tells the page whether it has the right one.
+    assert_eq!(s.get("/v1/models").0, 401);
+    let auth = |h: &[&str]| -> Value { serde_json::from_str(&get_raw(&s, "/auth", h).2).unwrap() };
+    assert_eq!(auth(&[]), json!({"key_required": true, "key_valid": false}));
+    assert_eq!(
+        auth(&["Authorization: Bearer k2"]),
+        json!({"key_required": true, "key_valid": false})
+    );
+    assert_eq!(
+        auth(&["Authorization: Bearer k1"]),
+        json!({"key_required": true, "key_valid": true})
+    );
+    let (status, _, models) = get_raw(&s, "/v1/models", &["Authorization: Bearer k1"]);
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(
+        models["data"][0]["capabilities"],
+        json!({"vision": false, "audio": false})
+    );
+    drop(s);
+    let s = Server::start(&fixture("text_only"), &["--no-webui"]);
+    assert_eq!(s.get("/").0, 404);
+    assert_eq!(s.get("/assets/app.js").0, 404);
+    assert_eq!(s.get("/v1/models").0, 200);
+}
+
+#[test]
+fn tokenize_expands_media_to_the_soft_tokens_the_model_sees() {
+    let dir = with_parts_template("audio_small");
+    let wav = fixture("audio").join("hello_16k.wav");
+    let png = fixture("images").join("landscape.png");
+    let b64 =
+        |p: &Path| base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap());
+    let model = Gemma4::load(&dir, LoadOptions::default()).unwrap();
+    let media = Media {
+        images: vec![model.load_image(&png).unwrap()],
+        audio: vec![model.load_audio(&wav).unwrap()],
+        ..Default::default()
+    };
+    let want = model
+        .prepare(
+            &Prompt::Rendered(
+                "<bos><|turn>user\n<|image|><|audio|>What is this?<turn|>\n<|turn>model\n".into(),
+            ),
+            &media,
+        )
+        .unwrap()
+        .ids;
+    let image_tokens = model.process_images(&media.images).unwrap()[0].num_soft_tokens;
+    let audio_tokens = model.process_audio(&media.audio).unwrap()[0].num_soft_tokens;
+    let s = Server::start(&dir, &[]);
+    let (status, v) = s.post(
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", b64(&png))}},
+            {"type": "input_audio", "input_audio": {"data": b64(&wav), "format": "wav"}},
+            {"type": "text", "text": "What is this?"}
+        ]}]}),
+    );
+    let models: Value = serde_json::from_str(&s.get("/v1/models").1).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(status, 200, "{v}");
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(ids, want);
+    assert_eq!(v["count"], want.len());
+    assert_eq!(v["image_tokens"], json!([image_tokens]));
+    assert_eq!(v["audio_tokens"], json!([audio_tokens]));
+    assert!(image_tokens > 1 && audio_tokens > 1);
+    assert_eq!(
+        models["data"][0]["capabilities"],
+        json!({"vision": true, "audio": true})
+    );
+}

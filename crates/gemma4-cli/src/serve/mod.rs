@@ -2,8 +2,10 @@
 //! engine ([`gemma4::generate::engine`]).
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /health` (503 while the model loads; never needs the key), `GET /metrics`
-//! (Prometheus text), `POST /tokenize`, `POST /detokenize`. Requests are parsed in
+//! `GET /health` (503 while the model loads; never needs the key), `GET /auth` (whether
+//! a key is needed, and whether the one sent is right), `GET /metrics`
+//! (Prometheus text), `POST /tokenize`, `POST /detokenize`, and a chat page at `/`
+//! ([`web`], off with `--no-webui`). Requests are parsed in
 //! [`request`], run and answered (whole or as server-sent events) in [`respond`]. The
 //! socket is bound before the model loads, so `/health` answers from the start; SIGTERM
 //! or Ctrl-C stops accepting connections and lets the requests in flight finish.
@@ -13,6 +15,7 @@ mod metrics;
 mod request;
 mod respond;
 mod stop;
+mod web;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -87,6 +90,9 @@ pub(crate) struct ServeArgs {
     /// only `data:` URIs are read.
     #[arg(long)]
     pub(crate) allow_local_media: bool,
+    /// Do not serve the chat page at `/` (the API only).
+    #[arg(long)]
+    pub(crate) no_webui: bool,
 }
 
 /// What the handlers share.
@@ -98,6 +104,8 @@ pub(crate) struct App {
     pub(crate) max_media: usize,
     pub(crate) timeout: Duration,
     pub(crate) allow_local_media: bool,
+    /// Serve the chat page ([`web`]).
+    pub(crate) webui: bool,
     pub(crate) metrics: Metrics,
 }
 
@@ -153,6 +161,7 @@ pub(crate) fn cmd_serve(a: ServeArgs, pool: Arc<rayon::ThreadPool>) -> Result<()
         max_media: a.max_media,
         timeout: Duration::from_secs(a.timeout.max(1)),
         allow_local_media: a.allow_local_media,
+        webui: !a.no_webui,
         metrics: Metrics::default(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -352,9 +361,15 @@ pub(crate) fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize));
-    Router::new()
+    let mut open = Router::new()
         .route("/health", get(health))
-        .merge(api)
+        .route("/auth", get(auth));
+    if app.webui {
+        // The page and its assets need no key: the page asks for it and sends it on
+        // every API call.
+        open = open.merge(web::routes());
+    }
+    open.merge(api)
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").code("not_found")
         })
@@ -366,28 +381,41 @@ pub(crate) fn router(app: Arc<App>, max_body: usize) -> Router {
         .with_state(app)
 }
 
-/// Checks the Bearer key, in constant time.
+/// Whether the request carries the Bearer key (compared in constant time), or none is
+/// needed.
+fn key_ok(app: &App, headers: &axum::http::HeaderMap) -> bool {
+    let Some(key) = &app.api_key else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == key.len()
+        && given
+            .bytes()
+            .zip(key.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &app.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let same = given.len() == key.len()
-            && given
-                .bytes()
-                .zip(key.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "a missing or wrong API key")
-                .code("invalid_api_key")
-                .into_response();
-        }
+    if !key_ok(&app, req.headers()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "a missing or wrong API key")
+            .code("invalid_api_key")
+            .into_response();
     }
     next.run(req).await
+}
+
+/// `GET /auth`: whether a key is needed and whether the one sent is right, always 200 (the
+/// chat page asks for the key before its first call instead of meeting a 401).
+async fn auth(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Json<Value> {
+    Json(json!({
+        "key_required": app.api_key.is_some(),
+        "key_valid": key_ok(&app, &headers),
+    }))
 }
 
 async fn count_status(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -412,6 +440,11 @@ async fn models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
         "created": l.created,
         "owned_by": "gemma4",
         "max_model_len": max_len,
+        // What the chat page offers: attachments only where the encoders are loaded.
+        "capabilities": {
+            "vision": l.model.vision.is_some(),
+            "audio": l.model.audio.is_some(),
+        },
     })];
     // Each `--lora` adapter is a model of its own, as vLLM lists LoRA modules.
     for a in l.model.adapters() {
@@ -458,7 +491,8 @@ pub(crate) fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, Ap
 
 /// `{"content": text, "add_special": bool}` or a chat (`messages`, `tools`,
 /// `chat_template_kwargs`, `add_generation_prompt`) rendered with the checkpoint's
-/// template; answers the ids.
+/// template; answers the ids. A chat's images and audio clips are expanded to their soft
+/// tokens, whose numbers are answered per item (`image_tokens`, `audio_tokens`).
 async fn tokenize(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
@@ -466,33 +500,56 @@ async fn tokenize(
     let v = json_body(body)?;
     let l = app.loaded()?;
     let model = l.model.clone();
-    let max_media = app.max_media;
-    let ids = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
-        let tok = model.tokenizer()?;
-        if v.get("messages").is_some() {
-            let chat = request::render_chat(&model, &v, max_media, false)?;
-            return Ok(tok.encode_raw(&chat.text)?);
-        }
-        let text = v
-            .get("content")
-            .or_else(|| v.get("prompt"))
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad("content", "a string is required"))?;
-        let special = v
-            .get("add_special")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        Ok(if special {
-            tok.encode(text)?
-        } else {
-            tok.encode_raw(text)?
-        })
-    })
+    let (max_media, allow_local) = (app.max_media, app.allow_local_media);
+    #[allow(clippy::type_complexity)]
+    let ids = tokio::task::spawn_blocking(
+        move || -> Result<(Vec<u32>, Vec<usize>, Vec<usize>), ApiError> {
+            let tok = model.tokenizer()?;
+            if v.get("messages").is_some() {
+                let chat = request::render_chat(&model, &v, max_media, allow_local)?;
+                if chat.media.images.is_empty() && chat.media.audio.is_empty() {
+                    return Ok((tok.encode_raw(&chat.text)?, Vec::new(), Vec::new()));
+                }
+                // What the model sees: each marker expanded to its media's soft tokens, as
+                // the processor does (the chat page shows each attachment's cost from it).
+                let processed = gemma4::multimodal::ProcessedMedia {
+                    images: model.process_images(&chat.media.images)?,
+                    videos: Vec::new(),
+                    audio: model.process_audio(&chat.media.audio)?,
+                };
+                let text =
+                    gemma4::multimodal::expand_prompt(&chat.text, &model.markers()?, &processed)?;
+                return Ok((
+                    tok.encode_raw(&text)?,
+                    processed.images.iter().map(|i| i.num_soft_tokens).collect(),
+                    processed.audio.iter().map(|a| a.num_soft_tokens).collect(),
+                ));
+            }
+            let text = v
+                .get("content")
+                .or_else(|| v.get("prompt"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad("content", "a string is required"))?;
+            let special = v
+                .get("add_special")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let ids = if special {
+                tok.encode(text)?
+            } else {
+                tok.encode_raw(text)?
+            };
+            Ok((ids, Vec::new(), Vec::new()))
+        },
+    )
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let (ids, image_tokens, audio_tokens) = ids;
     Ok(Json(json!({
         "tokens": ids,
         "count": ids.len(),
+        "image_tokens": image_tokens,
+        "audio_tokens": audio_tokens,
         "max_model_len": l.model.config.text.max_position_embeddings,
     })))
 }
