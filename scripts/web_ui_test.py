@@ -83,6 +83,11 @@ class Server:
         with urllib.request.urlopen(req) as r:
             return json.loads(r.read())
 
+    def ask(self, text, **fields):
+        """The API's message for one user turn, greedy."""
+        body = {"messages": [{"role": "user", "content": text}], "temperature": 0, **fields}
+        return self.post("/v1/chat/completions", body)["choices"][0]["message"]
+
     def metric(self, name):
         req = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Bearer {self.key}"} if self.key else {})
         with urllib.request.urlopen(req) as r:
@@ -183,6 +188,12 @@ class Page:
         if box.is_selected() != on:
             box.click()
 
+    def upload(self, input_id, path):
+        """Hands `path` to the page's hidden file input, as the file picker would."""
+        self.js("document.getElementById(arguments[0]).hidden = false", input_id)
+        self.one(f"#{input_id}").send_keys(str(path))
+        self.js("document.getElementById(arguments[0]).hidden = true", input_id)
+
     def drop_file(self, path, mime, how):
         """Puts a file into the page as a drop on the conversation or a paste, as a
         browser would hand it over (a DataTransfer with a File)."""
@@ -247,9 +258,7 @@ def chat_tests(p: Page, srv: Server):
     p.set_thinking(True)
     p.send("What is 2+2?")
     a = p.last_answer_done(1)
-    want = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is 2+2?"}],
-                                             "temperature": 0, "chat_template_kwargs": {"enable_thinking": True}})
-    want = want["choices"][0]["message"]
+    want = srv.ask("What is 2+2?", chat_template_kwargs={"enable_thinking": True})
     check(want["reasoning_content"] == "Two plus two." and want["content"] == "The answer is 4.",
           "the API's answer is the fixture's golden completion")
     content = a.find_element(By.CSS_SELECTOR, ".content").text
@@ -271,9 +280,7 @@ def chat_tests(p: Page, srv: Server):
     p.set_thinking(False)
     p.send("What is 2+2?")
     a = p.last_answer_done(1)
-    want = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is 2+2?"}],
-                                             "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}})
-    want = want["choices"][0]["message"]
+    want = srv.ask("What is 2+2?", chat_template_kwargs={"enable_thinking": False})
     shown = a.find_elements(By.CSS_SELECTOR, "details.thinking")
     check(a.find_element(By.CSS_SELECTOR, ".content").text == (want["content"] or "").strip()
           and bool(shown) == bool(want.get("reasoning_content")),
@@ -394,9 +401,7 @@ def chat_tests(p: Page, srv: Server):
     check("Weather in Paris?" not in [e.text for e in p.q("#conversations .title")], "delete removes a conversation")
     path = p.downloads / "one.json"
     path.write_text(json.dumps({"conversations": [c for c in exported["conversations"] if c["title"] == "Weather in Paris?"]}))
-    p.js("document.getElementById('import-file').hidden = false")
-    p.one("#import-file").send_keys(str(path))
-    p.js("document.getElementById('import-file').hidden = true")
+    p.upload("import-file", path)
     p.wait(lambda: "Weather in Paris?" in [e.text for e in p.q("#conversations .title")], "the imported conversation")
     check(len(p.q("#messages .tool-call")) == 1, "import brings a conversation back, opened")
     errors = p.console_errors()
@@ -455,9 +460,7 @@ def markdown_tests(p: Page, srv: Server):
     # (Imported: the page writes its own state back to storage when it unloads.)
     path = p.downloads / "markdown.json"
     path.write_text(json.dumps({"conversations": [conv]}))
-    p.js("document.getElementById('import-file').hidden = false")
-    p.one("#import-file").send_keys(str(path))
-    p.js("document.getElementById('import-file').hidden = true")
+    p.upload("import-file", path)
     p.wait(lambda: p.q("#messages .code-block"), "the markdown conversation")
     check(p.js("return window.__pwned") is None, "nothing in an answer runs as script")
     p.d.execute_cdp_cmd("Browser.grantPermissions", {"origin": srv.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
@@ -481,9 +484,7 @@ def media_tests(p: Page, srv: Server):
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     want_tokens = srv.post("/tokenize", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}]}]})["image_tokens"][0]
-    p.js("document.getElementById('file-input').hidden = false")
-    p.one("#file-input").send_keys(str(image))
-    p.js("document.getElementById('file-input').hidden = true")
+    p.upload("file-input", image)
     p.wait(lambda: p.q("#attachments .attachment img") and "… tokens" not in p.text("#attachments .attachment-tokens"),
            "the image's thumbnail and token cost")
     check(p.text("#attachments .attachment-tokens") == f"{want_tokens} tokens",
@@ -509,9 +510,7 @@ def media_tests(p: Page, srv: Server):
     p.wait(lambda: len(p.q("#attachments .attachment img")) == 2, "the pasted image")
     check(True, "an image can be dropped on the conversation or pasted")
     clip = FIXTURES / "audio" / "hello_16k.wav"
-    p.js("document.getElementById('file-input').hidden = false")
-    p.one("#file-input").send_keys(str(clip))
-    p.js("document.getElementById('file-input').hidden = true")
+    p.upload("file-input", clip)
     p.wait(lambda: p.q("#attachments .attachment audio"), "the audio clip's player")
     want_audio = srv.post("/tokenize", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(clip.read_bytes()).decode(), "format": "wav"}}]}]})["audio_tokens"][0]

@@ -356,6 +356,26 @@ impl Gemma4 {
         })
     }
 
+    /// Every image, video and audio clip of `media` processed for its encoder.
+    pub fn process_media(&self, media: &Media) -> Result<ProcessedMedia> {
+        Ok(ProcessedMedia {
+            images: self.process_images(&media.images)?,
+            videos: self.process_videos(&media.videos)?,
+            audio: self.process_audio(&media.audio)?,
+        })
+    }
+
+    /// `text` with each media marker expanded to its item's soft tokens, as the processor
+    /// does ([`expand_prompt`]: the markers must match the media in number). A
+    /// checkpoint without the marker tokens takes text only.
+    pub fn expand_markers(&self, text: &str, media: &ProcessedMedia) -> Result<String> {
+        match (media.is_empty(), self.markers()) {
+            (_, Ok(m)) => expand_prompt(text, &m, media),
+            (true, Err(_)) => Ok(text.to_string()),
+            (false, Err(e)) => Err(e),
+        }
+    }
+
     /// [`Self::prepare`] with the attached adapters of `set` on in the encoders (an
     /// adapter that patches the vision tower changes the soft tokens).
     pub fn prepare_with(
@@ -396,22 +416,8 @@ impl Gemma4 {
                 "audio",
             ));
         }
-        let processed = ProcessedMedia {
-            images: self.process_images(&media.images)?,
-            videos: self.process_videos(&media.videos)?,
-            audio: self.process_audio(&media.audio)?,
-        };
-        // Text-only checkpoints may not have the marker tokens at all.
-        let markers = match (processed.is_empty(), self.markers()) {
-            (false, m) => Some(m?),
-            (true, m) => m.ok(),
-        };
-        let expand = |text: &str| -> Result<String> {
-            match &markers {
-                Some(m) => expand_prompt(text, m, &processed),
-                None => Ok(text.to_string()),
-            }
-        };
+        let processed = self.process_media(media)?;
+        let expand = |text: &str| self.expand_markers(text, &processed);
         let ids = match prompt {
             Prompt::Ids(_) => self.prompt_ids(prompt)?,
             Prompt::Text(text) => self.prompt_ids(&Prompt::Text(expand(text)?))?,

@@ -512,13 +512,8 @@ async fn tokenize(
                 }
                 // What the model sees: each marker expanded to its media's soft tokens, as
                 // the processor does (the chat page shows each attachment's cost from it).
-                let processed = gemma4::multimodal::ProcessedMedia {
-                    images: model.process_images(&chat.media.images)?,
-                    videos: Vec::new(),
-                    audio: model.process_audio(&chat.media.audio)?,
-                };
-                let text =
-                    gemma4::multimodal::expand_prompt(&chat.text, &model.markers()?, &processed)?;
+                let processed = model.process_media(&chat.media)?;
+                let text = model.expand_markers(&chat.text, &processed)?;
                 return Ok((
                     tok.encode_raw(&text)?,
                     processed.images.iter().map(|i| i.num_soft_tokens).collect(),

@@ -16,12 +16,33 @@ use axum::Router;
 
 use super::App;
 
-const INDEX: &str = include_str!("web/index.html");
-const APP_JS: &str = include_str!("web/app.js");
-const MARKDOWN_JS: &str = include_str!("web/markdown.js");
-const RECORDER_JS: &str = include_str!("web/recorder-worklet.js");
-const STYLE: &str = include_str!("web/style.css");
-const ICON: &str = include_str!("web/icon.svg");
+const JS: &str = "text/javascript; charset=utf-8";
+
+/// Path, body and type of each file of the page.
+const ASSETS: [(&str, &str, &str); 6] = [
+    (
+        "/",
+        include_str!("web/index.html"),
+        "text/html; charset=utf-8",
+    ),
+    ("/assets/app.js", include_str!("web/app.js"), JS),
+    ("/assets/markdown.js", include_str!("web/markdown.js"), JS),
+    (
+        "/assets/recorder-worklet.js",
+        include_str!("web/recorder-worklet.js"),
+        JS,
+    ),
+    (
+        "/assets/style.css",
+        include_str!("web/style.css"),
+        "text/css; charset=utf-8",
+    ),
+    (
+        "/assets/icon.svg",
+        include_str!("web/icon.svg"),
+        "image/svg+xml",
+    ),
+];
 
 /// Everything the page may load or connect to is this server; inline scripts and styles
 /// are refused, so a model's answer rendered into the page can never run code.
@@ -30,31 +51,9 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 pub(super) fn routes() -> Router<Arc<App>> {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { asset(INDEX, "text/html; charset=utf-8") }),
-        )
-        .route(
-            "/assets/app.js",
-            get(|| async { asset(APP_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/assets/markdown.js",
-            get(|| async { asset(MARKDOWN_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/assets/recorder-worklet.js",
-            get(|| async { asset(RECORDER_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/assets/style.css",
-            get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
-        )
-        .route(
-            "/assets/icon.svg",
-            get(|| async { asset(ICON, "image/svg+xml") }),
-        )
+    ASSETS.iter().fold(Router::new(), |r, &(path, body, mime)| {
+        r.route(path, get(move || async move { asset(body, mime) }))
+    })
 }
 
 fn asset(body: &'static str, mime: &'static str) -> Response {

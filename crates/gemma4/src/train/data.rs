@@ -335,10 +335,10 @@ fn load_media(model: &Gemma4, files: &MediaFiles) -> Result<ProcessedMedia> {
         .iter()
         .map(|p| model.load_audio(p))
         .collect::<Result<Vec<_>>>()?;
-    Ok(ProcessedMedia {
-        images: model.process_images(&images)?,
-        videos: model.process_videos(&videos)?,
-        audio: model.process_audio(&audio)?,
+    model.process_media(&crate::Media {
+        images,
+        videos,
+        audio,
     })
 }
 

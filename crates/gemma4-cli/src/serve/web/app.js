@@ -23,6 +23,15 @@ function el(tag, cls, text) {
   return e;
 }
 
+// A button that does `onClick` (never a form submit).
+function button(label, cls, onClick, title) {
+  const b = el('button', cls, label);
+  b.type = 'button';
+  if (title) b.title = title;
+  b.addEventListener('click', onClick);
+  return b;
+}
+
 const state = {
   convs: [],
   current: null,
@@ -311,11 +320,7 @@ function attachmentView(att, onRemove) {
   meta.appendChild(cost);
   box.appendChild(meta);
   if (onRemove) {
-    const x = el('button', 'remove icon', '×');
-    x.type = 'button';
-    x.title = 'Remove';
-    x.addEventListener('click', onRemove);
-    box.appendChild(x);
+    box.appendChild(button('×', 'remove icon', onRemove, 'Remove'));
   }
   return box;
 }
@@ -457,11 +462,12 @@ async function answer(c) {
   const t0 = performance.now();
   let first = null;
   let deltas = 0;
-  const live = () => {
+  // Time to first token, and the rate of the `n` tokens so far after the first.
+  const timing = (n) => {
     const now = performance.now();
     if (first !== null) {
       msg.stats.ttft_ms = first - t0;
-      if (deltas > 1 && now > first) msg.stats.tok_s = (deltas - 1) / ((now - first) / 1000);
+      if (n > 1 && now > first) msg.stats.tok_s = (n - 1) / ((now - first) / 1000);
     }
   };
   try {
@@ -486,7 +492,7 @@ async function answer(c) {
         if (t.function && t.function.arguments) call.arguments += t.function.arguments;
       }
       if (ch.finish_reason) msg.stats.finish = ch.finish_reason;
-      live();
+      timing(deltas);
       queueRender();
       save(true);
     }
@@ -499,13 +505,8 @@ async function answer(c) {
       msg.stats.finish = 'error';
     }
   }
-  const end = performance.now();
-  const n = msg.stats.usage ? msg.stats.usage.completion_tokens : deltas;
-  msg.stats.tokens = n;
-  if (first !== null) {
-    msg.stats.ttft_ms = first - t0;
-    if (n > 1 && end > first) msg.stats.tok_s = (n - 1) / ((end - first) / 1000);
-  }
+  msg.stats.tokens = msg.stats.usage ? msg.stats.usage.completion_tokens : deltas;
+  timing(msg.stats.tokens);
   msg.tool_calls = msg.tool_calls.filter(Boolean);
   state.busy = null;
   setBusy(false);
@@ -634,10 +635,8 @@ function messageBody(c, m, index) {
         box.appendChild(i);
         return i;
       });
-      const b = el('button', 'send-tool-results primary', 'Send ' + (calls.length > 1 ? 'results' : 'result'));
-      b.type = 'button';
-      b.addEventListener('click', () => sendToolResults(c, m, inputs));
-      box.appendChild(b);
+      box.appendChild(button('Send ' + (calls.length > 1 ? 'results' : 'result'), 'send-tool-results primary',
+        () => sendToolResults(c, m, inputs)));
     }
     frag.appendChild(box);
   }
@@ -648,17 +647,11 @@ function messageBody(c, m, index) {
 
 function messageActions(c, m, index) {
   const bar = el('div', 'actions');
-  const button = (label, cls, fn) => {
-    const b = el('button', cls, label);
-    b.type = 'button';
-    b.addEventListener('click', fn);
-    bar.appendChild(b);
-  };
   if (m.role === 'user') {
-    button('Edit', 'edit', () => editMessage(c, index));
+    bar.appendChild(button('Edit', 'edit', () => editMessage(c, index)));
   } else if (m.role === 'assistant') {
-    if (m.content) button('Copy', 'copy', () => copyText(m.content));
-    button('Regenerate', 'regenerate', () => regenerate(c, index));
+    if (m.content) bar.appendChild(button('Copy', 'copy', () => copyText(m.content)));
+    bar.appendChild(button('Regenerate', 'regenerate', () => regenerate(c, index)));
   }
   return bar;
 }
@@ -705,21 +698,17 @@ function editMessage(c, index) {
   const area = el('textarea', 'edit-box');
   area.value = m.content;
   const bar = el('div', 'edit-actions');
-  const ok = el('button', 'primary save-edit', 'Save & send');
-  ok.type = 'button';
-  const cancel = el('button', 'cancel-edit', 'Cancel');
-  cancel.type = 'button';
-  bar.append(ok, cancel);
+  bar.append(
+    button('Save & send', 'primary save-edit', async () => {
+      m.content = area.value.trim();
+      c.messages.splice(index + 1);
+      await answer(c);
+    }),
+    button('Cancel', 'cancel-edit', render));
   body.replaceChildren(...Array.from(body.querySelectorAll('.attachments')), area, bar);
   const actions = node.querySelector('.actions');
   if (actions) actions.hidden = true;
   area.focus();
-  cancel.addEventListener('click', render);
-  ok.addEventListener('click', async () => {
-    m.content = area.value.trim();
-    c.messages.splice(index + 1);
-    await answer(c);
-  });
 }
 
 function renderList() {
@@ -731,15 +720,9 @@ function renderList() {
     title.title = c.title;
     title.addEventListener('click', () => select(c.id));
     li.appendChild(title);
-    const rename = el('button', 'rename icon', '✎');
-    rename.type = 'button';
-    rename.title = 'Rename';
-    rename.addEventListener('click', (e) => { e.stopPropagation(); renameConversation(c, li); });
-    const del = el('button', 'delete icon', '✕');
-    del.type = 'button';
-    del.title = 'Delete';
-    del.addEventListener('click', (e) => { e.stopPropagation(); deleteConversation(c); });
-    li.append(rename, del);
+    li.append(
+      button('✎', 'rename icon', (e) => { e.stopPropagation(); renameConversation(c, li); }, 'Rename'),
+      button('✕', 'delete icon', (e) => { e.stopPropagation(); deleteConversation(c); }, 'Delete'));
     return li;
   });
   list.replaceChildren(...items);
