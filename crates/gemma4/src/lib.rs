@@ -21,6 +21,8 @@
 //! - [`limits`]: bounds on what untrusted input may cost (pixels, frames, audio, template
 //!   work, prompt bytes), carried by [`LoadOptions`].
 //! - [`mod@generate`]: sampling, sequences, the batched step, the one-sequence loop.
+//! - [`draft`]: assistant drafters for speculative decoding
+//!   ([`generate::speculative`]).
 //! - [`lora`]: LoRA adapters in peft's format, attached unmerged or merged into a checkpoint.
 //! - [`quant`]: the block formats, the quantization policy and `gemma4 quantize`.
 //! - [`train`]: LoRA fine-tuning (loss, layer-wise backprop through the frozen decoder,
@@ -35,6 +37,7 @@
 pub mod audio;
 mod backend;
 pub mod config;
+pub mod draft;
 pub mod error;
 pub mod generate;
 pub mod limits;

@@ -7,6 +7,7 @@ pub mod constraint;
 pub mod engine;
 pub mod sampling;
 pub mod sequence;
+pub mod speculative;
 
 use std::time::Instant;
 

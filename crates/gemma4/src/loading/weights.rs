@@ -210,6 +210,8 @@ impl Checkpoint {
                 StDtype::F32 => Ok(StoredType::Dense(DType::F32)),
                 StDtype::F16 => Ok(StoredType::Dense(DType::F16)),
                 StDtype::BF16 => Ok(StoredType::Dense(DType::BF16)),
+                // Index buffers (a drafter's `token_ordering`).
+                StDtype::I64 => Ok(StoredType::Dense(DType::I64)),
                 other => Err(format!("{other:?}")),
             };
             tensors.insert(

@@ -367,6 +367,51 @@ impl KvCache {
         Ok(())
     }
 
+    /// Keys and values `[K, n, D]` that layer `layer` stored for `positions`, in position
+    /// order, between steps. Positions past [`Self::seq_len`] are not allowed; a sliding
+    /// layer's must still be in its ring. An assistant drafter reads the target's K/V
+    /// this way ([`crate::draft`]).
+    pub(crate) fn gather(
+        &self,
+        layer: usize,
+        positions: std::ops::Range<usize>,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(Some(kv)) = self.layers.get(layer) else {
+            return Err(candle_core::Error::Msg(format!("layer {layer} has no KV cache")).into());
+        };
+        if positions.end > self.seq_len || positions.is_empty() {
+            return Err(candle_core::Error::Msg(format!(
+                "layer {layer}: positions {positions:?} are not in a cache of {}",
+                self.seq_len
+            ))
+            .into());
+        }
+        if self.types[layer] == LayerType::Full {
+            let n = positions.len();
+            return Ok((
+                kv.k.narrow(1, positions.start, n)?,
+                kv.v.narrow(1, positions.start, n)?,
+            ));
+        }
+        let cap = self.ring.len();
+        let slots = positions
+            .map(|p| match self.ring[p % cap] == p {
+                true => Ok((p % cap) as u32),
+                false => Err(Error::invalid_argument(
+                    "draft",
+                    format!("the sliding-window ring no longer holds position {p}"),
+                )),
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let idx = Tensor::new(slots.as_slice(), kv.k.device())?;
+        Ok((kv.k.index_select(&idx, 1)?, kv.v.index_select(&idx, 1)?))
+    }
+
+    /// The sliding-window length of the layers this cache serves.
+    pub(crate) fn window(&self) -> usize {
+        self.window
+    }
+
     /// Keys and values `[K, T, D]` layer `layer` (the producer, for a KV-shared layer)
     /// attends over during the step, in the order of [`Self::key_positions`].
     pub(crate) fn view(&self, layer: usize) -> Result<(Tensor, Tensor)> {

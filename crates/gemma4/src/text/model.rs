@@ -282,6 +282,21 @@ impl TextModel {
     /// depends on the number of rows). Returns each sequence's f32 logits (`None` for
     /// [`LogitsFor::None`]).
     pub fn forward_batch(&self, batch: &mut [StepInput<'_>]) -> Result<Vec<Option<Tensor>>> {
+        Ok(self
+            .forward_batch_hidden(batch)?
+            .into_iter()
+            .map(|o| o.map(|(logits, _)| logits))
+            .collect())
+    }
+
+    /// [`Self::forward_batch`] that also returns, beside each sequence's logits, the
+    /// hidden states they were computed from: the final norm's output `[n, hidden]` for
+    /// the same rows (the reference's `hidden_states[-1]`, which an assistant drafter
+    /// reads).
+    pub fn forward_batch_hidden(
+        &self,
+        batch: &mut [StepInput<'_>],
+    ) -> Result<Vec<Option<(Tensor, Tensor)>>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -426,7 +441,11 @@ impl TextModel {
         let logits = logits.to_dtype(DType::F32)?;
         let mut at = 0;
         for n in counts {
-            out.push((n > 0).then(|| logits.narrow(0, at, n)).transpose()?);
+            out.push(
+                (n > 0)
+                    .then(|| -> Result<_> { Ok((logits.narrow(0, at, n)?, h.narrow(0, at, n)?)) })
+                    .transpose()?,
+            );
             at += n;
         }
         Ok(out)

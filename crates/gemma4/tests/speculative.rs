@@ -1,0 +1,191 @@
+//! Speculative decoding with assistant drafters against the reference
+//! (`scripts/fixtures/make_drafter_fixtures.py`: transformers' assisted generation with
+//! `Gemma4AssistantForCausalLM`, every drafter call recorded).
+
+mod common;
+
+use gemma4::draft::Drafter;
+use gemma4::generate::speculative::generate_speculative;
+use gemma4::loading::npy;
+use gemma4::{generate, GenerateOptions, Gemma4, LoadOptions, PromptInput, SamplingParams};
+
+use common::{fixture, ids, json, max_abs, rows, TOL};
+
+/// Tolerance for the drafter calls of a whole generation, raised from [`TOL`]: the
+/// drafter's inputs there are the target's own outputs (hidden states and K/V within ~1e-5
+/// of the reference, summed in another order), and the distilled drafter amplifies them:
+/// its logits reach ±14, and later calls of a round feed back its own state. The calls
+/// measure 2e-5 to 3.6e-4 (3e-5 of the logits' range); the drafter alone, given the
+/// reference's exact inputs, stays within `TOL`
+/// (`drafter_step_matches_the_reference_on_its_exact_inputs`). A mechanism error
+/// (a wrong K/V range, position or head) moves logits by whole units.
+const TRACE_TOL: f32 = 1e-3;
+
+fn greedy(max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+        constraint: None,
+        adapters: Default::default(),
+    }
+}
+
+/// Every drafter call of the reference's assisted generation, in order: the position
+/// id, how many target K/V entries it read per layer type, its logits and recurrent
+/// state; and the generated ids, which equal plain greedy decoding.
+fn check_pair(name: &str) {
+    let model = Gemma4::load(&fixture(name), LoadOptions::default()).unwrap();
+    let tm = &model.text;
+    let dir = fixture(&format!("drafters/{name}"));
+    let drafter = Drafter::load(&dir, tm).unwrap();
+    let trace = json(&dir.join("golden/trace.json"));
+    let k = trace["draft_tokens"].as_u64().unwrap() as usize;
+    let new = trace["new_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(drafter.config().num_assistant_tokens, Some(k));
+    let window = tm.config().sliding_window;
+    let vocab = tm.config().vocab_size;
+    let mut accepted = 0;
+    for (c, case) in trace["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want_ids = ids(&case["greedy_ids"]);
+        let calls = case["calls"].as_array().unwrap();
+        let (shape, want_logits) =
+            npy::read_f32(&dir.join(format!("golden/call_logits_{c}.npy"))).unwrap();
+        assert_eq!(shape, [calls.len(), vocab]);
+        let (shape, want_hidden) =
+            npy::read_f32(&dir.join(format!("golden/call_hidden_{c}.npy"))).unwrap();
+        let hb = shape[1];
+
+        let mut seen = 0;
+        let (out, stats) = generate_speculative(
+            tm,
+            &drafter,
+            &PromptInput::text(prompt.clone()),
+            &greedy(new),
+            k,
+            |_| Ok(()),
+            |call| {
+                let want = &calls[seen];
+                let at = format!("{name} prompt {c} call {seen}");
+                assert_eq!(call.position as u64, want["position"].as_u64().unwrap(), "{at}: position");
+                for (t, n) in &call.kv_len {
+                    let given = want["kv_len"][t.as_str()].as_u64().unwrap() as usize;
+                    // The reference's sliding mask reads the last W + 1 entries given.
+                    let read = match t {
+                        gemma4::config::LayerType::Sliding => given.min(window + 1),
+                        gemma4::config::LayerType::Full => given,
+                    };
+                    assert_eq!(*n, read, "{at}: K/V entries of {}", t.as_str());
+                }
+                let got = rows(&call.step.logits);
+                let d = max_abs(&got, &want_logits[seen * vocab..(seen + 1) * vocab]);
+                assert!(d <= TRACE_TOL, "{at}: drafter logits differ by {d}");
+                assert_eq!(
+                    gemma4::generate::sampling::argmax(&got) as u64,
+                    want["argmax"].as_u64().unwrap(),
+                    "{at}: draft"
+                );
+                let d = max_abs(&rows(&call.step.hidden), &want_hidden[seen * hb..(seen + 1) * hb]);
+                assert!(d <= TRACE_TOL, "{at}: drafter state differs by {d}");
+                seen += 1;
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, calls.len(), "{name} prompt {c}: drafter calls");
+        assert_eq!(out.generated_ids, want_ids, "{name} prompt {c}: tokens");
+        let plain = generate(tm, &prompt, &greedy(new), |_| Ok(())).unwrap();
+        assert_eq!(out.generated_ids, plain.generated_ids, "{name} prompt {c}: vs plain greedy");
+        assert_eq!(stats.drafted, calls.len());
+        accepted += stats.accepted;
+        // The prefill yields one token; every round its kept drafts and one of the
+        // target's; a last pass with no room left to draft, one.
+        let extra = out.generated_ids.len() - (1 + stats.rounds + stats.accepted);
+        assert!(extra <= 1, "{name} prompt {c}: {stats:?}");
+    }
+    assert!(accepted > 0, "{name}: the fixtures should exercise accepted drafts");
+}
+
+#[test]
+fn centroid_head_drafter_on_an_e2b_like_target_matches_the_reference() {
+    check_pair("e2b_like");
+}
+
+#[test]
+fn dense_head_drafter_on_a_31b_like_target_matches_the_reference() {
+    check_pair("dense_keqv");
+}
+
+/// One round of drafter steps on the reference's exact inputs (its input rows and the
+/// target K/V it was given), each within `TOL`.
+fn check_round(name: &str) {
+    use candle_core::{Device, Tensor};
+    use gemma4::config::LayerType;
+    let model = Gemma4::load(&fixture(name), LoadOptions::default()).unwrap();
+    let dir = fixture(&format!("drafters/{name}"));
+    let drafter = Drafter::load(&dir, &model.text).unwrap();
+    let trace = json(&dir.join("golden/trace.json"));
+    let k = trace["draft_tokens"].as_u64().unwrap() as usize;
+    let calls = &trace["cases"][0]["calls"];
+    let g = |f: &str| npy::read_f32(&dir.join("golden").join(f)).unwrap();
+    let t = |(shape, data): (Vec<usize>, Vec<f32>)| Tensor::from_vec(data, shape, &Device::Cpu).unwrap();
+    let window = model.text.config().sliding_window;
+    let mut kv = std::collections::BTreeMap::new();
+    for lt in [LayerType::Full, LayerType::Sliding] {
+        let (kk, vv) = (
+            t(g(&format!("round_{}_k.npy", lt.as_str()))),
+            t(g(&format!("round_{}_v.npy", lt.as_str()))),
+        );
+        // The reference's sliding mask reads the last W + 1 entries given.
+        let n = kk.dim(1).unwrap();
+        let keep = match lt {
+            LayerType::Sliding => n.min(window + 1),
+            LayerType::Full => n,
+        };
+        kv.insert(lt, (kk.narrow(1, n - keep, keep).unwrap(), vv.narrow(1, n - keep, keep).unwrap()));
+    }
+    let (shape, inputs) = g("round_inputs.npy");
+    let hb = shape[1] / 2;
+    let (_, want_logits) = g("call_logits_0.npy");
+    let (_, want_hidden) = g("call_hidden_0.npy");
+    let vocab = model.text.config().vocab_size;
+    for j in 0..shape[0] {
+        let call = k + j;
+        let row = &inputs[j * 2 * hb..(j + 1) * 2 * hb];
+        let embed = Tensor::from_slice(&row[..hb], (1, hb), &Device::Cpu).unwrap();
+        let hidden = Tensor::from_slice(&row[hb..], (1, hb), &Device::Cpu).unwrap();
+        let position = calls[call]["position"].as_u64().unwrap() as usize;
+        let step = drafter.step(&embed, &hidden, position, &kv).unwrap();
+        let d = max_abs(&rows(&step.logits), &want_logits[call * vocab..(call + 1) * vocab]);
+        assert!(d <= TOL, "{name} call {call}: drafter logits differ by {d}");
+        let d = max_abs(&rows(&step.hidden), &want_hidden[call * hb..(call + 1) * hb]);
+        assert!(d <= TOL, "{name} call {call}: drafter state differs by {d}");
+    }
+}
+
+#[test]
+fn drafter_step_matches_the_reference_on_its_exact_inputs() {
+    check_round("e2b_like");
+    check_round("dense_keqv");
+}
+
+#[test]
+fn a_drafter_for_another_target_is_refused_by_name() {
+    let model = Gemma4::load(&fixture("dense_keqv"), LoadOptions::default()).unwrap();
+    let e = Drafter::load(&fixture("drafters/e2b_like"), &model.text)
+        .err()
+        .expect("geometry differs")
+        .to_string();
+    assert!(e.contains("config.json") && e.contains("K/V"), "{e}");
+    let e = Drafter::load(&fixture("drafters/missing"), &model.text)
+        .err()
+        .expect("no such directory")
+        .to_string();
+    assert!(e.contains("drafters/missing"), "{e}");
+    // A target checkpoint is not a drafter.
+    let e = Drafter::load(&fixture("dense_keqv"), &model.text)
+        .err()
+        .expect("not a drafter")
+        .to_string();
+    assert!(e.contains("gemma4_assistant"), "{e}");
+}
