@@ -409,3 +409,34 @@ pub(crate) fn prompt_of(p: &PromptArgs, system: Option<&str>) -> Result<Prompt> 
         _ => bail!("one of --prompt, --prompt-ids or --chat is required"),
     })
 }
+
+/// Speculative decoding with an assistant drafter.
+#[derive(Args, Clone, Default)]
+pub(crate) struct DraftArgs {
+    /// An assistant drafter checkpoint (`gemma4_assistant`, e.g. gemma-4-E2B-it-assistant)
+    /// that proposes tokens for the model to check in one pass. Output is unchanged.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) draft: Option<std::path::PathBuf>,
+    /// Tokens drafted per round (default: the drafter's `num_assistant_tokens`, else 20).
+    #[arg(long, value_name = "K", requires = "draft")]
+    pub(crate) draft_tokens: Option<usize>,
+}
+
+impl DraftArgs {
+    /// The drafter for `model` and the tokens it drafts per round, when `--draft` is given.
+    pub(crate) fn load(
+        &self,
+        model: &gemma4::Gemma4,
+    ) -> anyhow::Result<Option<(gemma4::draft::Drafter, usize)>> {
+        let Some(dir) = &self.draft else {
+            return Ok(None);
+        };
+        let drafter = gemma4::draft::Drafter::load(dir, &model.text)
+            .with_context(|| format!("loading the drafter {}", dir.display()))?;
+        let k = self
+            .draft_tokens
+            .or(drafter.config().num_assistant_tokens)
+            .unwrap_or(gemma4::draft::DEFAULT_DRAFT_TOKENS);
+        Ok(Some((drafter, k)))
+    }
+}

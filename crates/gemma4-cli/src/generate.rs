@@ -2,9 +2,12 @@
 
 use std::io::Write;
 
-use crate::args::{load, media_of, prompt_of, MediaArgs, ModelArgs, PromptArgs, SamplingArgs};
+use crate::args::{
+    load, media_of, prompt_of, DraftArgs, MediaArgs, ModelArgs, PromptArgs, SamplingArgs,
+};
 use anyhow::Result;
 use clap::Args;
+use gemma4::generate::speculative::{generate_speculative, DraftStats};
 use gemma4::generate::{generate_from, GenerateOptions};
 use gemma4::prompt::tokenizer::StreamDecoder;
 
@@ -25,6 +28,8 @@ pub(crate) struct GenerateArgs {
     pub(crate) max_new_tokens: usize,
     #[command(flatten)]
     pub(crate) sampling: SamplingArgs,
+    #[command(flatten)]
+    pub(crate) draft: DraftArgs,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub(crate) json: bool,
@@ -45,7 +50,8 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let tok = model.tokenizer.as_ref();
     let mut stream = StreamDecoder::new();
     let mut stdout = std::io::stdout();
-    let out = generate_from(&model.text, &input, &opts, |id| {
+    let drafter = a.draft.load(&model)?;
+    let on_token = |id| {
         if a.json {
             return Ok(());
         }
@@ -59,7 +65,15 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
         let _ = stdout.flush();
         Ok(())
-    })?;
+    };
+    let (out, stats) = match &drafter {
+        Some((d, k)) => {
+            let (out, stats) =
+                generate_speculative(&model.text, d, &input, &opts, *k, on_token, |_| {})?;
+            (out, Some((stats, *k)))
+        }
+        None => (generate_from(&model.text, &input, &opts, on_token)?, None),
+    };
     let text = match tok {
         Some(t) => Some(t.decode(&out.generated_ids, true)?),
         None => None,
@@ -74,6 +88,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "decode_tok_s": out.decode_tok_s(),
             "prefill_secs": out.prefill_secs,
             "decode_secs": out.decode_secs,
+            "draft": stats.map(|(s, k)| draft_json(&s, k)),
         });
         println!("{obj}");
     } else {
@@ -86,6 +101,28 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
             out.prefill_tok_s(),
             out.decode_tok_s()
         );
+        if let Some((s, k)) = stats {
+            eprintln!(
+                "[draft: {} rounds of up to {k}, {} of {} drafts accepted ({:.0}%), {:.2} per round]",
+                s.rounds,
+                s.accepted,
+                s.drafted,
+                100.0 * s.acceptance_rate(),
+                s.mean_accepted()
+            );
+        }
     }
     Ok(())
+}
+
+/// Speculative decoding's statistics as the JSON outputs report them.
+pub(crate) fn draft_json(s: &DraftStats, draft_tokens: usize) -> serde_json::Value {
+    json!({
+        "draft_tokens": draft_tokens,
+        "rounds": s.rounds,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "acceptance_rate": s.acceptance_rate(),
+        "mean_accepted_length": s.mean_accepted(),
+    })
 }

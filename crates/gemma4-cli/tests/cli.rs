@@ -1634,3 +1634,84 @@ fn finetune_trains_an_adapter_and_resumes_exactly() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// `generate --draft`: the drafter fixture's greedy output with its statistics, equal to
+/// the output without it; a drafter for another target fails naming its config.
+#[test]
+fn generate_with_a_drafter_reports_acceptance_and_keeps_the_output() {
+    let trace: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("drafters/e2b_like/golden/trace.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &trace["cases"][0];
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let prompt = ids(&case["prompt_ids"])
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let want = ids(&case["greedy_ids"]);
+    let model = fixture("e2b_like");
+    let drafter = fixture("drafters/e2b_like");
+    let n = want.len().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--prompt-ids",
+            &prompt,
+            "--max-new-tokens",
+            &n,
+            "--greedy",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = gemma4(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let with = run(&["--draft", drafter.to_str().unwrap()]);
+    let without = run(&[]);
+    assert_eq!(with["generated_ids"], without["generated_ids"]);
+    // The fixture's stop ids may end both early; uncut, they are the reference's.
+    let got = ids(&with["generated_ids"]);
+    assert_eq!(got, want[..got.len()]);
+    let d = &with["draft"];
+    assert_eq!(d["draft_tokens"], 4, "the drafter's num_assistant_tokens");
+    assert!(d["accepted"].as_u64().unwrap() > 0, "{d}");
+    let rate = d["acceptance_rate"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate <= 1.0, "{d}");
+    assert!(without["draft"].is_null());
+    let with6 = run(&["--draft", drafter.to_str().unwrap(), "--draft-tokens", "6"]);
+    assert_eq!(with6["draft"]["draft_tokens"], 6);
+    assert_eq!(with6["generated_ids"], without["generated_ids"]);
+
+    let out = gemma4(&[
+        "generate",
+        "--model",
+        fixture("dense_keqv").to_str().unwrap(),
+        "--prompt-ids",
+        "2,3",
+        "--draft",
+        drafter.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("drafters/e2b_like/config.json") && err.contains("K/V"),
+        "{err}"
+    );
+}

@@ -7,7 +7,7 @@ mod common;
 use gemma4::draft::Drafter;
 use gemma4::generate::speculative::generate_speculative;
 use gemma4::loading::npy;
-use gemma4::{generate, GenerateOptions, Gemma4, LoadOptions, PromptInput, SamplingParams};
+use gemma4::{generate, Gemma4, GenerateOptions, LoadOptions, PromptInput, SamplingParams};
 
 use common::{fixture, ids, json, max_abs, rows, TOL};
 
@@ -68,7 +68,11 @@ fn check_pair(name: &str) {
             |call| {
                 let want = &calls[seen];
                 let at = format!("{name} prompt {c} call {seen}");
-                assert_eq!(call.position as u64, want["position"].as_u64().unwrap(), "{at}: position");
+                assert_eq!(
+                    call.position as u64,
+                    want["position"].as_u64().unwrap(),
+                    "{at}: position"
+                );
                 for (t, n) in &call.kv_len {
                     let given = want["kv_len"][t.as_str()].as_u64().unwrap() as usize;
                     // The reference's sliding mask reads the last W + 1 entries given.
@@ -86,7 +90,10 @@ fn check_pair(name: &str) {
                     want["argmax"].as_u64().unwrap(),
                     "{at}: draft"
                 );
-                let d = max_abs(&rows(&call.step.hidden), &want_hidden[seen * hb..(seen + 1) * hb]);
+                let d = max_abs(
+                    &rows(&call.step.hidden),
+                    &want_hidden[seen * hb..(seen + 1) * hb],
+                );
                 assert!(d <= TRACE_TOL, "{at}: drafter state differs by {d}");
                 seen += 1;
             },
@@ -95,7 +102,10 @@ fn check_pair(name: &str) {
         assert_eq!(seen, calls.len(), "{name} prompt {c}: drafter calls");
         assert_eq!(out.generated_ids, want_ids, "{name} prompt {c}: tokens");
         let plain = generate(tm, &prompt, &greedy(new), |_| Ok(())).unwrap();
-        assert_eq!(out.generated_ids, plain.generated_ids, "{name} prompt {c}: vs plain greedy");
+        assert_eq!(
+            out.generated_ids, plain.generated_ids,
+            "{name} prompt {c}: vs plain greedy"
+        );
         assert_eq!(stats.drafted, calls.len());
         accepted += stats.accepted;
         // The prefill yields one token; every round its kept drafts and one of the
@@ -103,7 +113,10 @@ fn check_pair(name: &str) {
         let extra = out.generated_ids.len() - (1 + stats.rounds + stats.accepted);
         assert!(extra <= 1, "{name} prompt {c}: {stats:?}");
     }
-    assert!(accepted > 0, "{name}: the fixtures should exercise accepted drafts");
+    assert!(
+        accepted > 0,
+        "{name}: the fixtures should exercise accepted drafts"
+    );
 }
 
 #[test]
@@ -128,7 +141,9 @@ fn check_round(name: &str) {
     let k = trace["draft_tokens"].as_u64().unwrap() as usize;
     let calls = &trace["cases"][0]["calls"];
     let g = |f: &str| npy::read_f32(&dir.join("golden").join(f)).unwrap();
-    let t = |(shape, data): (Vec<usize>, Vec<f32>)| Tensor::from_vec(data, shape, &Device::Cpu).unwrap();
+    let t = |(shape, data): (Vec<usize>, Vec<f32>)| {
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    };
     let window = model.text.config().sliding_window;
     let mut kv = std::collections::BTreeMap::new();
     for lt in [LayerType::Full, LayerType::Sliding] {
@@ -142,7 +157,13 @@ fn check_round(name: &str) {
             LayerType::Sliding => n.min(window + 1),
             LayerType::Full => n,
         };
-        kv.insert(lt, (kk.narrow(1, n - keep, keep).unwrap(), vv.narrow(1, n - keep, keep).unwrap()));
+        kv.insert(
+            lt,
+            (
+                kk.narrow(1, n - keep, keep).unwrap(),
+                vv.narrow(1, n - keep, keep).unwrap(),
+            ),
+        );
     }
     let (shape, inputs) = g("round_inputs.npy");
     let hb = shape[1] / 2;
@@ -156,9 +177,15 @@ fn check_round(name: &str) {
         let hidden = Tensor::from_slice(&row[hb..], (1, hb), &Device::Cpu).unwrap();
         let position = calls[call]["position"].as_u64().unwrap() as usize;
         let step = drafter.step(&embed, &hidden, position, &kv).unwrap();
-        let d = max_abs(&rows(&step.logits), &want_logits[call * vocab..(call + 1) * vocab]);
+        let d = max_abs(
+            &rows(&step.logits),
+            &want_logits[call * vocab..(call + 1) * vocab],
+        );
         assert!(d <= TOL, "{name} call {call}: drafter logits differ by {d}");
-        let d = max_abs(&rows(&step.hidden), &want_hidden[call * hb..(call + 1) * hb]);
+        let d = max_abs(
+            &rows(&step.hidden),
+            &want_hidden[call * hb..(call + 1) * hb],
+        );
         assert!(d <= TOL, "{name} call {call}: drafter state differs by {d}");
     }
 }
@@ -188,4 +215,35 @@ fn a_drafter_for_another_target_is_refused_by_name() {
         .expect("not a drafter")
         .to_string();
     assert!(e.contains("gemma4_assistant"), "{e}");
+}
+
+/// Penalties change the target's choice per position (each verification row sees the
+/// drafts before it in its history): greedy output still equals plain greedy. Seeded
+/// sampling is reproducible and yields the requested length.
+#[test]
+fn penalties_and_sampling_run_through_the_drafter() {
+    let model = Gemma4::load(&fixture("dense_keqv"), LoadOptions::default()).unwrap();
+    let tm = &model.text;
+    let drafter = Drafter::load(&fixture("drafters/dense_keqv"), tm).unwrap();
+    let prompt = PromptInput::text(vec![2, 300, 301, 302]);
+    let mut opts = greedy(20);
+    opts.sampling.repetition_penalty = Some(1.3);
+    opts.sampling.presence_penalty = Some(0.5);
+    let plain = gemma4::generate_from(tm, &prompt, &opts, |_| Ok(())).unwrap();
+    let (spec, _) =
+        generate_speculative(tm, &drafter, &prompt, &opts, 4, |_| Ok(()), |_| {}).unwrap();
+    assert_eq!(spec.generated_ids, plain.generated_ids);
+
+    opts.sampling.temperature = Some(0.8);
+    opts.sampling.top_k = Some(40);
+    opts.sampling.seed = 5;
+    let run = || {
+        generate_speculative(tm, &drafter, &prompt, &opts, 4, |_| Ok(()), |_| {})
+            .unwrap()
+            .0
+            .generated_ids
+    };
+    let a = run();
+    assert_eq!(a.len(), 20);
+    assert_eq!(a, run());
 }

@@ -85,13 +85,18 @@ impl DrafterConfig {
             .map_err(|m| format!("text_config: {m}"))?
             .text;
         if text.hidden_size_per_layer_input != 0 {
-            return Err("a drafter has no per-layer embeddings (`hidden_size_per_layer_input` must be 0)".into());
+            return Err(
+                "a drafter has no per-layer embeddings (`hidden_size_per_layer_input` must be 0)"
+                    .into(),
+            );
         }
         if text.moe.is_some() {
             return Err("a drafter has no MoE block (`enable_moe_block` must be false)".into());
         }
         if text.use_double_wide_mlp {
-            return Err("a drafter has no double-wide MLP (`use_double_wide_mlp` must be false)".into());
+            return Err(
+                "a drafter has no double-wide MLP (`use_double_wide_mlp` must be false)".into(),
+            );
         }
         if !o
             .get("tie_word_embeddings")
@@ -162,13 +167,29 @@ mod tests {
 
     #[test]
     fn rejects_what_no_drafter_has() {
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
-            (Box::new(|v| v["model_type"] = json!("gemma4")), "gemma4_assistant"),
-            (Box::new(|v| v["text_config"]["num_kv_shared_layers"] = json!(2)), "must be shared"),
-            (Box::new(|v| v["text_config"]["hidden_size_per_layer_input"] = json!(8)), "per-layer"),
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| v["model_type"] = json!("gemma4")),
+                "gemma4_assistant",
+            ),
+            (
+                Box::new(|v| v["text_config"]["num_kv_shared_layers"] = json!(2)),
+                "must be shared",
+            ),
+            (
+                Box::new(|v| v["text_config"]["hidden_size_per_layer_input"] = json!(8)),
+                "per-layer",
+            ),
             (Box::new(|v| v["num_centroids"] = json!(15)), "divide"),
-            (Box::new(|v| v["centroid_intermediate_top_k"] = json!(17)), "top_k"),
-            (Box::new(|v| v["tie_word_embeddings"] = json!(false)), "untied"),
+            (
+                Box::new(|v| v["centroid_intermediate_top_k"] = json!(17)),
+                "top_k",
+            ),
+            (
+                Box::new(|v| v["tie_word_embeddings"] = json!(false)),
+                "untied",
+            ),
         ];
         for (edit, want) in cases {
             let mut v = base();

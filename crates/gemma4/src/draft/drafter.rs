@@ -107,8 +107,7 @@ impl Drafter {
             spec.kv_source = KvSource::Shared { producer: src };
             sources.insert(t, src);
         }
-        if sources.contains_key(&LayerType::Sliding) && text.sliding_window != tcfg.sliding_window
-        {
+        if sources.contains_key(&LayerType::Sliding) && text.sliding_window != tcfg.sliding_window {
             return Err(mismatch(format!(
                 "the drafter's sliding window is {}, the target's {}",
                 text.sliding_window, tcfg.sliding_window
@@ -172,7 +171,10 @@ impl Drafter {
         kv: &DraftKv,
     ) -> Result<DraftStep> {
         let x = Tensor::cat(
-            &[token_embed.to_dtype(self.dtype)?, hidden.to_dtype(self.dtype)?],
+            &[
+                token_embed.to_dtype(self.dtype)?,
+                hidden.to_dtype(self.dtype)?,
+            ],
             1,
         )?;
         let mut h = self.pre_projection.forward(&x)?;

@@ -98,6 +98,15 @@ impl Sampler {
     /// [`Self::sample`], `generated` (the end of `history` the model produced) bearing the
     /// presence and frequency penalties.
     pub fn sample_after(&mut self, logits: &[f32], history: &[u32], generated: &[u32]) -> u32 {
+        match self.distribution(logits, history, generated) {
+            Choice::Greedy(id) => id,
+            Choice::Sample(probs) => self.draw(&probs),
+        }
+    }
+
+    /// What [`Self::sample_after`] picks from, without drawing: the argmax after the
+    /// penalties when greedy, else the probabilities after the penalties and warpers.
+    pub fn distribution(&self, logits: &[f32], history: &[u32], generated: &[u32]) -> Choice {
         let mut scores = logits.to_vec();
         if let Some(p) = self.params.repetition_penalty {
             apply_repetition_penalty(&mut scores, history, p as f32);
@@ -108,7 +117,7 @@ impl Sampler {
             apply_openai_penalties(&mut scores, generated, presence, frequency);
         }
         if self.params.is_greedy() {
-            return argmax(&scores);
+            return Choice::Greedy(argmax(&scores));
         }
         let t = self.params.temperature.unwrap_or(1.0) as f32;
         scores.iter_mut().for_each(|s| *s /= t);
@@ -121,8 +130,12 @@ impl Sampler {
         if let Some(p) = self.params.min_p {
             min_p(&mut scores, p as f32);
         }
-        let probs = softmax(&scores);
-        let r: f32 = self.rng.random();
+        Choice::Sample(softmax(&scores))
+    }
+
+    /// A token drawn from `probs` (which sum to 1, up to rounding).
+    pub fn draw(&mut self, probs: &[f32]) -> u32 {
+        let r = self.uniform();
         let mut acc = 0.0f32;
         for (i, p) in probs.iter().enumerate() {
             acc += p;
@@ -133,6 +146,18 @@ impl Sampler {
         // Rounding left r ≥ Σp: the last token with non-zero probability.
         probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
     }
+
+    /// A uniform number in [0, 1) from this sampler's seeded stream.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random()
+    }
+}
+
+/// What a sampler chooses the next token from ([`Sampler::distribution`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Choice {
+    Greedy(u32),
+    Sample(Vec<f32>),
 }
 
 pub fn argmax(x: &[f32]) -> u32 {
