@@ -424,10 +424,10 @@ pub(crate) struct DraftArgs {
 
 impl DraftArgs {
     /// The drafter for `model` and the tokens it drafts per round, when `--draft` is given.
-    pub(crate) fn load(
+    pub(crate) fn options(
         &self,
         model: &gemma4::Gemma4,
-    ) -> anyhow::Result<Option<(gemma4::draft::Drafter, usize)>> {
+    ) -> anyhow::Result<Option<gemma4::generate::speculative::DraftOptions>> {
         let Some(dir) = &self.draft else {
             return Ok(None);
         };
@@ -437,6 +437,9 @@ impl DraftArgs {
             .draft_tokens
             .or(drafter.config().num_assistant_tokens)
             .unwrap_or(gemma4::draft::DEFAULT_DRAFT_TOKENS);
-        Ok(Some((drafter, k)))
+        Ok(Some(gemma4::generate::speculative::DraftOptions::new(
+            std::sync::Arc::new(drafter),
+            k,
+        )?))
     }
 }

@@ -96,6 +96,7 @@ fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
         stop_ids: vec![],
         adapters: model.all_adapters(),
         constraint: None,
+        draft: None,
     };
     let mut seqs = prompts
         .iter()

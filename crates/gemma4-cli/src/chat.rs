@@ -19,7 +19,7 @@ use gemma4::prompt::output_parser::{Delta, Markers, OutputParser};
 use gemma4::{step, Gemma4, Prompt, Sequence};
 use serde_json::{json, Map, Value};
 
-use crate::args::{ModelArgs, SamplingArgs};
+use crate::args::{DraftArgs, ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub(crate) struct ChatArgs {
@@ -39,6 +39,8 @@ pub(crate) struct ChatArgs {
     pub(crate) max_tokens: usize,
     #[command(flatten)]
     pub(crate) sampling: SamplingArgs,
+    #[command(flatten)]
+    pub(crate) draft: DraftArgs,
 }
 
 struct Chat {
@@ -47,6 +49,7 @@ struct Chat {
     /// Media attached for the next message: `image` or `audio` parts.
     pending: Vec<Value>,
     previous: Option<Sequence>,
+    draft: Option<gemma4::generate::speculative::DraftOptions>,
 }
 
 pub(crate) fn cmd_chat(a: ChatArgs) -> Result<()> {
@@ -59,6 +62,7 @@ pub(crate) fn cmd_chat(a: ChatArgs) -> Result<()> {
         media: Media::default(),
         pending: Vec::new(),
         previous: None,
+        draft: a.draft.options(&model)?,
     };
     if let Some(path) = &a.messages {
         let text = std::fs::read_to_string(path)
@@ -216,6 +220,7 @@ fn turn(
         stop_ids,
         adapters: model.all_adapters(),
         constraint: None,
+        draft: chat.draft.clone(),
     };
     let mut seq = match chat.previous.take() {
         Some(prev) => Sequence::continue_from(&model.text, input, &opts, prev)?,
@@ -257,7 +262,12 @@ fn turn(
     };
     while !seq.is_finished() {
         let outs = step(&model.text, &mut [&mut seq], 512)?;
-        if let Some(id) = outs.into_iter().next().flatten().and_then(|o| o.token) {
+        for id in outs
+            .into_iter()
+            .next()
+            .flatten()
+            .map_or(vec![], |o| o.tokens)
+        {
             for d in parser.push(id)? {
                 print(d, &mut thinking, &mut out)?;
             }
@@ -270,6 +280,14 @@ fn turn(
         eprint!("\x1b[0m");
     }
     writeln!(out)?;
+    if let (true, Some(s)) = (tty, seq.draft_stats()) {
+        eprintln!(
+            "\x1b[2m(draft: {} of {} accepted, {:.2} per round)\x1b[0m",
+            s.accepted,
+            s.drafted,
+            s.mean_accepted()
+        );
+    }
     let m = parser.message().clone();
     chat.previous = Some(seq);
     let mut answer = json!({"role": "assistant", "content": m.content});

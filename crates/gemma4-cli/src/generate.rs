@@ -7,7 +7,7 @@ use crate::args::{
 };
 use anyhow::Result;
 use clap::Args;
-use gemma4::generate::speculative::{generate_speculative, DraftStats};
+use gemma4::generate::speculative::DraftStats;
 use gemma4::generate::{generate_from, GenerateOptions};
 use gemma4::prompt::tokenizer::StreamDecoder;
 
@@ -46,11 +46,11 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
         stop_ids: model.stop_ids(),
         adapters: model.all_adapters(),
         constraint: None,
+        draft: a.draft.options(&model)?,
     };
     let tok = model.tokenizer.as_ref();
     let mut stream = StreamDecoder::new();
     let mut stdout = std::io::stdout();
-    let drafter = a.draft.load(&model)?;
     let on_token = |id| {
         if a.json {
             return Ok(());
@@ -66,14 +66,8 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
         let _ = stdout.flush();
         Ok(())
     };
-    let (out, stats) = match &drafter {
-        Some((d, k)) => {
-            let (out, stats) =
-                generate_speculative(&model.text, d, &input, &opts, *k, on_token, |_| {})?;
-            (out, Some((stats, *k)))
-        }
-        None => (generate_from(&model.text, &input, &opts, on_token)?, None),
-    };
+    let out = generate_from(&model.text, &input, &opts, on_token)?;
+    let stats = out.draft.zip(opts.draft.as_ref().map(|d| d.tokens));
     let text = match tok {
         Some(t) => Some(t.decode(&out.generated_ids, true)?),
         None => None,

@@ -874,6 +874,7 @@ fn chat_answers_each_turn_as_the_library_does_and_saves_the_conversation() {
             stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
             adapters: Default::default(),
             constraint: None,
+            draft: None,
         };
         let ids = generate_from(&model.text, &input, &opts, |_| Ok(()))
             .unwrap()

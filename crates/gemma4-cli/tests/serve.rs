@@ -159,6 +159,7 @@ fn library_answer(
         stop_ids: [model.stop_ids(), vec![1, 50, 106]].concat(),
         adapters: Default::default(),
         constraint: None,
+        draft: None,
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
     let tok = model.tokenizer().unwrap();
@@ -259,6 +260,7 @@ fn chat_answers_equal_the_library_streamed_or_whole() {
         stop_ids: model.stop_ids(),
         adapters: Default::default(),
         constraint: None,
+        draft: None,
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
     let text = model
@@ -1081,4 +1083,113 @@ fn tokenize_expands_media_to_the_soft_tokens_the_model_sees() {
         models["data"][0]["capabilities"],
         json!({"vision": true, "audio": true})
     );
+}
+
+/// `serve --draft`: concurrent requests draft inside the batched steps and get the
+/// reference's greedy ids (streamed token by token, several per step), a request may
+/// change or turn off drafting, `/metrics` counts drafts, and a server without a drafter
+/// refuses `draft_tokens`.
+#[test]
+fn the_server_drafts_inside_continuous_batching() {
+    let trace: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("drafters/e2b_like/golden/trace.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let drafter = fixture("drafters/e2b_like");
+    let s = Server::start(
+        &fixture("e2b_like"),
+        &[
+            "--dtype",
+            "f32",
+            "--draft",
+            drafter.to_str().unwrap(),
+            "--parallel",
+            "4",
+        ],
+    );
+    let body = |prompt: &[u64], n: usize, extra: Value| {
+        let mut b = json!({"prompt": prompt, "max_tokens": n, "temperature": 0,
+                           "ignore_eos": true, "return_token_ids": true});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let cases: Vec<(Vec<u64>, Vec<u64>, Value)> = trace["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([
+            json!({}),
+            json!({"draft_tokens": 2}),
+            json!({"draft_tokens": 0}),
+        ])
+        .map(|(c, extra)| (ids(&c["prompt_ids"]), ids(&c["greedy_ids"]), extra))
+        .collect();
+    std::thread::scope(|scope| {
+        for (prompt, want, extra) in &cases {
+            let s = &s;
+            scope.spawn(move || {
+                let (status, v) =
+                    s.post("/v1/completions", &body(prompt, want.len(), extra.clone()));
+                assert_eq!(status, 200, "{v}");
+                assert_eq!(&ids(&v["choices"][0]["token_ids"]), want, "{extra}");
+                // Streamed: the same text.
+                let mut b = body(prompt, want.len(), extra.clone());
+                b["stream"] = json!(true);
+                let (status, events) = s.stream("/v1/completions", &b);
+                assert_eq!(status, 200);
+                let streamed: String = events
+                    .iter()
+                    .filter_map(|e| e["choices"][0]["text"].as_str())
+                    .collect();
+                assert_eq!(streamed, v["choices"][0]["text"].as_str().unwrap());
+            });
+        }
+    });
+    let (_, m) = s.get("/metrics");
+    let metric = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("gemma4_{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {m}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(metric("draft_tokens_total") > 0.0);
+    assert!(metric("draft_accepted_tokens_total") > 0.0);
+    let rate = metric("draft_acceptance_rate");
+    assert!(rate > 0.0 && rate <= 1.0);
+    assert!(metric("draft_mean_accepted_length") > 0.0);
+    let (status, err) = s.post(
+        "/v1/completions",
+        &body(&[2], 3, json!({"draft_tokens": 65})),
+    );
+    assert_eq!(status, 400, "{err}");
+    drop(s);
+
+    let plain = Server::start(&fixture("e2b_like"), &[]);
+    let (status, err) = plain.post(
+        "/v1/completions",
+        &body(&[2], 3, json!({"draft_tokens": 3})),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--draft"),
+        "{err}"
+    );
+    let (status, _) = plain.post(
+        "/v1/completions",
+        &body(&[2], 3, json!({"draft_tokens": 0})),
+    );
+    assert_eq!(status, 200);
 }

@@ -324,6 +324,7 @@ fn check_model(name: &str) {
             stop_ids: vec![],
             adapters: Default::default(),
             constraint: None,
+            draft: None,
         };
         let out = generate_from(tm, &input, &opts, |_| Ok(())).unwrap();
         assert_eq!(

@@ -168,6 +168,7 @@ fn prompts_beyond_context_or_vocabulary_are_errors() {
         stop_ids: vec![],
         adapters: Default::default(),
         constraint: None,
+        draft: None,
     };
     let long = vec![5u32; max + 1];
     let msg = generate(&model.text, &long, &opts, |_| Ok(()))
@@ -197,6 +198,7 @@ fn generation_stops_at_context_end_and_on_stop_ids() {
         stop_ids: vec![],
         adapters: Default::default(),
         constraint: None,
+        draft: None,
     };
     let prompt = vec![2u32; max - 3];
     let out = generate(&model.text, &prompt, &opts, |_| Ok(())).unwrap();

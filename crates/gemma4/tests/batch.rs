@@ -31,6 +31,7 @@ fn opts(max_new_tokens: usize) -> GenerateOptions {
         stop_ids: vec![],
         adapters: Default::default(),
         constraint: None,
+        draft: None,
     }
 }
 
@@ -56,13 +57,9 @@ fn run(tm: &TextModel, inputs: &[PromptInput], news: &[usize], s: Schedule) -> V
         let mut batch: Vec<&mut Sequence> = seqs.iter_mut().take(joined).collect();
         let out = step(tm, &mut batch, s.chunk).unwrap();
         for (i, o) in out.into_iter().enumerate() {
-            if let Some(gemma4::generate::sequence::StepOutput {
-                token: Some(id),
-                logits: Some(l),
-            }) = o
-            {
-                traces[i].ids.push(id);
-                traces[i].logits.push(l);
+            if let Some(o) = o {
+                traces[i].ids.extend(o.tokens);
+                traces[i].logits.extend(o.logits);
             }
         }
         t += 1;

@@ -41,6 +41,7 @@ fn tools_render_generate_and_parse_as_the_reference() {
             stop_ids: model.stop_ids(),
             adapters: Default::default(),
             constraint: None,
+            draft: None,
         };
         let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
         let greedy: Vec<u32> = serde_json::from_value(case["greedy_ids"].clone()).unwrap();

@@ -55,6 +55,7 @@ fn options(model: &Gemma4, format: &ResponseFormat, sampling: SamplingParams) ->
         stop_ids: model.stop_ids(),
         adapters: Default::default(),
         constraint: Some(compiler(model).compile(format).unwrap()),
+        draft: None,
     }
 }
 
@@ -218,6 +219,7 @@ fn a_thought_runs_free_before_the_held_answer() {
         stop_ids: model.stop_ids(),
         adapters: Default::default(),
         constraint: Some(held.clone().after_reasoning(open, close)),
+        draft: None,
     };
     let out = generate_from(&model.text, &input, &opts, |_| Ok(())).unwrap();
     assert_eq!(out.stop_reason, StopReason::StopToken);

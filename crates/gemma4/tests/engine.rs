@@ -22,6 +22,7 @@ fn opts(max_new_tokens: usize) -> GenerateOptions {
         stop_ids: vec![],
         adapters: Default::default(),
         constraint: None,
+        draft: None,
     }
 }
 
@@ -189,13 +190,9 @@ fn finish(m: &Gemma4, mut seq: gemma4::Sequence) -> (Vec<u32>, Vec<Vec<f32>>, ge
     let (mut ids, mut logits) = (Vec::new(), Vec::new());
     while !seq.is_finished() {
         let out = gemma4::step(&m.text, &mut [&mut seq], 3).unwrap();
-        if let Some(gemma4::StepOutput {
-            token: Some(id),
-            logits: Some(l),
-        }) = out.into_iter().next().flatten()
-        {
-            ids.push(id);
-            logits.push(l);
+        if let Some(o) = out.into_iter().next().flatten() {
+            ids.extend(o.tokens);
+            logits.extend(o.logits);
         }
     }
     (ids, logits, seq)

@@ -326,6 +326,7 @@ fn run_case(kind: &str, seed: u64) -> Result<String, String> {
                                 stop_ids: vec![],
                                 adapters: Default::default(),
                                 constraint: None,
+                                draft: None,
                             };
                             match gemma4::generate_from(&model.text, &input, &opts, |_| Ok(())) {
                                 Err(e) => err(e),

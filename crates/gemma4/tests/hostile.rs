@@ -377,6 +377,7 @@ fn a_huge_sliding_window_costs_only_what_is_used() {
         stop_ids: vec![],
         adapters: Default::default(),
         constraint: None,
+        draft: None,
     };
     let mut seq = gemma4::Sequence::new(
         &model.text,

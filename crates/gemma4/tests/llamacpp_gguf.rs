@@ -60,6 +60,7 @@ fn check_against_golden(dir: &Path, golden_of: &str) {
             stop_ids: vec![],
             adapters: Default::default(),
             constraint: None,
+            draft: None,
         };
         let out = generate(tm, &prompt, &opts, |_| Ok(())).unwrap();
         assert_eq!(out.generated_ids, want_greedy, "{golden_of} case {k}");
@@ -127,6 +128,7 @@ fn llama_quantized_q8_0_file_agrees_with_the_reference() {
             stop_ids: vec![],
             adapters: Default::default(),
             constraint: None,
+            draft: None,
         };
         let out = generate(&model.text, &ids(&case["prompt_ids"]), &opts, |_| Ok(())).unwrap();
         assert_eq!(out.generated_ids, greedy, "case {k}: greedy ids");

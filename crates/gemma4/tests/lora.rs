@@ -47,6 +47,7 @@ fn greedy(model: &Gemma4, set: AdapterSet, prompt: &[u32], n: usize) -> Vec<u32>
         stop_ids: vec![],
         adapters: set,
         constraint: None,
+        draft: None,
     };
     generate(&model.text, prompt, &opts, |_| Ok(()))
         .unwrap()
@@ -135,6 +136,7 @@ fn adapters_switch_per_sequence_and_stack() {
         stop_ids: vec![],
         adapters: set,
         constraint: None,
+        draft: None,
     };
     let prompt_in = gemma4::PromptInput::text(prompt.clone());
     let mut s1 = gemma4::Sequence::new(&model.text, prompt_in.clone(), &opts(a.set())).unwrap();

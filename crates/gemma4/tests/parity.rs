@@ -74,6 +74,7 @@ fn check_fixture(name: &str) {
             stop_ids: vec![],
             adapters: Default::default(),
             constraint: None,
+            draft: None,
         };
         let out = generate(tm, &prompt, &opts, |_| Ok(())).unwrap();
         assert_eq!(

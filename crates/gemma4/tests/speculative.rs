@@ -5,9 +5,14 @@
 mod common;
 
 use gemma4::draft::Drafter;
-use gemma4::generate::speculative::generate_speculative;
+use std::sync::Arc;
+
+use gemma4::generate::speculative::{DraftOptions, DraftRecord, DraftStats};
 use gemma4::loading::npy;
-use gemma4::{generate, Gemma4, GenerateOptions, LoadOptions, PromptInput, SamplingParams};
+use gemma4::text::model::TextModel;
+use gemma4::{
+    generate, step, Gemma4, GenerateOptions, LoadOptions, PromptInput, SamplingParams, Sequence,
+};
 
 use common::{fixture, ids, json, max_abs, rows, TOL};
 
@@ -28,7 +33,33 @@ fn greedy(max_new_tokens: usize) -> GenerateOptions {
         stop_ids: vec![],
         constraint: None,
         adapters: Default::default(),
+        draft: None,
     }
+}
+
+fn with_draft(mut opts: GenerateOptions, drafter: &Arc<Drafter>, k: usize) -> GenerateOptions {
+    let mut d = DraftOptions::new(drafter.clone(), k).unwrap();
+    d.trace = true;
+    opts.draft = Some(d);
+    opts
+}
+
+/// Runs one sequence to its end through [`step`], prompts in chunks of `chunk`.
+fn run(
+    tm: &TextModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    chunk: usize,
+) -> (Vec<u32>, DraftStats, Vec<DraftRecord>) {
+    let mut seq = Sequence::new(tm, PromptInput::text(prompt.to_vec()), opts).unwrap();
+    while !seq.is_finished() {
+        step(tm, &mut [&mut seq], chunk).unwrap();
+    }
+    (
+        seq.generated().to_vec(),
+        seq.draft_stats().unwrap_or_default(),
+        seq.draft_trace().to_vec(),
+    )
 }
 
 /// Every drafter call of the reference's assisted generation, in order: the position
@@ -38,7 +69,7 @@ fn check_pair(name: &str) {
     let model = Gemma4::load(&fixture(name), LoadOptions::default()).unwrap();
     let tm = &model.text;
     let dir = fixture(&format!("drafters/{name}"));
-    let drafter = Drafter::load(&dir, tm).unwrap();
+    let drafter = Arc::new(Drafter::load(&dir, tm).unwrap());
     let trace = json(&dir.join("golden/trace.json"));
     let k = trace["draft_tokens"].as_u64().unwrap() as usize;
     let new = trace["new_tokens"].as_u64().unwrap() as usize;
@@ -57,60 +88,53 @@ fn check_pair(name: &str) {
             npy::read_f32(&dir.join(format!("golden/call_hidden_{c}.npy"))).unwrap();
         let hb = shape[1];
 
+        // The prompt in one pass, and in chunks of 5: the drafter reads the same K/V.
+        let opts = with_draft(greedy(new), &drafter, k);
+        let (ids_chunked, _, trace_chunked) = run(tm, &prompt, &opts, 5);
+        let (got_ids, stats, records) = run(tm, &prompt, &opts, usize::MAX);
+        assert_eq!(ids_chunked, got_ids, "{name} prompt {c}: chunked prefill");
+        assert_eq!(trace_chunked.len(), records.len());
         let mut seen = 0;
-        let (out, stats) = generate_speculative(
-            tm,
-            &drafter,
-            &PromptInput::text(prompt.clone()),
-            &greedy(new),
-            k,
-            |_| Ok(()),
-            |call| {
-                let want = &calls[seen];
-                let at = format!("{name} prompt {c} call {seen}");
-                assert_eq!(
-                    call.position as u64,
-                    want["position"].as_u64().unwrap(),
-                    "{at}: position"
-                );
-                for (t, n) in &call.kv_len {
-                    let given = want["kv_len"][t.as_str()].as_u64().unwrap() as usize;
-                    // The reference's sliding mask reads the last W + 1 entries given.
-                    let read = match t {
-                        gemma4::config::LayerType::Sliding => given.min(window + 1),
-                        gemma4::config::LayerType::Full => given,
-                    };
-                    assert_eq!(*n, read, "{at}: K/V entries of {}", t.as_str());
-                }
-                let got = rows(&call.step.logits);
-                let d = max_abs(&got, &want_logits[seen * vocab..(seen + 1) * vocab]);
-                assert!(d <= TRACE_TOL, "{at}: drafter logits differ by {d}");
-                assert_eq!(
-                    gemma4::generate::sampling::argmax(&got) as u64,
-                    want["argmax"].as_u64().unwrap(),
-                    "{at}: draft"
-                );
-                let d = max_abs(
-                    &rows(&call.step.hidden),
-                    &want_hidden[seen * hb..(seen + 1) * hb],
-                );
-                assert!(d <= TRACE_TOL, "{at}: drafter state differs by {d}");
-                seen += 1;
-            },
-        )
-        .unwrap();
+        for call in &records {
+            let want = &calls[seen];
+            let at = format!("{name} prompt {c} call {seen}");
+            assert_eq!(
+                call.position as u64,
+                want["position"].as_u64().unwrap(),
+                "{at}: position"
+            );
+            for (t, n) in &call.kv_len {
+                let given = want["kv_len"][t.as_str()].as_u64().unwrap() as usize;
+                // The reference's sliding mask reads the last W + 1 entries given.
+                let read = match t {
+                    gemma4::config::LayerType::Sliding => given.min(window + 1),
+                    gemma4::config::LayerType::Full => given,
+                };
+                assert_eq!(*n, read, "{at}: K/V entries of {}", t.as_str());
+            }
+            let d = max_abs(&call.logits, &want_logits[seen * vocab..(seen + 1) * vocab]);
+            assert!(d <= TRACE_TOL, "{at}: drafter logits differ by {d}");
+            assert_eq!(
+                gemma4::generate::sampling::argmax(&call.logits) as u64,
+                want["argmax"].as_u64().unwrap(),
+                "{at}: draft"
+            );
+            let d = max_abs(&call.hidden, &want_hidden[seen * hb..(seen + 1) * hb]);
+            assert!(d <= TRACE_TOL, "{at}: drafter state differs by {d}");
+            seen += 1;
+        }
         assert_eq!(seen, calls.len(), "{name} prompt {c}: drafter calls");
-        assert_eq!(out.generated_ids, want_ids, "{name} prompt {c}: tokens");
+        assert_eq!(got_ids, want_ids, "{name} prompt {c}: tokens");
         let plain = generate(tm, &prompt, &greedy(new), |_| Ok(())).unwrap();
         assert_eq!(
-            out.generated_ids, plain.generated_ids,
+            got_ids, plain.generated_ids,
             "{name} prompt {c}: vs plain greedy"
         );
         assert_eq!(stats.drafted, calls.len());
         accepted += stats.accepted;
         // The prefill yields one token; every round its kept drafts and one of the
         // target's; a last pass with no room left to draft, one.
-        let extra = out.generated_ids.len() - (1 + stats.rounds + stats.accepted);
+        let extra = got_ids.len() - (1 + stats.rounds + stats.accepted);
         assert!(extra <= 1, "{name} prompt {c}: {stats:?}");
     }
     assert!(
@@ -224,26 +248,69 @@ fn a_drafter_for_another_target_is_refused_by_name() {
 fn penalties_and_sampling_run_through_the_drafter() {
     let model = Gemma4::load(&fixture("dense_keqv"), LoadOptions::default()).unwrap();
     let tm = &model.text;
-    let drafter = Drafter::load(&fixture("drafters/dense_keqv"), tm).unwrap();
-    let prompt = PromptInput::text(vec![2, 300, 301, 302]);
+    let drafter = Arc::new(Drafter::load(&fixture("drafters/dense_keqv"), tm).unwrap());
+    let prompt = [2, 300, 301, 302];
     let mut opts = greedy(20);
     opts.sampling.repetition_penalty = Some(1.3);
     opts.sampling.presence_penalty = Some(0.5);
-    let plain = gemma4::generate_from(tm, &prompt, &opts, |_| Ok(())).unwrap();
-    let (spec, _) =
-        generate_speculative(tm, &drafter, &prompt, &opts, 4, |_| Ok(()), |_| {}).unwrap();
-    assert_eq!(spec.generated_ids, plain.generated_ids);
+    let plain = run(tm, &prompt, &opts, usize::MAX).0;
+    let spec = run(
+        tm,
+        &prompt,
+        &with_draft(opts.clone(), &drafter, 4),
+        usize::MAX,
+    )
+    .0;
+    assert_eq!(spec, plain);
 
     opts.sampling.temperature = Some(0.8);
     opts.sampling.top_k = Some(40);
     opts.sampling.seed = 5;
-    let run = || {
-        generate_speculative(tm, &drafter, &prompt, &opts, 4, |_| Ok(()), |_| {})
-            .unwrap()
-            .0
-            .generated_ids
-    };
-    let a = run();
+    let opts = with_draft(opts, &drafter, 4);
+    let a = run(tm, &prompt, &opts, usize::MAX).0;
     assert_eq!(a.len(), 20);
-    assert_eq!(a, run());
+    assert_eq!(a, run(tm, &prompt, &opts, usize::MAX).0);
+}
+
+/// Inside one batched step, sequences that draft (each verifying its own drafts) and
+/// sequences that do not run side by side, join at different times and prefill in
+/// chunks; each gets the tokens it gets alone.
+#[test]
+fn drafting_and_plain_sequences_share_batched_steps() {
+    let model = Gemma4::load(&fixture("e2b_like"), LoadOptions::default()).unwrap();
+    let tm = &model.text;
+    let drafter = Arc::new(Drafter::load(&fixture("drafters/e2b_like"), tm).unwrap());
+    let trace = json(&fixture("drafters/e2b_like/golden/trace.json"));
+    let prompts: Vec<Vec<u32>> = trace["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect();
+    let jobs: Vec<(Vec<u32>, GenerateOptions)> = vec![
+        (prompts[0].clone(), with_draft(greedy(20), &drafter, 4)),
+        (prompts[1].clone(), greedy(17)),
+        (prompts[1].clone(), with_draft(greedy(15), &drafter, 2)),
+        (prompts[2].clone(), with_draft(greedy(22), &drafter, 6)),
+    ];
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(p, o)| run(tm, p, o, usize::MAX).0)
+        .collect();
+    let mut seqs: Vec<Sequence> = jobs
+        .iter()
+        .map(|(p, o)| Sequence::new(tm, PromptInput::text(p.clone()), o).unwrap())
+        .collect();
+    let mut t = 0;
+    while seqs.iter().any(|s| !s.is_finished()) {
+        let joined = (t / 2 + 1).min(seqs.len());
+        let mut batch: Vec<&mut Sequence> = seqs.iter_mut().take(joined).collect();
+        step(tm, &mut batch, 7).unwrap();
+        t += 1;
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        assert_eq!(s.generated(), alone[i].as_slice(), "job {i}");
+    }
+    assert!(seqs[0].draft_stats().unwrap().accepted > 0);
+    assert!(seqs[1].draft_stats().is_none());
 }

@@ -115,6 +115,45 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResp
             "Bytes of KV cache kept for later prompts (--cache-mb).",
             &one(get(&s.prefix_cache_bytes)),
         );
+        let (rounds, drafted, accepted) = (
+            get(&s.draft_rounds),
+            get(&s.drafted_tokens),
+            get(&s.accepted_tokens),
+        );
+        metric(
+            "draft_rounds_total",
+            "counter",
+            "Speculative decoding: verification passes that checked drafted tokens.",
+            &one(rounds),
+        );
+        metric(
+            "draft_tokens_total",
+            "counter",
+            "Speculative decoding: tokens the drafter proposed.",
+            &one(drafted),
+        );
+        metric(
+            "draft_accepted_tokens_total",
+            "counter",
+            "Speculative decoding: proposed tokens the model kept.",
+            &one(accepted),
+        );
+        metric(
+            "draft_acceptance_rate",
+            "gauge",
+            "Kept over proposed tokens, since start.",
+            &one(if drafted > 0.0 {
+                accepted / drafted
+            } else {
+                0.0
+            }),
+        );
+        metric(
+            "draft_mean_accepted_length",
+            "gauge",
+            "Drafted tokens kept per verification pass, since start.",
+            &one(if rounds > 0.0 { accepted / rounds } else { 0.0 }),
+        );
         metric(
             "kv_cache_bytes",
             "gauge",

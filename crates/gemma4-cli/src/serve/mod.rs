@@ -37,7 +37,7 @@ use gemma4::prompt::output_parser::Markers;
 use gemma4::Gemma4;
 use serde_json::{json, Value};
 
-use crate::args::ModelArgs;
+use crate::args::{DraftArgs, ModelArgs};
 pub(crate) use error::ApiError;
 use metrics::Metrics;
 pub(crate) use request::message as message_for_template;
@@ -46,6 +46,10 @@ pub(crate) use request::message as message_for_template;
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
+    /// Speculative decoding for every request (a request's `draft_tokens` overrides the
+    /// count; 0 turns it off); requests with `response_format` do not draft.
+    #[command(flatten)]
+    pub(crate) draft: DraftArgs,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub(crate) host: String,
@@ -112,6 +116,8 @@ pub(crate) struct App {
 /// The model, once loaded.
 pub(crate) struct Loaded {
     pub(crate) model: Arc<Gemma4>,
+    /// The drafter of `--draft`, with its default tokens per round.
+    pub(crate) draft: Option<gemma4::generate::speculative::DraftOptions>,
     pub(crate) engine: Engine,
     pub(crate) markers: Option<Markers>,
     pub(crate) created: u64,
@@ -201,17 +207,20 @@ async fn serve(a: ServeArgs, app: Arc<App>, pool: Arc<rayon::ThreadPool>) -> Res
         cache_bytes: a.cache_mb.saturating_mul(1 << 20),
     };
     let model_args = a.model;
-    tokio::task::spawn_blocking(move || match load(&model_args, engine_opts, pool) {
-        Ok(l) => {
-            eprintln!("model ready: {}", loading.name);
-            let _ = loading.loaded.set(l);
-        }
-        Err(e) => {
-            let message = format!("{e:#}");
-            eprintln!("error: {message}");
-            let _ = loading.load_error.set(message);
-        }
-    });
+    let draft_args = a.draft;
+    tokio::task::spawn_blocking(
+        move || match load(&model_args, &draft_args, engine_opts, pool) {
+            Ok(l) => {
+                eprintln!("model ready: {}", loading.name);
+                let _ = loading.loaded.set(l);
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                eprintln!("error: {message}");
+                let _ = loading.load_error.set(message);
+            }
+        },
+    );
     let max_body = a.max_body_mb.saturating_mul(1 << 20);
     let idle = Duration::from_secs(a.idle_timeout.max(1));
     let router = router(app.clone(), max_body)
@@ -299,7 +308,12 @@ async fn body_within(State(idle): State<Duration>, req: Request, next: Next) -> 
     .await
 }
 
-fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> Result<Loaded> {
+fn load(
+    args: &ModelArgs,
+    draft: &DraftArgs,
+    opts: EngineOptions,
+    pool: Arc<rayon::ThreadPool>,
+) -> Result<Loaded> {
     let dtype = args.dtype()?;
     let model = Arc::new(pool.install(|| -> Result<Gemma4> {
         let load_opts = gemma4::LoadOptions {
@@ -313,6 +327,7 @@ fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> 
         crate::args::attach_loras(&mut model, &args.lora)?;
         Ok(model)
     })?);
+    let draft = pool.install(|| draft.options(&model))?;
     let markers = model
         .tokenizer()
         .ok()
@@ -323,6 +338,7 @@ fn load(args: &ModelArgs, opts: EngineOptions, pool: Arc<rayon::ThreadPool>) -> 
         .map_or(0, |d| d.as_secs());
     Ok(Loaded {
         model,
+        draft,
         engine,
         markers,
         created,

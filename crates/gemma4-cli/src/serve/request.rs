@@ -44,6 +44,9 @@ pub(crate) struct Settings {
     /// The adapters `model` names (none: the base model), and the name it was asked by.
     pub(crate) adapters: gemma4::lora::AdapterSet,
     pub(crate) served_as: Option<String>,
+    /// Tokens drafted per round with the server's `--draft` (0: none); `None`: the
+    /// server's default.
+    pub(crate) draft_tokens: Option<usize>,
 }
 
 fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -221,6 +224,18 @@ pub(crate) fn settings(model: &Gemma4, v: &Value) -> Result<Settings, ApiError> 
         return_token_ids: as_bool(v, "return_token_ids")?.unwrap_or(false),
         adapters: Default::default(),
         served_as: None,
+        draft_tokens: match as_usize(v, "draft_tokens")? {
+            Some(n) if n > gemma4::generate::speculative::MAX_DRAFT_TOKENS => {
+                return Err(ApiError::bad(
+                    "draft_tokens",
+                    format!(
+                        "must be at most {}",
+                        gemma4::generate::speculative::MAX_DRAFT_TOKENS
+                    ),
+                ))
+            }
+            n => n,
+        },
     })
 }
 

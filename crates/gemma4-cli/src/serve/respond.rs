@@ -282,6 +282,20 @@ fn submit(
         .code("context_length_exceeded"));
     }
     let room = ctx - prompt_tokens;
+    let draft = match (&l.draft, s.draft_tokens) {
+        (None, Some(n)) if n > 0 => {
+            return Err(ApiError::bad(
+                "draft_tokens",
+                "this server runs no drafter (start it with --draft)",
+            ))
+        }
+        (None, _) | (Some(_), Some(0)) => None,
+        (Some(d), None) => Some(d.clone()),
+        (Some(d), Some(n)) => Some(gemma4::generate::speculative::DraftOptions {
+            tokens: n,
+            ..d.clone()
+        }),
+    };
     let options = GenerateOptions {
         max_new_tokens: s.max_tokens.unwrap_or(room).min(room),
         sampling: s.sampling.clone(),
@@ -292,6 +306,7 @@ fn submit(
         },
         adapters: s.adapters,
         constraint,
+        draft,
     };
     let job = Job {
         prompt: input,

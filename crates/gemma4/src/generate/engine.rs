@@ -3,7 +3,9 @@
 //!
 //! A request is a prepared prompt ([`crate::Gemma4::prepare`]) with its generation
 //! options; it gets a channel of [`Event`]s: a progress event per prompt chunk, then a
-//! token per step, then how it finished. Up to `parallel` sequences run at once; further
+//! token event per token (one per step, or several with speculative decoding: a
+//! sequence whose options carry a drafter brings its drafts to the shared step and keeps
+//! what the model verifies), then how it finished. Up to `parallel` sequences run at once; further
 //! requests wait in a queue of `max_queue`, and past that [`Engine::submit`] refuses them
 //! ([`SubmitError::QueueFull`]). Dropping the receiver cancels the request: the engine
 //! sees it at the next event it sends, within one step. Long prompts run in chunks of
@@ -25,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::generate::sequence::{step, Sequence};
+use crate::generate::speculative::DraftStats;
 use crate::generate::{GenerateOptions, StopReason};
 use crate::lora::AdapterSet;
 use crate::text::model::{PromptInput, TextModel};
@@ -119,6 +122,10 @@ pub struct EngineStats {
     pub prefix_cache_hits: AtomicU64,
     pub prefix_cache_tokens: AtomicU64,
     pub prefix_cache_bytes: AtomicU64,
+    /// Speculative decoding: verification rounds, tokens drafted and drafts kept.
+    pub draft_rounds: AtomicU64,
+    pub drafted_tokens: AtomicU64,
+    pub accepted_tokens: AtomicU64,
 }
 
 /// A handle to the engine thread; cloning shares it. The thread ends when every handle
@@ -134,6 +141,8 @@ struct Running {
     events: Sender<Event>,
     top_logprobs: Option<usize>,
     total: usize,
+    /// The sequence's speculative statistics already added to [`EngineStats`].
+    counted: DraftStats,
 }
 
 impl Engine {
@@ -275,6 +284,7 @@ fn admit(
             events,
             top_logprobs: job.top_logprobs,
             total,
+            counted: DraftStats::default(),
         }),
         Err(e) => {
             let _ = events.send(Event::Failed(e.to_string()));
@@ -353,7 +363,7 @@ fn run(
         let mut made = 0u64;
         // Keep the sequences whose client still listens and that have not finished.
         let mut keep = Vec::with_capacity(running.len());
-        for r in running.drain(..) {
+        for mut r in running.drain(..) {
             let out = match r.seq.adapters() == set {
                 true => outs.next().flatten(),
                 false => None,
@@ -364,21 +374,33 @@ fn run(
                 continue;
             }
             if let Some(out) = out {
-                let event = match out.token {
-                    Some(id) => {
-                        made += 1;
-                        let logprobs = r
-                            .top_logprobs
-                            .zip(out.logits.as_deref())
-                            .map(|(k, row)| logprobs_of(row, id, k));
-                        Event::Token { id, logprobs }
-                    }
-                    None => Event::Prefill {
+                if out.tokens.is_empty() {
+                    let event = Event::Prefill {
                         done: r.seq.fed(),
                         total: r.total,
-                    },
-                };
-                alive = r.events.send(event).is_ok();
+                    };
+                    alive = r.events.send(event).is_ok();
+                }
+                for (i, &id) in out.tokens.iter().enumerate() {
+                    made += 1;
+                    let logprobs = r
+                        .top_logprobs
+                        .zip(out.logits.get(i))
+                        .map(|(k, row)| logprobs_of(row, id, k));
+                    alive = alive && r.events.send(Event::Token { id, logprobs }).is_ok();
+                }
+                if let Some(now) = r.seq.draft_stats() {
+                    let before = std::mem::replace(&mut r.counted, now);
+                    stats
+                        .draft_rounds
+                        .fetch_add((now.rounds - before.rounds) as u64, Ordering::Relaxed);
+                    stats
+                        .drafted_tokens
+                        .fetch_add((now.drafted - before.drafted) as u64, Ordering::Relaxed);
+                    stats
+                        .accepted_tokens
+                        .fetch_add((now.accepted - before.accepted) as u64, Ordering::Relaxed);
+                }
             }
             match (alive, r.seq.stop_reason()) {
                 (true, None) => keep.push(r),

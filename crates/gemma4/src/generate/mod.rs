@@ -29,6 +29,9 @@ pub struct GenerateOptions {
     /// The attached LoRA adapters to run with ([`crate::Gemma4::attach_adapter`]);
     /// [`AdapterSet::NONE`]: the base model.
     pub adapters: AdapterSet,
+    /// Speculative decoding with an assistant drafter; `None`: one token per step. Not
+    /// used by sequences with a `constraint`.
+    pub draft: Option<speculative::DraftOptions>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub struct GenerationOutput {
     pub stop_reason: StopReason,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    /// How speculative decoding went, with a drafter.
+    pub draft: Option<speculative::DraftStats>,
 }
 
 impl GenerationOutput {
@@ -111,7 +116,7 @@ pub fn generate_from(
             prefill_secs = t0.elapsed().as_secs_f64();
             t1 = Instant::now();
         }
-        if let Some(id) = out.into_iter().flatten().find_map(|o| o.token) {
+        for id in out.into_iter().flatten().flat_map(|o| o.tokens) {
             on_token(id)?;
         }
     }
@@ -126,5 +131,6 @@ pub fn generate_from(
             .expect("the loop ran until the sequence stopped"),
         prefill_secs,
         decode_secs: t1.elapsed().as_secs_f64(),
+        draft: seq.draft_stats(),
     })
 }

@@ -14,6 +14,7 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::generate::constraint::Constraint;
 use crate::generate::sampling::Sampler;
+use crate::generate::speculative::{verify, DraftRecord, DraftStats, Speculation};
 use crate::generate::{GenerateOptions, StopReason};
 use crate::lora::AdapterSet;
 use crate::text::kv_cache::KvCache;
@@ -47,15 +48,20 @@ pub struct Sequence {
     history: Vec<u32>,
     generated: Vec<u32>,
     stop: Option<StopReason>,
+    /// Speculative decoding, when the options carry a drafter and no constraint.
+    spec: Option<Speculation>,
+    /// The ids of a decode step under way (the last token and its drafts).
+    step_ids: Vec<u32>,
 }
 
 /// What one [`step`] did for one sequence.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StepOutput {
-    /// The token chosen this step (`None` while the prompt is still being run).
-    pub token: Option<u32>,
-    /// The logits it was chosen from (f32, the vocabulary wide).
-    pub logits: Option<Vec<f32>>,
+    /// The tokens kept this step, in order: none while the prompt is still being run, one
+    /// when decoding, up to the drafted tokens plus one with speculative decoding.
+    pub tokens: Vec<u32>,
+    /// The logits each was chosen from (f32, the vocabulary wide).
+    pub logits: Vec<Vec<f32>>,
 }
 
 impl Sequence {
@@ -89,7 +95,13 @@ impl Sequence {
                 "its ids, per-layer ids, spans and embeddings differ in length",
             ));
         }
-        let mut cache = model.new_cache().with_spare(ROLLBACK_SPARE);
+        // A grammar constraint decides token by token: such a sequence does not draft.
+        let spec = match (&opts.draft, &opts.constraint) {
+            (Some(d), None) => Some(Speculation::new(d.clone())),
+            _ => None,
+        };
+        let spare = ROLLBACK_SPARE.max(spec.as_ref().map_or(0, Speculation::spare));
+        let mut cache = model.new_cache().with_spare(spare);
         let new = opts.max_new_tokens.min(RESERVED_NEW_TOKENS);
         cache.reserve(max.min(prompt.ids.len() + new))?;
         Ok(Sequence {
@@ -105,6 +117,8 @@ impl Sequence {
             generated: Vec::new(),
             stop: (opts.max_new_tokens == 0).then_some(StopReason::MaxTokens),
             prompt,
+            spec,
+            step_ids: Vec::new(),
         })
     }
 
@@ -159,7 +173,8 @@ impl Sequence {
         if reuse > 0 && cache.truncate(reuse).is_ok() {
             let total = seq.prompt.ids.len() + opts.max_new_tokens.min(RESERVED_NEW_TOKENS);
             cache.reserve(model.config().max_position_embeddings.min(total))?;
-            seq.cache = cache;
+            let spare = seq.cache.spare().max(cache.spare());
+            seq.cache = cache.with_spare(spare);
             seq.fed = reuse;
         }
         Ok(seq)
@@ -256,6 +271,17 @@ impl Sequence {
         &self.cache
     }
 
+    /// Speculative decoding's statistics so far (`None` without a drafter).
+    pub fn draft_stats(&self) -> Option<DraftStats> {
+        self.spec.as_ref().map(|s| s.stats)
+    }
+
+    /// Every drafter call so far, when [`crate::generate::speculative::DraftOptions::trace`]
+    /// asked for them.
+    pub fn draft_trace(&self) -> &[DraftRecord] {
+        self.spec.as_ref().map_or(&[], |s| &s.trace)
+    }
+
     /// Rows of this sequence's next step: up to `chunk` prompt tokens, extended so an
     /// image/video span is never cut (its tokens attend to each other both ways), or the
     /// last generated token.
@@ -281,13 +307,27 @@ impl Sequence {
                 .generated
                 .last()
                 .expect("a decoding sequence has a token");
-            let ids = std::slice::from_ref(self.generated.last().expect("checked"));
+            self.step_ids.clear();
+            self.step_ids.push(last);
+            if let Some(spec) = &mut self.spec {
+                // As many drafts as the budget (the last kept token's successor is the
+                // target's own) and the context allow.
+                let past = self.cache.seq_len();
+                let max = model.config().max_position_embeddings;
+                let k = (self.max_new_tokens - self.generated.len()).saturating_sub(1);
+                spec.propose(model, last, past, k.min(max.saturating_sub(past + 1)))?;
+                self.step_ids.extend(&spec.drafts);
+            }
+            let which = match self.step_ids.len() {
+                1 => LogitsFor::Last,
+                _ => LogitsFor::All,
+            };
             return Ok(StepInput {
-                embeds: model.embed(&[last])?,
-                ple_ids: ids,
+                embeds: model.embed(&self.step_ids)?,
+                ple_ids: &self.step_ids,
                 spans: None,
                 cache: &mut self.cache,
-                which: LogitsFor::Last,
+                which,
             });
         }
         let p = &self.prompt;
@@ -313,18 +353,28 @@ impl Sequence {
     fn finish_step(
         &mut self,
         ran: usize,
-        logits: Option<Tensor>,
+        out: Option<(Tensor, Tensor)>,
         max_positions: usize,
     ) -> Result<StepOutput> {
-        if !self.is_prefilled() {
+        let decoding = self.is_prefilled();
+        if !decoding {
             self.fed += ran;
         }
-        let Some(logits) = logits else {
-            return Ok(StepOutput {
-                token: None,
-                logits: None,
-            });
+        let Some((logits, hidden)) = out else {
+            return Ok(StepOutput::default());
         };
+        if self.spec.is_some() && decoding {
+            // The step ran the last token and its drafts.
+            let ran = self.step_ids.len();
+            let past = self.cache.seq_len() - ran;
+            return self.finish_speculative_step(past, ran, &logits, &hidden, max_positions);
+        }
+        if let Some(spec) = &mut self.spec {
+            // The prompt has run: the first round reads every prompt position, as after
+            // the reference's one-pass prefill.
+            let n = self.prompt.ids.len();
+            spec.prepare(&self.cache, 0, n, n + 1, hidden)?;
+        }
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let next = match self.constraint.take() {
             Some(mut c) => {
@@ -344,10 +394,7 @@ impl Sequence {
                     Err(e) => {
                         self.failure = Some(e.to_string());
                         self.stop = Some(StopReason::Failed);
-                        return Ok(StepOutput {
-                            token: None,
-                            logits: None,
-                        });
+                        return Ok(StepOutput::default());
                     }
                 }
             }
@@ -355,6 +402,15 @@ impl Sequence {
                 .sampler
                 .sample_after(&row, &self.history, &self.generated),
         };
+        self.push(next, max_positions);
+        Ok(StepOutput {
+            tokens: vec![next],
+            logits: vec![row],
+        })
+    }
+
+    /// Records a chosen token and checks the stop conditions.
+    fn push(&mut self, next: u32, max_positions: usize) {
         self.generated.push(next);
         self.history.push(next);
         self.stop = if self.stop_ids.contains(&next) {
@@ -366,9 +422,46 @@ impl Sequence {
         } else {
             None
         };
+    }
+
+    /// A decode step that verified drafts ([`verify`]): keeps the drafts the target
+    /// agrees with and its token after them, cut at a stop id or the budget as the
+    /// reference cuts them; prepares the next round; drops the rest from the cache.
+    fn finish_speculative_step(
+        &mut self,
+        past: usize,
+        ran: usize,
+        logits: &Tensor,
+        hidden: &Tensor,
+        max_positions: usize,
+    ) -> Result<StepOutput> {
+        let spec = self.spec.as_mut().expect("a speculating sequence");
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let drafts = std::mem::take(&mut spec.drafts);
+        let (n, next) = verify(
+            &mut self.sampler,
+            &rows,
+            &drafts,
+            self.history.clone(),
+            self.generated.clone(),
+        );
+        let mut kept: Vec<u32> = drafts[..n].to_vec();
+        kept.push(next);
+        kept.truncate(self.max_new_tokens - self.generated.len());
+        if let Some(i) = kept.iter().position(|t| self.stop_ids.contains(t)) {
+            kept.truncate(i + 1);
+        }
+        let n = kept.len() - 1;
+        spec.stats.accepted += n;
+        let seq_len = self.history.len() + kept.len();
+        spec.prepare(&self.cache, past, ran, seq_len, hidden.narrow(0, n, 1)?)?;
+        self.cache.truncate(past + 1 + n)?;
+        for &t in &kept {
+            self.push(t, max_positions);
+        }
         Ok(StepOutput {
-            token: Some(next),
-            logits: Some(row),
+            logits: rows.into_iter().take(kept.len()).collect(),
+            tokens: kept,
         })
     }
 }
@@ -405,7 +498,7 @@ pub fn step(
         inputs.push(s.input(model, prefill_chunk)?);
     }
     let mut logits =
-        crate::lora::with_adapters(set, || model.forward_batch(&mut inputs))?.into_iter();
+        crate::lora::with_adapters(set, || model.forward_batch_hidden(&mut inputs))?.into_iter();
     drop(inputs);
     let max = model.config().max_position_embeddings;
     let mut out = Vec::with_capacity(seqs.len());

@@ -20,17 +20,16 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::time::Instant;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use crate::config::LayerType;
-use crate::draft::{DraftKv, DraftStep, Drafter};
+use crate::draft::{DraftKv, Drafter};
 use crate::error::{Error, Result};
 use crate::generate::sampling::{argmax, Choice, Sampler};
-use crate::generate::{GenerateOptions, GenerationOutput, StopReason};
 use crate::text::kv_cache::KvCache;
-use crate::text::model::{LogitsFor, PromptInput, StepInput, TextModel};
+use crate::text::model::TextModel;
 
 /// The most tokens one round may draft (the cache keeps this many spare ring slots).
 pub const MAX_DRAFT_TOKENS: usize = 64;
@@ -65,15 +64,6 @@ impl DraftStats {
     }
 }
 
-/// One drafter call, for tests and tracing.
-pub struct DraftCall<'a> {
-    /// The position id of the call (the last accepted token's position).
-    pub position: usize,
-    /// How many target K/V entries each layer type attended over.
-    pub kv_len: BTreeMap<LayerType, usize>,
-    pub step: &'a DraftStep,
-}
-
 /// The target positions a drafting round reads per layer type, after a target forward
 /// that ran `ran` tokens on a cache of `past` positions, when the sequence (prompt and
 /// kept tokens, the new bonus token included) is `seq_len` long. Mirrors the reference:
@@ -106,178 +96,149 @@ fn gather_kv(
     Ok(kv)
 }
 
-/// Generation from `prompt` with `drafter` proposing up to `draft_tokens` tokens per
-/// round. Greedy, the tokens are exactly those of [`crate::generate::generate_from`] with
-/// the same options; sampling, each token follows the same distribution ([`verify`]),
-/// though a seed draws other tokens than without a drafter. `on_token` sees each kept
-/// token, `on_draft` each drafter call. A grammar constraint is not supported yet.
-pub fn generate_speculative(
-    model: &TextModel,
-    drafter: &Drafter,
-    prompt: &PromptInput,
-    opts: &GenerateOptions,
-    draft_tokens: usize,
-    mut on_token: impl FnMut(u32) -> Result<()>,
-    mut on_draft: impl FnMut(&DraftCall<'_>),
-) -> Result<(GenerationOutput, DraftStats)> {
-    if opts.constraint.is_some() {
-        return Err(Error::invalid_argument(
-            "draft",
-            "speculative decoding does not take a grammar constraint yet",
-        ));
-    }
-    if !(1..=MAX_DRAFT_TOKENS).contains(&draft_tokens) {
-        return Err(Error::invalid_argument(
-            "draft-tokens",
-            format!("must be between 1 and {MAX_DRAFT_TOKENS}, got {draft_tokens}"),
-        ));
-    }
-    let max_pos = model.config().max_position_embeddings;
-    let plen = prompt.ids.len();
-    if plen == 0 {
-        return Err(Error::invalid_argument("prompt", "is empty"));
-    }
-    if plen > max_pos {
-        return Err(Error::ContextTooLong {
-            prompt: plen,
-            new: opts.max_new_tokens,
-            max: max_pos,
-        });
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let mut stats = DraftStats::default();
-    let mut generated: Vec<u32> = Vec::new();
-    let t0 = Instant::now();
-    if opts.max_new_tokens == 0 {
-        return Ok((
-            output(prompt, generated, StopReason::MaxTokens, 0.0, 0.0),
-            stats,
-        ));
-    }
-    let mut cache = model.new_cache().with_spare(draft_tokens);
-    cache.reserve(max_pos.min(plen + opts.max_new_tokens + draft_tokens))?;
-    // One target pass over `rows` (input embeddings and the ids the per-layer
-    // embeddings read): f32 logits and final hidden states of the wanted rows.
-    let run = |cache: &mut KvCache,
-               embeds: Tensor,
-               ple_ids: &[u32],
-               spans: Option<&[i64]>,
-               which: LogitsFor|
-     -> Result<(Tensor, Tensor)> {
-        let mut batch = [StepInput {
-            embeds,
-            ple_ids,
-            spans,
-            cache,
-            which,
-        }];
-        crate::lora::with_adapters(opts.adapters, || model.forward_batch_hidden(&mut batch))?
-            .pop()
-            .flatten()
-            .ok_or_else(|| Error::invalid_argument("logits", "none were returned"))
-    };
+/// Speculative decoding for a [`crate::generate::GenerateOptions`]: the drafter and the
+/// tokens it drafts per round.
+#[derive(Clone)]
+pub struct DraftOptions {
+    pub drafter: Arc<Drafter>,
+    /// Tokens drafted per round, 1 to [`MAX_DRAFT_TOKENS`].
+    pub tokens: usize,
+    /// Record every drafter call ([`crate::Sequence::draft_trace`]), for tests.
+    pub trace: bool,
+}
 
-    // The prefill: one greedy token, the final hidden state of the last prompt row.
-    let embeds = match &prompt.embeds {
-        Some(e) => e.clone(),
-        None => model.embed(&prompt.ids)?,
-    };
-    let (logits, hidden) = run(
-        &mut cache,
-        embeds,
-        &prompt.ple_ids,
-        prompt.spans.as_deref(),
-        LogitsFor::Last,
-    )?;
-    let prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut last = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-    let mut h_prev = hidden;
-    // The K/V the next round reads: after the prefill, every prompt position.
-    let mut kv = gather_kv(
-        drafter,
-        &cache,
-        &draft_kv_ranges(0, plen, plen + 1, cache.window()),
-    )?;
-    let mut kv_len: BTreeMap<LayerType, usize> = BTreeMap::new();
-    let stop = loop {
-        generated.push(last);
-        on_token(last)?;
-        if opts.stop_ids.contains(&last) {
-            break StopReason::StopToken;
+impl std::fmt::Debug for DraftOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DraftOptions")
+            .field("tokens", &self.tokens)
+            .field("trace", &self.trace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DraftOptions {
+    pub fn new(drafter: Arc<Drafter>, tokens: usize) -> Result<Self> {
+        if !(1..=MAX_DRAFT_TOKENS).contains(&tokens) {
+            return Err(Error::invalid_argument(
+                "draft-tokens",
+                format!("must be between 1 and {MAX_DRAFT_TOKENS}, got {tokens}"),
+            ));
         }
-        if generated.len() >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        let past = cache.seq_len(); // the last token is not in the cache yet
-        if past >= max_pos {
-            break StopReason::ContextFull;
-        }
-        // As many drafts as the remaining budget and the context allow.
-        let k = draft_tokens
-            .min(opts.max_new_tokens - generated.len() - 1)
-            .min(max_pos - past - 1);
-        let mut drafts = Vec::with_capacity(k);
-        if k > 0 {
-            for (t, (kk, _)) in &kv {
-                kv_len.insert(*t, kk.dim(1)?);
-            }
-            let mut token = last;
-            let mut h = h_prev.clone();
-            for _ in 0..k {
-                let step = drafter.step(&model.embed(&[token])?, &h, past, &kv)?;
-                on_draft(&DraftCall {
-                    position: past,
-                    kv_len: kv_len.clone(),
-                    step: &step,
-                });
-                token = argmax(&step.logits.squeeze(0)?.to_vec1::<f32>()?);
-                drafts.push(token);
-                h = step.hidden;
-            }
-            stats.rounds += 1;
-            stats.drafted += k;
-        }
-        // Verify: the last kept token and the drafts in one pass.
-        let mut ids = vec![last];
-        ids.extend(&drafts);
-        let (logits, hidden) = run(&mut cache, model.embed(&ids)?, &ids, None, LogitsFor::All)?;
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut history = prompt.ids.clone();
-        history.extend(&generated);
-        let (n, bonus) = verify(&mut sampler, &rows, &drafts, history, generated.clone());
-        // Kept tokens: the n matching drafts, then the target's own; cut at a stop id
-        // or the budget, as the reference does.
-        let mut kept: Vec<u32> = drafts[..n].to_vec();
-        kept.push(bonus);
-        let budget = opts.max_new_tokens - generated.len();
-        kept.truncate(budget);
-        if let Some(i) = kept.iter().position(|t| opts.stop_ids.contains(t)) {
-            kept.truncate(i + 1);
-        }
-        let n = kept.len() - 1;
-        stats.accepted += n;
-        let seq_len = plen + generated.len() + n + 1;
-        kv = gather_kv(
+        Ok(DraftOptions {
             drafter,
-            &cache,
-            &draft_kv_ranges(past, ids.len(), seq_len, cache.window()),
-        )?;
-        h_prev = hidden.narrow(0, n, 1)?;
-        cache.truncate(past + 1 + n)?;
-        for &t in &kept[..n] {
-            generated.push(t);
-            on_token(t)?;
+            tokens,
+            trace: false,
+        })
+    }
+}
+
+/// One recorded drafter call ([`DraftOptions::trace`]).
+#[derive(Debug, Clone)]
+pub struct DraftRecord {
+    /// The position id of the call (the last kept token's position).
+    pub position: usize,
+    /// How many target K/V entries each layer type attended over.
+    pub kv_len: BTreeMap<LayerType, usize>,
+    /// The drafter's f32 logits and next recurrent state.
+    pub logits: Vec<f32>,
+    pub hidden: Vec<f32>,
+}
+
+/// A sequence's speculative state between steps.
+pub(crate) struct Speculation {
+    opts: DraftOptions,
+    /// The target K/V and recurrent state the next round starts from (`None` before the
+    /// prompt has run).
+    next: Option<(DraftKv, Tensor)>,
+    /// The drafts of the step under way.
+    pub(crate) drafts: Vec<u32>,
+    pub(crate) stats: DraftStats,
+    pub(crate) trace: Vec<DraftRecord>,
+}
+
+impl Speculation {
+    pub(crate) fn new(opts: DraftOptions) -> Self {
+        Speculation {
+            opts,
+            next: None,
+            drafts: Vec::new(),
+            stats: DraftStats::default(),
+            trace: Vec::new(),
         }
-        last = kept[n];
-        // `last` is pushed and checked at the top of the loop; the drafts kept before it
-        // hold no stop id (the cut above) and fit the budget.
-    };
-    let decode_secs = t1.elapsed().as_secs_f64();
-    Ok((
-        output(prompt, generated, stop, prefill_secs, decode_secs),
-        stats,
-    ))
+    }
+
+    /// Drafts up to `k` tokens after `last`, which sits at `position` (the cache holds
+    /// everything before it); a no-op before the prompt has run or when `k` is 0.
+    pub(crate) fn propose(
+        &mut self,
+        model: &TextModel,
+        last: u32,
+        position: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.drafts.clear();
+        let k = k.min(self.opts.tokens);
+        let Some((kv, h0)) = &self.next else {
+            return Ok(());
+        };
+        if k == 0 {
+            return Ok(());
+        }
+        let kv_len: BTreeMap<LayerType, usize> = kv
+            .iter()
+            .map(|(t, (kk, _))| Ok((*t, kk.dim(1)?)))
+            .collect::<Result<_>>()?;
+        let (mut token, mut h) = (last, h0.clone());
+        for _ in 0..k {
+            let step = self
+                .opts
+                .drafter
+                .step(&model.embed(&[token])?, &h, position, kv)?;
+            let logits: Vec<f32> = step.logits.squeeze(0)?.to_vec1()?;
+            token = argmax(&logits);
+            if self.opts.trace {
+                self.trace.push(DraftRecord {
+                    position,
+                    kv_len: kv_len.clone(),
+                    logits,
+                    hidden: step
+                        .hidden
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?,
+                });
+            }
+            self.drafts.push(token);
+            h = step.hidden;
+        }
+        self.stats.rounds += 1;
+        self.stats.drafted += k;
+        Ok(())
+    }
+
+    /// After a target pass that ran `ran` tokens on a cache of `past` positions, leaving a
+    /// sequence (prompt and kept tokens) of `seq_len`: the next round reads the target's
+    /// K/V as the reference cuts them and starts from `hidden` `[1, H]`, the target's final
+    /// hidden state at the last token whose prediction was kept. Call before the cache is
+    /// truncated.
+    pub(crate) fn prepare(
+        &mut self,
+        cache: &KvCache,
+        past: usize,
+        ran: usize,
+        seq_len: usize,
+        hidden: Tensor,
+    ) -> Result<()> {
+        let ranges = draft_kv_ranges(past, ran, seq_len, cache.window());
+        let kv = gather_kv(&self.opts.drafter, cache, &ranges)?;
+        self.next = Some((kv, hidden));
+        Ok(())
+    }
+
+    /// Spare sliding-window slots the cache must keep to roll back a round's drafts.
+    pub(crate) fn spare(&self) -> usize {
+        self.opts.tokens
+    }
 }
 
 /// Checks `drafts` against the target's logits `rows` (row `i` follows the `i`-th
@@ -331,22 +292,6 @@ pub(crate) fn verify(
         generated.push(d);
     }
     unreachable!("rows has one more entry than drafts")
-}
-
-fn output(
-    prompt: &PromptInput,
-    generated_ids: Vec<u32>,
-    stop_reason: StopReason,
-    prefill_secs: f64,
-    decode_secs: f64,
-) -> GenerationOutput {
-    GenerationOutput {
-        prompt_ids: prompt.ids.clone(),
-        generated_ids,
-        stop_reason,
-        prefill_secs,
-        decode_secs,
-    }
 }
 
 #[cfg(test)]

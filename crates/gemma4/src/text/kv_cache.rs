@@ -169,6 +169,11 @@ impl KvCache {
         self
     }
 
+    /// The spare ring slots [`Self::with_spare`] asked for.
+    pub fn spare(&self) -> usize {
+        self.spare
+    }
+
     /// Tokens processed so far (the position of the next token).
     pub fn seq_len(&self) -> usize {
         self.seq_len
