@@ -65,7 +65,7 @@ fn run(
 /// Every drafter call of the reference's assisted generation, in order: the position
 /// id, how many target K/V entries it read per layer type, its logits and recurrent
 /// state; and the generated ids, which equal plain greedy decoding.
-fn check_pair(name: &str) {
+fn check_pair(name: &str) -> DraftStats {
     let model = Gemma4::load(&fixture(name), LoadOptions::default()).unwrap();
     let tm = &model.text;
     let dir = fixture(&format!("drafters/{name}"));
@@ -76,7 +76,7 @@ fn check_pair(name: &str) {
     assert_eq!(drafter.config().num_assistant_tokens, Some(k));
     let window = tm.config().sliding_window;
     let vocab = tm.config().vocab_size;
-    let mut accepted = 0;
+    let mut total = DraftStats::default();
     for (c, case) in trace["cases"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         let want_ids = ids(&case["greedy_ids"]);
@@ -131,16 +131,17 @@ fn check_pair(name: &str) {
             "{name} prompt {c}: vs plain greedy"
         );
         assert_eq!(stats.drafted, calls.len());
-        accepted += stats.accepted;
+        total.add(&stats);
         // The prefill yields one token; every round its kept drafts and one of the
         // target's; a last pass with no room left to draft, one.
         let extra = got_ids.len() - (1 + stats.rounds + stats.accepted);
         assert!(extra <= 1, "{name} prompt {c}: {stats:?}");
     }
     assert!(
-        accepted > 0,
+        total.accepted > 0,
         "{name}: the fixtures should exercise accepted drafts"
     );
+    total
 }
 
 #[test]
@@ -151,6 +152,16 @@ fn centroid_head_drafter_on_an_e2b_like_target_matches_the_reference() {
 #[test]
 fn dense_head_drafter_on_a_31b_like_target_matches_the_reference() {
     check_pair("dense_keqv");
+}
+
+/// The trained pair: the `kquant` target, trained on the tokenizer corpus, and a drafter
+/// distilled from its continuations of corpus text. On the corpus prompts most drafts
+/// are kept (the reference keeps 51 of 70), so a round yields several tokens.
+#[test]
+fn a_distilled_drafter_on_its_trained_target_is_mostly_right() {
+    let s = check_pair("kquant");
+    assert!(s.acceptance_rate() >= 0.6, "{s:?}");
+    assert!(s.mean_accepted() >= 2.0, "{s:?}");
 }
 
 /// One round of drafter steps on the reference's exact inputs (its input rows and the
@@ -233,6 +244,34 @@ fn a_drafter_for_another_target_is_refused_by_name() {
         .expect("no such directory")
         .to_string();
     assert!(e.contains("drafters/missing"), "{e}");
+    // Edited drafter configs: each error names the file or the tensor.
+    let model_e2b = Gemma4::load(&fixture("e2b_like"), LoadOptions::default()).unwrap();
+    let cases: [(&str, serde_json::Value, &str); 3] = [
+        (
+            "backbone_hidden_size",
+            serde_json::json!(32),
+            "backbone_hidden_size",
+        ),
+        (
+            "num_centroids",
+            serde_json::json!(32),
+            "masked_embedding.centroids.weight",
+        ),
+        (
+            "centroid_intermediate_top_k",
+            serde_json::json!(0),
+            "centroid_intermediate_top_k",
+        ),
+    ];
+    for (key, value, want) in cases {
+        let dir = common::Scratch::of("drafters/e2b_like", key);
+        dir.edit_json("config.json", |v| v[key] = value.clone());
+        let e = Drafter::load(&dir, &model_e2b.text)
+            .err()
+            .expect("a broken drafter")
+            .to_string();
+        assert!(e.contains(want), "{key}: {e}");
+    }
     // A target checkpoint is not a drafter.
     let e = Drafter::load(&fixture("dense_keqv"), &model.text)
         .err()

@@ -7,7 +7,7 @@
 //! `token_ordering` lists the vocabulary cluster by cluster: cluster `c` holds
 //! `token_ordering[c·m .. (c+1)·m]` with `m = vocab / num_centroids`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::loading::weights::{Checkpoint, Weights};
@@ -32,9 +32,7 @@ impl CentroidHead {
     ) -> Result<Self> {
         let centroids = Linear::new(hidden, num_centroids, w, "masked_embedding.centroids")?;
         let name = w.name("masked_embedding.token_ordering");
-        let order = ckpt
-            .load(&name, &[vocab], DType::I64, &Device::Cpu)?
-            .to_vec1::<i64>()?;
+        let order = ckpt.load_i64(&name, &[vocab])?;
         let token_ordering = order
             .iter()
             .map(|&t| {

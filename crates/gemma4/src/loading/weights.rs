@@ -210,8 +210,6 @@ impl Checkpoint {
                 StDtype::F32 => Ok(StoredType::Dense(DType::F32)),
                 StDtype::F16 => Ok(StoredType::Dense(DType::F16)),
                 StDtype::BF16 => Ok(StoredType::Dense(DType::BF16)),
-                // Index buffers (a drafter's `token_ordering`).
-                StDtype::I64 => Ok(StoredType::Dense(DType::I64)),
                 other => Err(format!("{other:?}")),
             };
             tensors.insert(
@@ -546,6 +544,30 @@ impl Checkpoint {
             .collect::<Result<Vec<_>>>()?;
         self.done_with(e);
         Ok(Some(parts))
+    }
+
+    /// Loads the int64 tensor `name` (an index buffer, such as a drafter's
+    /// `token_ordering`), checking it has shape `expected`.
+    pub fn load_i64(&self, name: &str, expected: &[usize]) -> Result<Vec<i64>> {
+        let e = self.entry(name)?;
+        self.check_shape(name, e, expected)?;
+        if e.dtype.as_ref().err().map(String::as_str) != Some("I64") {
+            return Err(Error::UnsupportedDtype {
+                name: name.to_string(),
+                path: self.files[e.file].path.clone(),
+                dtype: match &e.dtype {
+                    Ok(t) => format!("{t:?} (an int64 index was expected)"),
+                    Err(t) => t.clone(),
+                },
+            });
+        }
+        let bytes = &self.files[e.file].mmap[e.start..e.end];
+        let out = bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        self.done_with(e);
+        Ok(out)
     }
 
     /// Loads tensor `name`, checking it has shape `expected`, converted to `dtype`.
