@@ -146,16 +146,22 @@ def ggml_cpu_flags() -> list[str]:
             + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
 
 
+def llama_cpp_source(a) -> Path:
+    """The vendored llama.cpp of the pinned llama-cpp-python sdist, unpacked (once)."""
+    src = a.llama_dir / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    if not src.exists():
+        a.llama_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                        "--no-binary=llama-cpp-python", LLAMA_CPP, "-d", str(a.llama_dir)], check=True)
+        subprocess.run(["tar", "xzf", str(next(a.llama_dir.glob("llama_cpp_python-*.tar.gz"))),
+                        "-C", str(a.llama_dir)], check=True)
+    return src
+
+
 def llama_cpp_tree(a) -> Path:
     """The vendored llama.cpp of the pinned llama-cpp-python sdist, built (once)."""
-    src = a.llama_dir / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    src = llama_cpp_source(a)
     if not (src / "build" / "bin" / "llama-batched-bench").exists():
-        a.llama_dir.mkdir(parents=True, exist_ok=True)
-        if not src.exists():
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                            "--no-binary=llama-cpp-python", LLAMA_CPP, "-d", str(a.llama_dir)], check=True)
-            subprocess.run(["tar", "xzf", str(next(a.llama_dir.glob("llama_cpp_python-*.tar.gz"))),
-                            "-C", str(a.llama_dir)], check=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake", "ninja", "gguf", "sentencepiece"],
                        check=True)
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -17,6 +17,15 @@ period, every per-layer shape as released): 5.6 B parameters, 11 GB; a token rea
 of the layers (8 of 128 experts) and the 0.74 B head.
 
     python benches/make_checkpoint.py --size 26b-a4b --layers 6 --out /tmp/gemma4-26b-a4b-6l
+
+`--assistant` writes a random-weight drafter (`gemma4_assistant`) for the size instead:
+4 query-only layers of width 256 over the target's K/V geometry, the centroid head of
+E2B/E4B (2048 clusters, top 32) or a dense tied head. The published drafters' exact
+widths are not in the reference; these are assumed, and a drafter this small costs little
+beside the target either way. transformers 5.23.0 cannot build an all-shared config
+(`kv_sharing_modes` raises); the patch is the one in scripts/fixtures/make_drafter_fixtures.py.
+
+    python benches/make_checkpoint.py --size e2b --assistant --out /tmp/gemma4-e2b-assistant
 """
 from __future__ import annotations
 
@@ -78,6 +87,46 @@ def text_config(size: str, layers: int | None) -> dict:
     return cfg
 
 
+def assistant(size: str, out: Path, seed: int) -> None:
+    """A random-weight drafter for `size` (see the module doc)."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    original = Gemma4TextConfig.kv_sharing_modes.fget
+    Gemma4TextConfig.kv_sharing_modes = property(
+        lambda c: ["reuse"] * c.num_hidden_layers if c.num_kv_shared_layers == c.num_hidden_layers else original(c))
+    t = SIZES[size]
+    text = Gemma4TextConfig(
+        vocab_size=t["vocab_size"], hidden_size=256, intermediate_size=2048, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=t["num_key_value_heads"], head_dim=t["head_dim"],
+        global_head_dim=t["global_head_dim"], attention_k_eq_v=t.get("attention_k_eq_v", False),
+        num_global_key_value_heads=t.get("num_global_key_value_heads"),
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], sliding_window=t["sliding_window"],
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=4,
+        final_logit_softcapping=None, max_position_embeddings=t["max_position_embeddings"], rms_norm_eps=1e-6,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106],
+    )
+    centroids = size in ("e2b", "e4b")
+    cfg = Gemma4AssistantConfig(text_config=text, backbone_hidden_size=t["hidden_size"],
+                                use_ordered_embeddings=centroids, num_centroids=2048,
+                                centroid_intermediate_top_k=32, tie_word_embeddings=True)
+    model = Gemma4AssistantForCausalLM(cfg).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
+        else:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.fill_(1.0)
+        if name.endswith("token_ordering"):
+            b.copy_(torch.randperm(t["vocab_size"], generator=g))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps({"num_assistant_tokens": 4}) + "\n")
+    print(f"wrote {out}: a {size} drafter, {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters")
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +134,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, help="keep only the first N layers (sizes without KV sharing)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--assistant", action="store_true", help="write a drafter for --size instead")
     a = ap.parse_args()
+    if a.assistant:
+        return assistant(a.size, a.out, a.seed)
     cfg = Gemma4TextConfig(**text_config(a.size, a.layers))
     with torch.device("meta"):
         model = Gemma4ForCausalLM(cfg)

@@ -14,7 +14,8 @@ use serde_json::json;
 
 use clap::Args;
 
-use crate::args::ModelArgs;
+use crate::args::{DraftArgs, ModelArgs};
+use gemma4::generate::speculative::{DraftOptions, DraftStats};
 
 /// Peak resident set size of this process in bytes (`VmHWM`), where the OS reports it.
 pub(crate) fn peak_rss_bytes() -> Option<u64> {
@@ -71,7 +72,7 @@ pub(crate) fn read_bandwidth(threads: usize) -> f64 {
     median(rates)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -87,8 +88,14 @@ struct Run {
 }
 
 /// One run: every prompt prefilled in one step (each sequence then chooses its first
-/// token), then `gen` decode steps over all the sequences together.
-fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
+/// token), then decode steps over all the sequences together until each has `gen` more
+/// (`gen` steps, or fewer with a drafter).
+fn one_run(
+    model: &Gemma4,
+    prompts: &[Vec<u32>],
+    gen: usize,
+    draft: Option<&DraftOptions>,
+) -> Result<(Run, Option<DraftStats>)> {
     let tm = &model.text;
     let opts = GenerateOptions {
         max_new_tokens: gen + 1,
@@ -96,7 +103,7 @@ fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
         stop_ids: vec![],
         adapters: model.all_adapters(),
         constraint: None,
-        draft: None,
+        draft: draft.cloned(),
     };
     let mut seqs = prompts
         .iter()
@@ -107,13 +114,23 @@ fn one_run(model: &Gemma4, prompts: &[Vec<u32>], gen: usize) -> Result<Run> {
     step(tm, &mut batch, usize::MAX)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for _ in 0..gen {
+    while batch.iter().any(|s| !s.is_finished()) {
         step(tm, &mut batch, usize::MAX)?;
     }
-    Ok(Run {
-        prefill_s,
-        decode_s: t.elapsed().as_secs_f64(),
-    })
+    let decode_s = t.elapsed().as_secs_f64();
+    let mut stats: Option<DraftStats> = None;
+    for s in &batch {
+        if let Some(d) = s.draft_stats() {
+            stats.get_or_insert_with(DraftStats::default).add(&d);
+        }
+    }
+    Ok((
+        Run {
+            prefill_s,
+            decode_s,
+        },
+        stats,
+    ))
 }
 
 #[derive(Args)]
@@ -136,6 +153,15 @@ pub(crate) struct BenchArgs {
     /// one forward pass over all of them. Reports aggregate and per-sequence tok/s.
     #[arg(long, default_value_t = 1)]
     pub(crate) batch: usize,
+    /// Speculative decoding in the timed runs (on random weights nearly every draft is
+    /// rejected: measure acceptance on a trained pair).
+    #[command(flatten)]
+    pub(crate) draft: DraftArgs,
+    /// Also time one pass over k + 1 tokens against one decode step, k = 1..K (and one
+    /// drafter step with --draft), and report the speedup those costs allow at
+    /// acceptance rates 0.5, 0.7 and 0.9.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub(crate) verify_max: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub(crate) json: bool,
@@ -190,9 +216,20 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         );
         b
     });
+    let draft = a.draft.options(&model)?;
+    if a.verify_max > gemma4::generate::speculative::MAX_DRAFT_TOKENS {
+        bail!(
+            "--verify-max is at most {}",
+            gemma4::generate::speculative::MAX_DRAFT_TOKENS
+        );
+    }
     let mut runs = Vec::new();
+    let mut draft_stats: Option<DraftStats> = None;
     for i in 0..a.warmup + a.runs {
-        let r = one_run(&model, &prompts, a.gen)?;
+        let (r, st) = one_run(&model, &prompts, a.gen, draft.as_ref())?;
+        if let (Some(st), true) = (st, i >= a.warmup) {
+            draft_stats.get_or_insert_with(DraftStats::default).add(&st);
+        }
         if let Some(b) = &bar {
             b.set_message(format!(
                 "prefill {:.1} tok/s, decode {:.2} tok/s",
@@ -208,6 +245,17 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let verify = match a.verify_max {
+        0 => None,
+        k => Some(crate::spec_bench::verify_costs(
+            &model.text,
+            &prompts[0],
+            k,
+            a.runs,
+            a.warmup,
+            draft.as_ref().map(|d| d.drafter.as_ref()),
+        )?),
+    };
     // Aggregate over the batch: tokens of every sequence per second.
     let prefill: Vec<f64> = runs
         .iter()
@@ -251,6 +299,11 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
                 "read_bandwidth_bytes_s": bandwidth,
                 "decode_bound_tok_s": bound,
                 "decode_fraction_of_bound": per_seq / bound,
+                "draft": draft_stats.map(|s| crate::generate::draft_json(
+                    &s,
+                    draft.as_ref().map_or(0, |d| d.tokens)
+                )),
+                "speculative": verify.as_ref().map(crate::spec_bench::to_json),
             })
         );
     } else {
@@ -274,6 +327,19 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
             streamed as f64 / 1e9,
             bandwidth / 1e9
         );
+        if let (Some(s), Some(d)) = (draft_stats, &draft) {
+            println!(
+                "  draft    up to {} per round: {} of {} drafts accepted ({:.0}%), {:.2} per round",
+                d.tokens,
+                s.accepted,
+                s.drafted,
+                100.0 * s.acceptance_rate(),
+                s.mean_accepted()
+            );
+        }
+        if let Some(c) = &verify {
+            crate::spec_bench::print(c);
+        }
         if let Some(b) = rss {
             println!(
                 "  peak RSS {:.2} GiB ({:.2}× the {:.2} GiB of weights held)",

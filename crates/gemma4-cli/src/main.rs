@@ -32,6 +32,7 @@ mod openai;
 mod parse_output;
 mod quantize;
 mod serve;
+mod spec_bench;
 
 use bench::BenchArgs;
 use chat::ChatArgs;

@@ -353,3 +353,50 @@ fn drafting_and_plain_sequences_share_batched_steps() {
     assert!(seqs[0].draft_stats().unwrap().accepted > 0);
     assert!(seqs[1].draft_stats().is_none());
 }
+
+/// Drafters converted by llama.cpp's `convert_hf_to_gguf.py` (`gemma4-assistant`,
+/// scripts/fixtures/make_llamacpp_fixtures.py): the config comes from the file's
+/// metadata; the dense drafter computes what its safetensors computes; the E2B-like one
+/// lost its centroid head in the conversion and drafts with the dense tied head, as
+/// llama.cpp does. Output stays the target's greedy output either way.
+#[test]
+fn llama_cpp_drafter_files_load_and_draft() {
+    for (name, centroids) in [("dense_keqv", false), ("e2b_like", true)] {
+        let model = Gemma4::load(&fixture(name), LoadOptions::default()).unwrap();
+        let tm = &model.text;
+        let dir = common::Scratch::empty(&format!("gguf-drafter-{name}"));
+        let file = format!("drafter-{name}-f32.gguf");
+        std::fs::copy(fixture("llamacpp").join(&file), dir.join(&file)).unwrap();
+        let gguf = Arc::new(Drafter::load(&dir, tm).unwrap());
+        let st = Arc::new(Drafter::load(&fixture(&format!("drafters/{name}")), tm).unwrap());
+        assert_eq!(st.config().centroids.is_some(), centroids);
+        assert!(gguf.config().centroids.is_none());
+        assert_eq!(gguf.config().num_assistant_tokens, None);
+        let (mut a, mut b) = (st.config().text.clone(), gguf.config().text.clone());
+        for t in [&mut a, &mut b] {
+            t.eos_token_ids.clear();
+            t.pad_token_id = 0;
+            t.bos_token_id = 0;
+            t.vocab_size_per_layer_input = 0;
+            // k_eq_v only decides K/V projections, which a drafter has none of (the
+            // metadata cannot tell it without them).
+            t.attention_k_eq_v = false;
+            t.layers.iter_mut().for_each(|l| l.k_eq_v = false);
+        }
+        assert_eq!(a, b, "{name}: the decoder config from the metadata");
+        let prompt = [2u32, 300, 301, 302];
+        let plain = run(tm, &prompt, &greedy(16), usize::MAX).0;
+        let (ids_gguf, stats_gguf, trace_gguf) =
+            run(tm, &prompt, &with_draft(greedy(16), &gguf, 4), usize::MAX);
+        assert_eq!(ids_gguf, plain);
+        assert!(stats_gguf.drafted > 0);
+        if !centroids {
+            let (_, _, trace_st) = run(tm, &prompt, &with_draft(greedy(16), &st, 4), usize::MAX);
+            assert_eq!(trace_st.len(), trace_gguf.len());
+            for (x, y) in trace_st.iter().zip(&trace_gguf) {
+                let d = max_abs(&x.logits, &y.logits);
+                assert!(d <= TOL, "{name}: GGUF drafter logits differ by {d}");
+            }
+        }
+    }
+}

@@ -31,11 +31,25 @@ pub struct DrafterConfig {
 pub const DEFAULT_DRAFT_TOKENS: usize = 20;
 
 impl DrafterConfig {
-    /// Reads `dir/config.json` and, when present, `dir/generation_config.json`.
+    /// Reads `dir/config.json` and, when present, `dir/generation_config.json`; for a
+    /// llama.cpp drafter file alone (`general.architecture = "gemma4-assistant"`), the
+    /// config its metadata describes.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let value = crate::error::read_json(&path)?;
-        let mut cfg = Self::from_value(&value).map_err(|m| Error::config(&path, m))?;
+        let mut cfg = if path.exists() {
+            let value = crate::error::read_json(&path)?;
+            Self::from_value(&value).map_err(|m| Error::config(&path, m))?
+        } else {
+            let ckpt = crate::loading::weights::Checkpoint::open(dir)?;
+            let origin = ckpt.single_file().unwrap_or(dir).to_path_buf();
+            let value = ckpt.llama_cpp_config().ok_or_else(|| {
+                Error::config(
+                    &path,
+                    "missing, and the directory holds no llama.cpp GGUF file",
+                )
+            })??;
+            Self::from_value(&value).map_err(|m| Error::config(&origin, m))?
+        };
         let gen = dir.join("generation_config.json");
         if gen.exists() {
             let v = crate::error::read_json(&gen)?;

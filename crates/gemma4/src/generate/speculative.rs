@@ -84,11 +84,17 @@ pub fn draft_kv_ranges(
     BTreeMap::from([(LayerType::Full, full), (LayerType::Sliding, sliding)])
 }
 
-fn gather_kv(
+/// The target K/V a drafting round reads from `cache` after a target pass that ran
+/// `ran` tokens on `past` cached positions, the sequence then `seq_len` long
+/// ([`draft_kv_ranges`]). Call before the cache is truncated.
+pub fn draft_kv(
     drafter: &Drafter,
     cache: &KvCache,
-    ranges: &BTreeMap<LayerType, Range<usize>>,
+    past: usize,
+    ran: usize,
+    seq_len: usize,
 ) -> Result<DraftKv> {
+    let ranges = draft_kv_ranges(past, ran, seq_len, cache.window());
     let mut kv = BTreeMap::new();
     for (t, &layer) in drafter.sources() {
         kv.insert(*t, cache.gather(layer, ranges[t].clone())?);
@@ -229,8 +235,7 @@ impl Speculation {
         seq_len: usize,
         hidden: Tensor,
     ) -> Result<()> {
-        let ranges = draft_kv_ranges(past, ran, seq_len, cache.window());
-        let kv = gather_kv(&self.opts.drafter, cache, &ranges)?;
+        let kv = draft_kv(&self.opts.drafter, cache, past, ran, seq_len)?;
         self.next = Some((kv, hidden));
         Ok(())
     }

@@ -250,11 +250,13 @@ impl Checkpoint {
         // SAFETY: as for safetensors above.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let header = gguf::read_header(path, &mmap)?;
-        let llama_cpp = header
+        let arch = header
             .metadata
             .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .is_some_and(|a| a == gguf_names::ARCHITECTURE);
+            .and_then(|v| v.to_string().ok());
+        let is = |a: &str| arch.as_ref().is_some_and(|x| x.as_str() == a);
+        let assistant = is(gguf_names::ASSISTANT_ARCHITECTURE);
+        let llama_cpp = assistant || is(gguf_names::ARCHITECTURE);
         let facts = llama_cpp.then(|| {
             let rows = |n: &str| header.tensors.get(n).and_then(|t| t.shape.first().copied());
             let mut layers_with_v: Vec<usize> = header
@@ -286,7 +288,11 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (name, t) in header.tensors {
             let name = if llama_cpp {
-                match gguf_names::hf_name(&name) {
+                let mapped = match assistant {
+                    true => gguf_names::assistant_hf_name(&name),
+                    false => gguf_names::hf_name(&name),
+                };
+                match mapped {
                     Some(gguf_names::Mapped::Hf(hf)) => hf,
                     Some(gguf_names::Mapped::Ignored) => continue,
                     None => {

@@ -104,9 +104,30 @@ pub struct TensorFacts {
     pub rope_freqs: Option<Vec<f32>>,
 }
 
-/// The `config.json` of a llama.cpp Gemma 4 text model (`model_type: gemma4`, text only).
+/// The `config.json` of a llama.cpp Gemma 4 file: a text model (`model_type: gemma4`,
+/// text only) for `general.architecture = "gemma4"`, an assistant drafter
+/// (`model_type: gemma4_assistant`, dense head) for `"gemma4-assistant"`.
 pub fn config_json(m: &Metadata, t: &TensorFacts) -> Result<Value, String> {
-    let m = Meta { m, arch: "gemma4" };
+    let arch = match m.get("general.architecture") {
+        Some(G::String(a)) => a.as_str(),
+        _ => "gemma4",
+    };
+    let (text, eos) = text_config_json(&Meta { m, arch }, t)?;
+    if arch == super::names::ASSISTANT_ARCHITECTURE {
+        let meta = Meta { m, arch };
+        return Ok(json!({
+            "model_type": "gemma4_assistant",
+            "text_config": text,
+            "backbone_hidden_size": meta.int("embedding_length_out")?,
+            "use_ordered_embeddings": false,
+            "tie_word_embeddings": true,
+        }));
+    }
+    Ok(json!({"model_type": "gemma4", "text_config": text, "eos_token_id": eos}))
+}
+
+/// The text decoder's config under the file's architecture key prefix, and its end ids.
+fn text_config_json(m: &Meta<'_>, t: &TensorFacts) -> Result<(Value, Vec<u64>), String> {
     let n = m.int("block_count")? as usize;
     let swa: Vec<bool> = match m.get("attention.sliding_window_pattern") {
         Some(G::Array(a)) if a.len() == n => a
@@ -118,7 +139,8 @@ pub fn config_json(m: &Metadata, t: &TensorFacts) -> Result<Value, String> {
             .collect::<Result<_, _>>()?,
         _ => {
             return Err(format!(
-                "metadata `gemma4.attention.sliding_window_pattern` must list {n} layers"
+                "metadata `{}.attention.sliding_window_pattern` must list {n} layers",
+                m.arch
             ))
         }
     };
@@ -247,7 +269,7 @@ pub fn config_json(m: &Metadata, t: &TensorFacts) -> Result<Value, String> {
     if !eos.is_empty() {
         o.insert("eos_token_id".into(), json!(eos));
     }
-    Ok(json!({"model_type": "gemma4", "text_config": text, "eos_token_id": eos}))
+    Ok((text, eos))
 }
 
 /// Gemma 4's control markup (`<|turn>`, `<turn|>`, `<|image|>`, `<|tool_call>`, `<|"|>`,

@@ -19,6 +19,10 @@ const PREFIX: &str = "model.language_model.";
 /// The value of `general.architecture` in llama.cpp's Gemma 4 files.
 pub const ARCHITECTURE: &str = "gemma4";
 
+/// The value of `general.architecture` in llama.cpp's files of Gemma 4's assistant
+/// drafters (`Gemma4AssistantForCausalLM`).
+pub const ASSISTANT_ARCHITECTURE: &str = "gemma4-assistant";
+
 /// What to do with one tensor of a llama.cpp Gemma 4 file.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Mapped {
@@ -78,6 +82,25 @@ pub fn hf_name(name: &str) -> Option<Mapped> {
     global(&format!("layers.{layer}.{hf}"))
 }
 
+/// The Hugging Face name of tensor `name` of a llama.cpp drafter file: the decoder's
+/// names under `model.`, and the two projections the converter files under `nextn.`.
+/// The converter drops the centroid head (`masked_embedding.*`), so such a file drafts
+/// with the dense tied head, as llama.cpp does.
+pub fn assistant_hf_name(name: &str) -> Option<Mapped> {
+    match name {
+        "nextn.pre_projection.weight" => return Some(Mapped::Hf("pre_projection.weight".into())),
+        "nextn.post_projection.weight" => return Some(Mapped::Hf("post_projection.weight".into())),
+        _ => {}
+    }
+    match hf_name(name)? {
+        Mapped::Hf(hf) => Some(Mapped::Hf(format!(
+            "model.{}",
+            hf.strip_prefix(PREFIX).unwrap_or(&hf)
+        ))),
+        Mapped::Ignored => Some(Mapped::Ignored),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +133,27 @@ mod tests {
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("blk.3.something_new.weight"), None);
         assert_eq!(hf_name("v.blk.0.attn_q.weight"), None);
+    }
+
+    #[test]
+    fn maps_a_drafters_names() {
+        let hf = |s: &str| Some(Mapped::Hf(s.into()));
+        assert_eq!(
+            assistant_hf_name("nextn.pre_projection.weight"),
+            hf("pre_projection.weight")
+        );
+        assert_eq!(
+            assistant_hf_name("blk.3.attn_q_norm.weight"),
+            hf("model.layers.3.self_attn.q_norm.weight")
+        );
+        assert_eq!(
+            assistant_hf_name("token_embd.weight"),
+            hf("model.embed_tokens.weight")
+        );
+        assert_eq!(
+            assistant_hf_name("rope_freqs.weight"),
+            Some(Mapped::Ignored)
+        );
+        assert_eq!(assistant_hf_name("nextn.other.weight"), None);
     }
 }
