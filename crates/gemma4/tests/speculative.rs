@@ -20,11 +20,11 @@ use common::{fixture, ids, json, max_abs, rows, TOL};
 /// drafter's inputs there are the target's own outputs (hidden states and K/V within ~1e-5
 /// of the reference, summed in another order), and the distilled drafter amplifies them:
 /// its logits reach ±14, and later calls of a round feed back its own state. The calls
-/// measure 2e-5 to 3.6e-4 (3e-5 of the logits' range); the drafter alone, given the
-/// reference's exact inputs, stays within `TOL`
-/// (`drafter_step_matches_the_reference_on_its_exact_inputs`). A mechanism error
+/// measure 2e-5 to 1.15e-3 (the fourth call of a round on the MoE target; 8e-5 of the
+/// logits' range); the drafter alone, given the reference's exact inputs, stays within
+/// `TOL` (`drafter_step_matches_the_reference_on_its_exact_inputs`). A mechanism error
 /// (a wrong K/V range, position or head) moves logits by whole units.
-const TRACE_TOL: f32 = 1e-3;
+const TRACE_TOL: f32 = 2e-3;
 
 fn greedy(max_new_tokens: usize) -> GenerateOptions {
     GenerateOptions {
@@ -154,6 +154,13 @@ fn dense_head_drafter_on_a_31b_like_target_matches_the_reference() {
     check_pair("dense_keqv");
 }
 
+/// A 26B-A4B-like MoE target with no KV sharing (the reference needs its bug-2 patch):
+/// the drafter reads the last layer of each type.
+#[test]
+fn dense_head_drafter_on_a_moe_target_matches_the_reference() {
+    check_pair("moe");
+}
+
 /// The trained pair: the `kquant` target, trained on the tokenizer corpus, and a drafter
 /// distilled from its continuations of corpus text. On the corpus prompts most drafts
 /// are kept (the reference keeps 51 of 70), so a round yields several tokens.
@@ -227,8 +234,9 @@ fn check_round(name: &str) {
 
 #[test]
 fn drafter_step_matches_the_reference_on_its_exact_inputs() {
-    check_round("e2b_like");
-    check_round("dense_keqv");
+    for name in ["e2b_like", "dense_keqv", "moe", "kquant"] {
+        check_round(name);
+    }
 }
 
 #[test]
