@@ -433,10 +433,16 @@ impl DraftArgs {
         };
         let drafter = gemma4::draft::Drafter::load(dir, &model.text)
             .with_context(|| format!("loading the drafter {}", dir.display()))?;
-        let k = self
-            .draft_tokens
-            .or(drafter.config().num_assistant_tokens)
-            .unwrap_or(gemma4::draft::DEFAULT_DRAFT_TOKENS);
+        // A drafter's own default past the engine's bound drafts at the bound; only an
+        // explicit --draft-tokens out of range is an error.
+        let max = gemma4::generate::speculative::MAX_DRAFT_TOKENS;
+        let k = self.draft_tokens.unwrap_or_else(|| {
+            drafter
+                .config()
+                .num_assistant_tokens
+                .unwrap_or(gemma4::draft::DEFAULT_DRAFT_TOKENS)
+                .min(max)
+        });
         Ok(Some(gemma4::generate::speculative::DraftOptions::new(
             std::sync::Arc::new(drafter),
             k,

@@ -1,6 +1,7 @@
 //! A seeded mutation fuzzer over every parser that takes a user's file (issue 19): GGUF and
 //! safetensors checkpoints, config, processor and tokenizer JSON, chat templates, images,
-//! GIF videos and audio. Each case mutates a fixture (bit flips, random bytes, integers at
+//! GIF videos, audio, and assistant drafters (their config, weights and llama.cpp file,
+//! loaded against their target and drafting). Each case mutates a fixture (bit flips, random bytes, integers at
 //! their edges, cut, repeated or removed spans; for JSON, half the cases keep it JSON and
 //! swap values for extreme or ill-typed ones or remove them, so validation is reached),
 //! then runs it in a child process (this test binary again) limited to 4 GiB of address
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::fixture;
 
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "gguf",
     "safetensors",
     "config",
@@ -30,6 +31,7 @@ const KINDS: [&str; 9] = [
     "image",
     "video",
     "audio",
+    "drafter",
 ];
 
 /// xorshift64*: the whole case follows from its seed.
@@ -85,6 +87,12 @@ fn seeds(kind: &str) -> Vec<PathBuf> {
         .iter()
         .map(|n| f("audio", n))
         .collect(),
+        "drafter" => vec![
+            f("drafters/e2b_like", "config.json"),
+            f("drafters/e2b_like", "generation_config.json"),
+            f("drafters/e2b_like", "model.safetensors"),
+            f("llamacpp", "drafter-dense_keqv-f32.gguf"),
+        ],
         _ => unreachable!("kind {kind}"),
     }
 }
@@ -189,9 +197,14 @@ fn case_input(kind: &str, seed: u64) -> (PathBuf, Vec<u8>) {
     let files = seeds(kind);
     let file = files[rng.below(files.len())].clone();
     let bytes = std::fs::read(&file).unwrap();
+    let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
     let focus = match kind {
         "safetensors" => 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize,
+        "drafter" if ext == "safetensors" => {
+            8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+        }
         "gguf" => 1 << 16,
+        "drafter" if ext == "gguf" => 1 << 16,
         "image" | "video" | "audio" => 512,
         _ => bytes.len(),
     };
@@ -300,7 +313,7 @@ fn run_case(kind: &str, seed: u64) -> Result<String, String> {
         let dir = scratch_dir(std::process::id());
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        if kind != "gguf" {
+        if !name.ends_with(".gguf") {
             for e in std::fs::read_dir(file.parent().unwrap()).unwrap() {
                 let e = e.unwrap();
                 if e.file_type().unwrap().is_file() {
@@ -333,6 +346,37 @@ fn run_case(kind: &str, seed: u64) -> Result<String, String> {
                                 Ok(_) => "ok".into(),
                             }
                         }
+                    }
+                }
+            }
+        }
+        "drafter" => {
+            let dir = checkpoint()?;
+            let target = if name.ends_with(".gguf") {
+                "dense_keqv"
+            } else {
+                "e2b_like"
+            };
+            let model = Gemma4::load(&fixture(target), LoadOptions::default()).map_err(err)?;
+            match gemma4::draft::Drafter::load(&dir, &model.text) {
+                Err(e) => err(e),
+                Ok(d) => {
+                    let k = d.config().num_assistant_tokens.unwrap_or(4).min(8);
+                    let draft =
+                        gemma4::generate::speculative::DraftOptions::new(std::sync::Arc::new(d), k)
+                            .map_err(err)?;
+                    let opts = gemma4::GenerateOptions {
+                        max_new_tokens: 4,
+                        sampling: gemma4::SamplingParams::greedy(),
+                        stop_ids: vec![],
+                        adapters: Default::default(),
+                        constraint: None,
+                        draft: Some(draft),
+                    };
+                    let input = gemma4::PromptInput::text(vec![2, 300, 301, 302]);
+                    match gemma4::generate_from(&model.text, &input, &opts, |_| Ok(())) {
+                        Err(e) => err(e),
+                        Ok(_) => "ok".into(),
                     }
                 }
             }
@@ -505,7 +549,7 @@ fn fuzz_briefly() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let runs = env("GEMMA4_FUZZ_RUNS", 270);
+    let runs = env("GEMMA4_FUZZ_RUNS", 300);
     let seed = env("GEMMA4_FUZZ_SEED", 1);
     let (counts, failures) = campaign(
         runs,
