@@ -16,19 +16,32 @@ fn gemma4(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `gemma4 args` succeeding, its stdout read as JSON.
+fn gemma4_json(args: &[&str]) -> serde_json::Value {
+    let out = gemma4(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A JSON array of ids.
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
 fn golden_case(name: &str, k: usize) -> (Vec<u64>, Vec<u64>) {
     let g: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture(name).join("golden/prompts.json")).unwrap(),
     )
     .unwrap();
     let c = &g["cases"][k];
-    let ids = |v: &serde_json::Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
     (ids(&c["prompt_ids"]), ids(&c["greedy_ids"]))
 }
 
@@ -683,13 +696,7 @@ fn bench_counts_quantized_bytes() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let out = gemma4(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        gemma4_json(&args)
     };
     let (f32_run, q8_run) = (run(&["--dtype", "f32"]), run(&["--quant", "q8_0"]));
     assert_eq!(f32_run["dtype"], "f32");
@@ -1115,13 +1122,6 @@ fn lora_adapters_run_unmerged_and_merge_into_a_checkpoint() {
     let g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(lora.join("golden/prompts.json")).unwrap())
             .unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
     let prompt = ids(&g["cases"][0]["prompt_ids"]);
     let greedy = ids(&g["cases"][0]["greedy_ids"]);
     let prompt_arg = prompt
@@ -1645,13 +1645,6 @@ fn generate_with_a_drafter_reports_acceptance_and_keeps_the_output() {
     )
     .unwrap();
     let case = &trace["cases"][0];
-    let ids = |v: &serde_json::Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
     let prompt = ids(&case["prompt_ids"])
         .iter()
         .map(u64::to_string)
@@ -1676,13 +1669,7 @@ fn generate_with_a_drafter_reports_acceptance_and_keeps_the_output() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let out = gemma4(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        gemma4_json(&args)
     };
     let with = run(&["--draft", drafter.to_str().unwrap()]);
     let without = run(&[]);

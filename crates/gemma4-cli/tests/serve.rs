@@ -848,19 +848,21 @@ fn idle_connections_and_stalled_bodies_are_closed() {
     assert_eq!(s.get("/health").0, 200);
 }
 
+/// A JSON array of ids.
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
 /// The `lora` fixtures' goldens: prompt ids and peft's greedy ids.
 fn lora_case(case: &str, k: usize) -> (Vec<u64>, Vec<u64>) {
     let g: Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("lora").join(case).join("golden/prompts.json")).unwrap(),
     )
     .unwrap();
-    let ids = |v: &Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
     (
         ids(&g["cases"][k]["prompt_ids"]),
         ids(&g["cases"][k]["greedy_ids"]),
@@ -885,27 +887,20 @@ fn a_request_picks_a_lora_adapter_by_name_and_gets_pefts_answer() {
     let (status, models) = s.get("/v1/models");
     assert_eq!(status, 200);
     let models: Value = serde_json::from_str(&models).unwrap();
-    let ids: Vec<&str> = models["data"]
+    let names: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["e2b_like", "e2b_all_linear"]);
+    assert_eq!(names, ["e2b_like", "e2b_all_linear"]);
     assert_eq!(models["data"][1]["parent"], "e2b_like");
 
     let body = |model: &str, prompt: &[u64], n: usize| {
         json!({"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
                "ignore_eos": true, "return_token_ids": true})
     };
-    let token_ids = |v: &Value| -> Vec<u64> {
-        v["choices"][0]["token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
+    let token_ids = |v: &Value| ids(&v["choices"][0]["token_ids"]);
     // Base and adapter requests at once: they never share a step, and each gets the
     // reference's greedy ids (peft's with the adapter, transformers' without).
     let cases: Vec<(String, Vec<u64>, Vec<u64>)> = (0..3)
@@ -915,12 +910,7 @@ fn a_request_picks_a_lora_adapter_by_name_and_gets_pefts_answer() {
                 &std::fs::read_to_string(fixture("e2b_like").join("golden/prompts.json")).unwrap(),
             )
             .unwrap();
-            let base: Vec<u64> = g["cases"][k]["greedy_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect();
+            let base = ids(&g["cases"][k]["greedy_ids"]);
             let n = want.len();
             [
                 ("e2b_all_linear".to_string(), p.clone(), want),
@@ -1095,13 +1085,6 @@ fn the_server_drafts_inside_continuous_batching() {
         &std::fs::read_to_string(fixture("drafters/e2b_like/golden/trace.json")).unwrap(),
     )
     .unwrap();
-    let ids = |v: &Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
     let drafter = fixture("drafters/e2b_like");
     let s = Server::start(
         &fixture("e2b_like"),

@@ -35,12 +35,17 @@ impl DrafterConfig {
     /// llama.cpp drafter file alone (`general.architecture = "gemma4-assistant"`), the
     /// config its metadata describes.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::for_checkpoint(dir, &crate::loading::weights::Checkpoint::open(dir)?)
+    }
+
+    /// [`Self::from_dir`] with the directory's weights already open (a GGUF file's
+    /// metadata stands in for a missing `config.json`).
+    pub fn for_checkpoint(dir: &Path, ckpt: &crate::loading::weights::Checkpoint) -> Result<Self> {
         let path = dir.join("config.json");
         let mut cfg = if path.exists() {
             let value = crate::error::read_json(&path)?;
             Self::from_value(&value).map_err(|m| Error::config(&path, m))?
         } else {
-            let ckpt = crate::loading::weights::Checkpoint::open(dir)?;
             let origin = ckpt.single_file().unwrap_or(dir).to_path_buf();
             let value = ckpt.llama_cpp_config().ok_or_else(|| {
                 Error::config(

@@ -68,7 +68,8 @@ impl Drafter {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "drafter directory not found"),
             ));
         }
-        let cfg = DrafterConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let cfg = DrafterConfig::for_checkpoint(dir, &ckpt)?;
         let tcfg = target.config();
         let mismatch = |what: String| Error::config(dir.join("config.json"), what);
         if cfg.backbone_hidden_size != tcfg.hidden_size {
@@ -114,7 +115,6 @@ impl Drafter {
             )));
         }
 
-        let ckpt = Checkpoint::open(dir)?;
         let w = Weights::new(&ckpt, "", target.dtype(), target.device());
         let m = w.pp("model");
         let (h, hb) = (text.hidden_size, cfg.backbone_hidden_size);
@@ -130,11 +130,7 @@ impl Drafter {
             .centroids
             .map(|c| CentroidHead::new(&ckpt, &w, h, text.vocab_size, c))
             .transpose()?;
-        let ropes = text
-            .rope
-            .iter()
-            .filter_map(|(t, r)| text.rope_head_dim(*t).map(|d| (*t, Rope::new(r, d))))
-            .collect();
+        let ropes = Rope::per_layer_type(&text);
         Ok(Drafter {
             pre_projection: Linear::new(2 * hb, h, &w, "pre_projection")?,
             post_projection: Linear::new(h, hb, &w, "post_projection")?,

@@ -442,8 +442,8 @@ impl Sequence {
             &mut self.sampler,
             &rows,
             &drafts,
-            self.history.clone(),
-            self.generated.clone(),
+            &mut self.history,
+            &mut self.generated,
         );
         let mut kept: Vec<u32> = drafts[..n].to_vec();
         kept.push(next);

@@ -249,7 +249,7 @@ impl Speculation {
 /// Checks `drafts` against the target's logits `rows` (row `i` follows the `i`-th
 /// token of the pass: the last kept token, then each draft) and returns how many drafts
 /// are kept and the token that follows them. `history` and `generated` are the sequence
-/// before the pass, for the penalties.
+/// before the pass, for the penalties (left as they were).
 ///
 /// Greedy (penalties included): drafts are kept while they equal the target's choice.
 /// Sampling: draft `d` is kept with probability `p(d)` under the target's distribution
@@ -265,11 +265,26 @@ pub(crate) fn verify(
     sampler: &mut Sampler,
     rows: &[Vec<f32>],
     drafts: &[u32],
-    mut history: Vec<u32>,
-    mut generated: Vec<u32>,
+    history: &mut Vec<u32>,
+    generated: &mut Vec<u32>,
+) -> (usize, u32) {
+    // The drafts join the history while they are checked, and leave it after.
+    let (h, g) = (history.len(), generated.len());
+    let out = verify_rows(sampler, rows, drafts, history, generated);
+    history.truncate(h);
+    generated.truncate(g);
+    out
+}
+
+fn verify_rows(
+    sampler: &mut Sampler,
+    rows: &[Vec<f32>],
+    drafts: &[u32],
+    history: &mut Vec<u32>,
+    generated: &mut Vec<u32>,
 ) -> (usize, u32) {
     for (i, row) in rows.iter().enumerate() {
-        let choice = sampler.distribution(row, &history, &generated);
+        let choice = sampler.distribution(row, history, generated);
         let Some(&d) = drafts.get(i) else {
             // Every draft kept: the last row gives the next token.
             return match choice {
@@ -328,7 +343,7 @@ mod tests {
             let mut second_n = 0;
             for _ in 0..n {
                 let rows = vec![logits[0].clone(), logits[1].clone(), logits[1].clone()];
-                let (kept, next) = verify(&mut sampler, &rows, &drafts, vec![], vec![]);
+                let (kept, next) = verify(&mut sampler, &rows, &drafts, &mut vec![], &mut vec![]);
                 let out: Vec<u32> = drafts[..kept].iter().copied().chain([next]).collect();
                 first[out[0] as usize] += 1;
                 // Given a first token, the second follows row 1's distribution.
@@ -365,9 +380,18 @@ mod tests {
             vec![1.0, 0.0, 0.0],
             vec![0.0, 0.0, 1.0],
         ];
-        assert_eq!(verify(&mut s, &rows, &[1, 0], vec![], vec![]), (2, 2));
-        assert_eq!(verify(&mut s, &rows, &[1, 2], vec![], vec![]), (1, 0));
-        assert_eq!(verify(&mut s, &rows, &[0, 0], vec![], vec![]), (0, 1));
+        assert_eq!(
+            verify(&mut s, &rows, &[1, 0], &mut vec![], &mut vec![]),
+            (2, 2)
+        );
+        assert_eq!(
+            verify(&mut s, &rows, &[1, 2], &mut vec![], &mut vec![]),
+            (1, 0)
+        );
+        assert_eq!(
+            verify(&mut s, &rows, &[0, 0], &mut vec![], &mut vec![]),
+            (0, 1)
+        );
     }
 
     #[test]

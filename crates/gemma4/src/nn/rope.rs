@@ -9,7 +9,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{RopeConfig, RopeKind};
+use std::collections::BTreeMap;
+
+use crate::config::{LayerType, RopeConfig, RopeKind, TextConfig};
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
@@ -18,6 +20,15 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// One table per layer type of a decoder config, at that type's head dim (the text
+    /// decoder's and an assistant drafter's).
+    pub fn per_layer_type(cfg: &TextConfig) -> BTreeMap<LayerType, Rope> {
+        cfg.rope
+            .iter()
+            .filter_map(|(t, r)| cfg.rope_head_dim(*t).map(|d| (*t, Rope::new(r, d))))
+            .collect()
+    }
+
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Self {
         let half = head_dim / 2;
         let rotated = match cfg.kind {

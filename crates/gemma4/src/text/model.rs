@@ -151,11 +151,7 @@ impl TextModel {
             .enumerate()
             .map(|(i, _)| DecoderLayer::new(cfg, i, &w.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let ropes = cfg
-            .rope
-            .iter()
-            .filter_map(|(t, r)| cfg.rope_head_dim(*t).map(|d| (*t, Rope::new(r, d))))
-            .collect();
+        let ropes = Rope::per_layer_type(cfg);
         Ok(TextModel {
             embed_scale: round_to(w.dtype, (cfg.hidden_size as f64).sqrt()),
             embed_tokens,
