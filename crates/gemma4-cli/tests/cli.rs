@@ -1703,3 +1703,62 @@ fn generate_with_a_drafter_reports_acceptance_and_keeps_the_output() {
         "{err}"
     );
 }
+
+/// `bench --draft --verify-max K`: the draft statistics of the timed runs, a pass cost for
+/// every k against the decode step, a drafter step, and the speedups they allow.
+#[test]
+fn bench_times_verification_passes_and_the_drafter() {
+    let model = fixture("kquant");
+    let drafter = fixture("drafters/kquant");
+    let v = gemma4_json(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-len",
+        "8",
+        "--gen",
+        "6",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--draft",
+        drafter.to_str().unwrap(),
+        "--verify-max",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(v["draft"]["draft_tokens"], 4);
+    assert!(v["draft"]["drafted"].as_u64().unwrap() > 0, "{v}");
+    let s = &v["speculative"];
+    assert!(s["decode_step_s"].as_f64().unwrap() > 0.0);
+    assert!(s["draft_step_s"].as_f64().unwrap() > 0.0);
+    let ks: Vec<u64> = s["verify"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["k"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ks, [1, 2, 3]);
+    for a in ["0.5", "0.7", "0.9"] {
+        let e = &s["expected_speedup"][a];
+        assert_eq!(e["by_k"].as_array().unwrap().len(), 3);
+        assert!((1..=3).contains(&e["best_k"].as_u64().unwrap()), "{e}");
+    }
+    // Without --verify-max nothing is timed beyond the runs.
+    let plain = gemma4_json(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-len",
+        "8",
+        "--gen",
+        "2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(plain["speculative"].is_null() && plain["draft"].is_null());
+}
