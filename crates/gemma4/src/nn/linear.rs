@@ -332,6 +332,22 @@ impl Linear {
         })
     }
 
+    /// Training's product: when the one adapter of `set` that patches this projection is
+    /// being trained, the base product and its update as one operation (see
+    /// [`autograd::lora_product`]); `None` otherwise (inference, several adapters, a
+    /// bias, a non-f32 input, an expert's slice).
+    fn trained_update(&self, x: &Tensor, set: AdapterSet) -> Result<Option<Tensor>> {
+        if set.is_empty() || self.bias.is_some() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let list = self.adapters.read().unwrap_or_else(|e| e.into_inner());
+        let mut on = list.iter().filter(|d| set.contains(d.id));
+        match (on.next(), on.next()) {
+            (Some(d), None) if d.trains() => d.fused_with(&self.weight, x),
+            _ => Ok(None),
+        }
+    }
+
     /// Records the checkpoint tensor the weight came from (`index`: which matrix of a
     /// stacked tensor).
     pub fn with_source(mut self, name: String, index: Option<usize>) -> Self {
@@ -363,17 +379,23 @@ impl Linear {
             Some(c) => clamp(x.clone(), c.input)?,
             None => x.clone(),
         };
-        let mut y = match autograd::tracked(&x) {
-            true => autograd::frozen_product(&self.weight, &x)?,
-            false => self.weight.matmul_t(&x)?,
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
         let set = lora::active();
-        if !set.is_empty() {
-            y = self.add_adapters(&x, y, set)?;
-        }
+        let y = match self.trained_update(&x, set)? {
+            Some(y) => y,
+            None => {
+                let mut y = match autograd::tracked(&x) {
+                    true => autograd::frozen_product(&self.weight, &x)?,
+                    false => self.weight.matmul_t(&x)?,
+                };
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if !set.is_empty() {
+                    y = self.add_adapters(&x, y, set)?;
+                }
+                y
+            }
+        };
         match &self.clip {
             Some(c) => clamp(y, c.output),
             None => Ok(y),

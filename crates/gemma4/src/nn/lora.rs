@@ -268,6 +268,31 @@ impl LoraDelta {
         Ok(y.reshape(out_dims)?)
     }
 
+    /// Whether this update's factors are being trained (they take part in a gradient
+    /// computation).
+    pub(crate) fn trains(&self) -> bool {
+        self.a.track_op() || self.b.track_op()
+    }
+
+    /// `x Wᵀ + scaling · B (A x)` with the frozen base weight `w`, as one differentiable
+    /// operation ([`crate::nn::autograd::lora_product`]): what training runs. `None` for
+    /// an expert's slice of fused factors, which takes the composed form.
+    pub(crate) fn fused_with(
+        &self,
+        w: &crate::nn::linear::LinearWeight,
+        x: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if self.expert.is_some() {
+            return Ok(None);
+        }
+        let mask = match DROPOUT.with(Cell::get) {
+            Some(d) => Some(dropout_mask(d, self.key, x.shape(), x.device())?),
+            None => None,
+        };
+        crate::nn::autograd::lora_product(w, x, (&self.a, &self.b, self.scaling), mask.as_ref())
+            .map(Some)
+    }
+
     /// The dense update `scaling · B A` `[out, in]` in f32 (what merging adds to the weight).
     pub fn dense(&self) -> Result<Tensor> {
         let (a, b) = self.factors()?;
