@@ -284,8 +284,8 @@ fn a_row_with_an_image_and_audio_trains_as_the_reference() {
 
 #[test]
 fn lora_gradients_match_the_reference_keeping_activations() {
-    // Also the head in blocks of 100 of the 512 entries: the running log-sum-exp across
-    // blocks and a short last block.
+    // Also the head in blocks of 100 of the 512 entries: the running log-sum-exp and the
+    // gradient accumulated against the running max across blocks, and a short last block.
     let opts = GradientOptions {
         recompute: false,
         vocab_block: 100,

@@ -7,10 +7,10 @@
 //! The head runs only on the supervised rows, and over the vocabulary a block of `block`
 //! entries at a time: no `[seq, vocab]` tensor is ever held (Gemma 4's vocabulary has
 //! 262,144 entries), and each block of the head's weight is widened to f32 (or
-//! dequantized) once per pass for all rows. A first pass keeps each row's running
-//! log-sum-exp and its label's logit; a second recomputes each block's logits for the
-//! gradient, `(softmax − onehot) ⊙ cap′ / norm`, and takes it back through the head; the
-//! final norm's backward is candle's.
+//! dequantized) once per pass for all rows. One pass keeps each row's running
+//! log-sum-exp, its label's logit and the gradient `(softmax − onehot) ⊙ cap′` taken back
+//! through the head, rescaled as the running max grows (see [`one_pass`]); the final
+//! norm's backward is candle's.
 
 use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
@@ -89,6 +89,78 @@ fn scan(
     Ok(state.iter().map(|(m, l, p)| (m + l.ln(), *p)).unzip())
 }
 
+/// What one pass over the head gives: per row the log-sum-exp and the label's logit, and
+/// the gradient of the rows' summed loss with respect to the normed rows.
+struct OnePass {
+    lse: Vec<f32>,
+    picked: Vec<f32>,
+    dhn: Tensor,
+}
+
+/// Loss and gradient in one pass over the head's blocks. The gradient of a row's loss is
+/// `Σ_v (p_v − [v = t]) · c′_v · W_v` with `p = softmax(c)` and `c′` the cap's slope. `p`
+/// needs the whole row's log-sum-exp, so the pass keeps, as flash attention keeps its
+/// output, `acc = Σ_v e^(c_v − m) · c′_v · W_v` against the running max `m`, rescaled by
+/// `e^(m_old − m_new)` when the max grows; at the end `Σ_v p_v c′_v W_v = acc / l`, with
+/// `l = Σ_v e^(c_v − m)`. A second pass recomputing each block's logits would cost a
+/// third product with the head (a fifth of a training step at E2B's shapes).
+fn one_pass(model: &TextModel, hn: &Tensor, labels: &[u32], block: usize) -> Result<OnePass> {
+    let (r, hidden) = hn.dims2()?;
+    let cap = model.config().final_logit_softcapping.map(|c| c as f32);
+    // Per row: running max, running sum of e^(c − max), the label's logit.
+    let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); r];
+    let mut acc = Tensor::zeros((r, hidden), DType::F32, hn.device())?;
+    model.head_weight().row_blocks(block, |start, w| {
+        let n = w.dim(0)?;
+        let mut c = capped_logits(model, hn, &w)?;
+        let mut rescale = vec![1f32; r];
+        state
+            .par_iter_mut()
+            .zip(c.par_chunks_mut(n))
+            .zip(labels.par_iter().zip(rescale.par_iter_mut()))
+            .for_each(|(((m, l, picked), row), (&t, sc))| {
+                let t = t as usize;
+                if t >= start && t < start + n {
+                    *picked = row[t - start];
+                }
+                let slope: Option<Vec<f32>> =
+                    cap.map(|cap| row.iter().map(|c| 1.0 - (c / cap) * (c / cap)).collect());
+                let bmax = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let new_m = m.max(bmax);
+                *sc = (*m - new_m).exp();
+                row.iter_mut().for_each(|v| *v -= new_m);
+                exp_in_place(row);
+                *l = *l * *sc + row.iter().sum::<f32>();
+                *m = new_m;
+                if let Some(s) = slope {
+                    row.iter_mut().zip(&s).for_each(|(v, s)| *v *= s);
+                }
+            });
+        let g = Tensor::from_vec(c, (r, n), hn.device())?;
+        let scale = Tensor::from_vec(rescale, (r, 1), hn.device())?;
+        acc = (acc.broadcast_mul(&scale)? + g.matmul(&w)?)?;
+        Ok(())
+    })?;
+    // Σ p c′ W = acc / l; minus the label's own term, c′_t W_t.
+    let l: Vec<f32> = state.iter().map(|s| s.1).collect();
+    let lse: Vec<f32> = state.iter().map(|(m, l, _)| m + l.ln()).collect();
+    let picked: Vec<f32> = state.iter().map(|s| s.2).collect();
+    let slope_t: Vec<f32> = picked
+        .iter()
+        .map(|&c| cap.map_or(1.0, |cap| 1.0 - (c / cap) * (c / cap)))
+        .collect();
+    let ids = Tensor::new(labels, hn.device())?;
+    let w_t = model.head_weight().rows(&ids, DType::F32)?;
+    let inv_l = Tensor::from_vec(
+        l.iter().map(|l| 1.0 / l).collect::<Vec<f32>>(),
+        (r, 1),
+        hn.device(),
+    )?;
+    let slope_t = Tensor::from_vec(slope_t, (r, 1), hn.device())?;
+    let dhn = (acc.broadcast_mul(&inv_l)? - w_t.broadcast_mul(&slope_t)?)?;
+    Ok(OnePass { lse, picked, dhn })
+}
+
 /// `labels[i]`: the token position `i` holds as a target, or `None` (HF's −100).
 pub fn head_loss(
     model: &TextModel,
@@ -112,36 +184,14 @@ pub fn head_loss(
     let x = Var::from_tensor(&h.index_select(&idx, 0)?.to_dtype(DType::F32)?)?;
     let hn = model.final_norm(x.as_tensor())?;
     let hc = hn.detach();
-    let (lse, picked) = scan(model, &hc, &lab, block)?;
-    let loss_sum: f64 = lse.iter().zip(&picked).map(|(a, b)| (a - b) as f64).sum();
-
-    // d(loss / norm) / dz over each block, taken back through the head.
-    let r = lab.len();
-    let cap = model.config().final_logit_softcapping.map(|c| c as f32);
-    let mut dhn = Tensor::zeros(hc.dims(), DType::F32, h.device())?;
-    model.head_weight().row_blocks(block, |start, w| {
-        let n = w.dim(0)?;
-        let mut g = capped_logits(model, &hc, &w)?;
-        g.par_chunks_mut(n)
-            .zip(lse.par_iter().zip(lab.par_iter()))
-            .for_each(|(row, (&lse, &t))| {
-                // softmax − onehot, then through the cap: dc/dz = 1 − (c/cap)².
-                let slope: Option<Vec<f32>> =
-                    cap.map(|cap| row.iter().map(|c| 1.0 - (c / cap) * (c / cap)).collect());
-                row.iter_mut().for_each(|v| *v -= lse);
-                exp_in_place(row);
-                let t = t as usize;
-                if t >= start && t < start + n {
-                    row[t - start] -= 1.0;
-                }
-                if let Some(s) = slope {
-                    row.iter_mut().zip(&s).for_each(|(v, s)| *v *= s);
-                }
-            });
-        let g = Tensor::from_vec(g, (r, n), h.device())?;
-        dhn = (&dhn + g.matmul(&w)?)?;
-        Ok(())
-    })?;
+    let dhn = one_pass(model, &hc, &lab, block)?;
+    let loss_sum: f64 = dhn
+        .lse
+        .iter()
+        .zip(&dhn.picked)
+        .map(|(a, b)| (a - b) as f64)
+        .sum();
+    let dhn = dhn.dhn;
     let dhn = dhn.affine(1.0 / norm, 0.0)?;
     let grads = (hn * dhn)?.sum_all()?.backward()?;
     if let Some(g) = grads.get(x.as_tensor()) {
