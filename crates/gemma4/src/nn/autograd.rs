@@ -491,14 +491,12 @@ mod tests {
         let (m, inp, out, r, s) = (7, 256, 40, 3, 0.75);
         let w = Tensor::rand(-1f32, 1f32, (out, inp), &d).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let deq = q.dequantize(&d).unwrap();
         let weights = [
             (LinearWeight::plain(w.clone()), w.clone()),
             (
                 LinearWeight::quantized(std::sync::Arc::new(q)).unwrap(),
-                QTensor::quantize(&w, GgmlDType::Q8_0)
-                    .unwrap()
-                    .dequantize(&d)
-                    .unwrap(),
+                deq,
             ),
         ];
         let keep = Tensor::rand(0f32, 1f32, (m, inp), &d).unwrap();

@@ -55,6 +55,33 @@ fn capped_logits(model: &TextModel, hn: &Tensor, w: &Tensor) -> Result<Vec<f32>>
     Ok(z)
 }
 
+/// A row's running state over the head's blocks: its max so far, the sum of
+/// `e^(c − max)`, and its label's logit.
+type RowState = (f32, f32, f32);
+
+/// Folds a block's capped logits `row` (vocabulary entries `start..`) into the state of a
+/// row labelled `t`, leaving `e^(c − max)` against the new max in `row`. Returns
+/// `e^(old max − new max)`, the factor that rescales sums kept against the old max.
+fn fold_block((m, l, picked): &mut RowState, row: &mut [f32], start: usize, t: u32) -> f32 {
+    let t = t as usize;
+    if t >= start && t < start + row.len() {
+        *picked = row[t - start];
+    }
+    let bmax = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let new_m = m.max(bmax);
+    let rescale = (*m - new_m).exp();
+    row.iter_mut().for_each(|v| *v -= new_m);
+    exp_in_place(row);
+    *l = *l * rescale + row.iter().sum::<f32>();
+    *m = new_m;
+    rescale
+}
+
+/// `dc/dz` of the soft cap `c = cap · tanh(z / cap)` at the capped logit `c`.
+fn cap_slope(c: f32, cap: f32) -> f32 {
+    1.0 - (c / cap) * (c / cap)
+}
+
 /// Per row: log-sum-exp over the vocabulary and the label's logit.
 fn scan(
     model: &TextModel,
@@ -64,7 +91,7 @@ fn scan(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let r = labels.len();
     // Per row: running max, running sum of e^(c − max), the label's logit.
-    let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); r];
+    let mut state: Vec<RowState> = vec![(f32::NEG_INFINITY, 0f32, 0f32); r];
     model.head_weight().row_blocks(block, |start, w| {
         let n = w.dim(0)?;
         let mut c = capped_logits(model, hn, &w)?;
@@ -72,17 +99,8 @@ fn scan(
             .par_iter_mut()
             .zip(c.par_chunks_mut(n))
             .zip(labels.par_iter())
-            .for_each(|(((m, l, picked), row), &t)| {
-                let t = t as usize;
-                if t >= start && t < start + n {
-                    *picked = row[t - start];
-                }
-                let bmax = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let new_m = m.max(bmax);
-                row.iter_mut().for_each(|v| *v -= new_m);
-                exp_in_place(row);
-                *l = *l * (*m - new_m).exp() + row.iter().sum::<f32>();
-                *m = new_m;
+            .for_each(|((st, row), &t)| {
+                fold_block(st, row, start, t);
             });
         Ok(())
     })?;
@@ -108,7 +126,7 @@ fn one_pass(model: &TextModel, hn: &Tensor, labels: &[u32], block: usize) -> Res
     let (r, hidden) = hn.dims2()?;
     let cap = model.config().final_logit_softcapping.map(|c| c as f32);
     // Per row: running max, running sum of e^(c − max), the label's logit.
-    let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); r];
+    let mut state: Vec<RowState> = vec![(f32::NEG_INFINITY, 0f32, 0f32); r];
     let mut acc = Tensor::zeros((r, hidden), DType::F32, hn.device())?;
     model.head_weight().row_blocks(block, |start, w| {
         let n = w.dim(0)?;
@@ -118,20 +136,10 @@ fn one_pass(model: &TextModel, hn: &Tensor, labels: &[u32], block: usize) -> Res
             .par_iter_mut()
             .zip(c.par_chunks_mut(n))
             .zip(labels.par_iter().zip(rescale.par_iter_mut()))
-            .for_each(|(((m, l, picked), row), (&t, sc))| {
-                let t = t as usize;
-                if t >= start && t < start + n {
-                    *picked = row[t - start];
-                }
+            .for_each(|((st, row), (&t, sc))| {
                 let slope: Option<Vec<f32>> =
-                    cap.map(|cap| row.iter().map(|c| 1.0 - (c / cap) * (c / cap)).collect());
-                let bmax = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let new_m = m.max(bmax);
-                *sc = (*m - new_m).exp();
-                row.iter_mut().for_each(|v| *v -= new_m);
-                exp_in_place(row);
-                *l = *l * *sc + row.iter().sum::<f32>();
-                *m = new_m;
+                    cap.map(|cap| row.iter().map(|&c| cap_slope(c, cap)).collect());
+                *sc = fold_block(st, row, start, t);
                 if let Some(s) = slope {
                     row.iter_mut().zip(&s).for_each(|(v, s)| *v *= s);
                 }
@@ -147,7 +155,7 @@ fn one_pass(model: &TextModel, hn: &Tensor, labels: &[u32], block: usize) -> Res
     let picked: Vec<f32> = state.iter().map(|s| s.2).collect();
     let slope_t: Vec<f32> = picked
         .iter()
-        .map(|&c| cap.map_or(1.0, |cap| 1.0 - (c / cap) * (c / cap)))
+        .map(|&c| cap.map_or(1.0, |cap| cap_slope(c, cap)))
         .collect();
     let ids = Tensor::new(labels, hn.device())?;
     let w_t = model.head_weight().rows(&ids, DType::F32)?;
@@ -184,14 +192,8 @@ pub fn head_loss(
     let x = Var::from_tensor(&h.index_select(&idx, 0)?.to_dtype(DType::F32)?)?;
     let hn = model.final_norm(x.as_tensor())?;
     let hc = hn.detach();
-    let dhn = one_pass(model, &hc, &lab, block)?;
-    let loss_sum: f64 = dhn
-        .lse
-        .iter()
-        .zip(&dhn.picked)
-        .map(|(a, b)| (a - b) as f64)
-        .sum();
-    let dhn = dhn.dhn;
+    let OnePass { lse, picked, dhn } = one_pass(model, &hc, &lab, block)?;
+    let loss_sum: f64 = lse.iter().zip(&picked).map(|(a, b)| (a - b) as f64).sum();
     let dhn = dhn.affine(1.0 / norm, 0.0)?;
     let grads = (hn * dhn)?.sum_all()?.backward()?;
     if let Some(g) = grads.get(x.as_tensor()) {
